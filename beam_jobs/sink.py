@@ -1,0 +1,183 @@
+"""Sink: settle every offset exactly once by writing sealed MDS shards that carry their offset ranges.
+
+Outcomes are grouped per (topic, partition, offset block) and window. For each group,
+in this order: dead letters are written (DLQ folder file named by the group's range, or
+the ``dlq`` topic), then the drop log, then one shard per domain whose settled ranges
+are exactly its samples' offsets, then one "settled only" entry for the remaining
+(filtered, deduplicated, dead-lettered) offsets. A crash between steps leaves only
+unsettled offsets, which a restart replays; nothing settled is ever replayed (the
+source skips settled offsets), so no sample is written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.transforms import window
+
+from beam_jobs.records import KafkaCoords, Outcome
+from streams.events import DeadLetter, OffsetRange
+
+__all__ = ["SinkConfig", "WriteShards", "offsets_to_ranges", "SETTLE_DOMAIN"]
+
+SETTLE_DOMAIN = "settled"
+_WRITERS: dict[tuple, object] = {}
+_PRODUCERS: dict[str, object] = {}
+
+
+@dataclass(kw_only=True, slots=True)
+class SinkConfig:
+    """Where and how outcomes are written."""
+
+    stream_root: str
+    writer_id: str = "ingest-text"
+    dlq_dir: str | None = None
+    dlq_topic: str | None = None  # with bootstrap: dead letters to Kafka
+    shards_topic: str | None = None  # with bootstrap: ShardPublished events to Kafka
+    bootstrap: str | None = None
+    drops_dir: str | None = None  # lineage of dropped records (reason, dup_of)
+    window_s: float = 2.0  # streaming only
+    block: int = 100_000  # offsets per group in bounded mode (one shard per domain per block)
+    compression: str | None = "zstd"
+
+
+def offsets_to_ranges(topic: str, partition: int, offsets: Iterable[int]) -> list[OffsetRange]:
+    """Contiguous half-open ranges covering ``offsets``."""
+    out: list[OffsetRange] = []
+    for off in sorted(set(offsets)):
+        if out and out[-1].end == off:
+            out[-1].end = off + 1
+        else:
+            out.append(OffsetRange(topic=topic, partition=partition, start=off, end=off + 1))
+    return out
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[-80:]
+
+
+class _WriteBatchFn(beam.DoFn):
+    def __init__(self, config: SinkConfig, manifest: dict):
+        self.config, self.manifest = config, manifest
+        self.n_samples = Metrics.counter("sink", "samples")
+        self.n_shards = Metrics.counter("sink", "shards")
+        self.n_settled = Metrics.counter("sink", "settled")
+        self.n_dlq = Metrics.counter("sink", "dead_letters")
+
+    def _producer(self):
+        c = self.config
+        if c.bootstrap not in _PRODUCERS:
+            from streams.kafka import KafkaSettings, make_producer
+
+            _PRODUCERS[c.bootstrap] = make_producer(KafkaSettings.load(bootstrap=c.bootstrap))
+        return _PRODUCERS[c.bootstrap]
+
+    def _writer(self):
+        c = self.config
+        key = (c.stream_root, c.writer_id, c.shards_topic, c.bootstrap)
+        if key not in _WRITERS:
+            from streams.mds import LiveStreamWriter
+            from streams.vocab import Vocab
+
+            publisher = None
+            if c.shards_topic and c.bootstrap:
+                from streams.kafka import publish
+
+                def publisher(event, topic=c.shards_topic):
+                    publish(self._producer(), topic, event, key=event.domain)
+
+            _WRITERS[key] = LiveStreamWriter(
+                c.stream_root, writer_id=c.writer_id, manifest=self.manifest,
+                compression=c.compression, publisher=publisher, vocab_size=Vocab.default().size,
+            )
+        return _WRITERS[key]
+
+    def _write_dead(self, topic: str, partition: int, dead: list[DeadLetter], tag: str) -> None:
+        c = self.config
+        if c.dlq_dir:
+            body = "".join(d.to_json() + "\n" for d in dead).encode()
+            _atomic_write(os.path.join(c.dlq_dir, f"{tag}.jsonl"), body)
+        if c.dlq_topic and c.bootstrap:
+            producer = self._producer()
+            for d in dead:
+                producer.send(c.dlq_topic, value=d.to_bytes(), key=f"{topic}:{partition}:{d.offset}".encode())
+            producer.flush()
+
+    def process(self, element):
+        from streams.mds import sample_from_event
+
+        (topic, partition, _block), outcomes = element
+        by_offset: dict[int, Outcome] = {}
+        for o in outcomes:
+            by_offset.setdefault(o.coords.offset, o)
+        ordered = [by_offset[k] for k in sorted(by_offset)]
+        tag = f"{_safe(topic)}-{partition}-{ordered[0].coords.offset}-{ordered[-1].coords.offset}"
+        dead = [o.dead for o in ordered if o.dead is not None]
+        if dead:
+            self._write_dead(topic, partition, dead, tag)
+            self.n_dlq.inc(len(dead))
+        drops = [o for o in ordered if o.dropped is not None]
+        if drops and self.config.drops_dir:
+            body = "".join(
+                json.dumps({"id": o.record_id, "coords": list(o.coords), "reason": o.dropped, "dup_of": o.dup_of}) + "\n"
+                for o in drops
+            ).encode()
+            _atomic_write(os.path.join(self.config.drops_dir, f"{tag}.jsonl"), body)
+        writer = self._writer()
+        by_domain: dict[str, list[Outcome]] = defaultdict(list)
+        for o in ordered:
+            if o.sample is not None:
+                by_domain[o.sample.domain].append(o)
+        for domain in sorted(by_domain):
+            group = by_domain[domain]
+            event = writer.write_shard(
+                [sample_from_event(o.sample) for o in group],
+                domain=domain,
+                settled=offsets_to_ranges(topic, partition, (o.coords.offset for o in group)),
+            )
+            self.n_samples.inc(len(group))
+            self.n_shards.inc()
+            yield event
+        rest = [o.coords.offset for o in ordered if o.sample is None]
+        if rest:
+            yield writer.write_shard([], domain=SETTLE_DOMAIN, settled=offsets_to_ranges(topic, partition, rest))
+        self.n_settled.inc(len(ordered))
+
+
+def _key(outcome: Outcome, block: int):
+    c: KafkaCoords = outcome.coords
+    return (c.topic, c.partition, c.offset // block), outcome
+
+
+class WriteShards(beam.PTransform):
+    """Outcome -> ShardPublished: windowed, per-partition batches sealed into MDS shards."""
+
+    def __init__(self, config: SinkConfig, manifest: dict, *, streaming: bool):
+        super().__init__()
+        self.config, self.manifest, self.streaming = config, manifest, streaming
+
+    def expand(self, outcomes):
+        if self.streaming:
+            outcomes = outcomes | "Window" >> beam.WindowInto(window.FixedWindows(self.config.window_s))
+        return (
+            outcomes
+            | "KeyByPartition" >> beam.Map(_key, self.config.block)
+            | "GroupBatch" >> beam.GroupByKey()
+            | "SealShards" >> beam.ParDo(_WriteBatchFn(self.config, self.manifest))
+        )

@@ -1,0 +1,53 @@
+"""Command hook: run a program with an argument list; the alert goes in on stdin as JSON.
+
+No shell is ever involved. Argument elements may hold placeholders
+``{rule} {severity} {alert_id} {dedup_key} {source}``, each replaced in one pass inside
+its own element only (other braces stay literal), so alert text can never become extra
+arguments or shell syntax.
+The same values are exported as ``HEADWATER_ALERT_<NAME>`` environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+
+from streams.events import Alert
+
+__all__ = ["CommandHook", "CommandError"]
+
+PLACEHOLDERS = ("rule", "severity", "alert_id", "dedup_key", "source")
+_PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
+
+
+class CommandError(RuntimeError):
+    """The command exited non-zero or timed out."""
+
+
+@dataclass(kw_only=True, slots=True)
+class CommandHook:
+    """Run ``argv`` once per alert."""
+
+    argv: list[str]
+    timeout_s: float = 30.0
+    name: str = "command"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.argv, list) or not self.argv or not all(isinstance(a, str) for a in self.argv):
+            raise ValueError("command hook: argv must be a non-empty list of strings")
+
+    def __call__(self, alert: Alert) -> dict:
+        values = {k: str(getattr(alert, k)) for k in PLACEHOLDERS}
+        argv = [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in self.argv]
+        env = {**os.environ, **{f"HEADWATER_ALERT_{k.upper()}": v for k, v in values.items()}}
+        try:
+            proc = subprocess.run(argv, input=alert.to_bytes(), capture_output=True,
+                                  timeout=self.timeout_s, env=env, check=False)
+        except subprocess.TimeoutExpired:
+            raise CommandError(f"{argv[0]}: timed out after {self.timeout_s}s") from None
+        if proc.returncode != 0:
+            tail = proc.stderr.decode(errors="replace")[-500:]
+            raise CommandError(f"{argv[0]}: exit {proc.returncode}: {tail}")
+        return {"returncode": 0, "stdout": proc.stdout.decode(errors="replace")[-500:]}

@@ -1,0 +1,106 @@
+"""Regression detection: paired bootstrap over eval items against the best previous checkpoint.
+
+Each EvalReport carries its per-item scores in ``details["items"]`` (columns ``id``,
+``nll`` (summed nats), ``tokens``, ``modality``, ``domain``). For every tracked
+metric (``overall``, ``modality/<m>``, ``domain/<d>``) the statistic is the
+token-weighted mean NLL (log perplexity); we resample the items both reports
+share, with replacement, and take the percentile interval of
+``logppl_new - logppl_best``. A regression is significant when the interval's
+lower bound exceeds ``log(1 + min_rel_increase)`` at family-wise level ``alpha``
+(Bonferroni over the metrics tested).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from streams.events import EvalReport
+
+__all__ = ["Finding", "RegressionConfig", "detect_regressions", "pick_best", "overall_loss"]
+
+
+@dataclass(kw_only=True, slots=True)
+class RegressionConfig:
+    """Significance test settings."""
+
+    alpha: float = 0.05
+    n_boot: int = 2000
+    min_rel_increase: float = 0.02
+    min_items: int = 10
+    group_by: tuple[str, ...] = ("modality", "domain")
+    seed: int = 0
+
+
+@dataclass(kw_only=True, slots=True)
+class Finding:
+    """The comparison of one metric against the best previous checkpoint."""
+
+    metric: str
+    n_items: int
+    best_logppl: float
+    new_logppl: float
+    delta: float
+    ci_low: float
+    ci_high: float
+    significant: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def overall_loss(report: EvalReport) -> float:
+    """Token-weighted mean NLL of a report's items (inf if it has none)."""
+    items = report.details.get("items") or {}
+    tokens = float(np.sum(items.get("tokens", [])))
+    return float(np.sum(items.get("nll", []))) / tokens if tokens else math.inf
+
+
+def pick_best(previous: list[EvalReport], current: EvalReport) -> EvalReport | None:
+    """The comparable previous report (same suite, suite version and vocab) with the lowest loss."""
+    def comparable(r: EvalReport) -> bool:
+        return (r.error is None and r.passed and r.checkpoint_path != current.checkpoint_path
+                and r.suite == current.suite and r.vocab_version == current.vocab_version
+                and r.details.get("suite_version") == current.details.get("suite_version")
+                and bool(r.details.get("items")))
+    candidates = [r for r in previous if comparable(r)]
+    return min(candidates, key=overall_loss, default=None)
+
+
+def _paired(new: dict, best: dict) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Align the two item tables on ``id``: labels, nll/tokens of new and of best."""
+    best_index = {item_id: i for i, item_id in enumerate(best["id"])}
+    new_rows = [i for i, item_id in enumerate(new["id"]) if item_id in best_index]
+    best_rows = [best_index[new["id"][i]] for i in new_rows]
+    labels = {k: np.asarray(new[k], dtype=object)[new_rows] for k in new if k not in ("id", "nll", "tokens")}
+    return (labels, np.asarray(new["nll"], float)[new_rows], np.asarray(new["tokens"], float)[new_rows],
+            np.asarray(best["nll"], float)[best_rows], np.asarray(best["tokens"], float)[best_rows])
+
+
+def detect_regressions(new: EvalReport, best: EvalReport, cfg: RegressionConfig | None = None) -> list[Finding]:
+    """Findings for every tracked metric with enough shared items (significant ones flagged)."""
+    cfg = cfg or RegressionConfig()
+    labels, nll_n, tok_n, nll_b, tok_b = _paired(new.details["items"], best.details["items"])
+    masks = {"overall": np.ones(len(nll_n), bool)}
+    for key in cfg.group_by:
+        for value in sorted(set(labels.get(key, []))):
+            masks[f"{key}/{value}"] = labels[key] == value
+    masks = {m: mask for m, mask in masks.items() if mask.sum() >= cfg.min_items}
+    if not masks:
+        return []
+    alpha = cfg.alpha / len(masks)
+    threshold = math.log1p(cfg.min_rel_increase)
+    rng = np.random.default_rng(cfg.seed)
+    findings = []
+    for metric, mask in masks.items():
+        a_n, t_n, a_b, t_b = nll_n[mask], tok_n[mask], nll_b[mask], tok_b[mask]
+        idx = rng.integers(0, len(a_n), size=(cfg.n_boot, len(a_n)))
+        diffs = a_n[idx].sum(1) / t_n[idx].sum(1) - a_b[idx].sum(1) / t_b[idx].sum(1)
+        low, high = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
+        new_lp, best_lp = a_n.sum() / t_n.sum(), a_b.sum() / t_b.sum()
+        findings.append(Finding(metric=metric, n_items=int(mask.sum()), best_logppl=float(best_lp),
+                                new_logppl=float(new_lp), delta=float(new_lp - best_lp),
+                                ci_low=float(low), ci_high=float(high), significant=bool(low > threshold)))
+    return findings

@@ -1,0 +1,175 @@
+"""On-disk state of a live MDS stream root: index.json, the headwater.json sidecar, the lock.
+
+A stream root holds sealed shards plus two JSON files, both replaced atomically
+(temp file + fsync + ``os.replace``) under one ``fcntl`` lock so several writer
+processes never lose each other's entries (the gap mosaicml/streaming#646 leaves):
+
+* ``index.json``: the stock MDS index (``{"version": 2, "shards": [...]}``), what
+  ``streaming.StreamingDataset`` reads. Append-only, in publish order.
+* ``headwater.json``: per shard its domain, writer, settled Kafka offset ranges, lineage
+  manifest (vocab/tokenizer/discretizer/pipeline versions) and publish time.
+
+Publish order is sidecar first, then index; so a shard is *published* iff its name is in
+index.json, and :func:`settled_ranges` counts only published shards (plus empty "settled
+only" windows, which have no shard at all).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Iterator
+
+from streams.events import OffsetRange
+
+__all__ = [
+    "INDEX",
+    "SIDECAR",
+    "StreamManifest",
+    "atomic_write_json",
+    "root_lock",
+    "read_index",
+    "read_sidecar",
+    "shard_name_of",
+    "merge_ranges",
+    "settled_ranges",
+]
+
+INDEX = "index.json"
+SIDECAR = "headwater.json"
+LOCK = ".headwater.lock"
+STAGING = ".staging"
+SIDECAR_FORMAT = "headwater-live-mds"
+SIDECAR_VERSION = 1
+
+
+@dataclass(kw_only=True, slots=True)
+class StreamManifest:
+    """Versions of everything that produced a shard's tokens (kept per shard in the sidecar)."""
+
+    vocab_version: str
+    tokenizer_version: str = ""
+    discretizer_version: str = ""
+    pipeline_version: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, value: "StreamManifest | dict[str, Any]") -> "StreamManifest":
+        if isinstance(value, StreamManifest):
+            return value
+        known = {"vocab_version", "tokenizer_version", "discretizer_version", "pipeline_version", "extra"}
+        unknown = set(value) - known
+        if unknown:
+            raise ValueError(f"manifest: unknown field {sorted(unknown)[0]!r}; known: {sorted(known)}")
+        if not value.get("vocab_version"):
+            raise ValueError("manifest: vocab_version is required")
+        return cls(**value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def atomic_write_json(path: str, obj: Any, *, durable: bool = True) -> None:
+    """Write JSON to a unique temp file beside ``path``, fsync it, then ``os.replace`` it."""
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, sort_keys=True)
+        f.flush()
+        if durable:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if durable:
+        fsync_dir(os.path.dirname(path) or ".")
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def root_lock(root: str) -> Iterator[None]:
+    """Exclusive inter-process lock of a stream root (flock on ``root/.headwater.lock``)."""
+    fd = os.open(os.path.join(root, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _read_json(path: str, default: Any) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return default
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is corrupt: {e}") from None
+
+
+def read_index(root: str) -> dict[str, Any]:
+    """The MDS index of ``root`` (an empty one if none was published yet)."""
+    obj = _read_json(os.path.join(root, INDEX), {"version": 2, "shards": []})
+    if obj.get("version") != 2 or not isinstance(obj.get("shards"), list):
+        raise ValueError(f"{root}/{INDEX}: not an MDS version-2 index")
+    return obj
+
+
+def read_sidecar(root: str) -> dict[str, Any]:
+    """The headwater.json sidecar of ``root`` (an empty one if missing)."""
+    empty = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "vocab_version": None,
+             "shards": {}, "settled_only": {}}
+    obj = _read_json(os.path.join(root, SIDECAR), empty)
+    if obj.get("format") != SIDECAR_FORMAT or obj.get("version") != SIDECAR_VERSION:
+        raise ValueError(f"{root}/{SIDECAR}: unsupported sidecar {obj.get('format')!r} v{obj.get('version')!r}")
+    return obj
+
+
+def shard_name_of(info: dict[str, Any]) -> str:
+    """A shard's name: its index entry's data basename without the ``.mds[.ext]`` suffix."""
+    basename = info["raw_data"]["basename"]
+    return basename[: -len(".mds")] if basename.endswith(".mds") else basename
+
+
+def ranges_to_json(ranges: Iterable[OffsetRange]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in ranges]
+
+
+def ranges_from_json(items: Iterable[dict[str, Any]]) -> list[OffsetRange]:
+    return [OffsetRange(**r) for r in items]
+
+
+def merge_ranges(ranges: Iterable[OffsetRange]) -> list[OffsetRange]:
+    """Sort and coalesce overlapping/adjacent ranges per (topic, partition)."""
+    out: list[OffsetRange] = []
+    for r in sorted(ranges, key=lambda r: (r.topic, r.partition, r.start, r.end)):
+        last = out[-1] if out else None
+        if last and (last.topic, last.partition) == (r.topic, r.partition) and r.start <= last.end:
+            out[-1] = OffsetRange(topic=r.topic, partition=r.partition, start=last.start, end=max(last.end, r.end))
+        else:
+            out.append(r)
+    return out
+
+
+def published_entries(root: str) -> dict[str, dict[str, Any]]:
+    """Sidecar entries of published shards and settled-only windows, by name."""
+    names = {shard_name_of(info) for info in read_index(root)["shards"]}
+    side = read_sidecar(root)
+    out = {n: e for n, e in side["shards"].items() if n in names}
+    out.update(side["settled_only"])
+    return out
+
+
+def settled_ranges(root: str, *, merge: bool = True) -> list[OffsetRange]:
+    """Kafka offset ranges settled by everything published in ``root`` (all writers)."""
+    ranges = [r for e in published_entries(root).values() for r in ranges_from_json(e["settled"])]
+    return merge_ranges(ranges) if merge else ranges

@@ -1,0 +1,23 @@
+"""Live MosaicML MDS streams: the public face of the writer, the tail reader and the root state.
+
+A stream root is a stock MDS dataset directory (every snapshot loads in
+``streaming.StreamingDataset(local=root)``) that grows by sealed, immutable shards, plus the
+``headwater.json`` sidecar recording each shard's domain, settled Kafka offsets and lineage.
+"""
+
+from streams.manifest import StreamManifest, merge_ranges, read_index, read_sidecar, settled_ranges
+from streams.mds_reader import TailReader
+from streams.mds_writer import COLUMNS, LiveStreamWriter, OverlapError, sample_from_event
+
+__all__ = [
+    "COLUMNS",
+    "LiveStreamWriter",
+    "OverlapError",
+    "StreamManifest",
+    "TailReader",
+    "merge_ranges",
+    "read_index",
+    "read_sidecar",
+    "sample_from_event",
+    "settled_ranges",
+]

@@ -1,0 +1,300 @@
+"""LiveStreamWriter: append sealed, immutable MDS shards to a stream root and publish each.
+
+Each :meth:`LiveStreamWriter.write_shard` call writes ONE shard with mosaicml-streaming's
+``MDSWriter`` into ``root/.staging``, then, under the root lock, moves it into the root under a
+deterministic name, records it in the sidecar and atomically rewrites ``index.json``. A replay
+of the same settled offset ranges (or, without ranges, the same content) is a no-op that
+returns the original :class:`ShardPublished`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from types import TracebackType
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from streaming.base.format.mds.writer import MDSWriter
+
+from streams import manifest as mf
+from streams.events import OffsetRange, ShardPublished, TokenizedSample
+
+__all__ = ["COLUMNS", "LiveStreamWriter", "OverlapError", "sample_from_event"]
+
+#: MDS column encodings of every live-stream sample (trainer and evaluators import this).
+COLUMNS: dict[str, str] = {
+    "id": "str",
+    "domain": "str",
+    "modality": "str",
+    "tokens": "ndarray:int32",
+    "source": "str",
+    "license": "str",
+    "pipeline_version": "str",
+    "language": "str",
+    "produced_at": "float64",
+    "lineage": "json",
+}
+REQUIRED = ("id", "modality", "tokens", "source", "license")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_MAX_SHARD_BYTES = 2**32 - 1  # MDS sample offsets are uint32
+
+
+class OverlapError(ValueError):
+    """New settled offset ranges overlap ranges already published by a different shard."""
+
+
+def sample_from_event(ev: TokenizedSample) -> dict[str, Any]:
+    """The stream row of a :class:`TokenizedSample` event."""
+    lineage = dict(ev.lineage)
+    for key in ("tokenizer_version", "vocab_version"):
+        if getattr(ev, key):
+            lineage.setdefault(key, getattr(ev, key))
+    return {
+        "id": ev.id, "domain": ev.domain, "modality": ev.modality,
+        "tokens": np.asarray(ev.tokens, dtype=np.int32), "source": ev.source, "license": ev.license,
+        "pipeline_version": ev.pipeline_version, "language": ev.language,
+        "produced_at": ev.produced_at, "lineage": lineage,
+    }
+
+
+def _check_name(kind: str, value: str) -> str:
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise ValueError(f"{kind} {value!r} must match {_NAME_RE.pattern} (it becomes part of shard file names)")
+    return value
+
+
+class LiveStreamWriter:
+    """Appends sealed shards to a stream root; safe with other writers (threads or processes).
+
+    Args:
+        root: local stream root directory (created if missing).
+        writer_id: stable id of this writer (part of shard names); ``[A-Za-z0-9_-]``.
+        manifest: :class:`StreamManifest` or dict with vocab/tokenizer/discretizer/pipeline versions.
+        compression: MDS compression (``"zstd"``, ``"zstd:3"``, ... or ``None``).
+        hashes: hash algorithms recorded in the index (readers verify them).
+        publisher: called with each :class:`ShardPublished` after it is visible (e.g. to Kafka).
+        vocab_size: if set, token ids outside ``[0, vocab_size)`` are rejected.
+        durable: fsync shard files and JSON before publishing.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        writer_id: str,
+        manifest: mf.StreamManifest | dict[str, Any],
+        compression: str | None = "zstd",
+        hashes: Sequence[str] = ("xxh64",),
+        publisher: Callable[[ShardPublished], None] | None = None,
+        vocab_size: int | None = None,
+        durable: bool = True,
+    ):
+        self.root = os.path.abspath(os.fspath(root))
+        self.writer_id = _check_name("writer_id", writer_id)
+        self.manifest = mf.StreamManifest.of(manifest)
+        self.compression = compression or None
+        self.hashes = sorted(hashes)
+        self.publisher = publisher
+        self.vocab_size = vocab_size
+        self.durable = durable
+        self._staging = os.path.join(self.root, mf.STAGING)
+        os.makedirs(self._staging, exist_ok=True)
+        self._clean_own_staging()
+
+    def __enter__(self) -> "LiveStreamWriter":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._clean_own_staging()
+
+    def settled(self, *, merge: bool = True) -> list[OffsetRange]:
+        """All offset ranges settled by published shards in the root (every writer)."""
+        return mf.settled_ranges(self.root, merge=merge)
+
+    def write_shard(
+        self,
+        samples: Sequence[dict[str, Any]],
+        *,
+        domain: str,
+        settled: Sequence[OffsetRange] = (),
+        name: str | None = None,
+    ) -> ShardPublished:
+        """Write, seal and publish one shard of ``samples``; returns its ShardPublished event.
+
+        ``settled`` are the Kafka offset ranges this shard settles (written, filtered,
+        deduplicated or dead-lettered). With no samples, the ranges are recorded as settled
+        without a shard (nothing is published to readers).
+        """
+        _check_name("domain", domain)
+        settled = list(settled)
+        rows = [self._row(i, s, domain) for i, s in enumerate(samples)]
+        if not rows and not settled:
+            raise ValueError("write_shard: no samples and no settled ranges; nothing to write")
+        if not rows:
+            return self._settle_only(domain, settled, name)
+
+        stage = os.path.join(self._staging, f"{self.writer_id}-{uuid.uuid4().hex}")
+        try:
+            with MDSWriter(columns=COLUMNS, out=stage, compression=self.compression,
+                           hashes=self.hashes, size_limit=_MAX_SHARD_BYTES) as w:
+                for row in rows:
+                    w.write(row)
+            with open(os.path.join(stage, mf.INDEX)) as f:
+                entries = json.load(f)["shards"]
+            if len(entries) != 1:
+                raise ValueError(f"write_shard: {len(rows)} samples exceed one MDS shard (4 GiB); split them")
+            info = entries[0]
+            name = _check_name("name", name) if name else self._name(domain, settled, stage, info)
+            return self._publish(stage, info, name, domain, settled)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    # --- internals -----------------------------------------------------------------------
+    def _row(self, i: int, sample: dict[str, Any], domain: str) -> dict[str, Any]:
+        unknown = set(sample) - set(COLUMNS)
+        if unknown:
+            raise ValueError(f"sample {i}: unknown column {sorted(unknown)[0]!r}; columns: {list(COLUMNS)}")
+        missing = [c for c in REQUIRED if c not in sample]
+        if missing:
+            raise ValueError(f"sample {i}: missing column {missing[0]!r}")
+        if sample.get("domain", domain) != domain:
+            raise ValueError(f"sample {i}: domain {sample['domain']!r} differs from shard domain {domain!r}")
+        tokens = np.asarray(sample["tokens"])
+        if tokens.ndim != 1 or (tokens.size and not np.issubdtype(tokens.dtype, np.integer)):
+            raise ValueError(f"sample {i} ({sample['id']!r}): tokens must be a 1-D integer array, "
+                             f"got {tokens.dtype} shape {tokens.shape}")
+        if tokens.size:
+            lo, hi = int(tokens.min()), int(tokens.max())
+            limit = self.vocab_size if self.vocab_size is not None else 2**31
+            if lo < 0 or hi >= limit:
+                raise ValueError(f"sample {i} ({sample['id']!r}): token id {lo if lo < 0 else hi} "
+                                 f"out of range [0, {limit})")
+        lineage = sample.get("lineage", {})
+        if isinstance(lineage, str):
+            try:
+                lineage = json.loads(lineage)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"sample {i}: lineage is not valid JSON: {e}") from None
+        row = {
+            "id": sample["id"], "domain": domain, "modality": sample["modality"],
+            "tokens": tokens.astype(np.int32, copy=False), "source": sample["source"],
+            "license": sample["license"],
+            "pipeline_version": sample.get("pipeline_version", self.manifest.pipeline_version),
+            "language": sample.get("language", ""),
+            "produced_at": float(sample.get("produced_at", time.time())), "lineage": lineage,
+        }
+        for col in ("id", "modality", "source", "license", "pipeline_version", "language"):
+            if not isinstance(row[col], str):
+                raise ValueError(f"sample {i}: column {col!r} must be str, got {type(row[col]).__name__}")
+        return row
+
+    def _name(self, domain: str, settled: list[OffsetRange], stage: str, info: dict[str, Any]) -> str:
+        if settled:
+            key = json.dumps({"domain": domain, "settled": mf.ranges_to_json(mf.merge_ranges(settled))},
+                             sort_keys=True).encode()
+        else:
+            with open(os.path.join(stage, self._data_basename(info)), "rb") as f:
+                key = f.read()
+        return f"{domain}.{self.writer_id}.{hashlib.sha256(key).hexdigest()[:16]}"
+
+    @staticmethod
+    def _data_basename(info: dict[str, Any]) -> str:
+        return (info.get("zip_data") or info["raw_data"])["basename"]
+
+    def _event(self, name: str, entry: dict[str, Any]) -> ShardPublished:
+        return ShardPublished(
+            stream_root=self.root, shard=name, domain=entry["domain"], samples=entry["samples"],
+            bytes=entry["bytes"], vocab_version=entry["manifest"]["vocab_version"],
+            writer_id=entry["writer_id"], settled=mf.ranges_from_json(entry["settled"]),
+            published_at=entry["published_at"],
+        )
+
+    def _entry(self, domain: str, settled: list[OffsetRange], samples: int, nbytes: int) -> dict[str, Any]:
+        return {
+            "domain": domain, "writer_id": self.writer_id, "samples": samples, "bytes": nbytes,
+            "settled": mf.ranges_to_json(settled), "manifest": self.manifest.to_dict(),
+            "published_at": time.time(),
+        }
+
+    def _check_root(self, side: dict[str, Any], published: dict[str, dict[str, Any]],
+                    settled: list[OffsetRange]) -> str | None:
+        """Vocab agreement and overlap check; returns the name of an exact replay, if any."""
+        if side["vocab_version"] not in (None, self.manifest.vocab_version):
+            raise ValueError(f"stream root {self.root} holds vocab {side['vocab_version']}, "
+                             f"this writer has {self.manifest.vocab_version}")
+        if not settled:
+            return None
+        mine = {(r.topic, r.partition, r.start, r.end) for r in mf.merge_ranges(settled)}
+        for other, entry in published.items():
+            theirs = mf.merge_ranges(mf.ranges_from_json(entry["settled"]))
+            if {(r.topic, r.partition, r.start, r.end) for r in theirs} == mine:
+                return other
+            for a in settled:
+                for b in theirs:
+                    if (a.topic, a.partition) == (b.topic, b.partition) and a.start < b.end and b.start < a.end:
+                        raise OverlapError(
+                            f"{a.topic}[{a.partition}] offsets [{a.start},{a.end}) overlap [{b.start},{b.end}) "
+                            f"already settled by {other!r}; resume from settled() instead of replaying")
+        return None
+
+    def _publish(self, stage: str, info: dict[str, Any], name: str, domain: str,
+                 settled: list[OffsetRange]) -> ShardPublished:
+        src = os.path.join(stage, self._data_basename(info))
+        info["raw_data"]["basename"] = f"{name}.mds"
+        if info.get("zip_data"):
+            info["zip_data"]["basename"] = f"{name}.mds.{info['zip_data']['basename'].rsplit('.', 1)[1]}"
+        if self.durable:
+            with open(src, "rb+") as f:
+                os.fsync(f.fileno())
+        with mf.root_lock(self.root):
+            index = mf.read_index(self.root)
+            side = mf.read_sidecar(self.root)
+            names = {mf.shard_name_of(i) for i in index["shards"]}
+            published = {n: e for n, e in side["shards"].items() if n in names}
+            published.update(side["settled_only"])
+            replay = name if name in names else self._check_root(side, published, settled)
+            if replay is not None:
+                event = self._event(replay, published[replay])
+            else:
+                os.replace(src, os.path.join(self.root, self._data_basename(info)))
+                entry = self._entry(domain, settled, info["samples"], os.path.getsize(
+                    os.path.join(self.root, self._data_basename(info))))
+                side["shards"][name] = entry
+                side["vocab_version"] = self.manifest.vocab_version
+                mf.atomic_write_json(os.path.join(self.root, mf.SIDECAR), side, durable=self.durable)
+                index["shards"].append(info)
+                mf.atomic_write_json(os.path.join(self.root, mf.INDEX), index, durable=self.durable)
+                event = self._event(name, entry)
+        if self.publisher is not None:
+            self.publisher(event)
+        return event
+
+    def _settle_only(self, domain: str, settled: list[OffsetRange], name: str | None) -> ShardPublished:
+        key = json.dumps({"domain": domain, "settled": mf.ranges_to_json(mf.merge_ranges(settled))},
+                         sort_keys=True).encode()
+        name = _check_name("name", name) if name else (
+            f"{domain}.{self.writer_id}.{hashlib.sha256(key).hexdigest()[:16]}")
+        with mf.root_lock(self.root):
+            side = mf.read_sidecar(self.root)
+            names = {mf.shard_name_of(i) for i in mf.read_index(self.root)["shards"]}
+            published = {n: e for n, e in side["shards"].items() if n in names}
+            published.update(side["settled_only"])
+            replay = name if name in published else self._check_root(side, published, settled)
+            if replay is not None:
+                return self._event(replay, published[replay])
+            entry = self._entry(domain, settled, 0, 0)
+            side["settled_only"][name] = entry
+            mf.atomic_write_json(os.path.join(self.root, mf.SIDECAR), side, durable=self.durable)
+        return self._event(name, entry)
+
+    def _clean_own_staging(self) -> None:
+        for d in os.listdir(self._staging):
+            if d.startswith(f"{self.writer_id}-"):
+                shutil.rmtree(os.path.join(self._staging, d), ignore_errors=True)

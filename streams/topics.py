@@ -1,0 +1,54 @@
+"""The one registry of Kafka topics headwater uses; everything else imports it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Topic", "TOPICS", "RAW_TOPICS", "raw_topic", "topic"]
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    """A Kafka topic with its creation settings."""
+
+    name: str
+    partitions: int
+    purpose: str
+    retention_ms: int = 7 * 24 * 3600 * 1000
+    cleanup_policy: str = "delete"
+
+
+TOPICS: dict[str, Topic] = {
+    t.name: t
+    for t in (
+        Topic("raw.text", 2, "RawRecord JSON from text producers"),
+        Topic("raw.audio", 2, "RawRecord JSON from audio producers"),
+        Topic("raw.image", 2, "RawRecord JSON from image producers"),
+        Topic("raw.video", 2, "RawRecord JSON from video producers"),
+        Topic("dlq", 1, "DeadLetter events: reason, stage and original bytes"),
+        Topic("shards", 1, "ShardPublished events from the MDS stream writer"),
+        Topic("checkpoints", 1, "CheckpointSaved events from the trainer"),
+        Topic("evals", 1, "EvalReport events from evaluators"),
+        Topic("alerts", 1, "Alert events from rules and guards"),
+        Topic("control", 1, "Control commands: rollback, pause, quarantine"),
+        Topic("metrics", 1, "Metrics events from ingest, trainer and evaluators"),
+    )
+}
+
+RAW_TOPICS: tuple[str, ...] = ("raw.text", "raw.audio", "raw.image", "raw.video")
+
+
+def raw_topic(modality: str) -> str:
+    """The raw.* topic a producer of ``modality`` writes to."""
+    name = f"raw.{modality}"
+    if name not in TOPICS:
+        raise ValueError(f"unknown modality {modality!r}; expected one of {RAW_TOPICS}")
+    return name
+
+
+def topic(name: str) -> Topic:
+    """Look up a registered topic by name, with a clear error for unknown names."""
+    try:
+        return TOPICS[name]
+    except KeyError:
+        raise KeyError(f"unknown topic {name!r}; registered: {sorted(TOPICS)}") from None

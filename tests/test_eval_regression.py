@@ -1,0 +1,63 @@
+"""Regression detection: paired bootstrap over per-item losses against the best previous report."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from evaluators.regression import RegressionConfig, detect_regressions, overall_loss, pick_best
+from streams.events import EvalReport
+
+
+def report(path: str, nll_per_token: np.ndarray, *, domains=None, suite_version="s1", passed=True) -> EvalReport:
+    n = len(nll_per_token)
+    tokens = np.full(n, 50)
+    domains = domains or ["wiki"] * n
+    items = {"id": [f"item{i}" for i in range(n)], "nll": (nll_per_token * tokens).tolist(),
+             "tokens": tokens.tolist(), "modality": ["text"] * n, "domain": domains}
+    return EvalReport(run_id="r", step=int(path.split("-")[-1]), checkpoint_path=path, suite="core",
+                      vocab_version="v1", passed=passed, details={"items": items, "suite_version": suite_version})
+
+
+def test_noise_is_not_a_regression_but_a_real_shift_is():
+    rng = np.random.default_rng(1)
+    base = rng.uniform(2.0, 4.0, 200)
+    best = report("ck-100", base)
+    noisy = report("ck-200", base + rng.normal(0, 0.05, 200))
+    assert not any(f.significant for f in detect_regressions(noisy, best))
+    worse = report("ck-300", base + 0.3 + rng.normal(0, 0.05, 200))
+    (overall, *_rest) = detect_regressions(worse, best)
+    assert overall.metric == "overall" and overall.significant
+    assert overall.ci_low > 0.2 and overall.delta == overall.new_logppl - overall.best_logppl
+
+
+def test_regression_in_one_domain_is_localised():
+    rng = np.random.default_rng(2)
+    domains = ["wiki"] * 100 + ["code"] * 100
+    base = rng.uniform(2.0, 4.0, 200)
+    shifted = base.copy()
+    shifted[100:] += 0.5
+    findings = {f.metric: f for f in detect_regressions(report("ck-2", shifted, domains=domains),
+                                                           report("ck-1", base, domains=domains))}
+    assert findings["domain/code"].significant
+    assert not findings["domain/wiki"].significant
+    assert set(findings) == {"overall", "modality/text", "domain/code", "domain/wiki"}
+
+
+def test_only_shared_items_are_compared_and_small_groups_skipped():
+    base = np.full(30, 3.0)
+    best = report("ck-1", base)
+    new = report("ck-2", np.full(40, 3.0))  # 10 extra items the best never saw
+    (f,) = [f for f in detect_regressions(new, best, RegressionConfig(min_items=25)) if f.metric == "overall"]
+    assert f.n_items == 30 and f.delta == 0.0
+    assert detect_regressions(new, best, RegressionConfig(min_items=31)) == []
+
+
+def test_pick_best_skips_failed_other_versions_and_self():
+    good_hi = report("ck-1", np.full(20, 3.0))
+    good_lo = report("ck-2", np.full(20, 2.5))
+    failed = report("ck-3", np.full(20, 1.0), passed=False)
+    other_version = report("ck-4", np.full(20, 1.0), suite_version="s2")
+    current = report("ck-5", np.full(20, 2.6))
+    assert pick_best([good_hi, good_lo, failed, other_version, current], current) is good_lo
+    assert overall_loss(good_lo) == 2.5
+    assert pick_best([failed], current) is None

@@ -1,0 +1,242 @@
+"""LiveStreamDataLoader: torchtitan dataloader over live MDS streams with online mixing.
+
+Each document of a row is drawn from a domain sampled with the mixer's current
+weights (a seeded per-rank RNG), then taken from that domain's prefetched buffer.
+If the buffer is empty the loader waits, logging a visible status, for up to
+``starve_timeout_s``; then it skips that domain for this draw (the one path whose
+outcome depends on timing; it is logged). Batches carry a ``_meta`` entry (domains of
+the label tokens, documents, shards, produced_at) that the trainer strips before
+the forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchtitan.components.dataloader import BaseDataLoader
+
+from streams import manifest as mf
+from trainer.data.buffers import StreamBuffers
+from trainer.data.packer import Doc, Packer
+from trainer.mixing import Mixer
+
+__all__ = ["BatchMeta", "LiveStreamDataLoader"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class BatchMeta:
+    """Side information of one batch, for per-domain losses, freshness and guards."""
+
+    domains: list[str]  # domain names; domain_idx indexes this list
+    domain_idx: torch.Tensor  # int64 [B, L]: domain of each label position
+    doc_ids: list[str]
+    shards: list[str]
+    produced_at: list[float]
+    wait_s: float  # time this batch waited for data
+    starved: list[str]
+
+
+class LiveStreamDataLoader(BaseDataLoader):
+    """Stateful, infinite loader of packed rows from live stream roots."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(BaseDataLoader.Config):
+        stream_roots: list[str] = field(default_factory=list)
+        domains: list[str] = field(default_factory=list)
+        """domains to mix from the start (empty: those published at start-up, then any new ones)"""
+        seed: int = 1234
+        soft_capacity: int = 4096
+        """buffered samples per rank before the prefetch thread pauses"""
+        poll_interval_s: float = 0.2
+        starve_timeout_s: float = 30.0
+        status_every_s: float = 5.0
+        check_vocab: bool = True
+        mixing: Mixer.Config = field(default_factory=Mixer.Config)
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        dp_world_size: int,
+        dp_rank: int,
+        seq_len: int,
+        local_batch_size: int,
+        vocab_size: int | None = None,
+        on_corrupt: Callable[[str, str, str], None] | None = None,
+        **_unused: Any,
+    ):
+        if not config.stream_roots:
+            raise ValueError("dataloader.stream_roots is empty: pass --stream-root DIR")
+        self.config = config
+        self.dp_rank, self.dp_world = dp_rank, dp_world_size
+        self.batch_size, self.seq_len = local_batch_size, seq_len
+        self.buffers = StreamBuffers(
+            config.stream_roots,
+            dp_rank=dp_rank,
+            dp_world=dp_world_size,
+            soft_capacity=config.soft_capacity,
+            poll_interval_s=config.poll_interval_s,
+            vocab_size=vocab_size if config.check_vocab else None,
+            on_corrupt=self._corrupt,
+        )
+        self.on_corrupt = on_corrupt
+        self.mixer = config.mixing.build()
+        self.mixer.add_domains(config.domains or _published_domains(config.stream_roots))
+        self.packer = Packer(seq_len)
+        self.rng = np.random.Generator(np.random.PCG64([config.seed, dp_rank]))
+        self.paused: set[str] = set()
+        self.status = "idle"
+        self.trained: dict[str, int] = {}
+        self._last_status_log = 0.0
+
+    # -- events ------------------------------------------------------------------------
+    def _corrupt(self, root: str, shard: str, reason: str) -> None:
+        log.error("corrupt shard %s in %s skipped: %s", shard, root, reason)
+        if self.on_corrupt is not None:
+            self.on_corrupt(root, shard, reason)
+
+    def quarantine(self, shards: set[str]) -> int:
+        return self.buffers.drop_shards(set(shards))
+
+    # -- iteration -------------------------------------------------------------------
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+        self.buffers.start()
+        while True:
+            yield self.next_batch()
+
+    def next_batch(self) -> tuple[dict[str, Any], torch.Tensor]:
+        t0 = time.monotonic()
+        starved: list[str] = []
+        rows = [self.packer.pack(lambda: self._next_doc(starved)) for _ in range(self.batch_size)]
+        names = sorted({d for r in rows for d in r.domains})
+        index = {d: i for i, d in enumerate(names)}
+        docs = [doc for r in rows for doc in r.docs]
+        for doc in docs:
+            self.trained[doc.domain] = self.trained.get(doc.domain, 0) + 1
+        meta = BatchMeta(
+            domains=names,
+            domain_idx=torch.tensor([[index[d] for d in r.domains] for r in rows], dtype=torch.int64),
+            doc_ids=[d.id for d in docs],
+            shards=sorted({d.shard for d in docs}),
+            produced_at=[d.produced_at for d in docs],
+            wait_s=time.monotonic() - t0,
+            starved=starved,
+        )
+        self.status = "running"
+        batch = {
+            "input": torch.from_numpy(np.stack([r.input for r in rows])),
+            "positions": torch.from_numpy(np.stack([r.positions for r in rows])),
+            "_meta": meta,
+        }
+        return batch, torch.from_numpy(np.stack([r.labels for r in rows]))
+
+    def _next_doc(self, starved: list[str]) -> Doc:
+        skip: set[str] = set()
+        while True:
+            weights = self.mixer.sampling_weights(exclude=self.paused | skip)
+            if not weights:
+                self._wait_for_any()
+                skip.clear()
+                if not self.mixer.domains:  # nothing was published at start-up
+                    self.mixer.add_domains(self.buffers.domains())
+                continue
+            names = list(weights)
+            domain = names[int(self.rng.choice(len(names), p=np.array([weights[n] for n in names])))]
+            doc = self.buffers.take(domain, 0.0)
+            if doc is None:
+                doc = self._wait_for(domain)
+            if doc is not None:
+                return doc
+            skip.add(domain)
+            starved.append(domain)
+            log.warning("domain %s starved for %.0fs: skipped for this draw", domain, self.config.starve_timeout_s)
+
+    def _wait_for(self, domain: str) -> Doc | None:
+        deadline = time.monotonic() + self.config.starve_timeout_s
+        while True:
+            self.status = f"waiting for data: domain {domain!r}"
+            self._log_status()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            doc = self.buffers.take(domain, min(left, self.config.status_every_s))
+            if doc is not None:
+                return doc
+
+    def _wait_for_any(self) -> None:
+        while not self.buffers.wait_any(self.config.status_every_s):
+            self.status = "waiting for data: stream has no samples for any active domain"
+            self._log_status()
+
+    def _log_status(self) -> None:
+        now = time.monotonic()
+        if now - self._last_status_log >= self.config.status_every_s:
+            self._last_status_log = now
+            idle = now - self.buffers.last_sample_at
+            log.warning("[data] %s (last sample %.1fs ago, paused=%s)", self.status, idle, sorted(self.paused))
+
+    # -- checkpoint ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "buffers": self.buffers.state_dict(),
+            "packer": self.packer.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "mixer": self.mixer.state_dict(),
+            "trained": dict(self.trained),
+        }
+        return {f"dp_rank_{self.dp_rank}": pickle.dumps(state), "world_size": self.dp_world}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        key = f"dp_rank_{self.dp_rank}"
+        if not state_dict or key not in state_dict:
+            return
+        if state_dict["world_size"] != self.dp_world:
+            raise ValueError(
+                f"checkpoint was written with {state_dict['world_size']} data-parallel ranks, "
+                f"this run has {self.dp_world}; resume with the same world size"
+            )
+        state = pickle.loads(state_dict[key])
+        self.buffers.load_state_dict(state["buffers"])
+        self.packer.load_state_dict(state["packer"])
+        self.rng.bit_generator.state = state["rng"]
+        self.mixer.load_state_dict(state["mixer"])
+        self.trained = dict(state["trained"])
+
+    def cursor_summary(self) -> dict[str, Any]:
+        """Small JSON-able view of the data cursor (for CheckpointSaved and headwater.json)."""
+        readers = self.buffers.state_dict()["readers"]
+        return {
+            "roots": self.buffers.roots,
+            "shards_done": [len(r["done"]) for r in readers],
+            "current": [[r["current"], r["position"]] for r in readers],
+            "buffered": {d: len(b) for d, b in self.buffers.buffers.items()},
+            "trained": dict(self.trained),
+        }
+
+    def close(self) -> None:
+        self.buffers.stop()
+
+
+def _published_domains(roots: list[str]) -> list[str]:
+    """Domains of the shards published now, agreed by all ranks (rank 0 reads, then broadcasts)."""
+    found: set[str] = set()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        for root in roots:
+            try:
+                found |= {e["domain"] for e in mf.read_sidecar(root).get("shards", {}).values()}
+            except (OSError, ValueError):
+                pass
+    if dist.is_initialized():
+        box = [sorted(found)]
+        dist.broadcast_object_list(box, src=0)
+        found = set(box[0])
+    return sorted(found)

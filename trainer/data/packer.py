@@ -1,0 +1,88 @@
+"""Pack documents into fixed-length rows with document boundaries.
+
+A row holds ``seq_len + 1`` tokens drawn from consecutive documents; ``input`` is
+``row[:-1]`` and ``labels`` is ``row[1:]``. ``positions`` restart at 0 at every
+document start (torchtitan derives its no-cross-document attention mask from
+them), and a label that would cross into the next document is ``IGNORE_INDEX``,
+so no loss is taken at boundaries. A document that does not fit is split: its
+remainder (from the last token placed) starts the next row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["IGNORE_INDEX", "Doc", "Row", "Packer"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass(slots=True)
+class Doc:
+    """One stream sample (or the remainder of one) waiting to be packed."""
+
+    id: str
+    domain: str
+    tokens: np.ndarray
+    produced_at: float = 0.0
+    shard: str = ""
+
+
+@dataclass(slots=True)
+class Row:
+    input: np.ndarray  # int64 [L]
+    labels: np.ndarray  # int64 [L]
+    positions: np.ndarray  # int64 [L]
+    domains: list[str]  # domain of each label position (by document), length L
+    docs: list[Doc] = field(default_factory=list)  # documents (or parts) that started in this row
+
+
+class Packer:
+    """Builds rows from a ``next_doc()`` callback; keeps the split remainder between rows."""
+
+    def __init__(self, seq_len: int):
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+        self.seq_len = seq_len
+        self.carry: Doc | None = None
+
+    def pack(self, next_doc: Callable[[], Doc]) -> Row:
+        need = self.seq_len + 1
+        tokens, positions, doc_index, docs = [], [], [], []
+        filled = 0
+        while filled < need:
+            doc = self.carry if self.carry is not None else next_doc()
+            self.carry = None
+            if len(doc.tokens) == 0:
+                continue
+            take = min(len(doc.tokens), need - filled)
+            tokens.append(doc.tokens[:take])
+            positions.append(np.arange(take))
+            doc_index.append(np.full(take, len(docs)))
+            docs.append(doc)
+            filled += take
+            if take < len(doc.tokens):  # the last placed token opens the next row: no label lost
+                self.carry = Doc(doc.id, doc.domain, doc.tokens[take - 1:], doc.produced_at, doc.shard)
+        row = np.concatenate(tokens).astype(np.int64)
+        pos = np.concatenate(positions).astype(np.int64)
+        idx = np.concatenate(doc_index)
+        labels = row[1:].copy()
+        labels[pos[1:] == 0] = IGNORE_INDEX  # next token starts another document
+        return Row(
+            input=row[:-1],
+            labels=labels,
+            positions=pos[:-1],
+            domains=[docs[i].domain for i in idx[:-1]],
+            docs=docs,
+        )
+
+    def state_dict(self) -> dict:
+        c = self.carry
+        return {"carry": None if c is None else (c.id, c.domain, c.tokens.tolist(), c.produced_at, c.shard)}
+
+    def load_state_dict(self, state: dict) -> None:
+        c = state.get("carry")
+        self.carry = None if c is None else Doc(c[0], c[1], np.asarray(c[2], dtype=np.int32), c[3], c[4])

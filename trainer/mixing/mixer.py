@@ -1,0 +1,149 @@
+"""Online domain mixer: per-domain loss statistics -> sampling weights (floor + smoothing).
+
+The trainer calls :meth:`Mixer.observe` once per step with per-domain loss sums and
+token counts reduced over data-parallel ranks, so every rank holds identical weights.
+The whole state (statistics, weights, policy state) is checkpointed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from trainer.mixing.policies import (
+    POLICIES,
+    DomainStats,
+    LearnabilityPolicy,
+    ODMPolicy,
+    StaticPolicy,
+    TemperaturePolicy,
+)
+
+__all__ = ["Mixer"]
+
+
+class Mixer:
+    """Holds per-domain statistics and the current weights of one training run."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config:
+        policy: str = "static"
+        """static | temperature | odm | learnability"""
+        weights: dict[str, float] = field(default_factory=dict)
+        """static weights by domain (missing domains share the remainder)"""
+        temperature: float = 1.0
+        floor: float = 0.02
+        """minimum weight of any active domain"""
+        smoothing: float = 0.5
+        """w_t = smoothing * w_{t-1} + (1 - smoothing) * proposal"""
+        fast_ema: float = 0.7
+        slow_ema: float = 0.95
+        odm_alpha: float = 0.9
+        learn_eta: float = 1.0
+        reference_losses: dict[str, float] = field(default_factory=dict)
+        warmup_steps: int = 0
+        """steps with uniform weights before the policy takes over"""
+
+        def build(self) -> "Mixer":
+            return Mixer(self)
+
+    def __init__(self, config: Config):
+        if config.policy not in POLICIES:
+            raise ValueError(f"unknown mixing policy {config.policy!r}; expected one of {sorted(POLICIES)}")
+        if not 0.0 <= config.smoothing < 1.0:
+            raise ValueError(f"mixing smoothing must be in [0, 1), got {config.smoothing}")
+        self.config = config
+        self.policy = {
+            "static": lambda: StaticPolicy(weights=dict(config.weights)),
+            "temperature": lambda: TemperaturePolicy(temperature=config.temperature),
+            "odm": lambda: ODMPolicy(alpha=config.odm_alpha),
+            "learnability": lambda: LearnabilityPolicy(
+                eta=config.learn_eta, reference_losses=dict(config.reference_losses)
+            ),
+        }[config.policy]()
+        self.domains: list[str] = []
+        self.weights = np.zeros(0)
+        self._stats: dict[str, np.ndarray] = {}
+        self.step = 0
+        self.last_loss: dict[str, float] = {}
+
+    # -- domains -----------------------------------------------------------------
+    def add_domains(self, names) -> None:
+        """Register newly seen domains (kept sorted; a new domain starts at the mean weight)."""
+        new = sorted(set(names) - set(self.domains))
+        if not new:
+            return
+        old_domains = list(self.domains)
+        old_w = dict(zip(old_domains, self.weights))
+        self.domains = sorted(old_domains + new)
+        fill = float(np.mean(list(old_w.values()))) if old_w else 1.0
+        w = np.array([old_w.get(d, fill) for d in self.domains])
+        self.weights = w / w.sum()
+        init = {"fast": np.nan, "slow": np.nan, "last": np.nan, "trained": 0.0, "available": 0.0}
+        old_stats = {k: dict(zip(old_domains, self._stats.get(k, []))) for k in init}
+        self._stats = {
+            k: np.array([old_stats[k].get(d, v) for d in self.domains], dtype=np.float64) for k, v in init.items()
+        }
+
+    # -- update ------------------------------------------------------------------
+    def observe(self, loss_sum: dict[str, float], token_count: dict[str, float],
+                trained: dict[str, int], available: dict[str, int]) -> np.ndarray:
+        """One step's per-domain statistics (already reduced over ranks); returns new weights."""
+        self.add_domains(set(loss_sum) | set(available) | set(trained))
+        self.step += 1
+        s, c = self._stats, self.config
+        present = np.zeros(len(self.domains), dtype=bool)
+        for i, d in enumerate(self.domains):
+            s["available"][i] = available.get(d, s["available"][i])
+            s["trained"][i] += trained.get(d, 0)
+            n = token_count.get(d, 0.0)
+            if n > 0:
+                loss = loss_sum[d] / n
+                present[i] = True
+                s["last"][i] = loss
+                s["fast"][i] = loss if np.isnan(s["fast"][i]) else c.fast_ema * s["fast"][i] + (1 - c.fast_ema) * loss
+                s["slow"][i] = loss if np.isnan(s["slow"][i]) else c.slow_ema * s["slow"][i] + (1 - c.slow_ema) * loss
+        self.last_loss = {d: float(s["last"][i]) for i, d in enumerate(self.domains) if present[i]}
+        if self.step <= c.warmup_steps:
+            return self.weights
+        stats = DomainStats(
+            domains=self.domains, last_loss=s["last"], fast_loss=s["fast"], slow_loss=s["slow"],
+            trained_samples=s["trained"], available_samples=s["available"], present=present, step=self.step,
+        )
+        proposal = np.asarray(self.policy.propose(stats, self.weights), dtype=np.float64)
+        proposal = self._floor(proposal / proposal.sum())
+        self.weights = self._floor(c.smoothing * self.weights + (1 - c.smoothing) * proposal)
+        return self.weights
+
+    def _floor(self, w: np.ndarray) -> np.ndarray:
+        k = len(w)
+        floor = min(self.config.floor, 1.0 / k)
+        return (1 - k * floor) * (w / w.sum()) + floor
+
+    def sampling_weights(self, exclude: set[str] = frozenset()) -> dict[str, float]:
+        """Weights renormalised over domains not excluded (paused/quarantined/starved)."""
+        live = {d: float(w) for d, w in zip(self.domains, self.weights) if d not in exclude}
+        total = sum(live.values())
+        return {d: w / total for d, w in live.items()} if total > 0 else {}
+
+    def weight_dict(self) -> dict[str, float]:
+        return {d: float(w) for d, w in zip(self.domains, self.weights)}
+
+    # -- checkpoint --------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "domains": list(self.domains),
+            "weights": self.weights.tolist(),
+            "stats": {k: v.tolist() for k, v in self._stats.items()},
+            "step": self.step,
+            "policy": self.policy.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.domains = list(state["domains"])
+        self.weights = np.array(state["weights"], dtype=np.float64)
+        self._stats = {k: np.array(v, dtype=np.float64) for k, v in state["stats"].items()}
+        self.step = int(state["step"])
+        self.policy.load_state_dict(state["policy"])
