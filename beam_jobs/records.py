@@ -55,10 +55,13 @@ class Doc:
 
 
 class Outcome(NamedTuple):
-    """What the sink settles for one offset: a sample to write, a dead letter, or neither (dropped)."""
+    """What the sink settles for one offset: a sample to write, a dead letter, or neither (dropped).
+
+    ``sample`` is a TokenizedSample (text) or an MDS row dict with a ``domain`` (media).
+    """
 
     coords: KafkaCoords
-    sample: TokenizedSample | None = None
+    sample: TokenizedSample | dict[str, Any] | None = None
     dead: DeadLetter | None = None
     dropped: str | None = None
     record_id: str | None = None

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.transforms import window
+from apache_beam.transforms import trigger, window
+from apache_beam.utils.timestamp import Duration
 
 from beam_jobs.records import KafkaCoords, Outcome
-from streams.events import DeadLetter, OffsetRange
+from streams.events import DeadLetter, OffsetRange, TokenizedSample
 
 __all__ = ["SinkConfig", "WriteShards", "offsets_to_ranges", "SETTLE_DOMAIN"]
 
@@ -141,13 +142,16 @@ class _WriteBatchFn(beam.DoFn):
             _atomic_write(os.path.join(self.config.drops_dir, f"{tag}.jsonl"), body)
         writer = self._writer()
         by_domain: dict[str, list[Outcome]] = defaultdict(list)
+        rows: dict[int, dict] = {}
         for o in ordered:
             if o.sample is not None:
-                by_domain[o.sample.domain].append(o)
+                row = sample_from_event(o.sample) if isinstance(o.sample, TokenizedSample) else dict(o.sample)
+                rows[o.coords.offset] = row
+                by_domain[row["domain"]].append(o)
         for domain in sorted(by_domain):
             group = by_domain[domain]
             event = writer.write_shard(
-                [sample_from_event(o.sample) for o in group],
+                [rows[o.coords.offset] for o in group],
                 domain=domain,
                 settled=offsets_to_ranges(topic, partition, (o.coords.offset for o in group)),
             )
@@ -174,7 +178,13 @@ class WriteShards(beam.PTransform):
 
     def expand(self, outcomes):
         if self.streaming:
-            outcomes = outcomes | "Window" >> beam.WindowInto(window.FixedWindows(self.config.window_s))
+            # Late panes fire too (never drop an offset): the sink settles by offset, not by window.
+            outcomes = outcomes | "Window" >> beam.WindowInto(
+                window.FixedWindows(self.config.window_s),
+                trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
+                accumulation_mode=trigger.AccumulationMode.DISCARDING,
+                allowed_lateness=Duration(seconds=24 * 3600),
+            )
         return (
             outcomes
             | "KeyByPartition" >> beam.Map(_key, self.config.block)

@@ -62,6 +62,11 @@ class _TokenizeFn(beam.DoFn):
         Metrics.counter("tokenize", "docs").inc()
         Metrics.counter("tokenize", "tokens").inc(len(tokens))
         Metrics.counter("language", doc.language or "und").inc()
+        pii = doc.lineage.get("pii")
+        if pii:
+            Metrics.counter("pii", "docs").inc()
+            for kind, n in pii.items():
+                Metrics.counter("pii", kind).inc(n)
         lineage = dict(doc.lineage)
         lineage["kafka"] = list(doc.coords)
         sample = TokenizedSample(

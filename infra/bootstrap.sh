@@ -7,7 +7,7 @@ STAMP="$VENV/.headwater-stamp"
 want=$(cat pyproject.toml infra/bootstrap.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then exit 0; fi
 
-apt_pkgs=(ffmpeg espeak-ng sox)
+apt_pkgs=(ffmpeg espeak-ng sox chromium)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra import report_plots as plots
-from infra.run_dir import RunDir, flatten
+from infra.run_dir import RunDir, flatten, ordered_stages
 from streams.events import Alert, EvalReport
 
 __all__ = ["RunData", "Section", "build_sections", "render_html", "write_report", "main"]
@@ -122,8 +122,7 @@ def _funnel(d: RunData) -> Section:
     stages = d.last_snapshot.get("stages")
     if not isinstance(stages, dict) or not stages:
         return Section("funnel", "Data funnel", _no_data("ingest/metrics.jsonl has no stage counters"), False)
-    valid = [(k, v) for k, v in stages.items() if isinstance(v, dict)]
-    stages = dict(sorted(valid, key=lambda kv: -float(kv[1].get("in", 0)) if _num(kv[1].get("in")) else 0.0))
+    stages = ordered_stages(stages)
     rows = []
     for name, s in stages.items():
         drops = {k: v for k, v in s.get("drop", {}).items() if _num(v)}

@@ -47,7 +47,7 @@ def funnel_png(stages: dict[str, dict]) -> str:
     y = range(len(names))
     left = [float(stages[n].get("out", 0)) for n in names]
     ax.barh(y, left, color="tab:green", label="out")
-    cmap = plt.get_cmap("tab20")
+    cmap = plt.get_cmap("tab20b")
     for i, reason in enumerate(reasons):
         widths = [float(stages[n].get("drop", {}).get(reason, 0)) for n in names]
         ax.barh(y, widths, left=left, color=cmap(i % 20), label=f"drop: {reason}")

@@ -36,7 +36,7 @@ from typing import Any
 
 from streams.events import Alert, EvalReport, EventError
 
-__all__ = ["RunDir", "read_jsonl", "flatten"]
+__all__ = ["RunDir", "read_jsonl", "flatten", "ordered_stages"]
 
 
 def read_jsonl(path: Path) -> tuple[list[dict], int]:
@@ -70,6 +70,16 @@ def flatten(values: Any, prefix: str = "") -> dict[str, float]:
     if isinstance(values, (int, float)) and not isinstance(values, bool) and prefix:
         return {prefix: float(values)}
     return {}
+
+
+def ordered_stages(stages: dict) -> dict[str, dict]:
+    """Stage counters in funnel order (most records in first), whatever order the file had."""
+    valid = [(k, v) for k, v in stages.items() if isinstance(v, dict)]
+    return dict(sorted(valid, key=lambda kv: -_number(kv[1].get("in"))))
+
+
+def _number(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0
 
 
 @dataclass(slots=True)

@@ -212,13 +212,14 @@ def test_two_writer_threads_share_a_root(tmp_path):
 
 def test_stock_streaming_dataset_reads_snapshots_while_two_processes_append(tmp_path):
     """Two writer processes append concurrently; a third reads snapshot after snapshot with a
-    stock StreamingDataset (every sample checked). The final index holds every shard."""
+    stock StreamingDataset (every sample checked). The final index holds every shard (without
+    the root lock about a third of the shards are lost in this workload)."""
     root, go, done, ready = tmp_path / "root", tmp_path / "go", tmp_path / "done", tmp_path / "ready"
     root.mkdir()
     py, env = sys.executable, {**os.environ, "PYTHONWARNINGS": "ignore"}
     reader = subprocess.Popen([py, str(HELPER), "snapshots", str(root), "--until", str(done), "--ready", str(ready)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    writers = [subprocess.Popen([py, str(HELPER), "append", str(root), f"p{i}", "12", "20", "--sleep", "0.15",
+    writers = [subprocess.Popen([py, str(HELPER), "append", str(root), f"p{i}", "40", "10", "--sleep", "0.02",
                                  "--wait-for", str(go)], stderr=subprocess.PIPE, text=True, env=env)
                for i in range(2)]
     deadline = time.monotonic() + 120
@@ -232,7 +233,7 @@ def test_stock_streaming_dataset_reads_snapshots_while_two_processes_append(tmp_
     assert reader.returncode == 0, err[-3000:]
     snaps = [json.loads(line) for line in out.splitlines()]
     counts = [s["samples"] for s in snaps]
-    assert counts == sorted(counts) and counts[-1] == 2 * 12 * 20
-    assert len({c for c in counts if 0 < c < 480}) >= 3, f"too few snapshots during appends: {counts}"
-    assert len(read_index(root)["shards"]) == 24 and len(read_sidecar(root)["shards"]) == 24
-    assert len(settled_ranges(root)) == 2  # one contiguous range per writer's topic
+    assert counts == sorted(counts) and counts[-1] == 2 * 40 * 10
+    assert len({c for c in counts if 0 < c < 800}) >= 3, f"too few snapshots during appends: {counts}"
+    assert len(read_index(root)["shards"]) == 80 and len(read_sidecar(root)["shards"]) == 80
+    assert settled_ranges(root) == [rng(0, 400, topic="raw.p0"), rng(0, 400, topic="raw.p1")]

@@ -92,12 +92,12 @@ class MediaProcessor:
                 raise ValueError(f"{self._image.name}: {self._image.codebook_size} codes exceed the vocab's image range")
         return self._image
 
-    def manifest(self) -> dict[str, str]:
-        """Discretizer versions to name in the stream manifest."""
-        out = {"vocab": self.vocab.version, "audio": self.encodec.version}
+    def manifest(self) -> dict[str, Any]:
+        """StreamManifest fields naming the discretizers (pass into the stream writer's manifest)."""
+        names = {"audio": self.encodec.version}
         if self.config.image_codebooks:
-            out["image"] = out["video"] = self.image_tokenizer.name
-        return out
+            names["image"] = names["video"] = self.image_tokenizer.name
+        return {"discretizer_version": "+".join(sorted(set(names.values()))), "extra": {"discretizers": names}}
 
     # -- shared -------------------------------------------------------------------------------
     def payload(self, record: RawRecord) -> bytes:

@@ -40,8 +40,8 @@ def _normalise(uri: str) -> tuple[str, str]:
     if scheme == "file":
         if netloc not in ("", "localhost") or not path.startswith("/"):
             raise MediaRejected("uri_not_allowed", f"file URIs must be absolute local paths: {uri!r}")
-        return scheme, "file://" + posixpath.normpath(path)
-    norm = posixpath.normpath("/" + path) if path else ""
+        return scheme, "file://" + posixpath.normpath("/" + path.lstrip("/"))
+    norm = posixpath.normpath("/" + path.lstrip("/")) if path else ""
     return scheme, f"{scheme}://{netloc}{norm}"
 
 

@@ -39,6 +39,7 @@ class BatchMeta:
     domains: list[str]  # domain names; domain_idx indexes this list
     domain_idx: torch.Tensor  # int64 [B, L]: domain of each label position
     doc_ids: list[str]
+    doc_domains: list[str]
     shards: list[str]
     produced_at: list[float]
     wait_s: float  # time this batch waited for data
@@ -126,6 +127,7 @@ class LiveStreamDataLoader(BaseDataLoader):
             domains=names,
             domain_idx=torch.tensor([[index[d] for d in r.domains] for r in rows], dtype=torch.int64),
             doc_ids=[d.id for d in docs],
+            doc_domains=[d.domain for d in docs],
             shards=sorted({d.shard for d in docs}),
             produced_at=[d.produced_at for d in docs],
             wait_s=time.monotonic() - t0,

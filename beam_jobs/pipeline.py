@@ -1,0 +1,65 @@
+"""The ingest pipeline body as one composite transform: SourceRecords -> ShardPublished."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import apache_beam as beam
+
+from beam_jobs.dedup.index import DedupConfig
+from beam_jobs.dedup.seed import StreamSeed
+from beam_jobs.dedup.transform import Dedup
+from beam_jobs.filters import FilterChain, FilterStep
+from beam_jobs.media_hook import RouteMedia
+from beam_jobs.records import KafkaCoords, Outcome
+from beam_jobs.sink import SinkConfig, WriteShards
+from beam_jobs.tokenize import PIPELINE_VERSION, TOKENIZER_VERSION, DomainMap, TokenizeText
+from beam_jobs.validate import ValidateConfig, ValidateDecode
+
+__all__ = ["IngestConfig", "IngestText"]
+
+
+@dataclass(kw_only=True, slots=True)
+class IngestConfig:
+    """Everything the ingest transforms need (sources are configured separately)."""
+
+    sink: SinkConfig
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    filters: FilterChain.Config = field(default_factory=FilterChain.Config)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    domains: DomainMap = field(default_factory=DomainMap)
+    media: bool = True
+
+    def manifest(self) -> dict:
+        from streams.vocab import Vocab
+
+        return {
+            "vocab_version": Vocab.default().version,
+            "tokenizer_version": TOKENIZER_VERSION,
+            "pipeline_version": PIPELINE_VERSION,
+        }
+
+
+def _dead_outcome(dead) -> Outcome:
+    return Outcome(KafkaCoords(dead.topic, dead.partition, dead.offset), dead=dead, record_id=dead.record_id)
+
+
+class IngestText(beam.PTransform):
+    """Validate/Decode -> filters -> Dedup -> Tokenize (+ media hook) -> WriteShards."""
+
+    def __init__(self, config: IngestConfig, *, streaming: bool):
+        super().__init__()
+        self.config, self.streaming = config, streaming
+
+    def expand(self, records):
+        c = self.config
+        decoded = records | "Validate" >> ValidateDecode(c.validate)
+        docs = decoded.text
+        for text_filter in c.filters.build():
+            docs = docs | FilterStep(text_filter)
+        docs = docs | "Dedup" >> Dedup(c.dedup, seed=StreamSeed(c.sink.stream_root, c.dedup.shard_key))
+        text = docs | "Tokenize" >> TokenizeText(c.domains)
+        media = decoded.media | "Media" >> RouteMedia(enabled=c.media)
+        dead = decoded.dlq | "DeadLetters" >> beam.Map(_dead_outcome)
+        outcomes = (text, media, dead) | "AllOutcomes" >> beam.Flatten()
+        return outcomes | "Sink" >> WriteShards(c.sink, c.manifest(), streaming=self.streaming)

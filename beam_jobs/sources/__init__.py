@@ -1,0 +1,1 @@
+"""Sources of (KafkaCoords, original bytes): files (bounded) and Kafka (streaming)."""

@@ -1,0 +1,1 @@
+"""Deployment files and their offline checks (Dataflow, Flink, Kafka on Kubernetes, evaluator)."""

@@ -1,0 +1,1 @@
+"""Strimzi Kafka manifests generated from streams.topics."""
