@@ -17,7 +17,7 @@ import threading
 import time
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_jobs.data_metrics import counters_of, log_wandb, publish_metrics, summarize, write_metrics
 from beam_jobs.dedup.index import DedupConfig
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--max-records", type=int, help="stop after this many records were settled in this run")
     k.add_argument("--duration", type=float, help="stop reading after this many seconds")
     k.add_argument("--until-caught-up", action="store_true", help="stop once every partition is settled to its end")
-    k.add_argument("--window-s", type=float, default=2.0, help="shard window length")
+    k.add_argument("--window-s", type=int, default=2, help="shard window length")
     f = p.add_argument_group("filters")
     f.add_argument("--disable", action="append", default=[], choices=FILTER_NAMES, help="disable a filter (repeatable)")
     f.add_argument("--languages", default="en,de,fr,es")
@@ -146,6 +146,7 @@ class _StopMonitor(threading.Thread):
                 plan = ResumePlan.of_stream(self.a.stream_root)
                 enough = self.a.max_records is not None and plan.count() - self.initial >= self.a.max_records
                 if enough or (self.a.until_caught_up and self._caught_up(plan, consumer)):
+                    log.info("settled %d offsets in this run: stopping the source", plan.count() - self.initial)
                     open(self.source.stop_file, "w").close()
                     return
                 if not self.a.until_caught_up:
@@ -165,8 +166,13 @@ def run(argv: list[str] | None = None) -> dict:
     os.makedirs(config.sink.stream_root, exist_ok=True)
     os.makedirs(run_dir, exist_ok=True)
     plan = ResumePlan.of_stream(config.sink.stream_root)
+    if not any(arg.startswith("--runner") for arg in beam_args):
+        # Locally: the DirectRunner would pick Prism (a download) or the batch FnApiRunner, which
+        # runs an unbounded source to its end before any downstream stage; choose explicitly.
+        beam_args.append("--runner=BundleBasedDirectRunner" if streaming else "--runner=FnApiRunner")
+    if streaming and "--streaming" not in beam_args:
+        beam_args.append("--streaming")  # before the pipeline is built: SDF expansion depends on it
     options = PipelineOptions(beam_args)
-    options.view_as(StandardOptions).streaming = streaming
     monitor = None
     with_stop = None
     p = beam.Pipeline(options=options)
@@ -186,10 +192,10 @@ def run(argv: list[str] | None = None) -> dict:
     else:
         records = p | "ReadFiles" >> ReadRecordFiles(a.input, plan)
     _ = records | "Ingest" >> IngestText(config, streaming=streaming)
-    result = p.run()
     if monitor is not None:
         monitor.start()
     try:
+        result = p.run()
         result.wait_until_finish()
     finally:
         if monitor is not None:

@@ -1,4 +1,4 @@
-"""Routes non-text records to ``beam_jobs.media.TokenizeMedia``, or dead-letters them when absent.
+"""Routes non-text records to ``beam_jobs.media.TokenizeMedia`` (when importable).
 
 Contract (docs/TEAM_CONTRACTS.md, "beam_jobs media hook"): input ``(KafkaCoords, RawRecord)``;
 outputs main ``(coords, sample dict with the MDS columns incl. domain)``, ``dlq`` DeadLetter
@@ -8,10 +8,8 @@ outputs main ``(coords, sample dict with the MDS columns incl. domain)``, ``dlq`
 from __future__ import annotations
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 
 from beam_jobs.records import KafkaCoords, Outcome
-from beam_jobs.validate import dead_letter
 
 __all__ = ["RouteMedia", "media_available"]
 
@@ -24,29 +22,18 @@ def media_available() -> bool:
     return True
 
 
-def _not_enabled(element) -> Outcome:
-    coords, record = element
-    Metrics.counter("media", "dlq_modality_not_enabled").inc()
-    dead = dead_letter(coords, record.to_bytes(), "modality_not_enabled", stage="media", record_id=record.id,
-                       detail=f"modality {record.modality!r}: media tokenizers are not enabled in this job")
-    return Outcome(coords, dead=dead)
-
-
 def _coords_of(dead) -> KafkaCoords:
     return KafkaCoords(dead.topic, dead.partition, dead.offset)
 
 
 class RouteMedia(beam.PTransform):
-    """(coords, RawRecord) -> Outcome via TokenizeMedia; ``enabled=False`` dead-letters them all."""
+    """(coords, RawRecord) -> Outcome via TokenizeMedia (when it is absent, Validate dead-letters media)."""
 
-    def __init__(self, *, enabled: bool = True, media_config=None):
+    def __init__(self, media_config=None):
         super().__init__()
-        self.enabled = enabled and media_available()
         self.media_config = media_config
 
     def expand(self, media):
-        if not self.enabled:
-            return media | "NotEnabled" >> beam.Map(_not_enabled)
         from beam_jobs.media import TokenizeMedia
         from beam_jobs.media.process import MediaConfig
 

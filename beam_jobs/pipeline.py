@@ -10,7 +10,7 @@ from beam_jobs.dedup.index import DedupConfig
 from beam_jobs.dedup.seed import StreamSeed
 from beam_jobs.dedup.transform import Dedup
 from beam_jobs.filters import FilterChain, FilterStep
-from beam_jobs.media_hook import RouteMedia
+from beam_jobs.media_hook import RouteMedia, media_available
 from beam_jobs.records import KafkaCoords, Outcome
 from beam_jobs.sink import SinkConfig, WriteShards
 from beam_jobs.tokenize import PIPELINE_VERSION, TOKENIZER_VERSION, DomainMap, TokenizeText
@@ -53,13 +53,16 @@ class IngestText(beam.PTransform):
 
     def expand(self, records):
         c = self.config
+        c.validate.media_enabled = c.media and media_available()
         decoded = records | "Validate" >> ValidateDecode(c.validate)
         docs = decoded.text
         for text_filter in c.filters.build():
             docs = docs | FilterStep(text_filter)
         docs = docs | "Dedup" >> Dedup(c.dedup, seed=StreamSeed(c.sink.stream_root, c.dedup.shard_key))
         text = docs | "Tokenize" >> TokenizeText(c.domains)
-        media = decoded.media | "Media" >> RouteMedia(enabled=c.media)
         dead = decoded.dlq | "DeadLetters" >> beam.Map(_dead_outcome)
-        outcomes = (text, media, dead) | "AllOutcomes" >> beam.Flatten()
+        branches = [text, dead]
+        if c.validate.media_enabled:
+            branches.append(decoded.media | "Media" >> RouteMedia())
+        outcomes = tuple(branches) | "AllOutcomes" >> beam.Flatten()
         return outcomes | "Sink" >> WriteShards(c.sink, c.manifest(), streaming=self.streaming)

@@ -28,6 +28,7 @@ class ValidateConfig:
 
     max_record_bytes: int = 4 * 1024 * 1024
     min_text_chars: int = 1
+    media_enabled: bool = True  # False: media records are dead-lettered as modality_not_enabled
 
 
 class Invalid(Exception):
@@ -136,6 +137,8 @@ class _ValidateFn(beam.DoFn):
             record = decode_record(raw, self.config)
             record_id = record.id
             if record.modality != "text":
+                if not self.config.media_enabled:
+                    raise Invalid("modality_not_enabled", f"modality {record.modality!r}: media tokenizers are not enabled")
                 Metrics.counter("validate", f"out_{record.modality}").inc()
                 yield beam.pvalue.TaggedOutput(MEDIA_TAG, (coords, record))
                 return

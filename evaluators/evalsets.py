@@ -19,7 +19,7 @@ import numpy as np
 
 from streams.mds import TailReader, read_index, read_sidecar
 
-__all__ = ["EvalItem", "EvalSuite", "load_suite", "SuiteError"]
+__all__ = ["EvalItem", "EvalSuite", "SuiteError", "load_suite"]
 
 
 class SuiteError(ValueError):

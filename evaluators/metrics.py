@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from evaluators.evalsets import EvalItem
 
-__all__ = ["score_items", "item_table", "summarize", "text_bytes"]
+__all__ = ["item_table", "score_items", "summarize", "text_bytes"]
 
 LN2 = math.log(2.0)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from streams.events import EvalReport
 
-__all__ = ["Finding", "RegressionConfig", "detect_regressions", "pick_best", "overall_loss"]
+__all__ = ["Finding", "RegressionConfig", "detect_regressions", "overall_loss", "pick_best"]
 
 
 @dataclass(kw_only=True, slots=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from streams.events import Alert, CheckpointSaved, Control, EvalReport, Event, ShardPublished
 
-__all__ = ["RollbackPolicy", "Decision"]
+__all__ = ["Decision", "RollbackPolicy"]
 
 
 @dataclass(slots=True)

@@ -22,7 +22,7 @@ from infra import report_plots as plots
 from infra.run_dir import RunDir, flatten, ordered_stages
 from streams.events import Alert, EvalReport
 
-__all__ = ["RunData", "Section", "build_sections", "render_html", "write_report", "main"]
+__all__ = ["RunData", "Section", "build_sections", "main", "render_html", "write_report"]
 
 
 @dataclass(slots=True)
@@ -31,6 +31,7 @@ class RunData:
 
     root: Path
     steps: list[dict]
+    events: list[dict]
     snapshots: list[dict]
     evals: list[EvalReport]
     alerts: list[Alert]
@@ -40,8 +41,8 @@ class RunData:
     bad_lines: dict[str, int]
 
     @classmethod
-    def load(cls, run: RunDir) -> "RunData":
-        data = cls(root=run.root, steps=run.trainer_steps(), snapshots=run.ingest_snapshots(),
+    def load(cls, run: RunDir) -> RunData:
+        data = cls(root=run.root, steps=run.trainer_steps(), events=run.trainer_events(), snapshots=run.ingest_snapshots(),
                    evals=run.evals(), alerts=run.alerts(), lineage=run.lineage(), shards=0, samples=0,
                    bad_lines={})
         data.shards, data.samples = run.shard_counts()
@@ -56,7 +57,7 @@ class RunData:
     def t0(self) -> float:
         """Earliest timestamp seen anywhere in the run (the timeline's zero)."""
         times = [s["time"] for s in self.snapshots if _num(s.get("time"))]
-        times += [s["time"] for s in self.steps if _num(s.get("time"))]
+        times += [s["wall_time"] for s in self.steps if _num(s.get("wall_time"))]
         times += [e.created_at for e in self.evals] + [a.created_at for a in self.alerts]
         times += [x["at"] for x in self.lineage]
         return min(times, default=0.0)
@@ -181,8 +182,10 @@ def _weights(d: RunData) -> Section:
 
 
 def _rollback_steps(d: RunData) -> list[int]:
-    return [int(x["args"]["step"]) for x in d.lineage
-            if x["action"] == "rollback" and isinstance(x.get("args"), dict) and _num(x["args"].get("step"))]
+    """Steps the trainer went back to: applied rollbacks, else the ones the sentinel ordered."""
+    applied = [int(e["to_step"]) for e in d.events if e["event"] == "rollback" and _num(e.get("to_step"))]
+    return applied or [int(x["args"]["step"]) for x in d.lineage if x["action"] == "rollback"
+                       and isinstance(x.get("args"), dict) and _num(x["args"].get("step"))]
 
 
 def _loss(d: RunData) -> Section:
@@ -227,11 +230,13 @@ def _freshness(d: RunData) -> Section:
 
 
 def _timeline(d: RunData) -> Section:
-    if not (d.alerts or d.lineage):
+    if not (d.alerts or d.lineage or d.events):
         return Section("timeline", "Alerts and rollbacks", _no_data("no alerts and no control actions"), False)
     t0 = d.t0
-    timed = [(float(s["time"]), float(s["loss"])) for s in d.steps if _num(s.get("time"))]
+    timed = [(float(s["wall_time"]), float(s["loss"])) for s in d.steps if _num(s.get("wall_time"))]
     actions = [x for x in d.lineage if x["action"] != "skipped"]
+    actions += [{"at": float(e["wall_time"]), "action": f"trainer {e['event']}"} for e in d.events
+                if _num(e.get("wall_time"))]
     body = _img(plots.timeline_png(t0, timed, d.alerts, actions, d.evals), "timeline")
     body += "<h3>Alerts</h3>" + (_table(
         ["t (s)", "severity", "rule", "source", "message"],
@@ -255,7 +260,7 @@ def build_sections(data: RunData) -> list[Section]:
 def _summary(d: RunData) -> str:
     last = _current(d.steps)[-1] if d.steps else {}
     items = [
-        ("trainer steps", last.get("step", 0)), ("tokens", last.get("tokens", 0)),
+        ("trainer steps", last.get("step", 0)), ("tokens trained", last.get("tokens_seen", 0)),
         ("shards published", d.shards), ("samples published", d.samples),
         ("eval reports", len(d.evals)), ("alerts", len(d.alerts)),
         ("rollbacks", sum(1 for x in d.lineage if x["action"] == "rollback")),

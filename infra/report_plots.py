@@ -12,20 +12,20 @@ import io
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from streams.events import Alert, EvalReport  # noqa: E402
+from streams.events import Alert, EvalReport
 
 __all__ = [
-    "funnel_png",
-    "rates_png",
-    "shares_png",
     "codebook_png",
-    "weights_png",
-    "loss_png",
     "evals_png",
     "freshness_png",
+    "funnel_png",
+    "loss_png",
+    "rates_png",
+    "shares_png",
     "timeline_png",
+    "weights_png",
 ]
 
 _SEVERITY_COLOR = {"info": "tab:blue", "warning": "tab:orange", "critical": "tab:red"}
@@ -166,11 +166,11 @@ def timeline_png(t0: float, loss_points: list[tuple[float, float]], alerts: list
                    label=f"alert ({a.severity})", zorder=3)
         ax.annotate(a.rule, (a.created_at - t0, top), fontsize=7, rotation=30, xytext=(3, 4),
                     textcoords="offset points")
-    for act in actions:
+    for i, act in enumerate(sorted(actions, key=lambda a: a["at"])):
         x = act["at"] - t0
-        ax.axvline(x, color="tab:red" if act["action"] == "rollback" else "tab:orange", linestyle="--",
+        ax.axvline(x, color="tab:red" if "rollback" in act["action"] else "tab:orange", linestyle="--",
                    linewidth=1.2, label=act["action"])
-        ax.annotate(act["action"], (x, top * 0.5), fontsize=7, rotation=90, xytext=(3, 0),
+        ax.annotate(act["action"], (x, top * 0.5), fontsize=7, rotation=90, xytext=(3 + 9 * (i % 2), 0),
                     textcoords="offset points")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))

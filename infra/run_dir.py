@@ -5,15 +5,21 @@ RUN` and `headwater status --run-dir RUN` read it)::
 
     RUN/
       broker.port, broker.pid   embedded broker (streams.broker.EmbeddedBroker(run_dir=RUN))
-      metrics.jsonl             trainer, one object per step: step, loss, domain_loss{d: x},
-                                weights{d: w}, tokens (cumulative), tokens_per_s, data_stall
-                                (s waited for data), freshness_s (mean sample age at use),
-                                optional time (unix s), grad_norm, skipped
+      metrics.jsonl             trainer (trainer/train.py), one object per step: step, loss
+                                (null if non-finite), domain_loss{d: x}, weights{d: w},
+                                tokens (this batch), tokens_seen, tokens_per_s, data_stall
+                                (fraction of the step spent waiting for data), freshness_s
+                                (mean sample age at use), wall_time, grad_norm, skipped; and
+                                event rows: {"event": "rollback", from_step, to_step, reason,
+                                wall_time}
       ingest/metrics.jsonl      ingest, one snapshot of CUMULATIVE counters per line:
                                 time, stages{stage: {in, out, drop{reason: n}}} in pipeline
                                 order, dup_rate, pii_rate, languages{lang: n},
                                 modalities{m: n}, codebook_usage{"audio/0": fraction},
-                                shards_published (ingest/metrics.json: one snapshot, also read)
+                                shards_published. Also read: ingest/metrics.json, the one
+                                summary `headwater ingest --run-dir RUN/ingest` writes
+                                (beam_jobs.data_metrics: drop_<reason> counters,
+                                language_share), timed by the file's mtime
       evals.jsonl               EvalReport events (streams.events JSON), one per line
       alerts.jsonl              Alert events, one per line
       lineage.jsonl             control decisions (evaluators.lineage.LineageLog): at, action
@@ -36,7 +42,7 @@ from typing import Any
 
 from streams.events import Alert, EvalReport, EventError
 
-__all__ = ["RunDir", "read_jsonl", "flatten", "ordered_stages"]
+__all__ = ["RunDir", "flatten", "normalize_snapshot", "ordered_stages", "read_jsonl"]
 
 
 def read_jsonl(path: Path) -> tuple[list[dict], int]:
@@ -76,6 +82,25 @@ def ordered_stages(stages: dict) -> dict[str, dict]:
     """Stage counters in funnel order (most records in first), whatever order the file had."""
     valid = [(k, v) for k, v in stages.items() if isinstance(v, dict)]
     return dict(sorted(valid, key=lambda kv: -_number(kv[1].get("in"))))
+
+
+def normalize_snapshot(row: dict) -> dict:
+    """One ingest snapshot in the layout above, also from ``beam_jobs.data_metrics.summarize``
+    output (stage counters ``in``/``out``/``drop_<reason>``, ``language_share``)."""
+    out = dict(row)
+    stages = {}
+    for name, counters in (row.get("stages") or {}).items():
+        if not isinstance(counters, dict) or "in" not in counters:
+            continue  # counter groups that are not funnel stages (e.g. per-language counts)
+        drop = dict(counters.get("drop") or {})
+        drop.update({k[len("drop_"):]: v for k, v in counters.items() if k.startswith("drop_")})
+        drop = {k: v for k, v in drop.items() if _number(v)}
+        stages[name] = {"in": counters["in"], "out": counters.get("out", _number(counters["in"]) - sum(drop.values())),
+                        "drop": drop}
+    out["stages"] = stages
+    if "languages" not in row and isinstance(row.get("language_share"), dict):
+        out["languages"] = row["language_share"]
+    return out
 
 
 def _number(v: Any) -> float:
@@ -131,18 +156,23 @@ class RunDir:
         return [row for row in self._rows(self.trainer_metrics_path)
                 if isinstance(row.get("step"), int) and isinstance(row.get("loss"), (int, float))]
 
+    def trainer_events(self) -> list[dict]:
+        """Trainer event rows (``{"event": "rollback", "from_step", "to_step", ...}``), in file order."""
+        return [row for row in self._rows(self.trainer_metrics_path) if isinstance(row.get("event"), str)]
+
     def ingest_snapshots(self) -> list[dict]:
-        """Ingest counter snapshots, oldest first (``metrics.jsonl``, else ``metrics.json``)."""
+        """Normalized ingest snapshots, oldest first (``metrics.jsonl``, else ``metrics.json``)."""
         rows = self._rows(self.ingest_dir / "metrics.jsonl")
         single = self.ingest_dir / "metrics.json"
         if not rows and single.is_file():
             try:
                 obj = json.loads(single.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
+            except (OSError, json.JSONDecodeError):
                 self.bad_lines["ingest/metrics.json"] = 1
                 obj = None
-            rows = [obj] if isinstance(obj, dict) else []
-        return sorted(rows, key=lambda r: r.get("time", 0) if isinstance(r.get("time"), (int, float)) else 0)
+            if isinstance(obj, dict):
+                rows = [{"time": single.stat().st_mtime, **obj}]
+        return sorted((normalize_snapshot(r) for r in rows), key=lambda r: _number(r.get("time")))
 
     def evals(self) -> list[EvalReport]:
         """EvalReport events; lines that do not decode count as bad."""

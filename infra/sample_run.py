@@ -59,9 +59,12 @@ def _trainer(t0: float, rng: random.Random, steps: int, rollback_at: int, back_t
         bad = 1.5 if rollback_at - 15 <= i < rollback_at else 0.0  # the bad-data episode
         dl = {d: 8.0 * math.exp(-step / (40 + 10 * k)) + 2 + 0.05 * rng.random() + (bad if d == "text" else 0)
               for k, d in enumerate(DOMAINS)}
-        rows.append({"step": step, "time": t0 + 5 + 1.5 * i, "loss": sum(dl[d] * weights[d] for d in DOMAINS),
-                     "domain_loss": dl, "weights": weights, "tokens": 2048 * (i + 1),
-                     "tokens_per_s": 1300 + 100 * rng.random(), "data_stall": 0.02 * rng.random(),
+        if i == rollback_at:
+            rows.append({"step": rollback_at, "event": "rollback", "from_step": rollback_at, "to_step": back_to,
+                         "reason": "eval_regression", "wall_time": t0 + 5 + 1.5 * i})
+        rows.append({"step": step, "wall_time": t0 + 5 + 1.5 * i, "loss": sum(dl[d] * weights[d] for d in DOMAINS),
+                     "domain_loss": dl, "weights": weights, "tokens": 2048, "tokens_seen": 2048 * (i + 1),
+                     "tokens_per_s": 1300 + 100 * rng.random(), "data_stall": 0.05 * rng.random(),
                      "freshness_s": 4 + rng.expovariate(0.3)})
     return rows
 
@@ -76,7 +79,7 @@ def write_sample_run(root: str | Path, *, steps: int = 120, seed: int = 0) -> Pa
                         vocab_version="v1", metrics={"text/ppl": 40 - s / 5 + (30 if s == rollback_at else 0),
                                                      "audio/ppl": 60 - s / 4},
                         passed=s != rollback_at, created_at=t0 + 5 + 1.5 * s)
-             for s in range(10, rollback_at + 1, 10)]
+             for s in [*range(10, rollback_at, 10), rollback_at]]
     _write_jsonl(root / "evals.jsonl", [e.to_dict() for e in evals])
     t_alert = t0 + 5 + 1.5 * rollback_at
     alerts = [Alert(rule="dup_rate_spike", severity="critical", message="near-dup rate 0.5 vs median 0.06",

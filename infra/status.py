@@ -27,7 +27,7 @@ from streams.events import Alert, EvalReport
 from streams.kafka import KafkaSettings, make_admin
 from streams.topics import TOPICS
 
-__all__ = ["KafkaView", "RunView", "read_kafka", "read_run", "render", "main"]
+__all__ = ["KafkaView", "RunView", "main", "read_kafka", "read_run", "render"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -159,8 +159,8 @@ def _trainer_panel(r: RunView) -> Panel:
     if not m:
         return Panel("no data (metrics.jsonl)", title="Trainer")
     t = Table(box=None, show_header=False)
-    for label, key, fmt in (("step", "step", "{}"), ("loss", "loss", "{:.4f}"), ("tokens", "tokens", "{}"),
-                            ("tokens/s", "tokens_per_s", "{:.0f}"), ("data stall (s)", "data_stall", "{:.3f}"),
+    for label, key, fmt in (("step", "step", "{}"), ("loss", "loss", "{:.4f}"), ("tokens", "tokens_seen", "{}"),
+                            ("tokens/s", "tokens_per_s", "{:.0f}"), ("data stall", "data_stall", "{:.1%}"),
                             ("freshness (s)", "freshness_s", "{:.1f}")):
         v = m.get(key)
         t.add_row(label, fmt.format(v) if isinstance(v, (int, float)) else "-")

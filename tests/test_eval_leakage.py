@@ -13,8 +13,7 @@ from evaluators.leakage import LeakageDetector
 from streams.mds import LiveStreamWriter
 from streams.vocab import Vocab
 
-WORDS = ("river stone market signal harbor lantern copper meadow orbit canvas thunder pilot garden "
-         "engine violet ladder summit quartz velvet candle mirror saddle").split()
+WORDS = ["river", "stone", "market", "signal", "harbor", "lantern", "copper", "meadow", "orbit", "canvas", "thunder", "pilot", "garden", "engine", "violet", "ladder", "summit", "quartz", "velvet", "candle", "mirror", "saddle"]
 
 
 def sentence(rng: random.Random, n: int = 40) -> str:

@@ -16,8 +16,16 @@ import numpy as np
 import pytest
 
 from streams.events import OffsetRange, ShardPublished, TokenizedSample
-from streams.mds import (COLUMNS, LiveStreamWriter, OverlapError, TailReader, read_index, read_sidecar,
-                         sample_from_event, settled_ranges)
+from streams.mds import (
+    COLUMNS,
+    LiveStreamWriter,
+    OverlapError,
+    TailReader,
+    read_index,
+    read_sidecar,
+    sample_from_event,
+    settled_ranges,
+)
 from streams.vocab import Vocab
 
 HELPER = pathlib.Path(__file__).parent / "helpers" / "mds_workload.py"
@@ -124,9 +132,9 @@ def test_bad_names_and_vocab_mismatch_raise(tmp_path):
     with pytest.raises(ValueError, match="vocab_version is required"):
         LiveStreamWriter(tmp_path, writer_id="w0", manifest={"pipeline_version": "x"})
     fill(tmp_path, shards=1)
-    with LiveStreamWriter(tmp_path, writer_id="w9", manifest={"vocab_version": "v1-other"}) as w:
-        with pytest.raises(ValueError, match="holds vocab"):
-            w.write_shard(workload.make_samples("w9", 0, 1), domain="web")
+    with (LiveStreamWriter(tmp_path, writer_id="w9", manifest={"vocab_version": "v1-other"}) as w,
+          pytest.raises(ValueError, match="holds vocab")):
+        w.write_shard(workload.make_samples("w9", 0, 1), domain="web")
 
 
 @pytest.mark.parametrize("cut", [0, 1, 4, 5, 7, 14, 15])
@@ -219,7 +227,7 @@ def test_stock_streaming_dataset_reads_snapshots_while_two_processes_append(tmp_
     py, env = sys.executable, {**os.environ, "PYTHONWARNINGS": "ignore"}
     reader = subprocess.Popen([py, str(HELPER), "snapshots", str(root), "--until", str(done), "--ready", str(ready)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    writers = [subprocess.Popen([py, str(HELPER), "append", str(root), f"p{i}", "40", "10", "--sleep", "0.02",
+    writers = [subprocess.Popen([py, str(HELPER), "append", str(root), f"p{i}", "30", "5", "--sleep", "0.01",
                                  "--wait-for", str(go)], stderr=subprocess.PIPE, text=True, env=env)
                for i in range(2)]
     deadline = time.monotonic() + 120
@@ -233,7 +241,7 @@ def test_stock_streaming_dataset_reads_snapshots_while_two_processes_append(tmp_
     assert reader.returncode == 0, err[-3000:]
     snaps = [json.loads(line) for line in out.splitlines()]
     counts = [s["samples"] for s in snaps]
-    assert counts == sorted(counts) and counts[-1] == 2 * 40 * 10
-    assert len({c for c in counts if 0 < c < 800}) >= 3, f"too few snapshots during appends: {counts}"
-    assert len(read_index(root)["shards"]) == 80 and len(read_sidecar(root)["shards"]) == 80
-    assert settled_ranges(root) == [rng(0, 400, topic="raw.p0"), rng(0, 400, topic="raw.p1")]
+    assert counts == sorted(counts) and counts[-1] == 2 * 30 * 5
+    assert len({c for c in counts if 0 < c < 300}) >= 3, f"too few snapshots during appends: {counts}"
+    assert len(read_index(root)["shards"]) == 60 and len(read_sidecar(root)["shards"]) == 60
+    assert settled_ranges(root) == [rng(0, 300, topic="raw.p0"), rng(0, 300, topic="raw.p1")]

@@ -88,8 +88,10 @@ class HeadwaterTrainer(Trainer):
         if opts.vocab_size > 0 and opts.vocab_size != config.model_spec.model.vocab_size:
             from trainer.models import model_registry
 
-            attn = type(config.model_spec.model.first_attention.inner_attention).__name__
-            backend = "cpu" if attn == "DenseMaskAttention" else "flex"
+            from trainer.models.dense_attention import DenseMaskAttention
+
+            inner = config.model_spec.model.first_attention.inner_attention
+            backend = "cpu" if isinstance(inner, DenseMaskAttention.Config) else "flex"
             config.model_spec = model_registry(config.model_spec.flavor, vocab_size=opts.vocab_size, attn_backend=backend)
             config.loss.global_vocab_size = opts.vocab_size
         self.run_id = opts.run_id or f"run-{uuid.uuid4().hex[:8]}"
@@ -196,7 +198,6 @@ class HeadwaterTrainer(Trainer):
                 self.events.alert("trainer.loss_guard", f"step {self.step} skipped: {reason}", evidence={
                     "step": self.step, "loss": loss if math.isfinite(loss) else str(loss), "shards": shards,
                     "run_id": self.run_id})
-        self.ntokens_seen += int(labels.numel())
         step_s = time.perf_counter() - t0
         wait_s = max(g["wait_s"] for g in gathered)
         now = time.time()

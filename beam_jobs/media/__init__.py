@@ -6,19 +6,26 @@ are testable and benchmarkable without Beam; ``TokenizeMedia`` and ``MediaHealth
 
 from .errors import MediaRejected
 from .health import CodebookHealth, HealthThresholds
-from .process import MediaConfig, MediaProcessor, Result, process_audio, process_image, process_video
+from .process import (
+    MediaConfig,
+    MediaProcessor,
+    Result,
+    process_audio,
+    process_image,
+    process_video,
+)
 from .transform import MediaHealth, TokenizeMedia
 
 __all__ = [
-    "MediaRejected",
     "CodebookHealth",
     "HealthThresholds",
     "MediaConfig",
+    "MediaHealth",
     "MediaProcessor",
+    "MediaRejected",
     "Result",
+    "TokenizeMedia",
     "process_audio",
     "process_image",
     "process_video",
-    "TokenizeMedia",
-    "MediaHealth",
 ]

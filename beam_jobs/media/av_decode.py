@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import MediaRejected
 
-__all__ = ["open_container", "decode_audio", "av_errors"]
+__all__ = ["av_errors", "decode_audio", "open_container"]
 
 
 @contextmanager

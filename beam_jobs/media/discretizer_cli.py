@@ -27,7 +27,7 @@ from .health import level_stats
 from .image_decode import ImageQA, decode_image
 from .image_rvq import RVQImageTokenizer, psnr
 
-__all__ = ["main", "load_images", "evaluate"]
+__all__ = ["evaluate", "load_images", "main"]
 
 
 def _payloads(path: Path) -> Iterator[tuple[str, bytes]]:
@@ -95,7 +95,7 @@ def _train(args: argparse.Namespace) -> int:
     tok = RVQImageTokenizer(cfg).train(images)
     train_s = time.perf_counter() - t0
     report = evaluate(tok, images)
-    out = tok.save(args.out, trained_on=[str(p) for p in args.input], train_images=int(len(images)),
+    out = tok.save(args.out, trained_on=[str(p) for p in args.input], train_images=len(images),
                    train_seconds=round(train_s, 2), report=report)
     print(json.dumps({"artifact": str(out), "name": tok.name, "train_images": len(images),
                       "train_seconds": round(train_s, 2), **report}, indent=1))

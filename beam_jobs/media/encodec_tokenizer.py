@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["EncodecTokenizer", "BANDWIDTH_LEVELS", "SAMPLE_RATE", "FRAME_RATE", "HOP"]
+__all__ = ["BANDWIDTH_LEVELS", "FRAME_RATE", "HOP", "SAMPLE_RATE", "EncodecTokenizer"]
 
 SAMPLE_RATE = 24_000
 HOP = 320
@@ -32,14 +32,14 @@ class EncodecTokenizer:
         checkpoint: str | None = None  # local state_dict path; None -> random init (tests, benches)
         seed: int = 0  # random-init seed, part of the version string
         chunk_seconds: float = 10.0
-        batch_size: int = 8
+        batch_size: int = 0  # chunks per forward pass; 0 -> 1 on CPU (batching is slower there), 16 on GPU
         device: str = "auto"  # "auto" -> cuda when available
         threads: int | None = None  # torch intra-op threads (None: leave as is)
 
-        def build(self) -> "EncodecTokenizer":
+        def build(self) -> EncodecTokenizer:
             return EncodecTokenizer(self)
 
-    def __init__(self, config: "EncodecTokenizer.Config"):
+    def __init__(self, config: EncodecTokenizer.Config):
         from encodec import EncodecModel
 
         if config.bandwidth not in BANDWIDTH_LEVELS:
@@ -67,6 +67,7 @@ class EncodecTokenizer:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.batch_size = config.batch_size or (16 if self.device.type == "cuda" else 1)
         self.version = f"encodec_24khz-{config.bandwidth:g}kbps-{weights}"
 
     def frames_for(self, n_samples: int) -> int:
@@ -81,7 +82,7 @@ class EncodecTokenizer:
             for start in range(0, max(wav.size, 1), self.chunk):
                 pieces.append((i, wav[start : start + self.chunk]))
         out: list[list[np.ndarray]] = [[] for _ in wavs]
-        bs = self.config.batch_size
+        bs = self.batch_size
         for b in range(0, len(pieces), bs):
             batch = pieces[b : b + bs]
             width = max(p.size for _, p in batch)

@@ -68,7 +68,7 @@ class CodebookHealth:
     def add_recon(self, modality: str, value_db: float) -> None:
         self.recon_errors.setdefault(modality, []).append(float(value_db))
 
-    def merge(self, other: "CodebookHealth") -> "CodebookHealth":
+    def merge(self, other: CodebookHealth) -> CodebookHealth:
         for key, hist in other.counts.items():
             self.counts[key] = self.counts[key] + hist if key in self.counts else hist.copy()
         self.tokens += other.tokens

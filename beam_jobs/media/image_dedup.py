@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 from PIL import Image
 
-__all__ = ["phash", "ImageDeduper"]
+__all__ = ["ImageDeduper", "phash"]
 
 _N = 32
 _K = np.arange(_N)
@@ -34,10 +34,10 @@ class ImageDeduper:
         exact: bool = True
         near: bool = True
 
-        def build(self) -> "ImageDeduper":
+        def build(self) -> ImageDeduper:
             return ImageDeduper(self)
 
-    def __init__(self, config: "ImageDeduper.Config"):
+    def __init__(self, config: ImageDeduper.Config):
         self.config = config
         self.exact: set[bytes] = set()
         self.index = faiss.IndexBinaryFlat(64)

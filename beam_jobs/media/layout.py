@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["image_tokens", "audio_tokens", "video_tokens", "default_vocab"]
+__all__ = ["audio_tokens", "default_vocab", "image_tokens", "video_tokens"]
 
 
 def default_vocab() -> Any:

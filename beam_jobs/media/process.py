@@ -45,9 +45,9 @@ class MediaConfig:
     video: VideoDecoder.Config = field(default_factory=VideoDecoder.Config)
     video_dedup_keyframes: bool = False
     pipeline_version: str = "media-1"
-    recon_every: int = 16  # measure reconstruction error on every n-th item (health)
+    recon_every: int = 64  # measure reconstruction error on every n-th item (health)
 
-    def build(self) -> "MediaProcessor":
+    def build(self) -> MediaProcessor:
         return MediaProcessor(self)
 
 
@@ -220,7 +220,7 @@ class MediaProcessor:
         ends = starts[1:] + [clip.duration_s]
         segments = []
         for c, a, b in zip(frame_codes, starts, ends):
-            seg_audio = audio_codes[:, int(round(a * FRAME_RATE)) : int(round(b * FRAME_RATE))] if audio_codes is not None else None
+            seg_audio = audio_codes[:, round(a * FRAME_RATE) : round(b * FRAME_RATE)] if audio_codes is not None else None
             segments.append((c, seg_audio))
         tokens = video_tokens(self.vocab, segments, record.meta.get("caption"))
         busy = time.perf_counter() - t0

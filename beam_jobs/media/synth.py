@@ -15,7 +15,7 @@ import av
 import numpy as np
 from PIL import Image
 
-__all__ = ["procedural_image", "encode_image", "speechlike", "encode_audio", "espeak_wav", "encode_video", "train_codebooks"]
+__all__ = ["encode_audio", "encode_image", "encode_video", "espeak_wav", "procedural_image", "speechlike", "train_codebooks"]
 
 
 def procedural_image(seed: int, size: tuple[int, int] = (96, 96)) -> np.ndarray:
@@ -95,7 +95,7 @@ def encode_video(shots: list[tuple[float, int]], *, fps: int = 12, size: tuple[i
         as_ = out.add_stream("aac", rate=audio_rate, layout="mono") if audio is not None else None
         for seconds, seed in shots:
             scene = procedural_image(seed, (h + 16, w + 16))
-            for i in range(int(round(seconds * fps))):
+            for i in range(round(seconds * fps)):
                 dx = i % 16
                 img = np.ascontiguousarray(scene[8 : 8 + h, dx : dx + w])
                 for pkt in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
@@ -114,7 +114,7 @@ def encode_video(shots: list[tuple[float, int]], *, fps: int = 12, size: tuple[i
     return buf.getvalue()
 
 
-def train_codebooks(root, *, n_images: int = 120, levels: int = 4, nbits: int = 6, side: int = 64, grid: int = 16,
+def train_codebooks(root, *, n_images: int = 60, levels: int = 4, nbits: int = 6, side: int = 64, grid: int = 16,
                     seed: int = 0) -> str:
     """Train small image RVQ codebooks on procedural images and save the artifact; returns its path."""
     from .image_rvq import RVQImageTokenizer

@@ -19,13 +19,13 @@ from collections import defaultdict
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from streams.events import DeadLetter, RawRecord
+from streams.events import DeadLetter
 
 from .errors import MediaRejected
 from .health import CodebookHealth, HealthThresholds
 from .process import MediaConfig, MediaProcessor, Result
 
-__all__ = ["TokenizeMedia", "MediaHealth", "DLQ_TAG", "DROPPED_TAG", "HEALTH_TAG"]
+__all__ = ["DLQ_TAG", "DROPPED_TAG", "HEALTH_TAG", "MediaHealth", "TokenizeMedia"]
 
 DLQ_TAG, DROPPED_TAG, HEALTH_TAG = "dlq", "dropped", "health"
 MEDIA_MODALITIES = ("audio", "image", "video")

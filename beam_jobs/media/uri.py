@@ -8,7 +8,7 @@ Reads go through ``apache_beam.io.filesystems.FileSystems`` (local, gs://, s3://
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from streams.events import EventError, RawRecord

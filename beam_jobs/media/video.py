@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,7 +11,7 @@ from .av_decode import av_errors, decode_audio, open_container
 from .errors import MediaRejected
 from .image_rvq import square_resize
 
-__all__ = ["VideoDecoder", "VideoClip", "shot_cuts", "frame_histogram"]
+__all__ = ["VideoClip", "VideoDecoder", "frame_histogram", "shot_cuts"]
 
 
 def frame_histogram(rgb: np.ndarray, bins: int = 8) -> np.ndarray:
@@ -55,10 +56,10 @@ class VideoDecoder:
         max_pixels: int = 8_294_400  # 4K UHD per frame
         audio_rate: int = 24_000
 
-        def build(self) -> "VideoDecoder":
+        def build(self) -> VideoDecoder:
             return VideoDecoder(self)
 
-    def __init__(self, config: "VideoDecoder.Config"):
+    def __init__(self, config: VideoDecoder.Config):
         self.config = config
 
     def decode(self, data: bytes) -> VideoClip:
@@ -72,7 +73,7 @@ class VideoDecoder:
                 raise MediaRejected("too_many_pixels", f"{w}x{h} frames exceed {c.max_pixels} pixels")
             if container.duration and container.duration / 1e6 > c.max_seconds:
                 raise MediaRejected("too_long", f"{container.duration / 1e6:.0f} s exceeds {c.max_seconds:.0f} s")
-            times, frames, decoded, dropped = self._sample(container, stream)
+            times, frames, dropped = self._sample(container, stream)
         if not frames:
             raise MediaRejected("corrupt", "no decodable video frames")
         with open_container(data) as container:
@@ -80,7 +81,7 @@ class VideoDecoder:
         times_a = np.asarray(times)
         cuts = shot_cuts(frames, c.cut_threshold)
         bounds = [0, *cuts, len(frames)]
-        shots = list(zip(bounds[:-1], bounds[1:]))
+        shots = list(itertools.pairwise(bounds))
         keyframes: list[int] = []
         for a, b in shots:  # first frame of each shot, then one per keyframe_every_s inside it
             last = None
@@ -92,8 +93,8 @@ class VideoDecoder:
         return VideoClip(duration, times_a, np.stack(frames), cuts, keyframes[: c.max_keyframes], audio,
                          dropped_frames=dropped, shots=shots)
 
-    def _sample(self, container, stream) -> tuple[list[float], list[np.ndarray], int, int]:
-        """Decode and keep one frame per 1/fps seconds; returns (times, frames, decoded, dropped)."""
+    def _sample(self, container, stream) -> tuple[list[float], list[np.ndarray], int]:
+        """Decode and keep one frame per 1/fps seconds; returns (times, frames, dropped)."""
         c = self.config
         step = 1.0 / c.fps
         times: list[float] = []
@@ -120,4 +121,4 @@ class VideoDecoder:
                 times.append(t)
                 while next_t <= t + 1e-6:
                     next_t += step
-        return times, frames, decoded, dropped
+        return times, frames, dropped

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from streams.events import Alert
 
-__all__ = ["CommandHook", "CommandError"]
+__all__ = ["CommandError", "CommandHook"]
 
 PLACEHOLDERS = ("rule", "severity", "alert_id", "dedup_key", "source")
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")

@@ -31,7 +31,7 @@ from evaluators.alerts.command import CommandHook
 from evaluators.alerts.webhook import WebhookHook, load_secret
 from streams.events import Alert
 
-__all__ = ["Dispatcher", "build_hooks", "HookError"]
+__all__ = ["Dispatcher", "HookError", "build_hooks"]
 
 log = logging.getLogger(__name__)
 Hook = Callable[[Alert], dict]
@@ -89,7 +89,7 @@ class Dispatcher:
                 continue
             try:
                 results[name] = {"ok": True, **hook(alert)}
-            except Exception as e:  # a broken hook must not silence the others
+            except Exception as e:  # noqa: BLE001 - a broken hook must not silence the others
                 log.error("hook %s failed for alert %s: %s", name, alert.alert_id, e)
                 results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
         return results

@@ -34,7 +34,7 @@ from typing import Any
 
 from streams.events import Alert, EvalReport, MetricsEvent
 
-__all__ = ["Rule", "RuleError", "AlertEngine", "load_rules", "parse_rules", "ACTIONS"]
+__all__ = ["ACTIONS", "AlertEngine", "Rule", "RuleError", "load_rules", "parse_rules"]
 
 KINDS = ("threshold", "spike", "absent")
 SOURCES = ("metrics", "evals")

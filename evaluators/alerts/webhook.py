@@ -22,7 +22,7 @@ from pathlib import Path
 
 from streams.events import Alert
 
-__all__ = ["WebhookHook", "WebhookError", "sign", "verify_signature", "load_secret"]
+__all__ = ["WebhookError", "WebhookHook", "load_secret", "sign", "verify_signature"]
 
 log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-Headwater-Signature"

@@ -22,7 +22,7 @@ from apache_beam.options.pipeline_options import (
 )
 from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator
 
-__all__ = ["validate_runner_options", "main"]
+__all__ = ["main", "validate_runner_options"]
 
 _PORTABLE_RUNNERS = ("FlinkRunner", "PortableRunner")
 # Flink (Java) pipeline options that the Python SDK forwards to the job server untouched.
@@ -55,8 +55,6 @@ def _portable(options: PipelineOptions, v: PipelineOptionsValidator, runner: str
     env = (portable.environment_type or "DOCKER").upper()
     if env == "LOOPBACK":
         errors.append("environment_type LOOPBACK runs workers in the submitting process: not for a cluster.")
-    if env == "EXTERNAL" and not portable.environment_config:
-        errors.append("environment_type EXTERNAL needs --environment_config=HOST:PORT of the SDK worker pool.")
     if runner == "PortableRunner" and not portable.job_endpoint:
         errors.append("Missing required option: job_endpoint (the Beam Flink job server, HOST:8099).")
     if runner == "FlinkRunner" and options.view_as(FlinkRunnerOptions).flink_master in ("[auto]", "[local]"):
@@ -72,8 +70,9 @@ def validate_runner_options(argv: list[str], *, job_flags: tuple[str, ...] = ())
     """
     options = PipelineOptions(argv)
     parsed = options.get_all_options(drop_default=True)
+    own = {f.lstrip("-").replace("-", "_") for f in job_flags}
     unknown = [a for a in options.get_all_options(retain_unknown_options=True, drop_default=True)
-               if a not in parsed and f"--{a}" not in job_flags]
+               if a not in parsed and a not in own]
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
     errors: list[str] = []
     if not options.view_as(StandardOptions).streaming:

@@ -113,7 +113,7 @@ class Mixer:
             trained_samples=s["trained"], available_samples=s["available"], present=present, step=self.step,
         )
         proposal = np.asarray(self.policy.propose(stats, self.weights), dtype=np.float64)
-        proposal = self._floor(proposal / proposal.sum())
+        proposal = proposal / proposal.sum()
         self.weights = self._floor(c.smoothing * self.weights + (1 - c.smoothing) * proposal)
         return self.weights
 

@@ -1,0 +1,134 @@
+"""Evaluator latencies on CPU, each with a baseline measured in the same run.
+
+1. checkpoint -> EvalReport: CheckpointSaved published -> EvalReport on `evals` for the
+   trainer's debug model on a 27-item suite; baseline = loading + scoring alone (no Kafka).
+2. alert -> rollback: regression Alert published -> `rollback` Control on `control` through the
+   sentinel; baseline = a bare Kafka publish -> consume round trip.
+
+    .venv/bin/python bench/bench_eval_latency.py [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import torch
+from test_eval_service import save_checkpoint, write_suite
+
+from evaluators.checkpoint import load_checkpoint
+from evaluators.evaluator import Evaluator
+from evaluators.metrics import score_items
+from evaluators.regression import RegressionConfig
+from evaluators.sentinel import Sentinel
+from streams.broker import EmbeddedBroker
+from streams.events import Alert, Control, EvalReport, EventError, decode_event
+from streams.kafka import KafkaSettings, make_consumer, make_producer, publish
+from streams.vocab import Vocab
+
+
+def wait_for(consumer, match, timeout_s=120.0) -> float:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for batch in consumer.poll(timeout_ms=50).values():
+            for r in batch:
+                try:
+                    if match(decode_event(r.value)):
+                        return time.monotonic()
+                except EventError:
+                    pass
+    raise TimeoutError("event not seen")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    from trainer.models import build_model
+
+    vocab = Vocab.default()
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(run_dir=Path(tmp) / "broker", port=0) as broker:
+        tmp = Path(tmp)
+        settings = KafkaSettings(bootstrap=broker.bootstrap)
+        write_suite(tmp / "evals", vocab)
+        model = build_model("debug_cpu")
+        ckpts = [save_checkpoint(tmp / "run", 10 * (i + 1), model, vocab, "bench") for i in range(args.repeats)]
+        evaluator = Evaluator(Evaluator.Config(bootstrap=broker.bootstrap, eval_root=str(tmp / "evals"), suite="core",
+                                               group="bench", regression=RegressionConfig(n_boot=2000)), vocab=vocab)
+        # baseline: load + score only
+        base = []
+        for c in ckpts:
+            t0 = time.monotonic()
+            loaded = load_checkpoint(c.path)
+            score_items(loaded.model, evaluator.suite.items, seq_len=64)
+            base.append(time.monotonic() - t0)
+        stop = threading.Event()
+        th = threading.Thread(target=evaluator.run, kwargs={"stop": stop}, daemon=True)
+        th.start()
+        producer = make_producer(settings)
+        reader = make_consumer(settings, topics=["evals"], group_id=f"b-{uuid.uuid4().hex}",
+                               auto_offset_reset="latest")
+        wait_for_assignment(reader)
+        e2e = []
+        for c in ckpts:
+            t0 = time.monotonic()
+            publish(producer, "checkpoints", c)
+            e2e.append(wait_for(reader, lambda e, c=c: isinstance(e, EvalReport) and e.checkpoint_path == c.path) - t0)
+        stop.set()
+        th.join()
+        evaluator.close()
+        reader.close()
+        m_e2e, m_base = statistics.median(e2e), statistics.median(base)
+        print(f"checkpoint->EvalReport (debug model, {len(evaluator.suite.items)} items, CPU): "
+              f"median {m_e2e:.2f}s; baseline load+score {m_base:.2f}s; ratio {m_e2e / m_base:.2f}x")
+
+        rules = tmp / "rules.toml"
+        rules.write_text('[dispatch]\ndefault_hooks = ["control"]\n[hooks.control]\ntype = "control"\n')
+        sentinel = Sentinel(Sentinel.Config(bootstrap=broker.bootstrap, rules=str(rules), lineage=str(tmp / "l.jsonl")))
+        stop = threading.Event()
+        th = threading.Thread(target=sentinel.run, kwargs={"stop": stop}, daemon=True)
+        th.start()
+        control = make_consumer(settings, topics=["control"], group_id=f"b-{uuid.uuid4().hex}", auto_offset_reset="latest")
+        wait_for_assignment(control)
+        time.sleep(5)  # let the sentinel join its group
+        rollback, rtt = [], []
+        for _ in range(args.repeats):
+            alert = Alert(rule="eval_regression", severity="critical", source="bench", message="bench",
+                          evidence={"action": "rollback", "run_id": "bench"})
+            t0 = time.monotonic()
+            publish(producer, "alerts", alert)
+            rollback.append(wait_for(control, lambda e: isinstance(e, Control) and e.command == "rollback") - t0)
+            probe = Control(command="resume_domain", args={"domain": "probe"})
+            t0 = time.monotonic()
+            publish(producer, "control", probe)
+            rtt.append(wait_for(control, lambda e, p=probe: isinstance(e, Control) and e.control_id == p.control_id) - t0)
+        stop.set()
+        th.join()
+        sentinel.close()
+        control.close()
+        producer.close()
+        m_rb, m_rtt = statistics.median(rollback), statistics.median(rtt)
+        print(f"alert->rollback Control: median {m_rb * 1000:.0f} ms; baseline Kafka round trip {m_rtt * 1000:.0f} ms; "
+              f"ratio {m_rb / m_rtt:.1f}x (target <= 30 s)")
+    return 0
+
+
+def wait_for_assignment(consumer, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not consumer.assignment() and time.monotonic() < deadline:
+        consumer.poll(timeout_ms=100)
+    consumer.poll(timeout_ms=100)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The checkpoint evaluator: CheckpointSaved -> EvalReport (+ regression Alert).
+
+One instance per process, in a Kafka consumer group on ``checkpoints`` (instances share the
+topic's partitions). For each checkpoint: skip it if the ledger (the ``evals`` topic) already
+holds its report for this suite; otherwise load it, scan the training streams for leaked eval
+items, score the remaining items, compare with the best previous comparable report, publish
+the EvalReport (and an ``eval_regression`` Alert if it regressed), then commit the offset.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from kafka import TopicPartition
+from kafka.structs import OffsetAndMetadata
+
+from beam_jobs.dedup.index import DedupConfig
+from evaluators.checkpoint import CheckpointError, load_checkpoint
+from evaluators.evalsets import EvalSuite, SuiteError, load_suite
+from evaluators.leakage import LeakageDetector
+from evaluators.ledger import EvalLedger
+from evaluators.metrics import item_table, score_items, summarize, text_bytes
+from evaluators.regression import RegressionConfig, detect_regressions, pick_best
+from evaluators.wandb_log import WandbLogger
+from streams.events import Alert, CheckpointSaved, EvalReport, EventError, decode_event
+from streams.kafka import KafkaSettings, make_consumer, make_producer, publish
+from streams.vocab import Vocab
+
+__all__ = ["Evaluator"]
+
+log = logging.getLogger(__name__)
+
+
+class Evaluator:
+    """Evaluates checkpoints from the ``checkpoints`` topic on one suite."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config:
+        bootstrap: str
+        eval_root: str
+        suite: str
+        group: str = "headwater-evaluators"
+        train_roots: list[str] = field(default_factory=list)
+        semantic_leakage: bool = False
+        batch_size: int = 4
+        seq_len: int | None = None      # default: the checkpoint's seq_len
+        device: str = "cpu"
+        regression: RegressionConfig = field(default_factory=RegressionConfig)
+        wandb_mode: str = "disabled"    # disabled | offline | online
+        wandb_dir: str | None = None
+        instance: str = "evaluator"
+
+    def __init__(self, config: Config, *, vocab: Vocab | None = None):
+        self.config = c = config
+        self.vocab = vocab or Vocab.default()
+        self.suite: EvalSuite = load_suite(c.eval_root, c.suite, img_open_id=self.vocab.special("<img>"))
+        if self.suite.vocab_version != self.vocab.version:
+            raise SuiteError(f"suite {c.suite!r} was tokenized with vocab {self.suite.vocab_version}, "
+                             f"this evaluator has {self.vocab.version}; rebuild the suite or the evaluator")
+        self._bytes = [text_bytes(self.vocab.decode, it.tokens, self.vocab.text_size) if it.modality == "text" else 0
+                       for it in self.suite.items]
+        self.settings = KafkaSettings(bootstrap=c.bootstrap, client_id=f"headwater-{c.instance}")
+        self.producer = make_producer(self.settings)
+        self.ledger = EvalLedger(self.settings)
+        self.leakage = LeakageDetector(self.suite.items, decode_text=self.vocab.decode, text_size=self.vocab.text_size,
+                                       train_roots=c.train_roots,
+                                       config=DedupConfig(shard_key="none", semantic=c.semantic_leakage))
+        self.wandb = WandbLogger(mode=c.wandb_mode, dir=c.wandb_dir, name=f"{c.instance}-{c.suite}")
+
+    # --- one checkpoint --------------------------------------------------------------------
+    def evaluate(self, ckpt: CheckpointSaved) -> EvalReport:
+        """The EvalReport of one checkpoint (an error report if it cannot be evaluated)."""
+        t0 = time.perf_counter()
+        report = EvalReport(run_id=ckpt.run_id, step=ckpt.step, checkpoint_path=ckpt.path, suite=self.suite.name,
+                            vocab_version=ckpt.vocab_version, passed=False,
+                            details={"suite_version": self.suite.version, "instance": self.config.instance,
+                                     "tokenizer_version": ckpt.tokenizer_version,
+                                     "discretizer_version": ckpt.discretizer_version})
+        if ckpt.vocab_version != self.suite.vocab_version:
+            report.error = (f"vocab mismatch: checkpoint {ckpt.vocab_version!r} vs suite "
+                            f"{self.suite.vocab_version!r}; refusing to evaluate or compare")
+            return report
+        try:
+            loaded = load_checkpoint(ckpt.path, device=self.config.device)
+        except CheckpointError as e:
+            report.error = str(e)
+            return report
+        if loaded.meta.get("vocab_version") not in (None, ckpt.vocab_version):
+            report.error = f"vocab mismatch: {ckpt.path}/headwater.json says {loaded.meta['vocab_version']!r}"
+            return report
+        self.leakage.scan()
+        leaked = self.leakage.leaks
+        keep = [i for i, it in enumerate(self.suite.items) if it.id not in leaked]
+        items = [self.suite.items[i] for i in keep]
+        seq_len = self.config.seq_len or int(loaded.meta.get("seq_len", 512))
+        nll, count = score_items(loaded.model, items, seq_len=seq_len, batch_size=self.config.batch_size,
+                                 pad_id=self.vocab.special("<|pad|>"))
+        table = item_table(items, nll, count, [self._bytes[i] for i in keep])
+        report.metrics = {**summarize(table), "eval_items": float(len(items)), "leaked_items": float(len(leaked))}
+        report.details.update(items=table, leakage=[leak.as_dict() for leak in leaked.values()])
+        report.passed = True
+        best = pick_best([r for r in self.ledger.reports if r.run_id == ckpt.run_id], report)
+        if best is not None:
+            findings = detect_regressions(report, best, self.config.regression)
+            report.details["regression"] = {"best_checkpoint": best.checkpoint_path, "best_step": best.step,
+                                            "findings": [f.as_dict() for f in findings]}
+            report.passed = not any(f.significant for f in findings)
+        report.details["eval_seconds"] = round(time.perf_counter() - t0, 3)
+        return report
+
+    def _regression_alert(self, report: EvalReport) -> Alert:
+        reg = report.details["regression"]
+        worst = max((f for f in reg["findings"] if f["significant"]), key=lambda f: f["ci_low"])
+        return Alert(rule="eval_regression", severity="critical", source=self.config.instance,
+                     dedup_key=f"eval_regression|{report.run_id}|{report.suite}",
+                     message=(f"step {report.step} regressed on {worst['metric']}: log-ppl +{worst['delta']:.4f} "
+                              f"(95% CI [{worst['ci_low']:.4f}, {worst['ci_high']:.4f}]) vs step {reg['best_step']}"),
+                     evidence={"action": "rollback", "run_id": report.run_id, "checkpoint": report.checkpoint_path,
+                               "step": report.step, "suite": report.suite, **reg})
+
+    def handle(self, ckpt: CheckpointSaved) -> EvalReport | None:
+        """Evaluate and publish unless the ledger already settles this (checkpoint, suite)."""
+        key = (ckpt.path, self.suite.name)
+        self.ledger.refresh()
+        if key in self.ledger.done:
+            return None
+        report = self.evaluate(ckpt)
+        self.ledger.refresh()
+        if key in self.ledger.done:  # another instance published first (rebalance race)
+            return None
+        publish(self.producer, "evals", report, key=f"{ckpt.path}|{self.suite.name}")
+        self.ledger.add(report)
+        if not report.passed and "regression" in report.details:
+            publish(self.producer, "alerts", self._regression_alert(report), key="eval_regression")
+        self.wandb.log(report)
+        return report
+
+    # --- the service loop ------------------------------------------------------------------
+    def run(self, *, stop: threading.Event | None = None, max_idle_s: float | None = None) -> int:
+        """Consume ``checkpoints`` until ``stop`` is set (or ``max_idle_s`` without records); returns #published."""
+        stop = stop or threading.Event()
+        consumer = make_consumer(self.settings, topics=["checkpoints"], group_id=self.config.group)
+        published, idle_since = 0, time.monotonic()
+        try:
+            while not stop.is_set():
+                batches = consumer.poll(timeout_ms=200, max_records=1)
+                if not batches:
+                    if not consumer.assignment():  # still joining the group: not idle yet
+                        idle_since = time.monotonic()
+                    elif max_idle_s is not None and time.monotonic() - idle_since > max_idle_s:
+                        break
+                    continue
+                for tp, records in batches.items():
+                    for record in records:
+                        published += self._process(record)
+                        consumer.commit({TopicPartition(tp.topic, tp.partition):
+                                         OffsetAndMetadata(record.offset + 1, "", -1)})
+                idle_since = time.monotonic()
+        finally:
+            consumer.close()
+        return published
+
+    def _process(self, record) -> int:
+        try:
+            event = decode_event(record.value)
+        except EventError as e:
+            log.error("checkpoints@%d: undecodable event skipped: %s", record.offset, e)
+            return 0
+        if not isinstance(event, CheckpointSaved):
+            log.error("checkpoints@%d: expected CheckpointSaved, got %s; skipped", record.offset, event.KIND)
+            return 0
+        report = self.handle(event)
+        if report is not None:
+            log.info("evaluated %s step %d: passed=%s error=%s", event.run_id, event.step, report.passed, report.error)
+        return int(report is not None)
+
+    def close(self) -> None:
+        self.leakage.close()
+        self.ledger.close()
+        self.producer.close()
+        self.wandb.close()

@@ -1,0 +1,247 @@
+"""`headwater demo`: the whole loop on embedded defaults, with a bad-data episode.
+
+Broker up -> held-out eval suite built by the same ingest transforms (bounded) ->
+streaming ingest, alert sentinel and evaluator started -> generated multimodal
+records produced at a steady rate -> trainer (torchrun, 2 CPU processes) started
+on the live stream -> a source starts leaking PII (the bad-data episode) -> the
+sentinel alerts, quarantines the source and rolls the trainer back -> everything
+stops cleanly and an HTML report is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+
+from infra.demo_data import DemoCorpus, junk_payloads, text_records
+from infra.processes import ProcessSet
+from infra.run_dir import RunDir
+from infra.status import read_kafka, read_run, render
+from streams.broker import EmbeddedBroker
+from streams.events import RawRecord, decode_event
+from streams.kafka import make_consumer, make_producer
+from streams.topics import raw_topic
+
+__all__ = ["DemoConfig", "run_demo", "main"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(kw_only=True, slots=True)
+class DemoConfig:
+    """Sizes and timings of one demo run (defaults fit 2 cores and ~10 minutes)."""
+
+    run_dir: Path = field(default_factory=lambda: Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S"))
+    corpus: DemoCorpus = field(default_factory=DemoCorpus)
+    heldout_texts: int = 60
+    records_per_s: float = 8.0
+    steps: int = 60
+    checkpoint_every: int = 10
+    nproc: int = 2
+    poison_docs: int = 60
+    poison_after_checkpoints: int = 2
+    time_limit_s: float = 540.0
+    rules: Path = REPO / "infra" / "alerts" / "demo_rules.toml"
+
+
+def _headwater(*args: str) -> list[str]:
+    return [sys.executable, "-m", "infra.cli", *args]
+
+
+def _poison(n: int) -> list[RawRecord]:
+    """Clean-looking documents from one source, each leaking personal data."""
+    docs = text_records(n, seed=777, dup_rate=0.0, pii_rate=1.0)
+    return [RawRecord(id=f"leak-{i}", modality="text", source="leakyforum", license="unknown", text=d.text)
+            for i, d in enumerate(docs)]
+
+
+class Recorder(threading.Thread):
+    """Copies EvalReports and Alerts from Kafka into RUN/evals.jsonl and RUN/alerts.jsonl."""
+
+    def __init__(self, broker: EmbeddedBroker, run: Path):
+        super().__init__(daemon=True, name="recorder")
+        self.broker, self.run, self.stop_event = broker, run, threading.Event()
+        self.seen: set[str] = set()
+
+    def run(self) -> None:  # noqa: D102 - Thread.run
+        consumer = make_consumer(self.broker.settings, topics=["evals", "alerts"], group_id="demo-recorder")
+        try:
+            while not self.stop_event.is_set():
+                for batch in consumer.poll(timeout_ms=500).values():
+                    for rec in batch:
+                        self._record(rec.topic, rec.value)
+        finally:
+            consumer.close()
+
+    def _record(self, topic: str, value: bytes) -> None:
+        try:
+            event = decode_event(value)
+        except ValueError:
+            return
+        key = getattr(event, "alert_id", None) or f"{topic}:{value[:200]!r}"
+        path = self.run / ("evals.jsonl" if topic == "evals" else "alerts.jsonl")
+        existing = path.read_text() if path.exists() else ""
+        if key in self.seen or (topic == "alerts" and key in existing):
+            return
+        self.seen.add(key)
+        with open(path, "a") as f:
+            f.write(json.dumps(event.to_dict()) + "\n")
+
+
+class Producer(threading.Thread):
+    """Produces the corpus at a steady rate; the poison burst is sent when ``poison`` is set."""
+
+    def __init__(self, broker: EmbeddedBroker, cfg: DemoConfig):
+        super().__init__(daemon=True, name="producer")
+        self.broker, self.cfg = broker, cfg
+        self.poison, self.done, self.stop_event = threading.Event(), threading.Event(), threading.Event()
+        self.sent = 0
+        self.poisoned = 0
+
+    def run(self) -> None:  # noqa: D102 - Thread.run
+        producer = make_producer(self.broker.settings)
+        for payload in junk_payloads():
+            producer.send("raw.text", payload)
+        poison = _poison(self.cfg.poison_docs)
+        gap = 1.0 / self.cfg.records_per_s
+        for rec in self.cfg.corpus.records():
+            if self.stop_event.is_set():
+                break
+            producer.send(raw_topic(rec.modality), rec.to_bytes(), key=rec.id.encode())
+            self.sent += 1
+            if self.poison.is_set() and poison:
+                for p in poison[:10]:
+                    producer.send("raw.text", p.to_bytes(), key=p.id.encode())
+                self.poisoned += len(poison[:10])
+                poison = poison[10:]
+            time.sleep(gap)
+        for p in poison if self.poison.is_set() else []:
+            producer.send("raw.text", p.to_bytes(), key=p.id.encode())
+            self.poisoned += 1
+        producer.flush()
+        producer.close()
+        self.done.set()
+
+
+def _write_jsonl(path: Path, records: list[RawRecord]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(r.to_json() + "\n" for r in records))
+
+
+def _checkpoints(run: Path) -> list[Path]:
+    return sorted((run / "checkpoints").glob("step-*/headwater.json"))
+
+
+def run_demo(cfg: DemoConfig, console: Console) -> int:
+    run = cfg.run_dir.resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    procs = ProcessSet(run / "logs")
+    broker = EmbeddedBroker(run_dir=run, port=0)
+    started = time.monotonic()
+    recorder: Recorder | None = None
+    producer: Producer | None = None
+    try:
+        console.print(f"[bold]headwater demo[/bold] -> {run}")
+        broker.start()
+        console.print(f"broker up at {broker.bootstrap}; topics created")
+
+        heldout = run / "inputs" / "heldout.jsonl"
+        _write_jsonl(heldout, text_records(cfg.heldout_texts, seed=4242, dup_rate=0.0, pii_rate=0.0))
+        console.print("building the held-out eval suite with the ingest transforms (bounded mode)...")
+        procs.start("eval-suite", _headwater("ingest", "--input", str(heldout), "--stream-root",
+                                             str(run / "eval" / "heldout"), "--no-media", "--writer-id", "heldout"))
+        if procs.wait("eval-suite", 300) != 0:
+            console.print(f"[red]eval suite build failed[/red]\n{procs.log_tail('eval-suite')}")
+            return 1
+
+        recorder = Recorder(broker, run)
+        recorder.start()
+        procs.start("sentinel", _headwater("evaluate", "--role", "sentinel", "--bootstrap", broker.bootstrap,
+                                           "--rules", str(cfg.rules), "--lineage", str(run / "lineage.jsonl")))
+        procs.start("evaluator", _headwater("evaluate", "--bootstrap", broker.bootstrap, "--eval-root", str(run / "eval"),
+                                            "--suite", "heldout", "--train-root", str(run / "stream"), "--wandb", "offline",
+                                            "--wandb-dir", str(run)))
+        procs.start("ingest", _headwater("ingest", "--bootstrap", broker.bootstrap, "--group", "demo-ingest",
+                                         "--stream-root", str(run / "stream"), "--run-dir", str(run / "ingest"),
+                                         "--duration", str(cfg.time_limit_s)))
+        producer = Producer(broker, cfg)
+        producer.start()
+
+        trainer_started = poison_sent = False
+        rundir = RunDir(run)
+        with Live(console=console, auto_refresh=False) as live:
+            while True:
+                elapsed = time.monotonic() - started
+                now = time.time()
+                try:
+                    kafka_view = read_kafka(broker.settings, timeout_ms=2000)
+                except Exception:  # noqa: BLE001 - the dashboard must not stop the demo
+                    kafka_view = None
+                live.update(render(kafka_view, read_run(rundir, now=now), now=now), refresh=True)
+                if not trainer_started and (run / "stream" / "index.json").exists():
+                    procs.start("trainer", _headwater(
+                        "train", "--config", "debug_cpu", "--stream-root", str(run / "stream"), "--run-dir", str(run),
+                        "--nproc", str(cfg.nproc), "--steps", str(cfg.steps), "--checkpoint-every", str(cfg.checkpoint_every),
+                        "--bootstrap", broker.bootstrap))
+                    trainer_started = True
+                if trainer_started and not poison_sent and len(_checkpoints(run)) >= cfg.poison_after_checkpoints:
+                    producer.poison.set()
+                    poison_sent = True
+                for name in ("ingest", "sentinel", "evaluator") + (("trainer",) if trainer_started else ()):
+                    if not procs.alive(name) and name != "trainer":
+                        console.print(f"[red]{name} exited early[/red]\n{procs.log_tail(name)}")
+                        return 1
+                if trainer_started and not procs.alive("trainer"):
+                    code = procs.procs["trainer"].returncode
+                    if code != 0:
+                        console.print(f"[red]trainer failed ({code})[/red]\n{procs.log_tail('trainer')}")
+                        return 1
+                    break
+                if elapsed > cfg.time_limit_s:
+                    console.print("[yellow]time limit reached; stopping[/yellow]")
+                    break
+                time.sleep(2.0)
+        time.sleep(5.0)  # let the last checkpoint's evaluation and alerts land
+        return 0
+    finally:
+        if producer:
+            producer.stop_event.set()
+        procs.stop_all()
+        if recorder:
+            recorder.stop_event.set()
+            recorder.join(timeout=5)
+        broker.stop()
+        console.print("all processes stopped; broker down")
+        report = run / "report.html"
+        from infra.report import main as report_main
+
+        if report_main([str(run), "--out", str(report)]) == 0:
+            console.print(f"[bold green]report:[/bold green] {report}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="headwater demo", description=__doc__.splitlines()[0])
+    p.add_argument("--run-dir", type=Path, help="where everything of this run goes (default runs/demo-<time>)")
+    p.add_argument("--steps", type=int, help="trainer steps")
+    p.add_argument("--time-limit", type=float, help="stop after this many seconds")
+    args = p.parse_args(argv)
+    cfg = DemoConfig()
+    if args.run_dir:
+        cfg.run_dir = args.run_dir
+    if args.steps:
+        cfg.steps = args.steps
+    if args.time_limit:
+        cfg.time_limit_s = args.time_limit
+    return run_demo(cfg, Console())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Fast unit tests of the trainer parts: packing, CPU attention mask, mixing policies, data sharding."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import cpu_compat
+
+cpu_compat.install()
+
+from trainer.data.buffers import StreamBuffers  # noqa: E402
+from trainer.data.loader import LiveStreamDataLoader  # noqa: E402
+from trainer.data.packer import IGNORE_INDEX, Doc, Packer  # noqa: E402
+from trainer.mixing import Mixer  # noqa: E402
+from trainer.models import build_model  # noqa: E402
+from trainer.synthetic import write_stream  # noqa: E402
+
+DOMAINS = {"noise": "noise", "markov": "markov", "counting": "counting"}
+
+
+def docs(*lengths):
+    it = iter([Doc(f"d{i}", "a" if i % 2 == 0 else "b", np.arange(100 * i, 100 * i + n, dtype=np.int32))
+               for i, n in enumerate(lengths)])
+    return lambda: next(it)
+
+
+def test_packer_masks_document_boundaries_and_carries_remainder():
+    p = Packer(seq_len=8)
+    row = p.pack(docs(3, 4, 10))
+    assert row.positions.tolist() == [0, 1, 2, 0, 1, 2, 3, 0]
+    assert row.input.tolist() == [0, 1, 2, 100, 101, 102, 103, 200]
+    # labels never cross a document boundary
+    assert row.labels.tolist() == [1, 2, IGNORE_INDEX, 101, 102, 103, IGNORE_INDEX, 201]
+    assert row.domains == ["a"] * 3 + ["b"] * 4 + ["a"]
+    # the split document continues in the next row from its last placed token
+    nxt = p.pack(docs())  # only the carried remainder (10 - 2 + 1 = 9 tokens)
+    assert nxt.input.tolist() == list(range(201, 209)) and nxt.positions[0] == 0
+
+
+def test_dense_document_mask_matches_separate_documents():
+    model = build_model("debug_cpu", vocab_size=128)
+    torch.manual_seed(0)
+    a, b = torch.randint(0, 128, (1, 5)), torch.randint(0, 128, (1, 7))
+    packed = torch.cat([a, b], dim=1)
+    pos = torch.cat([torch.arange(5), torch.arange(7)]).unsqueeze(0)
+    with torch.no_grad():
+        together = model(packed, positions=pos)
+        alone = model(b)
+    torch.testing.assert_close(together[:, 5:], alone, rtol=1e-5, atol=1e-5)
+
+
+def run_policy(policy: str, steps: int = 300, **kw) -> dict[str, float]:
+    rng = np.random.default_rng(0)
+    m = Mixer.Config(policy=policy, **kw).build()
+    for t in range(steps):
+        loss = {"noise": 6.2 + 0.05 * rng.standard_normal(),
+                "learnable": 5.0 * np.exp(-t / 80) + 1.0 + 0.05 * rng.standard_normal(),
+                "learned": 0.3 + 0.02 * rng.standard_normal()}
+        m.observe({d: v * 100 for d, v in loss.items()}, {d: 100 for d in loss}, {d: 4 for d in loss},
+                  {"noise": 1000, "learnable": 3000, "learned": 1000})
+    return m.weight_dict()
+
+
+def test_static_policy_keeps_given_weights():
+    w = run_policy("static", weights={"noise": 0.2, "learnable": 0.5})
+    assert w["learnable"] == pytest.approx(0.5, abs=0.02) and w["learned"] == pytest.approx(0.3, abs=0.02)
+
+
+def test_temperature_policy_follows_domain_size():
+    w1 = run_policy("temperature", temperature=1.0)
+    w4 = run_policy("temperature", temperature=4.0)
+    assert w1["learnable"] > w4["learnable"] > w4["noise"]  # T=1 ∝ size; higher T flattens
+
+
+def test_odm_moves_weight_towards_high_loss_domains():
+    w = run_policy("odm")
+    assert w["learned"] < 1 / 3 < w["noise"]  # EXP3 reward = loss: the learned domain loses share
+
+
+def test_learnability_moves_weight_to_the_learnable_domain():
+    w = run_policy("learnability")
+    assert w["learnable"] > 0.6 and w["noise"] < 0.2 and w["learned"] < 0.2
+    assert min(w.values()) >= 0.02 - 1e-9  # floor
+
+
+def test_mixer_state_round_trips():
+    m = Mixer.Config(policy="odm").build()
+    m.observe({"a": 5.0, "b": 1.0}, {"a": 1, "b": 1}, {"a": 1, "b": 1}, {"a": 3, "b": 3})
+    m2 = Mixer.Config(policy="odm").build()
+    m2.load_state_dict(m.state_dict())
+    args = ({"a": 4.0, "b": 2.0}, {"a": 1, "b": 1}, {"a": 1, "b": 1}, {"a": 3, "b": 3})
+    assert m.observe(*args).tolist() == m2.observe(*args).tolist()
+
+
+def drain(buf: StreamBuffers, expected: int) -> list[str]:
+    buf.start()
+    ids: list[str] = []
+    while len(ids) < expected:
+        got = [buf.take(d, 5.0) for d in sorted(DOMAINS)]
+        ids += [g.id for g in got if g is not None]
+        if all(g is None for g in got):
+            break
+    buf.stop()
+    return ids
+
+
+def test_dp_ranks_get_disjoint_samples_covering_the_stream(tmp_path):
+    root = str(tmp_path / "s")
+    write_stream(root, domains=DOMAINS, shards=2, per_shard=10, vocab=64)
+    r0 = drain(StreamBuffers([root], dp_rank=0, dp_world=2), 30)
+    r1 = drain(StreamBuffers([root], dp_rank=1, dp_world=2), 30)
+    assert not set(r0) & set(r1)
+    assert len(set(r0) | set(r1)) == 60
+
+
+def test_corrupt_shard_is_skipped_and_reported(tmp_path):
+    root = str(tmp_path / "s")
+    names = write_stream(root, domains={"markov": "markov"}, shards=3, per_shard=10, vocab=64)
+    bad = next(f for f in os.listdir(root) if f.startswith(names[1]))
+    with open(os.path.join(root, bad), "r+b") as f:
+        f.seek(20)
+        f.write(b"\xff" * 16)
+    reports = []
+    loader = LiveStreamDataLoader(
+        LiveStreamDataLoader.Config(stream_roots=[root], starve_timeout_s=3),
+        dp_world_size=1, dp_rank=0, seq_len=64, local_batch_size=4, vocab_size=64,
+        on_corrupt=lambda r, s, why: reports.append((s, why)))
+    it = iter(loader)
+    seen = set()
+    for _ in range(6):
+        batch, labels = next(it)
+        seen |= set(batch["_meta"].shards)
+    loader.close()
+    assert reports and reports[0][0] == names[1]
+    assert names[1] not in seen and {names[0], names[2]} <= seen
+
+
+def test_loader_resume_yields_identical_batches(tmp_path):
+    root = str(tmp_path / "s")
+    write_stream(root, domains=DOMAINS, shards=2, per_shard=20, vocab=64)
+    cfg = LiveStreamDataLoader.Config(stream_roots=[root], mixing=Mixer.Config(policy="static"))
+    kw = dict(dp_world_size=1, dp_rank=0, seq_len=32, local_batch_size=2, vocab_size=64)
+    a = LiveStreamDataLoader(cfg, **kw)
+    it = iter(a)
+    for _ in range(3):
+        next(it)
+    state = a.state_dict()
+    expected = [next(it)[0]["input"] for _ in range(4)]
+    a.close()
+    b = LiveStreamDataLoader(cfg, **kw)
+    b.load_state_dict(state)
+    it = iter(b)
+    got = [next(it)[0]["input"] for _ in range(4)]
+    b.close()
+    for x, y in zip(expected, got):
+        assert torch.equal(x, y)
