@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import sys
-import threading
+import uuid
 import time
 
 import apache_beam as beam
@@ -26,7 +26,7 @@ from beam_jobs.pipeline import IngestConfig, IngestText
 from beam_jobs.settlement import ResumePlan
 from beam_jobs.sink import SinkConfig
 from beam_jobs.sources.files import ReadRecordFiles
-from beam_jobs.sources.kafka import KafkaSourceConfig, ReadKafkaPartitions, ReadKafkaXlang, partition_starts
+from beam_jobs.sources.kafka import KafkaSourceConfig, ReadKafkaRanges, ReadKafkaXlang, next_ranges
 from beam_jobs.tokenize import DomainMap
 
 __all__ = ["build_parser", "config_from_args", "run", "main"]
@@ -48,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--group", default="headwater-ingest", help="consumer group (offsets committed for lag monitoring)")
     k.add_argument("--topics", default="raw.text,raw.audio,raw.image,raw.video")
     k.add_argument("--kafka_io", choices=("python", "xlang"), default="python")
-    k.add_argument("--max-records", type=int, help="stop after this many records were settled in this run")
-    k.add_argument("--duration", type=float, help="stop reading after this many seconds")
+    k.add_argument("--max-records", type=int, help="stop once this many records were settled in this run")
+    k.add_argument("--duration", type=float, help="stop starting new micro-batches after this many seconds")
     k.add_argument("--until-caught-up", action="store_true", help="stop once every partition is settled to its end")
-    k.add_argument("--window-s", type=int, default=2, help="shard window length")
+    k.add_argument("--window-s", type=int, default=2, help="idle poll interval; xlang: pane length")
     f = p.add_argument_group("filters")
     f.add_argument("--disable", action="append", default=[], choices=FILTER_NAMES, help="disable a filter (repeatable)")
     f.add_argument("--languages", default="en,de,fr,es")
@@ -111,101 +111,96 @@ def config_from_args(a: argparse.Namespace) -> IngestConfig:
     )
 
 
-class _StopMonitor(threading.Thread):
-    """Watches settlement: stops the source (stop file) on --max-records / --until-caught-up,
-    and commits settled positions to the consumer group, for lag monitoring only."""
+def _options(beam_args: list[str], *, streaming: bool) -> PipelineOptions:
+    args = list(beam_args)
+    if not any(arg.startswith("--runner") for arg in args):
+        # The DirectRunner would first try Prism, which downloads a binary; the FnApiRunner is
+        # what it falls back to for these (bounded) pipelines anyway.
+        args.append("--runner=FnApiRunner")
+    if streaming and "--streaming" not in args:
+        args.append("--streaming")
+    return PipelineOptions(args)
 
-    def __init__(self, a, source: KafkaSourceConfig, initial: int):
-        super().__init__(daemon=True, name="ingest-monitor")
-        self.a, self.source, self.initial = a, source, initial
-        self.done = threading.Event()
 
-    def _caught_up(self, plan: ResumePlan, consumer) -> bool:
-        from kafka import TopicPartition
+def _run_one(records_fn, config: IngestConfig, options: PipelineOptions, *, streaming: bool, token: str) -> dict[str, int]:
+    p = beam.Pipeline(options=options)
+    _ = records_fn(p) | "Ingest" >> IngestText(config, streaming=streaming, dedup_token=token)
+    result = p.run()
+    result.wait_until_finish()
+    return counters_of(result)
 
-        tps = [TopicPartition(t, p) for t in self.source.topics for p in sorted(consumer.partitions_for_topic(t) or ())]
-        ends, begins = consumer.end_offsets(tps), consumer.beginning_offsets(tps)
-        self._commit(plan, consumer, tps, begins)
-        return all(plan.start(tp.topic, tp.partition, begins[tp]) >= ends[tp] for tp in tps)
 
-    def _commit(self, plan, consumer, tps, begins) -> None:
-        from kafka.structs import OffsetAndMetadata
+def _add(total: dict[str, int], more: dict[str, int]) -> None:
+    for k, v in more.items():
+        total[k] = total.get(k, 0) + v
 
-        offsets = {tp: OffsetAndMetadata(plan.start(tp.topic, tp.partition, begins[tp]), "", -1) for tp in tps}
-        try:
-            consumer.commit(offsets)
-        except Exception as e:  # noqa: BLE001 - lag monitoring must never stop ingest
-            log.debug("offset commit for lag monitoring failed: %s", e)
 
-    def run(self) -> None:
-        from streams.kafka import KafkaSettings, make_consumer
+def _commit_for_lag(consumer, positions: dict) -> None:
+    """Commit each partition's settled resume offset to the group: consumer-lag monitoring only."""
+    from kafka.structs import OffsetAndMetadata
 
-        consumer = make_consumer(KafkaSettings.load(bootstrap=self.source.bootstrap), assign=[], group_id=self.source.group)
-        try:
-            while not self.done.wait(0.5):
-                plan = ResumePlan.of_stream(self.a.stream_root)
-                enough = self.a.max_records is not None and plan.count() - self.initial >= self.a.max_records
-                if enough or (self.a.until_caught_up and self._caught_up(plan, consumer)):
-                    log.info("settled %d offsets in this run: stopping the source", plan.count() - self.initial)
-                    open(self.source.stop_file, "w").close()
-                    return
-                if not self.a.until_caught_up:
-                    self._caught_up(plan, consumer)  # commits lag offsets
-        finally:
-            consumer.close()
+    try:
+        consumer.commit({tp: OffsetAndMetadata(start, "", -1) for tp, start in positions.items()})
+    except Exception as e:  # noqa: BLE001 - lag monitoring must never stop ingest
+        log.debug("offset commit for lag monitoring failed: %s", e)
+
+
+def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], token: str) -> dict[str, int]:
+    """Streaming from Kafka with the Python source: bounded micro-batches until a stop condition."""
+    from streams.kafka import KafkaSettings, make_consumer
+
+    source = KafkaSourceConfig(bootstrap=a.bootstrap, topics=[t for t in a.topics.split(",") if t], group=a.group)
+    options = _options(beam_args, streaming=False)
+    deadline = time.monotonic() + a.duration if a.duration else None
+    initial = ResumePlan.of_stream(config.sink.stream_root).count()
+    totals: dict[str, int] = {}
+    consumer = make_consumer(KafkaSettings.load(bootstrap=a.bootstrap), assign=[], group_id=a.group)
+    try:
+        while True:
+            plan = ResumePlan.of_stream(config.sink.stream_root)
+            ranges, positions = next_ranges(source, plan, consumer)
+            _commit_for_lag(consumer, positions)
+            if a.max_records is not None and plan.count() - initial >= a.max_records:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            log.info("micro-batch from %s", [(r.topic, r.partition, r.start) for r in ranges])
+            counters = _run_one(lambda p: p | "ReadKafka" >> ReadKafkaRanges(source, ranges, plan),
+                                config, options, streaming=False, token=token)
+            _add(totals, counters)
+            if not counters.get("validate/in"):
+                if a.until_caught_up:
+                    break
+                time.sleep(a.window_s)
+    finally:
+        consumer.close()
+    return totals
 
 
 def run(argv: list[str] | None = None) -> dict:
-    """Build and run the pipeline; returns the data-metrics summary."""
+    """Build and run the ingest job; returns the data-metrics summary."""
     a, beam_args = build_parser().parse_known_args(argv)
     if bool(a.input) == bool(a.bootstrap):
         raise SystemExit("headwater ingest: give either --input PATH... (bounded) or --bootstrap HOST:PORT (streaming)")
     config = config_from_args(a)
-    streaming = not a.input
     run_dir = a.run_dir or os.path.join(a.stream_root, "_ingest")
     os.makedirs(config.sink.stream_root, exist_ok=True)
     os.makedirs(run_dir, exist_ok=True)
+    token = uuid.uuid4().hex
     plan = ResumePlan.of_stream(config.sink.stream_root)
-    if not any(arg.startswith("--runner") for arg in beam_args):
-        # Locally: the DirectRunner would pick Prism (a download) or the batch FnApiRunner, which
-        # runs an unbounded source to its end before any downstream stage; choose explicitly.
-        beam_args.append("--runner=BundleBasedDirectRunner" if streaming else "--runner=FnApiRunner")
-    if streaming and "--streaming" not in beam_args:
-        beam_args.append("--streaming")  # before the pipeline is built: SDF expansion depends on it
-    options = PipelineOptions(beam_args)
-    monitor = None
-    with_stop = None
-    p = beam.Pipeline(options=options)
-    if streaming:
-        stop_file = os.path.join(run_dir, f"stop-{os.getpid()}")
-        source = KafkaSourceConfig(
-            bootstrap=a.bootstrap, topics=[t for t in a.topics.split(",") if t], group=a.group, stop_file=stop_file,
-            deadline=time.time() + a.duration if a.duration else None,
-        )
-        if a.kafka_io == "xlang":
-            records = p | "ReadKafka" >> ReadKafkaXlang(source, plan)
-        else:
-            records = p | "ReadKafka" >> ReadKafkaPartitions(source, partition_starts(source, plan), plan)
-        if a.max_records is not None or a.until_caught_up:
-            monitor = _StopMonitor(a, source, plan.count())
-        with_stop = stop_file
+    if a.input:
+        counters = _run_one(lambda p: p | "ReadFiles" >> ReadRecordFiles(a.input, plan), config,
+                            _options(beam_args, streaming=False), streaming=False, token=token)
+    elif a.kafka_io == "xlang":
+        source = KafkaSourceConfig(bootstrap=a.bootstrap, topics=[t for t in a.topics.split(",") if t], group=a.group)
+        counters = _run_one(lambda p: p | "ReadKafka" >> ReadKafkaXlang(source, plan), config,
+                            _options(beam_args, streaming=True), streaming=True, token=token)
     else:
-        records = p | "ReadFiles" >> ReadRecordFiles(a.input, plan)
-    _ = records | "Ingest" >> IngestText(config, streaming=streaming)
-    if monitor is not None:
-        monitor.start()
-    try:
-        result = p.run()
-        result.wait_until_finish()
-    finally:
-        if monitor is not None:
-            monitor.done.set()
-        if with_stop and os.path.exists(with_stop):
-            os.remove(with_stop)
-    summary = summarize(counters_of(result))
+        counters = _run_kafka_microbatches(a, config, beam_args, token)
+    summary = summarize(counters)
     summary["settled_total"] = ResumePlan.of_stream(config.sink.stream_root).count()
     write_metrics(run_dir, summary)
-    if streaming:
+    if a.bootstrap:
         publish_metrics(a.bootstrap, summary, {"mode": "streaming", "stream_root": config.sink.stream_root})
     if a.wandb:
         log_wandb(run_dir, summary)

@@ -47,9 +47,9 @@ def _dead_outcome(dead) -> Outcome:
 class IngestText(beam.PTransform):
     """Validate/Decode -> filters -> Dedup -> Tokenize (+ media hook) -> WriteShards."""
 
-    def __init__(self, config: IngestConfig, *, streaming: bool):
+    def __init__(self, config: IngestConfig, *, streaming: bool, dedup_token: str | None = None):
         super().__init__()
-        self.config, self.streaming = config, streaming
+        self.config, self.streaming, self.dedup_token = config, streaming, dedup_token
 
     def expand(self, records):
         c = self.config
@@ -58,7 +58,9 @@ class IngestText(beam.PTransform):
         docs = decoded.text
         for text_filter in c.filters.build():
             docs = docs | FilterStep(text_filter)
-        docs = docs | "Dedup" >> Dedup(c.dedup, seed=StreamSeed(c.sink.stream_root, c.dedup.shard_key))
+        docs = docs | "Dedup" >> Dedup(
+            c.dedup, seed=StreamSeed(c.sink.stream_root, c.dedup.shard_key), token=self.dedup_token
+        )
         text = docs | "Tokenize" >> TokenizeText(c.domains)
         dead = decoded.dlq | "DeadLetters" >> beam.Map(_dead_outcome)
         branches = [text, dead]

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
-    console = Console()
+    console = Console(width=max(140, Console().width))
     root = tempfile.mkdtemp(prefix="hw-tail-")
     writer = subprocess.Popen([sys.executable, "-c", WRITER, root, str(args.shards), str(args.interval),
                                str(args.samples)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

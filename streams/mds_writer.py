@@ -42,6 +42,9 @@ COLUMNS: dict[str, str] = {
     "lineage": "json",
 }
 REQUIRED = ("id", "modality", "tokens", "source", "license")
+_COLUMN_SET = frozenset(COLUMNS)
+_STR_COLUMNS = ("id", "modality", "source", "license", "pipeline_version", "language")
+_EMPTY: dict[str, Any] = {}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _MAX_SHARD_BYTES = 2**32 - 1  # MDS sample offsets are uint32
 
@@ -103,6 +106,7 @@ class LiveStreamWriter:
         self.hashes = sorted(hashes)
         self.publisher = publisher
         self.vocab_size = vocab_size
+        self._token_limit = vocab_size if vocab_size is not None else 2**31 - 1
         self.durable = durable
         self._staging = os.path.join(self.root, mf.STAGING)
         os.makedirs(self._staging, exist_ok=True)
@@ -143,58 +147,78 @@ class LiveStreamWriter:
 
         stage = os.path.join(self._staging, f"{self.writer_id}-{uuid.uuid4().hex}")
         try:
-            with MDSWriter(columns=COLUMNS, out=stage, compression=self.compression,
-                           hashes=self.hashes, size_limit=_MAX_SHARD_BYTES) as w:
-                for row in rows:
-                    w.write(row)
-            with open(os.path.join(stage, mf.INDEX)) as f:
-                entries = json.load(f)["shards"]
+            entries = self._seal(stage, rows)
             if len(entries) != 1:
                 raise ValueError(f"write_shard: {len(rows)} samples exceed one MDS shard (4 GiB); split them")
-            info = entries[0]
+            info = json.loads(json.dumps(entries[0]))
             name = _check_name("name", name) if name else self._name(domain, settled, stage, info)
             return self._publish(stage, info, name, domain, settled)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
 
     # --- internals -----------------------------------------------------------------------
+    def _seal(self, stage: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Encode, compress, hash and write ``rows`` as MDS shard(s) in ``stage``; their index entries.
+
+        Calls ``MDSWriter.flush_shard`` rather than ``finish``: finish writes a staging index we
+        do not need and, for each call, may sleep a whole second waiting on its upload queue.
+        """
+        w = MDSWriter(columns=COLUMNS, out=stage, compression=self.compression, hashes=self.hashes,
+                      size_limit=_MAX_SHARD_BYTES)
+        try:
+            for row in rows:
+                w.write(row)
+            w.flush_shard()
+        finally:
+            w.executor.shutdown(wait=True)
+        if w.event.is_set():
+            raise RuntimeError(f"MDSWriter failed while sealing a shard in {stage}")
+        return w.shards
+
     def _row(self, i: int, sample: dict[str, Any], domain: str) -> dict[str, Any]:
-        unknown = set(sample) - set(COLUMNS)
-        if unknown:
-            raise ValueError(f"sample {i}: unknown column {min(unknown)!r}; columns: {list(COLUMNS)}")
-        missing = [c for c in REQUIRED if c not in sample]
-        if missing:
-            raise ValueError(f"sample {i}: missing column {missing[0]!r}")
+        if not _COLUMN_SET.issuperset(sample):
+            raise ValueError(f"sample {i}: unknown column {min(set(sample) - _COLUMN_SET)!r}; columns: {list(COLUMNS)}")
+        for col in REQUIRED:
+            if col not in sample:
+                raise ValueError(f"sample {i}: missing column {col!r}")
         if sample.get("domain", domain) != domain:
             raise ValueError(f"sample {i}: domain {sample['domain']!r} differs from shard domain {domain!r}")
-        tokens = np.asarray(sample["tokens"])
-        if tokens.ndim != 1 or (tokens.size and not np.issubdtype(tokens.dtype, np.integer)):
-            raise ValueError(f"sample {i} ({sample['id']!r}): tokens must be a 1-D integer array, "
-                             f"got {tokens.dtype} shape {tokens.shape}")
+        tokens = sample["tokens"]
+        if type(tokens) is not np.ndarray or tokens.dtype != np.int32 or tokens.ndim != 1:
+            tokens = self._tokens(i, sample)
         if tokens.size:
-            lo, hi = int(tokens.min()), int(tokens.max())
-            limit = self.vocab_size if self.vocab_size is not None else 2**31
-            if lo < 0 or hi >= limit:
+            lo, hi = tokens.min(), tokens.max()
+            if lo < 0 or hi >= self._token_limit:
                 raise ValueError(f"sample {i} ({sample['id']!r}): token id {lo if lo < 0 else hi} "
-                                 f"out of range [0, {limit})")
-        lineage = sample.get("lineage", {})
+                                 f"out of range [0, {self._token_limit})")
+        lineage = sample.get("lineage", _EMPTY)
         if isinstance(lineage, str):
             try:
                 lineage = json.loads(lineage)
             except json.JSONDecodeError as e:
                 raise ValueError(f"sample {i}: lineage is not valid JSON: {e}") from None
         row = {
-            "id": sample["id"], "domain": domain, "modality": sample["modality"],
-            "tokens": tokens.astype(np.int32, copy=False), "source": sample["source"],
-            "license": sample["license"],
+            "id": sample["id"], "domain": domain, "modality": sample["modality"], "tokens": tokens,
+            "source": sample["source"], "license": sample["license"],
             "pipeline_version": sample.get("pipeline_version", self.manifest.pipeline_version),
             "language": sample.get("language", ""),
             "produced_at": float(sample.get("produced_at", time.time())), "lineage": lineage,
         }
-        for col in ("id", "modality", "source", "license", "pipeline_version", "language"):
-            if not isinstance(row[col], str):
-                raise ValueError(f"sample {i}: column {col!r} must be str, got {type(row[col]).__name__}")  # noqa: TRY004
+        for col in _STR_COLUMNS:
+            if type(row[col]) is not str:
+                raise ValueError(f"sample {i}: column {col!r} must be str, got {type(row[col]).__name__}")
         return row
+
+    @staticmethod
+    def _tokens(i: int, sample: dict[str, Any]) -> np.ndarray:
+        tokens = np.asarray(sample["tokens"])
+        if tokens.ndim != 1 or (tokens.size and not np.issubdtype(tokens.dtype, np.integer)):
+            raise ValueError(f"sample {i} ({sample['id']!r}): tokens must be a 1-D integer array, "
+                             f"got {tokens.dtype} shape {tokens.shape}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np.int32).max):
+            bad = tokens.min() if tokens.min() < 0 else tokens.max()
+            raise ValueError(f"sample {i} ({sample['id']!r}): token id {bad} out of int32 range")
+        return tokens.astype(np.int32)
 
     def _name(self, domain: str, settled: list[OffsetRange], stage: str, info: dict[str, Any]) -> str:
         if settled:

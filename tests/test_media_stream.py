@@ -41,8 +41,11 @@ def test_media_samples_round_trip_through_streaming_dataset(tmp_path):
     assert all(s is not None for s in samples), [r.reason for r in results]
     manifest = {"vocab_version": vocab.version, "pipeline_version": proc.config.pipeline_version, **proc.manifest()}
     with LiveStreamWriter(tmp_path / "stream", writer_id="media-test", manifest=manifest, vocab_size=vocab.size) as w:
-        w.write_shard(samples, domain="media")
-    assert "image-rvq-" in next(iter(read_sidecar(str(tmp_path / "stream"))["shards"].values()))["manifest"]["discretizer_version"]
+        for s in samples:  # default domain = modality; one shard per domain
+            w.write_shard([s], domain=s["domain"])
+    shards = read_sidecar(str(tmp_path / "stream"))["shards"].values()
+    assert {e["manifest"]["discretizer_version"] for e in shards} == {proc.manifest()["discretizer_version"]}
+    assert "image-rvq-" in proc.manifest()["discretizer_version"]
     ds = StreamingDataset(remote=str(tmp_path / "stream"), local=str(tmp_path / "cache"), shuffle=False, batch_size=1)
     got = {row["id"]: row for row in ds}
     assert set(got) == {"i1", "a1", "v1"}

@@ -12,12 +12,12 @@ from trainer import cpu_compat
 
 cpu_compat.install()
 
-from trainer.data.buffers import StreamBuffers  # noqa: E402
-from trainer.data.loader import LiveStreamDataLoader  # noqa: E402
-from trainer.data.packer import IGNORE_INDEX, Doc, Packer  # noqa: E402
-from trainer.mixing import Mixer  # noqa: E402
-from trainer.models import build_model  # noqa: E402
-from trainer.synthetic import write_stream  # noqa: E402
+from trainer.data.buffers import StreamBuffers
+from trainer.data.loader import LiveStreamDataLoader
+from trainer.data.packer import IGNORE_INDEX, Doc, Packer
+from trainer.mixing import Mixer
+from trainer.models import build_model
+from trainer.synthetic import write_stream
 
 DOMAINS = {"noise": "noise", "markov": "markov", "counting": "counting"}
 
@@ -158,3 +158,20 @@ def test_loader_resume_yields_identical_batches(tmp_path):
     b.close()
     for x, y in zip(expected, got):
         assert torch.equal(x, y)
+
+
+def test_loss_guard_flags_nan_and_spikes_then_asks_for_rollback():
+    from trainer.guard import LossGuard
+
+    guard = LossGuard.Config(window=20, z_threshold=4.0, min_history=5, max_spikes=2).build()
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        assert guard.check(3.0 + 0.01 * rng.standard_normal()) is None
+    assert "non-finite" in guard.check(float("nan"))
+    assert not guard.should_roll_back()
+    assert "spike" in guard.check(9.0)
+    assert guard.should_roll_back()
+    assert guard.check(3.0) is None  # flagged losses never enter the window
+    restored = LossGuard.Config(window=20, z_threshold=4.0, min_history=5, max_spikes=2).build()
+    restored.load_state_dict(guard.state_dict())
+    assert restored.state_dict() == guard.state_dict()

@@ -7,11 +7,11 @@ import os
 from typing import Any
 
 import torch.distributed.checkpoint as dcp
-import torch.nn as nn
+from torch import nn
 
 from trainer.models import build_model
 
-__all__ = ["read_checkpoint_info", "load_model"]
+__all__ = ["load_model", "read_checkpoint_info"]
 
 
 def read_checkpoint_info(step_dir: str | os.PathLike) -> dict[str, Any]:

@@ -9,9 +9,8 @@ node); ``debug_cpu`` is tiny and uses the CPU attention path so it trains under 
 from __future__ import annotations
 
 from torchtitan.components.checkpoint import CheckpointManager
-from torchtitan.components.optimizer import LRSchedulersContainer
 from torchtitan.components.metrics import MetricsProcessor
-from torchtitan.components.optimizer import default_adamw
+from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
 from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
 from torchtitan.config.configs import DebugConfig
 from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
@@ -23,7 +22,7 @@ from trainer.tokenizer import UnifiedVocabTokenizer
 from trainer.train import HeadwaterTrainer, RunOptions
 from trainer.vocab_info import unified_vocab
 
-__all__ = ["debug_cpu", "CONFIGS"]
+__all__ = ["CONFIGS", "debug_cpu"]
 
 
 def _base(name: str, *, attn_backend: str, lr: float, warmup: int) -> HeadwaterTrainer.Config:

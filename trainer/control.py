@@ -13,7 +13,7 @@ import threading
 
 from streams.events import Control, EventError, decode_event
 
-__all__ = ["ControlListener", "TRAINER_COMMANDS"]
+__all__ = ["TRAINER_COMMANDS", "ControlListener"]
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ class LossGuard:
         max_spikes: int = 3
         """spikes (within the current run segment) that trigger an automatic rollback"""
 
-        def build(self) -> "LossGuard":
+        def build(self) -> LossGuard:
             return LossGuard(self)
 
     def __init__(self, config: Config):

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import uuid
 
-__all__ = ["main", "build_command"]
+__all__ = ["build_command", "main"]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ Three kinds of domain over a small vocabulary:
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

@@ -58,7 +58,7 @@ class RunOptions:
 class _ExtraState(Stateful):
     """Guard state (same on all ranks) and each rank's torch RNG state, saved in every checkpoint."""
 
-    def __init__(self, trainer: "HeadwaterTrainer"):
+    def __init__(self, trainer: HeadwaterTrainer):
         self.trainer = trainer
 
     def state_dict(self) -> dict[str, Any]:
@@ -87,7 +87,6 @@ class HeadwaterTrainer(Trainer):
         self.vocab = unified_vocab()
         if opts.vocab_size > 0 and opts.vocab_size != config.model_spec.model.vocab_size:
             from trainer.models import model_registry
-
             from trainer.models.dense_attention import DenseMaskAttention
 
             inner = config.model_spec.model.first_attention.inner_attention

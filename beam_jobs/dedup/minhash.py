@@ -47,9 +47,11 @@ class MinHasher:
 
     @property
     def _coeffs(self) -> tuple[np.ndarray, np.ndarray]:
+        # As datasketch: a, b uniform below the Mersenne prime; a*h+b wraps mod 2**64, then mod p.
+        # (Small multipliers would keep every permutation's order close to h's own order.)
         rng = np.random.default_rng(self.seed)
-        a = rng.integers(1, 1 << 32, size=self.num_perm, dtype=np.uint64)
-        b = rng.integers(0, 1 << 32, size=self.num_perm, dtype=np.uint64)
+        a = rng.integers(1, int(_P), size=self.num_perm, dtype=np.uint64)
+        b = rng.integers(0, int(_P), size=self.num_perm, dtype=np.uint64)
         return a, b
 
     def shingles(self, text: str) -> set[str]:

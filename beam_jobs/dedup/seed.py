@@ -8,7 +8,7 @@ fingerprinted (BPE round-trips exactly). So a restart's index agrees with what w
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from beam_jobs.dedup.transform import shard_key
 from beam_jobs.records import Doc, KafkaCoords
@@ -17,12 +17,13 @@ __all__ = ["StreamSeed"]
 
 
 class StreamSeed:
-    """Callable (picklable) returning (shard_key, doc_id, text) for published text samples."""
+    """Picklable reader of (shard_key, doc_id, text) for published text samples, shard by shard."""
 
     def __init__(self, stream_root: str, how: str):
         self.stream_root, self.how = stream_root, how
 
-    def __call__(self) -> Iterator[tuple[str, str, str]]:
+    def read(self, skip_shards: Iterable[str] = ()) -> Iterator[tuple[str, str, str, str]]:
+        """(shard, shard_key, doc_id, text) of text samples in shards not in ``skip_shards``."""
         if not os.path.exists(os.path.join(self.stream_root, "index.json")):
             return
         from streams.mds import TailReader
@@ -30,7 +31,7 @@ class StreamSeed:
 
         vocab = Vocab.default()
         eos = vocab.special("<|endoftext|>")
-        with TailReader(self.stream_root) as reader:
+        with TailReader(self.stream_root, exclude_shards=skip_shards) as reader:
             for s in reader.samples(timeout_s=0):
                 if s["modality"] != "text":
                     continue
@@ -39,4 +40,4 @@ class StreamSeed:
                     tokens.pop()
                 doc = Doc(coords=KafkaCoords("", 0, 0), id=s["id"], source=s["source"], license="", text="",
                           language=s["language"])
-                yield shard_key(doc, self.how), s["id"], vocab.decode(tokens)
+                yield s["_shard"], shard_key(doc, self.how), s["id"], vocab.decode(tokens)

@@ -2,15 +2,19 @@
 
 Documents are keyed by a coarse shard key (language by default), so each key's
 index lives in Beam keyed state: a bag of the fingerprints kept for that key.
-A worker caches the index built from the bag in memory and rebuilds it when the
-bag's count says the cache is stale (the key moved between workers) or after a
-restart, where the index is first seeded from the documents already published.
+A worker caches the index in memory: seeded from the documents already published
+in the stream root (the snapshot that agrees with the settled offsets), plus the bag.
+The cache is rebuilt when the bag's count says it is stale (the key moved between
+workers); a new pipeline of the same ingest process (a new ``epoch``: the next
+micro-batch) keeps it and only reads the shards published since.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder, VarIntCoder
@@ -22,12 +26,22 @@ from beam_jobs.records import Doc
 
 __all__ = ["Dedup", "shard_key", "SeedFn"]
 
-#: Returns (shard_key, doc_id, text) of every document already published (restart seed).
-SeedFn = Callable[[], Iterable[tuple[str, str, str]]]
+class SeedFn(Protocol):
+    """Reads (shard, shard_key, doc_id, text) of published documents in shards not skipped."""
+
+    def read(self, skip_shards: Iterable[str] = ()) -> Iterable[tuple[str, str, str, str]]: ...
+
+
+@dataclass(slots=True)
+class _Cached:
+    epoch: str
+    indexes: dict[str, DedupIndex]  # shard key -> index (every key of this token shares the seed)
+    seeded: set[str]  # published shards already in the indexes
+
 
 # Per-process caches, keyed by the transform's token so that DoFn re-instantiation keeps them.
-_INDEXES: dict[tuple[str, str], tuple[int, DedupIndex]] = {}
-_SEEDS: dict[str, dict[str, list[Fingerprint]]] = {}
+_CACHE: dict[str, _Cached] = {}
+_COUNTS: dict[tuple[str, str], int] = {}
 _EMBEDDERS: dict[str | None, object] = {}
 
 
@@ -81,33 +95,43 @@ class _CheckFn(beam.DoFn):
     KEPT = BagStateSpec("kept", PickleCoder())
     COUNT = ReadModifyWriteStateSpec("count", VarIntCoder())
 
-    def __init__(self, config: DedupConfig, token: str, seed: SeedFn | None):
-        self.config, self.token, self.seed = config, token, seed
+    def __init__(self, config: DedupConfig, token: str, epoch: str, seed: SeedFn | None):
+        self.config, self.token, self.epoch, self.seed = config, token, epoch, seed
         self.n_in = Metrics.counter("dedup", "in")
         self.n_out = Metrics.counter("dedup", "out")
 
-    def _seed_for(self, key: str) -> list[Fingerprint]:
-        if self.token not in _SEEDS:
-            by_key: dict[str, list[Fingerprint]] = {}
-            if self.seed is not None:
-                hasher = self.config.hasher()
-                for k, doc_id, text in self.seed():
-                    emb = _embedder(self.config).embed([text])[0] if self.config.semantic else None
-                    by_key.setdefault(k, []).append(fingerprint(doc_id, text, self.config, hasher, emb))
-            _SEEDS[self.token] = by_key
-        return _SEEDS[self.token].get(key, [])
+    def _add_seed(self, cached: _Cached) -> None:
+        """Add documents of shards published since the last call."""
+        if self.seed is None:
+            return
+        hasher = self.config.hasher()
+        for shard, key, doc_id, text in self.seed.read(skip_shards=cached.seeded):
+            if key not in cached.indexes:
+                cached.indexes[key] = _new_index(self.config)
+            emb = _embedder(self.config).embed([text])[0] if self.config.semantic else None
+            index = cached.indexes[key]
+            fp = fingerprint(doc_id, text, self.config, hasher, emb)
+            if index.check(fp) is None:  # kept earlier in this process: already indexed
+                index.add(fp)
+            cached.seeded.add(shard)
 
     def _index(self, key: str, kept, count_state) -> DedupIndex:
         count = count_state.read() or 0
-        cached = _INDEXES.get((self.token, key))
-        if cached is not None and cached[0] == count:
-            return cached[1]
-        index = _new_index(self.config)
-        for fp in self._seed_for(key):
-            index.add(fp)
-        for fp in kept.read():
-            index.add(fp)
-        _INDEXES[(self.token, key)] = (count, index)
+        cached = _CACHE.get(self.token)
+        if cached is None:
+            cached = _CACHE[self.token] = _Cached(self.epoch, {}, set())
+            self._add_seed(cached)
+        elif cached.epoch != self.epoch:  # next pipeline of this process: catch up with the stream
+            cached.epoch = self.epoch
+            for k in [k for k in _COUNTS if k[0] == self.token]:
+                del _COUNTS[k]
+            self._add_seed(cached)
+        index = cached.indexes.setdefault(key, _new_index(self.config))
+        if _COUNTS.get((self.token, key), 0) != count:  # state this worker has not seen (key moved)
+            for fp in kept.read():
+                if index.check(fp) is None:
+                    index.add(fp)
+            _COUNTS[(self.token, key)] = count
         return index
 
     def process(self, element, kept=beam.DoFn.StateParam(KEPT), count_state=beam.DoFn.StateParam(COUNT)):
@@ -122,7 +146,7 @@ class _CheckFn(beam.DoFn):
             kept.add(fp)
             count = (count_state.read() or 0) + 1
             count_state.write(count)
-            _INDEXES[(self.token, key)] = (count, index)
+            _COUNTS[(self.token, key)] = count
             self.n_out.inc()
             yield doc
             return
@@ -135,15 +159,18 @@ class _CheckFn(beam.DoFn):
 class Dedup(beam.PTransform):
     """Docs -> Docs with duplicates marked dropped (``lineage['dup_of']`` points to the kept original)."""
 
-    def __init__(self, config: DedupConfig | None = None, *, seed: SeedFn | None = None):
+    def __init__(self, config: DedupConfig | None = None, *, seed: SeedFn | None = None, token: str | None = None):
+        """``token`` names the in-process index cache: pass the same token to the pipelines of
+        successive micro-batches of one ingest process so they extend one index."""
         super().__init__()
         self.config = config or DedupConfig()
         self.seed = seed
-        self.token = uuid.uuid4().hex
+        self.token = token or uuid.uuid4().hex
+        self.epoch = uuid.uuid4().hex
 
     def expand(self, docs):
         return (
             docs
             | "Fingerprint" >> beam.ParDo(_FingerprintFn(self.config))
-            | "CheckAgainstIndex" >> beam.ParDo(_CheckFn(self.config, self.token, self.seed))
+            | "CheckAgainstIndex" >> beam.ParDo(_CheckFn(self.config, self.token, self.epoch, self.seed))
         )

@@ -11,13 +11,16 @@ __all__ = ["LanguageFilter"]
 
 
 class LanguageFilter:
-    """Sets ``doc.language`` (ISO 639-1); drops low-confidence or not-allowed languages."""
+    """Sets ``doc.language`` (ISO 639-1); drops low-confidence detections and languages not kept."""
 
     name = "language"
 
     @dataclass(kw_only=True, slots=True)
     class Config:
-        languages: list[str] = field(default_factory=lambda: ["en", "de", "fr", "es"])
+        languages: list[str] = field(default_factory=lambda: ["en", "de", "fr", "es"])  # kept
+        candidates: list[str] = field(  # detected among (languages are always included)
+            default_factory=lambda: ["en", "de", "fr", "es", "it", "pt", "nl", "pl", "ru", "zh", "ja", "ar"]
+        )
         min_confidence: float = 0.5
         max_chars: int = 2000  # lingua sees a prefix; enough for a stable decision
 
@@ -34,7 +37,8 @@ class LanguageFilter:
         from lingua import IsoCode639_1, Language, LanguageDetectorBuilder
 
         try:
-            langs = [Language.from_iso_code_639_1(getattr(IsoCode639_1, c.upper())) for c in self.config.languages]
+            codes = dict.fromkeys([*self.config.languages, *self.config.candidates])
+            langs = [Language.from_iso_code_639_1(getattr(IsoCode639_1, c.upper())) for c in codes]
         except AttributeError as e:
             raise ValueError(f"unknown language code in {self.config.languages}: {e}") from None
         if len(langs) < 2:
@@ -55,6 +59,9 @@ class LanguageFilter:
         top = values[0]
         if top.value < self.config.min_confidence:
             return False, "low_confidence"
-        doc.language = top.language.iso_code_639_1.name.lower()
+        language = top.language.iso_code_639_1.name.lower()
+        if language not in self.config.languages:
+            return False, f"not_allowed_{language}"
+        doc.language = language
         doc.lineage["language_confidence"] = round(top.value, 3)
         return True

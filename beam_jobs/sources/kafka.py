@@ -1,158 +1,149 @@
-"""Streaming source: raw.* Kafka partitions as (KafkaCoords, bytes).
+"""Kafka sources: raw.* partitions as (KafkaCoords, bytes).
 
-``python`` (default, runs anywhere): a splittable DoFn per partition on kafka-python
-(assign + seek + ``poll()`` loops, wall-time watermark), started at the end of each
-partition's contiguous settled range and skipping offsets settled beyond it.
+``python`` (default, runs anywhere): a splittable DoFn on kafka-python over *bounded*
+offset ranges per partition (assign + seek + ``poll()`` loops). The ingest job runs it in
+micro-batches: each batch reads every partition from the end of its contiguous settled
+range to the high watermark seen when the batch started, skipping offsets settled beyond
+it. (Beam 2.77's Python DirectRunner cannot checkpoint an unbounded splittable DoFn: its
+residuals are lost or mis-typed; bounded ranges run correctly on every runner.)
 ``xlang``: Beam's cross-language ``ReadFromKafka`` (Dataflow/Flink; needs the Java
-expansion service), resuming from the group's committed offsets, which the ingest
-job commits only up to what is settled; settled offsets are filtered the same way.
+expansion service), an unbounded read resuming from the group's committed offsets, which
+the job commits only up to what is settled; settled offsets are filtered the same way.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-import time
 from dataclasses import dataclass
 
 import apache_beam as beam
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
-from apache_beam.io.watermark_estimators import WalltimeWatermarkEstimator
 from apache_beam.transforms.core import RestrictionProvider
-from apache_beam.utils.timestamp import Duration, Timestamp
 
 from beam_jobs.records import KafkaCoords
 from beam_jobs.settlement import ResumePlan
 
-__all__ = ["KafkaSourceConfig", "PartitionStart", "ReadKafkaPartitions", "ReadKafkaXlang", "partition_starts"]
+__all__ = ["KafkaSourceConfig", "PartitionRange", "ReadKafkaRanges", "ReadKafkaXlang", "next_ranges"]
 
-_END = sys.maxsize
 _CONSUMERS: dict[tuple, object] = {}
 
 
 @dataclass(kw_only=True, slots=True)
 class KafkaSourceConfig:
-    """How the source reads and when it stops."""
+    """Which topics to read and how much per micro-batch."""
 
     bootstrap: str
     topics: list[str]
     group: str = "headwater-ingest"
     poll_ms: int = 200
     max_poll_records: int = 500
-    read_budget_s: float = 1.0  # per process() call before checkpointing
-    stop_file: str | None = None  # its existence stops the source (graceful drain)
-    deadline: float | None = None  # wall-clock time.time() at which to stop
+    max_batch_per_partition: int = 20_000
+    idle_ms: int = 600  # a range ends when its partition yields nothing for this long
 
 
 @dataclass(frozen=True, slots=True)
-class PartitionStart:
-    """One partition and the offset to start reading at."""
+class PartitionRange:
+    """Offsets [start, end) of one partition to read in this batch."""
 
     topic: str
     partition: int
     start: int
+    end: int
 
 
-def partition_starts(config: KafkaSourceConfig, plan: ResumePlan) -> list[PartitionStart]:
-    """Every partition of the configured topics with its resume offset."""
-    from kafka import KafkaConsumer, TopicPartition
+def next_ranges(config: KafkaSourceConfig, plan: ResumePlan, consumer) -> tuple[list[PartitionRange], dict]:
+    """The next batch's ranges and every partition's resume offset.
 
-    from streams.kafka import KafkaSettings
+    Ranges are capped, not bounded by the partition's end offset: a range ends where the
+    partition has no more records (end offsets are unreliable on some brokers: tansu reports
+    the last batch's base offset + 1). Unread offsets stay unsettled for the next batch.
+    """
+    from kafka import TopicPartition
 
-    consumer = KafkaConsumer(**KafkaSettings.load(bootstrap=config.bootstrap).client_kwargs(), enable_auto_commit=False)
-    try:
-        tps = []
-        for topic in config.topics:
-            parts = consumer.partitions_for_topic(topic)
-            if not parts:
-                raise ValueError(f"topic {topic!r} has no partitions on {config.bootstrap} (does it exist?)")
-            tps += [TopicPartition(topic, p) for p in sorted(parts)]
-        earliest = consumer.beginning_offsets(tps)
-        return [PartitionStart(tp.topic, tp.partition, plan.start(tp.topic, tp.partition, earliest[tp])) for tp in tps]
-    finally:
-        consumer.close()
+    tps = []
+    for topic in config.topics:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            raise ValueError(f"topic {topic!r} has no partitions on {config.bootstrap} (does it exist?)")
+        tps += [TopicPartition(topic, p) for p in sorted(parts)]
+    begins = consumer.beginning_offsets(tps)
+    ranges, positions = [], {}
+    for tp in tps:
+        start = plan.start(tp.topic, tp.partition, begins[tp])
+        positions[tp] = start
+        ranges.append(PartitionRange(tp.topic, tp.partition, start, start + config.max_batch_per_partition))
+    return ranges, positions
 
 
 class _Restrictions(RestrictionProvider):
-    def initial_restriction(self, element: PartitionStart):
-        return OffsetRange(element.start, _END)
+    def initial_restriction(self, element: PartitionRange):
+        return OffsetRange(element.start, element.end)
 
     def create_tracker(self, restriction):
         return OffsetRestrictionTracker(restriction)
 
     def restriction_size(self, element, restriction):
-        return 1  # unbounded: size is not meaningful
-
-    def split(self, element, restriction):
-        yield restriction  # one reader per partition keeps offsets in order
+        return restriction.size()
 
 
-class _ReadPartitionFn(beam.DoFn):
+class _ReadRangeFn(beam.DoFn):
     def __init__(self, config: KafkaSourceConfig, plan: ResumePlan):
         self.config, self.plan = config, plan
 
     def _consumer(self, tp):
-        key = (self.config.bootstrap, tp.topic, tp.partition, os.getpid())
+        key = (self.config.bootstrap, tp.topic, tp.partition)
         if key not in _CONSUMERS:
             from streams.kafka import KafkaSettings, make_consumer
 
             _CONSUMERS[key] = make_consumer(
-                KafkaSettings.load(bootstrap=self.config.bootstrap),
-                assign=[tp],
-                group_id=None,
+                KafkaSettings.load(bootstrap=self.config.bootstrap), assign=[tp], group_id=None,
                 max_poll_records=self.config.max_poll_records,
             )
         return _CONSUMERS[key]
 
-    def _should_stop(self) -> bool:
-        c = self.config
-        return (c.deadline is not None and time.time() >= c.deadline) or (
-            c.stop_file is not None and os.path.exists(c.stop_file)
-        )
+    def process(self, element: PartitionRange, tracker=beam.DoFn.RestrictionParam(_Restrictions())):
+        import time
 
-    @beam.DoFn.unbounded_per_element()
-    def process(
-        self,
-        element: PartitionStart,
-        tracker=beam.DoFn.RestrictionParam(_Restrictions()),
-        _wm=beam.DoFn.WatermarkEstimatorParam(WalltimeWatermarkEstimator.default_provider()),
-    ):
         from kafka import TopicPartition
 
-        if self._should_stop():
-            tracker.try_claim(_END - 1)  # finish this restriction: the source drains and ends
-            return
         tp = TopicPartition(element.topic, element.partition)
         consumer = self._consumer(tp)
-        position = tracker.current_restriction().start
-        if consumer.position(tp) != position:
-            consumer.seek(tp, position)
-        budget_end = time.monotonic() + self.config.read_budget_s
-        while time.monotonic() < budget_end:
+        restriction = tracker.current_restriction()
+        consumer.seek(tp, restriction.start)
+        last = restriction.start - 1
+        idle_since = time.monotonic()
+        while True:
+            stop = tracker.current_restriction().stop
+            if last >= stop - 1:
+                return
             batch = consumer.poll(timeout_ms=self.config.poll_ms).get(tp, [])
             if not batch:
-                break
+                if (time.monotonic() - idle_since) * 1000 >= self.config.idle_ms:
+                    tracker.try_claim(stop - 1)  # caught up: the rest of the range stays unsettled
+                    return
+                continue
+            idle_since = time.monotonic()
             for record in batch:
+                if record.offset <= last:
+                    continue
                 if not tracker.try_claim(record.offset):
                     return
+                last = record.offset
                 if not self.plan.is_settled(tp.topic, tp.partition, record.offset):
-                    coords = KafkaCoords(tp.topic, tp.partition, record.offset)
-                    yield beam.window.TimestampedValue((coords, record.value), Timestamp.now())
-        tracker.defer_remainder(Duration(seconds=0.05))
+                    yield KafkaCoords(tp.topic, tp.partition, record.offset), record.value
 
 
-class ReadKafkaPartitions(beam.PTransform):
-    """Pure-Python Kafka source: one splittable-DoFn reader per partition."""
+class ReadKafkaRanges(beam.PTransform):
+    """Pure-Python Kafka source over bounded per-partition offset ranges (a splittable DoFn)."""
 
-    def __init__(self, config: KafkaSourceConfig, starts: list[PartitionStart], plan: ResumePlan):
+    def __init__(self, config: KafkaSourceConfig, ranges: list[PartitionRange], plan: ResumePlan):
         super().__init__()
-        self.config, self.starts, self.plan = config, starts, plan
+        self.config, self.ranges, self.plan = config, ranges, plan
 
     def expand(self, pbegin):
         return (
             pbegin
-            | "Partitions" >> beam.Create(self.starts)
-            | "Poll" >> beam.ParDo(_ReadPartitionFn(self.config, self.plan))
+            | "Partitions" >> beam.Create(self.ranges)
+            | "Poll" >> beam.ParDo(_ReadRangeFn(self.config, self.plan))
         )
 
 

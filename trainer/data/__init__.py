@@ -3,4 +3,4 @@
 from trainer.data.loader import BatchMeta, LiveStreamDataLoader
 from trainer.data.packer import IGNORE_INDEX, Doc, Packer, Row
 
-__all__ = ["BatchMeta", "LiveStreamDataLoader", "IGNORE_INDEX", "Doc", "Packer", "Row"]
+__all__ = ["IGNORE_INDEX", "BatchMeta", "Doc", "LiveStreamDataLoader", "Packer", "Row"]

@@ -15,7 +15,8 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -71,7 +72,7 @@ class StreamBuffers:
         return cb
 
     # -- background fill -----------------------------------------------------------
-    def start(self) -> "StreamBuffers":
+    def start(self) -> StreamBuffers:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="stream-prefetch", daemon=True)
             self._thread.start()

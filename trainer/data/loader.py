@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import pickle
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,14 +119,16 @@ class LiveStreamDataLoader(BaseDataLoader):
         t0 = time.monotonic()
         starved: list[str] = []
         rows = [self.packer.pack(lambda: self._next_doc(starved)) for _ in range(self.batch_size)]
-        names = sorted({d for r in rows for d in r.domains})
+        names = sorted({doc.domain for r in rows for doc in r.docs})
         index = {d: i for i, d in enumerate(names)}
         docs = [doc for r in rows for doc in r.docs]
         for doc in docs:
             self.trained[doc.domain] = self.trained.get(doc.domain, 0) + 1
         meta = BatchMeta(
             domains=names,
-            domain_idx=torch.tensor([[index[d] for d in r.domains] for r in rows], dtype=torch.int64),
+            domain_idx=torch.from_numpy(
+                np.stack([np.array([index[doc.domain] for doc in r.docs])[r.doc_index] for r in rows])
+            ),
             doc_ids=[d.id for d in docs],
             doc_domains=[d.domain for d in docs],
             shards=sorted({d.shard for d in docs}),

@@ -10,12 +10,12 @@ remainder (from the last token placed) starts the next row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
-__all__ = ["IGNORE_INDEX", "Doc", "Row", "Packer"]
+__all__ = ["IGNORE_INDEX", "Doc", "Packer", "Row"]
 
 IGNORE_INDEX = -100
 
@@ -36,8 +36,13 @@ class Row:
     input: np.ndarray  # int64 [L]
     labels: np.ndarray  # int64 [L]
     positions: np.ndarray  # int64 [L]
-    domains: list[str]  # domain of each label position (by document), length L
-    docs: list[Doc] = field(default_factory=list)  # documents (or parts) that started in this row
+    doc_index: np.ndarray  # int64 [L]: index into ``docs`` of each input position
+    docs: list[Doc] = field(default_factory=list)  # documents (or parts) placed in this row
+
+    @property
+    def domains(self) -> list[str]:
+        """Domain of each input/label position."""
+        return [self.docs[i].domain for i in self.doc_index]
 
 
 class Packer:
@@ -75,7 +80,7 @@ class Packer:
             input=row[:-1],
             labels=labels,
             positions=pos[:-1],
-            domains=[docs[i].domain for i in idx[:-1]],
+            doc_index=idx[:-1],
             docs=docs,
         )
 

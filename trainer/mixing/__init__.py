@@ -3,4 +3,4 @@
 from trainer.mixing.mixer import Mixer
 from trainer.mixing.policies import POLICIES, DomainStats
 
-__all__ = ["Mixer", "POLICIES", "DomainStats"]
+__all__ = ["POLICIES", "DomainStats", "Mixer"]

@@ -46,7 +46,7 @@ class Mixer:
         warmup_steps: int = 0
         """steps with uniform weights before the policy takes over"""
 
-        def build(self) -> "Mixer":
+        def build(self) -> Mixer:
             return Mixer(self)
 
     def __init__(self, config: Config):

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DomainStats", "StaticPolicy", "TemperaturePolicy", "ODMPolicy", "LearnabilityPolicy", "POLICIES"]
+__all__ = ["POLICIES", "DomainStats", "LearnabilityPolicy", "ODMPolicy", "StaticPolicy", "TemperaturePolicy"]
 
 
 @dataclass(slots=True)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torchtitan.protocols.model_spec import ModelSpec
 
 from trainer.models.parallelize import parallelize_headwater
 from trainer.models.qwen import FLAVORS, HeadwaterQwen, qwen_config
 
-__all__ = ["FLAVORS", "HeadwaterQwen", "model_registry", "build_model"]
+__all__ = ["FLAVORS", "HeadwaterQwen", "build_model", "model_registry"]
 
 
 def model_registry(flavor: str, *, vocab_size: int, attn_backend: str = "flex") -> ModelSpec:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torchtitan.models.common import CosSinRoPE, Embedding, Linear
 from torchtitan.models.common.config_utils import (
     get_attention_config,
@@ -25,7 +25,7 @@ from torchtitan.models.qwen3.model import Qwen3Model, Qwen3TransformerBlock
 
 from trainer.models.dense_attention import DenseMaskAttention, document_causal_mask
 
-__all__ = ["HeadwaterQwen", "FLAVORS", "Shape", "qwen_config"]
+__all__ = ["FLAVORS", "HeadwaterQwen", "Shape", "qwen_config"]
 
 
 @dataclass(frozen=True, slots=True)
