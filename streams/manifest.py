@@ -74,16 +74,17 @@ class StreamManifest:
         return asdict(self)
 
 
-def atomic_write_json(path: str, obj: Any, *, durable: bool = True) -> None:
-    """Write JSON to a unique temp file beside ``path``, fsync it, then ``os.replace`` it."""
+def atomic_write_json(path: str, obj: Any, *, durable: bool = True, sync_dir: bool = True) -> None:
+    """Write JSON to a unique temp file beside ``path``, fsync it, then ``os.replace`` it
+    (and fsync the directory, unless a later write in the same directory will)."""
     tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, sort_keys=True)
         f.flush()
         if durable:
-            os.fsync(f.fileno())
+            os.fdatasync(f.fileno())
     os.replace(tmp, path)
-    if durable:
+    if durable and sync_dir:
         fsync_dir(os.path.dirname(path) or ".")
 
 

@@ -242,7 +242,11 @@ class TailReader:
 
     # --- cursor ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Cursor: shards fully consumed (or skipped as corrupt) and the position in the current one."""
+        """Cursor: shards fully consumed (or skipped as corrupt) and the position in the current one.
+
+        A sample counts as consumed once :meth:`samples` has yielded it; save the cursor together
+        with whatever consumed those samples (JSON-serialisable).
+        """
         return {
             "version": CURSOR_VERSION,
             "done": sorted(self._done),

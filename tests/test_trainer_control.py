@@ -55,7 +55,7 @@ def test_rollback_control_restores_checkpoint(tmp_path, broker):
         wait_for(lambda: os.path.exists(os.path.join(run, "checkpoints", "step-10", "headwater.json"))
                  and last_step(run) >= 14, 240, proc)
         producer = make_producer(settings)
-        publish(producer, "control", Control(command="rollback", args={"to_step": 10}, reason="test"))
+        publish(producer, "control", Control(command="rollback", args={"target": "step", "step": 10}, reason="test"))
         producer.close()
         assert proc.wait(timeout=300) == 0
     finally:

@@ -1,8 +1,14 @@
-"""Listener of the ``control`` topic: rollback, pause/resume domain, quarantine shards.
+"""Listener of the ``control`` topic: the commands the trainer obeys (see docs/TEAM_CONTRACTS.md).
 
-Rank 0 consumes the topic in a background thread (from its end at start-up, so old
-commands are not replayed); each step the trainer drains the queue on rank 0 and
-broadcasts the commands so every rank applies them at the same step.
+    rollback           {"target": "last_good"|"step", "run_id", "step"?, "checkpoint"?, "quarantine"?}
+    quarantine_shards  {"shards": [...], "run_id"?}
+    quarantine_source  {"source"}      every sample whose ``source`` column matches is skipped
+    pause_domain       {"domain"}      / resume_domain {"domain"}
+
+A command whose ``args.run_id`` names another run is ignored. Rank 0 consumes the topic
+in a background thread (from its end at start-up, so old commands are not replayed); each
+step the trainer drains the queue on rank 0 and broadcasts the commands so every rank
+applies them at the same step.
 """
 
 from __future__ import annotations
@@ -13,15 +19,21 @@ import threading
 
 from streams.events import Control, EventError, decode_event
 
-__all__ = ["TRAINER_COMMANDS", "ControlListener"]
+__all__ = ["TRAINER_COMMANDS", "ControlListener", "addressed_to"]
 
 log = logging.getLogger(__name__)
 
-TRAINER_COMMANDS = ("rollback", "pause_domain", "resume_domain", "quarantine_shards")
+TRAINER_COMMANDS = ("rollback", "pause_domain", "resume_domain", "quarantine_shards", "quarantine_source")
+
+
+def addressed_to(event: Control, run_id: str) -> bool:
+    """True if ``event`` is a trainer command for ``run_id`` (or for every run)."""
+    target = event.args.get("run_id")
+    return event.command in TRAINER_COMMANDS and not (target and run_id and target != run_id)
 
 
 class ControlListener:
-    """Background consumer of Control events addressed to the trainer."""
+    """Background consumer of Control events addressed to this trainer run."""
 
     def __init__(self, bootstrap: str, *, run_id: str = ""):
         from kafka import TopicPartition
@@ -31,7 +43,8 @@ class ControlListener:
         self.run_id = run_id
         self.queue: queue.Queue[Control] = queue.Queue()
         tp = TopicPartition("control", 0)
-        self.consumer = make_consumer(KafkaSettings(bootstrap=bootstrap, client_id="headwater-trainer-control"), assign=[tp])
+        settings = KafkaSettings.load(bootstrap=bootstrap, client_id="headwater-trainer-control")
+        self.consumer = make_consumer(settings, assign=[tp])
         self.consumer.seek_to_end(tp)
         self.consumer.position(tp)  # resolve the end offset now, before any new command
         self._stop = threading.Event()
@@ -47,12 +60,8 @@ class ControlListener:
                     except EventError as e:
                         log.warning("ignoring bad control record at offset %s: %s", record.offset, e)
                         continue
-                    if not isinstance(event, Control) or event.command not in TRAINER_COMMANDS:
-                        continue
-                    target = event.args.get("run_id")
-                    if target and self.run_id and target != self.run_id:
-                        continue
-                    self.queue.put(event)
+                    if isinstance(event, Control) and addressed_to(event, self.run_id):
+                        self.queue.put(event)
 
     def drain(self) -> list[Control]:
         out = []

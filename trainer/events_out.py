@@ -24,7 +24,8 @@ class EventSink:
         if bootstrap:
             from streams.kafka import KafkaSettings, make_producer
 
-            self.producer = make_producer(KafkaSettings(bootstrap=bootstrap, client_id="headwater-trainer"))
+            settings = KafkaSettings.load(bootstrap=bootstrap, client_id="headwater-trainer")  # + HEADWATER_KAFKA_*
+            self.producer = make_producer(settings)
 
     def _send(self, topic: str, event: Event, *, flush: bool) -> None:
         if self.producer is None:
@@ -45,8 +46,9 @@ class EventSink:
         self._send("alerts", event, flush=True)
         return event
 
-    def metrics(self, step: int, values: dict[str, float]) -> None:
-        self._send("metrics", MetricsEvent(component="trainer", values=values, step=step), flush=False)
+    def metrics(self, step: int, values: dict[str, float], *, labels: dict[str, str] | None = None) -> None:
+        event = MetricsEvent(component="trainer", values=values, step=step, labels=labels or {})
+        self._send("metrics", event, flush=False)
 
     def _append(self, name: str, obj: dict[str, Any]) -> None:
         with open(os.path.join(self.run_dir, name), "a") as f:

@@ -3,21 +3,23 @@
 Three kinds of domain over a small vocabulary:
 - ``noise``: uniform random tokens — nothing to learn (loss stays ~ln V);
 - ``markov``: a fixed sparse random Markov chain — learnable, loss falls with training;
-- ``counting``: t_{i+1} = t_i + 1 (mod V) — learned within a few steps, then flat and low.
+- ``counting``: t_{i+1} = t_i + 1 (mod V) — learned within a few steps, then flat and low;
+- ``countdown``: t_{i+1} = t_i - 1 (mod V) — labels that contradict ``counting`` (a poison for it).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from streams.events import ShardPublished
 from streams.mds import LiveStreamWriter
 
 __all__ = ["KINDS", "synthetic_docs", "write_stream"]
 
-KINDS = ("noise", "markov", "counting")
+KINDS = ("noise", "markov", "counting", "countdown")
 
 
 def _markov_table(vocab: int, branching: int, seed: int) -> np.ndarray:
@@ -36,8 +38,9 @@ def synthetic_docs(kind: str, *, n: int, vocab: int, seed: int, min_len: int = 2
         length = int(rng.integers(min_len, max_len + 1))
         if kind == "noise":
             doc = rng.integers(0, vocab, size=length)
-        elif kind == "counting":
-            doc = (int(rng.integers(0, vocab)) + np.arange(length)) % vocab
+        elif kind in ("counting", "countdown"):
+            step = 1 if kind == "counting" else -1
+            doc = (int(rng.integers(0, vocab)) + step * np.arange(length)) % vocab
         else:
             doc = np.empty(length, dtype=np.int64)
             doc[0] = rng.integers(0, vocab)
@@ -49,21 +52,24 @@ def synthetic_docs(kind: str, *, n: int, vocab: int, seed: int, min_len: int = 2
 
 def write_stream(root: str, *, domains: dict[str, str], shards: int, per_shard: int, vocab: int,
                  seed: int = 0, interval_s: float = 0.0, writer_id: str = "synthetic",
-                 start_shard: int = 0) -> list[str]:
+                 start_shard: int = 0, source: str | None = None,
+                 publisher: Callable[[ShardPublished], None] | None = None) -> list[str]:
     """Publish ``shards`` shards per domain (round-robin over domains) of ``per_shard`` docs each.
 
     ``domains`` maps domain name -> kind. ``interval_s`` sleeps between shards (a live, growing
-    stream). Returns the published shard names in publish order.
+    stream). ``source`` overrides the samples' source column (default ``synthetic:<kind>``);
+    ``publisher`` receives each ShardPublished (e.g. to the ``shards`` topic). Returns the
+    published shard names in publish order.
     """
     names = []
     with LiveStreamWriter(root, writer_id=writer_id, manifest={"vocab_version": f"synthetic-{vocab}"},
-                          vocab_size=vocab, durable=False) as writer:
+                          vocab_size=vocab, durable=False, publisher=publisher) as writer:
         for s in range(start_shard, start_shard + shards):
             for j, (domain, kind) in enumerate(sorted(domains.items())):
                 docs = synthetic_docs(kind, n=per_shard, vocab=vocab, seed=seed * 1_000_003 + s * 101 + j)
                 samples = [
                     {"id": f"{domain}-{s}-{i}", "domain": domain, "modality": "text", "tokens": t,
-                     "source": f"synthetic:{kind}", "license": "cc0", "pipeline_version": "synthetic",
+                     "source": source or f"synthetic:{kind}", "license": "cc0", "pipeline_version": "synthetic",
                      "produced_at": time.time()}
                     for i, t in enumerate(docs)
                 ]

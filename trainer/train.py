@@ -3,10 +3,13 @@
 What it adds to ``torchtitan.trainer.Trainer``:
 - per-domain losses each step (reduced over data-parallel ranks) feeding the Mixer;
 - a NaN/spike guard that skips the optimizer step, alerts, and after N spikes rolls back;
-- control commands (rollback, pause/resume domain, quarantine shards) applied by all ranks
-  at the same step;
-- RUN/metrics.jsonl + wandb + ``metrics`` topic every step; ``headwater.json`` beside each DCP
-  checkpoint and a CheckpointSaved event on the ``checkpoints`` topic.
+- control commands (rollback, pause/resume domain, quarantine shards/sources; see
+  trainer/control.py) applied by all ranks at the same step; a rollback quarantines the shards
+  read since the restored checkpoint, moves the abandoned checkpoints to
+  ``checkpoints/abandoned/`` and the quarantine persists in RUN/quarantine.json;
+- RUN/metrics.jsonl (with the shards and sources each step trained) + wandb + ``metrics``
+  topic every step; ``headwater.json`` beside each DCP checkpoint and a CheckpointSaved
+  event on the ``checkpoints`` topic.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import time
 import uuid
 from collections import Counter
@@ -37,8 +41,12 @@ from trainer.control import ControlListener
 from trainer.events_out import EventSink
 from trainer.guard import LossGuard
 from trainer.metrics_log import MetricsLog
+from trainer.quarantine import Quarantine
 
 __all__ = ["HeadwaterTrainer", "RunOptions"]
+
+SHARD_LOG_STEPS = 5000
+"""steps of per-step shard history kept in checkpoints (what a rollback quarantines)"""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -56,7 +64,7 @@ class RunOptions:
 
 
 class _ExtraState(Stateful):
-    """Guard state (same on all ranks) and each rank's torch RNG state, saved in every checkpoint."""
+    """Guard state and shard log (same on all ranks) and each rank's torch RNG state, in every checkpoint."""
 
     def __init__(self, trainer: HeadwaterTrainer):
         self.trainer = trainer
@@ -65,12 +73,15 @@ class _ExtraState(Stateful):
         rank = dist.get_rank() if dist.is_initialized() else 0
         return {
             "guard": pickle.dumps(self.trainer.guard.state_dict()),
+            "shard_log": pickle.dumps(self.trainer.shard_log),
             f"rng_rank_{rank}": pickle.dumps(torch.get_rng_state()),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         rank = dist.get_rank() if dist.is_initialized() else 0
         self.trainer.guard.load_state_dict(pickle.loads(state["guard"]))
+        if "shard_log" in state:
+            self.trainer.shard_log = pickle.loads(state["shard_log"])
         if f"rng_rank_{rank}" in state:
             torch.set_rng_state(pickle.loads(state[f"rng_rank_{rank}"]))
 
@@ -107,7 +118,8 @@ class HeadwaterTrainer(Trainer):
             MetricsLog(opts.metrics, run_dir=self.run_dir, run_id=self.run_id) if self.rank == 0 else None
         )
         self.checkpointer.states["headwater"] = _ExtraState(self)
-        self.quarantined: set[str] = set()
+        self.quarantine = Quarantine(self.run_dir, writer=self.rank == 0)
+        self.shard_log: dict[int, list[str]] = {}
         self.skipped_steps: list[int] = []
         self._meta = None
         self._step_record: dict[str, Any] = {}
@@ -142,6 +154,7 @@ class HeadwaterTrainer(Trainer):
             stats["tokens"][d] = int(m.sum())
         stats["available"] = dict(self.dataloader.buffers.available)
         stats["trained_docs"] = dict(Counter(meta.doc_domains))
+        stats["sources"] = dict(Counter(meta.doc_sources))
         stats["wait_s"] = meta.wait_s
         stats["produced_at"] = [p for p in meta.produced_at if p > 0]
         stats["shards"] = meta.shards
@@ -202,6 +215,10 @@ class HeadwaterTrainer(Trainer):
         now = time.time()
         produced = [p for g in gathered for p in g["produced_at"]]
         batch_tokens = sum(g["batch_tokens"] for g in gathered)
+        shards = sorted({s for g in gathered for s in g["shards"]})
+        self.shard_log[self.step] = shards
+        for old in [s for s in self.shard_log if s <= self.step - SHARD_LOG_STEPS]:
+            del self.shard_log[old]
         self._step_record = {
             "step": self.step,
             "loss": loss if math.isfinite(loss) else None,
@@ -212,12 +229,15 @@ class HeadwaterTrainer(Trainer):
             "tokens_seen": self.ntokens_seen * max(len(gathered), 1),
             "tokens_per_s": batch_tokens / step_s if step_s > 0 else 0.0,
             "data_stall": min(1.0, max(data_s, wait_s) / step_s) if step_s > 0 else 0.0,
+            "data_wait_s": max(data_s, wait_s),
             "freshness_s": (now - sum(produced) / len(produced)) if produced else None,
             "grad_norm": grad_norm_f if math.isfinite(grad_norm_f) else None,
             "lr": float(next(iter(lr_metrics.values()))) if lr_metrics else None,
             "skipped": reason is not None,
             "paused": sorted(self.dataloader.paused),
             "data_status": self.dataloader.status,
+            "shards": shards,
+            "sources": _sum_dicts(g["sources"] for g in gathered),
             "wall_time": now,
         }
         mfu = self._mfu(batch_tokens / step_s if step_s > 0 else 0.0)
@@ -265,13 +285,12 @@ class HeadwaterTrainer(Trainer):
         rec = self._step_record
         self.metrics_log.write(rec)
         if self.events is not None:
-            flat = {"loss": rec["loss"] or float("nan"), "tokens_per_s": rec["tokens_per_s"],
-                    "data_stall": rec["data_stall"], "grad_norm": rec["grad_norm"] or float("nan")}
+            flat = {k: rec[k] for k in ("loss", "tokens_per_s", "data_stall", "data_wait_s", "grad_norm",
+                                        "freshness_s") if rec[k] is not None}
+            flat["skipped"] = float(rec["skipped"])
             flat.update({f"weight/{d}": w for d, w in rec["weights"].items()})
             flat.update({f"loss/{d}": v for d, v in rec["domain_loss"].items()})
-            if rec["freshness_s"] is not None:
-                flat["freshness_s"] = rec["freshness_s"]
-            self.events.metrics(self.step, flat)
+            self.events.metrics(self.step, flat, labels={"run_id": self.run_id})
 
     # -- checkpoints -----------------------------------------------------------------
     def _step_dir(self, step: int) -> str:
@@ -322,56 +341,115 @@ class HeadwaterTrainer(Trainer):
         return box[0]
 
     def _apply_control(self, commands: list[dict[str, Any]]) -> None:
-        for raw in commands:
+        # quarantines first: a rollback arriving in the same drain then restores around them
+        for raw in sorted(commands, key=lambda c: c["command"] == "rollback"):
             cmd = Control.from_dict(raw)
             logger.warning(f"[control] {cmd.command} {cmd.args} ({cmd.reason})")
-            if cmd.command == "pause_domain":
-                self.dataloader.paused.add(str(cmd.args["domain"]))
-            elif cmd.command == "resume_domain":
-                self.dataloader.paused.discard(str(cmd.args["domain"]))
-            elif cmd.command == "quarantine_shards":
-                self.quarantined.update(map(str, cmd.args.get("shards", [])))
-                self._reapply_quarantine()
-            elif cmd.command == "rollback":
-                self.quarantined.update(map(str, cmd.args.get("quarantine_shards", [])))
-                for d in cmd.args.get("pause_domains", []):
-                    self.dataloader.paused.add(str(d))
-                target = cmd.args.get("to_step", "last_good")
-                self._rollback(target, reason=cmd.reason or "control message")
+            reason = f"{cmd.reason or 'control message'} [control {cmd.control_id} by {cmd.issued_by or '?'}]"
+            try:
+                if cmd.command == "pause_domain":
+                    self.dataloader.paused.add(str(cmd.args["domain"]))
+                elif cmd.command == "resume_domain":
+                    self.dataloader.paused.discard(str(cmd.args["domain"]))
+                elif cmd.command == "quarantine_shards":
+                    self._quarantine(shards=set(map(str, cmd.args["shards"])), reason=reason)
+                elif cmd.command == "quarantine_source":
+                    self._quarantine(sources={str(cmd.args["source"])}, reason=reason)
+                elif cmd.command == "rollback":
+                    self._rollback(cmd.args, reason=reason)
+            except (KeyError, TypeError, ValueError) as e:
+                self._refuse(cmd, f"bad args: {type(e).__name__}: {e}")
+
+    def _refuse(self, cmd: Control, why: str) -> None:
+        logger.error(f"[control] {cmd.command} refused: {why}")
+        if self.events is not None:
+            self.events.alert("trainer.control_refused", f"{cmd.command} {cmd.args} refused: {why}",
+                              severity="critical", evidence={"control_id": cmd.control_id, "run_id": self.run_id})
 
     def _auto_rollback(self) -> None:
-        self._rollback("last_good", reason=f"{self.guard.spikes} loss spikes")
+        self._rollback({"target": "last_good"}, reason=f"{self.guard.spikes} loss spikes")
         self.guard.reset_spikes()
 
-    def _rollback(self, target: int | str, *, reason: str) -> None:
-        if target == "last_good":
-            steps = [s for s in self._checkpoint_steps(good_only=True) if s <= self.step]
-        else:
-            steps = [s for s in self._checkpoint_steps(good_only=False) if s == int(target)]
+    def _rollback(self, args: dict[str, Any], *, reason: str) -> None:
+        """Restore a checkpoint: ``args`` as in trainer/control.py (the shape evaluators/rollback.py sends)."""
+        target = args.get("target", "last_good")
+        if target not in ("last_good", "step"):
+            raise ValueError(f"target must be 'last_good' or 'step', got {target!r}")
+        if args.get("step") is not None:
+            steps = [s for s in self._checkpoint_steps(good_only=False) if s == int(args["step"])]
+        elif target == "step":
+            raise ValueError("target 'step' needs a step")
+        else:  # no evaluator verdict: the trainer's own last good (no guard trips before it)
+            steps = self._checkpoint_steps(good_only=True)
+        steps = [s for s in steps if s <= self.step]
+        if steps and args.get("checkpoint") and os.path.abspath(args["checkpoint"]) != os.path.abspath(
+                self._step_dir(steps[-1])):
+            raise ValueError(f"checkpoint {args['checkpoint']!r} is not this run's step-{steps[-1]}")
         if not steps:
             if self.events is not None:
-                self.events.alert("trainer.rollback_failed", f"no checkpoint for rollback to {target!r} ({reason})",
+                self.events.alert("trainer.rollback_failed", f"no checkpoint for rollback {args} ({reason})",
                                   severity="critical", evidence={"step": self.step, "run_id": self.run_id})
             return
         to_step, from_step = steps[-1], self.step
+        trained = {s for st, names in self.shard_log.items() if st > to_step for s in names}
+        pending = self._union_over_ranks(self.dataloader.pending_shards())
         self.checkpointer.load(step=to_step)
+        quarantined: set[str] = set()
+        if args.get("quarantine", "since") == "since":
+            # trained after to_step, or read after it and not trained yet (shards read before
+            # to_step and still waiting in the restored buffers are not suspect)
+            read_before = self._union_over_ranks(self.dataloader.buffers.read_shards())
+            suspect = (trained | (pending - read_before)) - {""}
+            quarantined = self._quarantine(shards=suspect, reason=f"read since step {to_step}, rolled back: {reason}")
         self._reapply_quarantine()
-        logger.warning(f"[rollback] step {from_step} -> {to_step}: {reason}")
+        self._abandon_checkpoints_after(to_step, from_step)
+        logger.warning(f"[rollback] step {from_step} -> {to_step}: {reason}; quarantined {len(quarantined)} shards")
         if self.events is not None:
             self.events.alert("trainer.rollback", f"rolled back from step {from_step} to {to_step}: {reason}",
                               severity="warning", evidence={"from_step": from_step, "to_step": to_step,
-                                                            "run_id": self.run_id, "quarantined": sorted(self.quarantined)})
+                                                            "run_id": self.run_id, "quarantined": sorted(quarantined)})
         if self.rank == 0:
             self.metrics_log.write({"step": self.step, "event": "rollback", "from_step": from_step, "to_step": to_step,
-                                    "reason": reason, "wall_time": time.time()})
+                                    "reason": reason, "quarantined_shards": sorted(quarantined),
+                                    "wall_time": time.time()})
+
+    @staticmethod
+    def _union_over_ranks(names: set[str]) -> set[str]:
+        if not dist.is_initialized():
+            return set(names)
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, set(names))
+        return set().union(*out)
+
+    def _quarantine(self, *, shards: set[str] = frozenset(), sources: set[str] = frozenset(),
+                    reason: str) -> set[str]:
+        new_shards, new_sources = self.quarantine.add(shards=shards, sources=sources, reason=reason, step=self.step)
+        if new_shards or new_sources:
+            dropped = self.dataloader.quarantine(shards=new_shards, sources=new_sources)
+            logger.warning(f"[quarantine] +{len(new_shards)} shards +{len(new_sources)} sources "
+                           f"({sorted(new_sources)}), {dropped} buffered samples dropped: {reason}")
+        return new_shards
 
     def _reapply_quarantine(self) -> None:
-        if self.quarantined:
-            dropped = self.dataloader.quarantine(self.quarantined)
-            logger.warning(f"[quarantine] {len(self.quarantined)} shards excluded, {dropped} buffered samples dropped")
+        """After a checkpoint load (restored readers and buffers): skip everything quarantined again."""
+        q = self.quarantine
+        if q.shards or q.sources:
+            dropped = self.dataloader.quarantine(shards=set(q.shards), sources=set(q.sources))
+            logger.warning(f"[quarantine] {len(q.shards)} shards, {len(q.sources)} sources excluded, "
+                           f"{dropped} buffered samples dropped")
+
+    def _abandon_checkpoints_after(self, step: int, from_step: int) -> None:
+        """Move checkpoints of the abandoned branch aside so a restart never resumes from them."""
+        if self.rank == 0:
+            dest = os.path.join(self.checkpointer.folder, "abandoned")
+            os.makedirs(dest, exist_ok=True)
+            for s in self._checkpoint_steps(good_only=False):
+                if s > step:
+                    shutil.move(self._step_dir(s), os.path.join(dest, f"rolled-back-{from_step}-to-{step}.{s}"))
+        if dist.is_initialized():
+            dist.barrier()
 
     def _on_corrupt_shard(self, root: str, shard: str, reason: str) -> None:
-        self.quarantined.add(shard)
         if self.events is not None:
             self.events.alert("trainer.corrupt_shard", f"corrupt shard {shard} skipped: {reason}",
                               evidence={"stream_root": root, "shard": shard, "reason": reason, "run_id": self.run_id})

@@ -1,7 +1,7 @@
 """An incremental dedup index: each new document is checked against all kept ones, then added.
 
-Cost per document is one hash lookup, ``bands`` bucket lookups and a signature
-comparison per candidate, independent of how many documents were seen.
+Cost per document is one hash lookup, ``bands`` bucket lookups and an exact
+shingle-set Jaccard per LSH candidate, independent of how many documents were seen.
 """
 
 from __future__ import annotations
@@ -41,13 +41,17 @@ class Fingerprint(NamedTuple):
 
     doc_id: str
     exact: str
-    signature: np.ndarray | None
+    shingles: np.ndarray | None  # sorted unique uint32 shingle hashes (exact verification)
+    bands: list[int] | None  # LSH band keys of the MinHash signature
     embedding: np.ndarray | None = None
 
 
 def fingerprint(doc_id: str, text: str, config: DedupConfig, hasher: MinHasher, embedding=None) -> Fingerprint:
-    sig = hasher.signature(text) if config.near else None
-    return Fingerprint(doc_id, content_hash(text) if config.exact else "", sig, embedding)
+    shingles = bands = None
+    if config.near:
+        shingles = hasher.shingle_hashes(text)
+        bands = hasher.band_keys(hasher.signature(text, shingles))
+    return Fingerprint(doc_id, content_hash(text) if config.exact else "", shingles, bands, embedding)
 
 
 @dataclass(slots=True)
@@ -55,15 +59,11 @@ class DedupIndex:
     """Exact-hash map, LSH buckets with signature verification, optional FAISS inner-product index."""
 
     config: DedupConfig
-    hasher: MinHasher = field(init=False)
     exact: dict[str, str] = field(default_factory=dict)
     buckets: dict[int, list[int]] = field(default_factory=dict)
     ids: list[str] = field(default_factory=list)
-    signatures: list[np.ndarray] = field(default_factory=list)
+    shingles: list[np.ndarray] = field(default_factory=list)
     semantic: object = None
-
-    def __post_init__(self):
-        self.hasher = self.config.hasher()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -72,11 +72,11 @@ class DedupIndex:
         """(kind, kept_id) if ``fp`` duplicates a kept document, else None."""
         if self.config.exact and fp.exact in self.exact:
             return "exact", self.exact[fp.exact]
-        if self.config.near and fp.signature is not None:
-            candidates = {i for key in self.hasher.band_keys(fp.signature) for i in self.buckets.get(key, ())}
+        if self.config.near and fp.bands is not None:
+            candidates = {i for key in fp.bands for i in self.buckets.get(key, ())}
             best, best_j = None, -1.0
             for i in candidates:
-                j = MinHasher.jaccard(fp.signature, self.signatures[i])
+                j = MinHasher.exact_jaccard(fp.shingles, self.shingles[i])
                 if j > best_j:
                     best, best_j = i, j
             if best is not None and best_j >= self.config.jaccard_threshold:
@@ -93,12 +93,12 @@ class DedupIndex:
         self.ids.append(fp.doc_id)
         if self.config.exact:
             self.exact.setdefault(fp.exact, fp.doc_id)
-        if self.config.near and fp.signature is not None:
-            self.signatures.append(fp.signature)
-            for key in self.hasher.band_keys(fp.signature):
+        if self.config.near and fp.bands is not None:
+            self.shingles.append(fp.shingles)
+            for key in fp.bands:
                 self.buckets.setdefault(key, []).append(i)
         else:
-            self.signatures.append(np.zeros(0, np.uint32))
+            self.shingles.append(np.zeros(0, np.uint32))
         if self.semantic is not None and fp.embedding is not None:
             self.semantic.add(fp.embedding, fp.doc_id)
 

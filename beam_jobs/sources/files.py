@@ -54,4 +54,4 @@ class ReadRecordFiles(beam.PTransform):
         self.paths, self.plan = list(paths), plan
 
     def expand(self, pbegin):
-        return pbegin | "Paths" >> beam.Create(self.paths) | "Records" >> beam.FlatMap(read_records, self.plan) | "Reshuffle" >> beam.Reshuffle()
+        return pbegin | "Paths" >> beam.Create(self.paths) | "Records" >> beam.FlatMap(read_records, self.plan)

@@ -4,7 +4,9 @@ One :class:`~streams.mds.TailReader` per stream root is drained by a prefetch th
 into per-domain deques, so a training step finds its documents already decoded.
 Data-parallel sharding: each rank reads every root and keeps the samples whose
 ordinal in the root (publish order, identical for all ranks) is ``≡ dp_rank (mod
-dp_world)``: no sample goes to two ranks. A snapshot (:meth:`state_dict`) holds the
+dp_world)``: no sample goes to two ranks. Quarantined shards are skipped by the readers and
+quarantined sources are dropped on arrival (their ordinals still count, so sharding stays
+aligned across ranks); both are also purged from the buffers. A snapshot (:meth:`state_dict`) holds the
 readers' cursors and the buffered-but-untrained samples, taken under the lock that
 also guards each read, so restoring it yields exactly the same future samples.
 """
@@ -56,6 +58,7 @@ class StreamBuffers:
         self.buffers: dict[str, deque[Doc]] = {}
         self.available: dict[str, int] = {}  # samples of each domain this rank has received
         self.bad_samples: list[tuple[str, str]] = []
+        self.excluded_sources: set[str] = set()
         self._read_lock = threading.Lock()
         self._cond = threading.Condition()
         self._wanted: set[str] = set()
@@ -120,6 +123,9 @@ class StreamBuffers:
         self._ordinals[root_i] += 1
         if ordinal % self.dp_world != self.dp_rank:
             return
+        source = str(sample.get("source") or "")
+        if source in self.excluded_sources:
+            return
         tokens = np.asarray(sample["tokens"], dtype=np.int32)
         if self.vocab_size is not None and tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
             self.bad_samples.append((sample["id"], f"token id outside [0, {self.vocab_size})"))
@@ -131,6 +137,7 @@ class StreamBuffers:
             tokens=tokens,
             produced_at=float(sample.get("produced_at") or 0.0),
             shard=str(sample.get("_shard", "")),
+            source=source,
         )
         with self._cond:
             self.buffers.setdefault(doc.domain, deque()).append(doc)
@@ -174,13 +181,33 @@ class StreamBuffers:
         with self._read_lock:
             for r in self.readers:
                 r.exclude(shards)
+        return self._purge(lambda doc: doc.shard in shards)
+
+    def drop_sources(self, sources: set[str]) -> int:
+        """Quarantine: drop samples of these sources from now on, buffered ones included."""
+        with self._read_lock:
+            self.excluded_sources.update(sources)
+        return self._purge(lambda doc: doc.source in sources)
+
+    def _purge(self, bad: Callable[[Doc], bool]) -> int:
         dropped = 0
         with self._cond:
             for d, buf in self.buffers.items():
-                keep = deque(doc for doc in buf if doc.shard not in shards)
+                keep = deque(doc for doc in buf if not bad(doc))
                 dropped += len(buf) - len(keep)
                 self.buffers[d] = keep
         return dropped
+
+    def read_shards(self) -> set[str]:
+        """Shards the readers have finished or are reading (per their cursors)."""
+        with self._read_lock:
+            states = [r.state_dict() for r in self.readers]
+        return {name for st in states for name in [*st["done"], st["current"]] if name}
+
+    def buffered_shards(self) -> set[str]:
+        """Shards with samples waiting in the buffers (read but not trained yet)."""
+        with self._cond:
+            return {doc.shard for buf in self.buffers.values() for doc in buf}
 
     # -- checkpoint -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -190,7 +217,7 @@ class StreamBuffers:
                 "ordinals": list(self._ordinals),
                 "available": dict(self.available),
                 "buffers": {
-                    d: [(x.id, x.tokens.tolist(), x.produced_at, x.shard) for x in buf]
+                    d: [(x.id, x.tokens.tolist(), x.produced_at, x.shard, x.source) for x in buf]
                     for d, buf in self.buffers.items()
                 },
             }
@@ -205,6 +232,6 @@ class StreamBuffers:
             self._ordinals = list(state["ordinals"])
             self.available = dict(state["available"])
             self.buffers = {
-                d: deque(Doc(i, d, np.asarray(t, dtype=np.int32), p, sh) for i, t, p, sh in items)
+                d: deque(Doc(i, d, np.asarray(t, dtype=np.int32), *rest) for i, t, *rest in items)
                 for d, items in state["buffers"].items()
             }

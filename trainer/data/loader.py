@@ -41,6 +41,7 @@ class BatchMeta:
     domain_idx: torch.Tensor  # int64 [B, L]: domain of each label position
     doc_ids: list[str]
     doc_domains: list[str]
+    doc_sources: list[str]
     shards: list[str]
     produced_at: list[float]
     wait_s: float  # time this batch waited for data
@@ -106,8 +107,19 @@ class LiveStreamDataLoader(BaseDataLoader):
         if self.on_corrupt is not None:
             self.on_corrupt(root, shard, reason)
 
-    def quarantine(self, shards: set[str]) -> int:
-        return self.buffers.drop_shards(set(shards))
+    def quarantine(self, shards: set[str] = frozenset(), sources: set[str] = frozenset()) -> int:
+        """Never train these shards/sources again: skip them in the stream, drop what is buffered."""
+        dropped = 0
+        if shards:
+            dropped += self.buffers.drop_shards(set(shards))
+        if sources:
+            dropped += self.buffers.drop_sources(set(sources))
+        return dropped + int(self.packer.drop_carry(shards=set(shards), sources=set(sources)))
+
+    def pending_shards(self) -> set[str]:
+        """Shards read into this rank's buffers (or carried by the packer) but not fully trained."""
+        carry = self.packer.carry
+        return self.buffers.buffered_shards() | ({carry.shard} if carry is not None else set())
 
     # -- iteration -------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
@@ -131,6 +143,7 @@ class LiveStreamDataLoader(BaseDataLoader):
             ),
             doc_ids=[d.id for d in docs],
             doc_domains=[d.domain for d in docs],
+            doc_sources=[d.source for d in docs],
             shards=sorted({d.shard for d in docs}),
             produced_at=[d.produced_at for d in docs],
             wait_s=time.monotonic() - t0,

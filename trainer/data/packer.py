@@ -29,6 +29,7 @@ class Doc:
     tokens: np.ndarray
     produced_at: float = 0.0
     shard: str = ""
+    source: str = ""
 
 
 @dataclass(slots=True)
@@ -70,7 +71,7 @@ class Packer:
             docs.append(doc)
             filled += take
             if take < len(doc.tokens):  # the last placed token opens the next row: no label lost
-                self.carry = Doc(doc.id, doc.domain, doc.tokens[take - 1:], doc.produced_at, doc.shard)
+                self.carry = Doc(doc.id, doc.domain, doc.tokens[take - 1:], doc.produced_at, doc.shard, doc.source)
         row = np.concatenate(tokens).astype(np.int64)
         pos = np.concatenate(positions).astype(np.int64)
         idx = np.concatenate(doc_index)
@@ -86,8 +87,16 @@ class Packer:
 
     def state_dict(self) -> dict:
         c = self.carry
-        return {"carry": None if c is None else (c.id, c.domain, c.tokens.tolist(), c.produced_at, c.shard)}
+        return {"carry": None if c is None else (c.id, c.domain, c.tokens.tolist(), c.produced_at, c.shard, c.source)}
 
     def load_state_dict(self, state: dict) -> None:
         c = state.get("carry")
-        self.carry = None if c is None else Doc(c[0], c[1], np.asarray(c[2], dtype=np.int32), c[3], c[4])
+        self.carry = None if c is None else Doc(c[0], c[1], np.asarray(c[2], dtype=np.int32), *c[3:])
+
+    def drop_carry(self, *, shards: set[str] = frozenset(), sources: set[str] = frozenset()) -> bool:
+        """Forget the carried remainder if it comes from a quarantined shard or source."""
+        c = self.carry
+        if c is not None and (c.shard in shards or c.source in sources):
+            self.carry = None
+            return True
+        return False
