@@ -12,7 +12,7 @@ from typing import Any
 
 from apache_beam.metrics.metric import MetricsFilter
 
-__all__ = ["counters_of", "summarize", "write_metrics", "publish_metrics", "log_wandb"]
+__all__ = ["counters_of", "log_wandb", "publish_metrics", "summarize", "write_metrics"]
 
 
 def counters_of(result) -> dict[str, int]:

@@ -13,8 +13,8 @@ import json
 import logging
 import os
 import sys
-import uuid
 import time
+import uuid
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -29,7 +29,7 @@ from beam_jobs.sources.files import ReadRecordFiles
 from beam_jobs.sources.kafka import KafkaSourceConfig, ReadKafkaRanges, ReadKafkaXlang, next_ranges
 from beam_jobs.tokenize import DomainMap
 
-__all__ = ["build_parser", "config_from_args", "run", "main"]
+__all__ = ["build_parser", "config_from_args", "main", "run"]
 
 log = logging.getLogger("headwater.ingest")
 FILTER_NAMES = ("normalize", "language", "c4", "gopher_quality", "gopher_repetition", "pii", "toxicity")
@@ -165,7 +165,7 @@ def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], token
             if deadline is not None and time.monotonic() >= deadline:
                 break
             log.info("micro-batch from %s", [(r.topic, r.partition, r.start) for r in ranges])
-            counters = _run_one(lambda p: p | "ReadKafka" >> ReadKafkaRanges(source, ranges, plan),
+            counters = _run_one(lambda p, r=ranges, pl=plan: p | "ReadKafka" >> ReadKafkaRanges(source, r, pl),
                                 config, options, streaming=False, token=token)
             _add(totals, counters)
             if not counters.get("validate/in"):

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from streams.events import DeadLetter, TokenizedSample
 
-__all__ = ["KafkaCoords", "SourceRecord", "Doc", "Outcome"]
+__all__ = ["Doc", "KafkaCoords", "Outcome", "SourceRecord"]
 
 
 class KafkaCoords(NamedTuple):
@@ -47,7 +47,7 @@ class Doc:
     dropped: str | None = None
     lineage: dict[str, Any] = field(default_factory=dict)
 
-    def drop(self, stage: str, reason: str) -> "Doc":
+    def drop(self, stage: str, reason: str) -> Doc:
         """Mark as dropped and release the text (only the offset matters now)."""
         self.dropped = f"{stage}:{reason}"
         self.text = ""

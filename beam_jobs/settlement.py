@@ -17,7 +17,7 @@ class ResumePlan:
     ranges: dict[tuple[str, int], list[tuple[int, int]]] = field(default_factory=dict)
 
     @classmethod
-    def from_ranges(cls, ranges: list[OffsetRange]) -> "ResumePlan":
+    def from_ranges(cls, ranges: list[OffsetRange]) -> ResumePlan:
         by_tp: dict[tuple[str, int], list[tuple[int, int]]] = {}
         for r in sorted(ranges, key=lambda r: (r.topic, r.partition, r.start)):
             spans = by_tp.setdefault((r.topic, r.partition), [])
@@ -28,7 +28,7 @@ class ResumePlan:
         return cls(by_tp)
 
     @classmethod
-    def of_stream(cls, stream_root: str) -> "ResumePlan":
+    def of_stream(cls, stream_root: str) -> ResumePlan:
         from streams.mds import settled_ranges
 
         return cls.from_ranges(settled_ranges(stream_root))

@@ -24,7 +24,7 @@ from apache_beam.transforms import trigger, window
 from beam_jobs.records import KafkaCoords, Outcome
 from streams.events import DeadLetter, OffsetRange, TokenizedSample
 
-__all__ = ["SinkConfig", "WriteShards", "offsets_to_ranges", "SETTLE_DOMAIN"]
+__all__ = ["SETTLE_DOMAIN", "SinkConfig", "WriteShards", "offsets_to_ranges"]
 
 SETTLE_DOMAIN = "settled"
 _WRITERS: dict[tuple, object] = {}

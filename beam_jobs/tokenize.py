@@ -11,7 +11,7 @@ from apache_beam.metrics import Metrics
 from beam_jobs.records import Doc, Outcome
 from streams.events import TokenizedSample
 
-__all__ = ["DomainMap", "TokenizeText", "PIPELINE_VERSION", "TOKENIZER_VERSION"]
+__all__ = ["PIPELINE_VERSION", "TOKENIZER_VERSION", "DomainMap", "TokenizeText"]
 
 PIPELINE_VERSION = "ingest-text-1"
 TOKENIZER_VERSION = "qwen-bpe-tiktoken"

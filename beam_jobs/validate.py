@@ -15,7 +15,7 @@ from apache_beam.metrics import Metrics
 from beam_jobs.records import Doc, KafkaCoords, SourceRecord
 from streams.events import DeadLetter, EventError, RawRecord
 
-__all__ = ["ValidateConfig", "Invalid", "decode_record", "ValidateDecode", "MEDIA_TAG", "DLQ_TAG"]
+__all__ = ["DLQ_TAG", "MEDIA_TAG", "Invalid", "ValidateConfig", "ValidateDecode", "decode_record"]
 
 STAGE = "validate"
 MEDIA_TAG = "media"

@@ -63,7 +63,7 @@ def datasketch_lsh(docs, variants, threshold):
         m.update_batch([s.encode() for s in hasher.shingles(text)])
         hits = lsh.query(m)
         if hits:
-            found[v] = sorted(hits)[0]
+            found[v] = min(hits)
         lsh.insert(v, m)
     return found, time.perf_counter() - t
 

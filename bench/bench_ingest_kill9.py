@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--docs", type=int, default=120)
     a = ap.parse_args()
-    lost = dup = kills_total = 0
+    lost = dup = extra = kills_total = 0
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(run_dir=Path(tmp) / "broker") as broker:
         settings = KafkaSettings(bootstrap=broker.bootstrap)
         producer = make_producer(settings)
@@ -94,15 +94,17 @@ def main() -> None:
             root = os.path.join(tmp, f"s{trial}")
             kills = ingest(broker.bootstrap, topic, root, rng.randint(1, 3), rng)
             ids = ids_in(root)
-            t_lost, t_dup = len(keep - set(ids)), len(ids) - len(set(ids))
-            lost, dup, kills_total = lost + t_lost, dup + t_dup, kills_total + kills
-            print(f"trial {trial:2d}: {kills} kill(s), {len(set(ids))}/{len(keep)} written, lost {t_lost}, duplicated {t_dup}")
-        print(f"{a.trials} trials, {kills_total} SIGKILLs, lost {lost}, duplicated {dup}, {time.time() - t0:.0f}s")
+            t_lost, t_dup, t_extra = len(keep - set(ids)), len(ids) - len(set(ids)), len(set(ids) - keep)
+            lost, dup, extra, kills_total = lost + t_lost, dup + t_dup, extra + t_extra, kills_total + kills
+            print(f"trial {trial:2d}: {kills} kill(s), {len(set(ids))}/{len(keep)} written, lost {t_lost}, "
+                  f"duplicated {t_dup}, unexpected {t_extra}", flush=True)
+        print(f"{a.trials} trials, {kills_total} SIGKILLs, lost {lost}, duplicated {dup}, unexpected {extra}, "
+              f"{time.time() - t0:.0f}s")
         # Baseline: the last corpus without kills gives the same id set.
         root = os.path.join(tmp, "baseline")
         ingest(broker.bootstrap, topic, root, 0, rng)
         print(f"baseline (no kills) ids identical to last trial: {sorted(ids_in(root)) == sorted(ids)}")
-    sys.exit(1 if lost or dup else 0)
+    sys.exit(1 if lost or dup or extra else 0)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from kafka.structs import OffsetAndMetadata
 from beam_jobs.dedup.index import DedupConfig
 from evaluators.checkpoint import CheckpointError, load_checkpoint
 from evaluators.evalsets import EvalSuite, SuiteError, load_suite
+from evaluators.identity import checkpoint_key
 from evaluators.leakage import LeakageDetector
 from evaluators.ledger import EvalLedger
 from evaluators.metrics import item_table, score_items, summarize, text_bytes
@@ -62,7 +63,7 @@ class Evaluator:
                              f"this evaluator has {self.vocab.version}; rebuild the suite or the evaluator")
         self._bytes = [text_bytes(self.vocab.decode, it.tokens, self.vocab.text_size) if it.modality == "text" else 0
                        for it in self.suite.items]
-        self.settings = KafkaSettings(bootstrap=c.bootstrap, client_id=f"headwater-{c.instance}")
+        self.settings = KafkaSettings.load(bootstrap=c.bootstrap, client_id=f"headwater-{c.instance}")
         self.producer = make_producer(self.settings)
         self.ledger = EvalLedger(self.settings)
         self.leakage = LeakageDetector(self.suite.items, decode_text=self.vocab.decode, text_size=self.vocab.text_size,
@@ -77,6 +78,7 @@ class Evaluator:
         report = EvalReport(run_id=ckpt.run_id, step=ckpt.step, checkpoint_path=ckpt.path, suite=self.suite.name,
                             vocab_version=ckpt.vocab_version, passed=False,
                             details={"suite_version": self.suite.version, "instance": self.config.instance,
+                                     "checkpoint_wall_time": checkpoint_key(ckpt)[1],
                                      "tokenizer_version": ckpt.tokenizer_version,
                                      "discretizer_version": ckpt.discretizer_version})
         if ckpt.vocab_version != self.suite.vocab_version:
@@ -91,13 +93,21 @@ class Evaluator:
         if loaded.meta.get("vocab_version") not in (None, ckpt.vocab_version):
             report.error = f"vocab mismatch: {ckpt.path}/headwater.json says {loaded.meta['vocab_version']!r}"
             return report
+        vocab_size = int(loaded.meta.get("vocab_size") or self.vocab.size)
+        too_big = max((int(it.tokens.max()) for it in self.suite.items if it.tokens.size), default=-1)
+        if too_big >= vocab_size:
+            report.error = (f"suite {self.suite.name!r} has token id {too_big}, outside the checkpoint's "
+                            f"vocab of {vocab_size}; refusing to evaluate")
+            return report
         self.leakage.scan()
         leaked = self.leakage.leaks
         keep = [i for i, it in enumerate(self.suite.items) if it.id not in leaked]
         items = [self.suite.items[i] for i in keep]
         seq_len = self.config.seq_len or int(loaded.meta.get("seq_len", 512))
+        pad_id = self.vocab.special("<|pad|>")
+        pad_id = pad_id if pad_id < vocab_size else 0  # masked and after every real token: any id works
         nll, count = score_items(loaded.model, items, seq_len=seq_len, batch_size=self.config.batch_size,
-                                 pad_id=self.vocab.special("<|pad|>"))
+                                 pad_id=pad_id)
         table = item_table(items, nll, count, [self._bytes[i] for i in keep])
         report.metrics = {**summarize(table), "eval_items": float(len(items)), "leaked_items": float(len(leaked))}
         report.details.update(items=table, leakage=[leak.as_dict() for leak in leaked.values()])
@@ -119,11 +129,12 @@ class Evaluator:
                      message=(f"step {report.step} regressed on {worst['metric']}: log-ppl +{worst['delta']:.4f} "
                               f"(95% CI [{worst['ci_low']:.4f}, {worst['ci_high']:.4f}]) vs step {reg['best_step']}"),
                      evidence={"action": "rollback", "run_id": report.run_id, "checkpoint": report.checkpoint_path,
+                               "checkpoint_wall_time": report.details.get("checkpoint_wall_time"),
                                "step": report.step, "suite": report.suite, **reg})
 
     def handle(self, ckpt: CheckpointSaved) -> EvalReport | None:
         """Evaluate and publish unless the ledger already settles this (checkpoint, suite)."""
-        key = (ckpt.path, self.suite.name)
+        key = (checkpoint_key(ckpt), self.suite.name)
         self.ledger.refresh()
         if key in self.ledger.done:
             return None

@@ -49,11 +49,12 @@ class LeakageDetector:
     config: DedupConfig = field(default_factory=lambda: DedupConfig(shard_key="none"))
     leaks: dict[str, Leak] = field(default_factory=dict)
     _index: object = None
+    _hasher: object = None
     _readers: list[TailReader] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._index = _new_index(self.config)
-        hasher = self._index.hasher
+        self._hasher = hasher = self.config.hasher()
         texts = [self._text(it.modality, it.tokens) for it in self.items]
         embeddings = self._embed(texts)
         for it, text, emb in zip(self.items, texts, embeddings):
@@ -73,7 +74,7 @@ class LeakageDetector:
     def scan(self) -> list[Leak]:
         """Check training samples published since the last scan; return the new leaks."""
         new: list[Leak] = []
-        hasher = self._index.hasher
+        hasher = self._hasher
         for root, reader in zip(self.train_roots, self._readers):
             batch = list(reader.samples(timeout_s=0))
             texts = [self._text(s["modality"], np.asarray(s["tokens"])) for s in batch]

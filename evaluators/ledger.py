@@ -3,6 +3,7 @@
 Evaluators read it from the beginning at start and catch up again right before publishing,
 so a checkpoint already reported (by this or another instance, before or after a restart)
 is never evaluated or published twice; the first report on the topic wins.
+Checkpoints are identified by path and save time (evaluators/identity.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 
 from kafka import TopicPartition
 
+from evaluators.identity import CheckpointKey, report_key
 from streams.events import EvalReport, EventError, decode_event
 from streams.kafka import KafkaSettings, make_consumer
 
@@ -44,12 +46,12 @@ class TopicFollower:
 
 
 class EvalLedger:
-    """Reports seen on ``evals`` and the (checkpoint_path, suite) pairs they settle."""
+    """Reports seen on ``evals`` and the (checkpoint key, suite) pairs they settle."""
 
     def __init__(self, settings: KafkaSettings, topic: str = "evals"):
         self.follower = TopicFollower(settings, [topic])
         self.reports: list[EvalReport] = []
-        self.done: set[tuple[str, str]] = set()
+        self.done: set[tuple[CheckpointKey, str]] = set()
 
     def refresh(self) -> None:
         for record in self.follower.catch_up():
@@ -62,7 +64,7 @@ class EvalLedger:
                 self.add(event)
 
     def add(self, report: EvalReport) -> None:
-        key = (report.checkpoint_path, report.suite)
+        key = (report_key(report), report.suite)
         if key not in self.done:
             self.done.add(key)
             self.reports.append(report)

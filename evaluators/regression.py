@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from evaluators.identity import report_key
 from streams.events import EvalReport
 
 __all__ = ["Finding", "RegressionConfig", "detect_regressions", "overall_loss", "pick_best"]
@@ -61,7 +62,7 @@ def overall_loss(report: EvalReport) -> float:
 def pick_best(previous: list[EvalReport], current: EvalReport) -> EvalReport | None:
     """The comparable previous report (same suite, suite version and vocab) with the lowest loss."""
     def comparable(r: EvalReport) -> bool:
-        return (r.error is None and r.passed and r.checkpoint_path != current.checkpoint_path
+        return (r.error is None and r.passed and report_key(r) != report_key(current)
                 and r.suite == current.suite and r.vocab_version == current.vocab_version
                 and r.details.get("suite_version") == current.details.get("suite_version")
                 and bool(r.details.get("items")))

@@ -1,24 +1,32 @@
-"""Rollback policy, both ways: model regressions roll the trainer back and quarantine the
-shards trained since the last good checkpoint; data alerts quarantine/pause their source.
+"""Rollback policy, both ways: model regressions roll the trainer back to its last good
+checkpoint (the trainer quarantines the shards it read since); data alerts quarantine/pause
+their source.
 
 The policy is a pure decision function over what it has observed (CheckpointSaved,
-EvalReport, ShardPublished); publishing the Controls and logging lineage is done by
+EvalReport, the rollback Controls issued and the trainer's ``trainer.rollback`` alerts);
+publishing the Controls and logging lineage is done by
 :class:`evaluators.alerts.control.ControlHook`.
 
-Control commands it issues (args)::
+Control commands it issues (args; the full list is in docs/TEAM_CONTRACTS.md)::
 
-    rollback           {"target": "last_good", "run_id", "checkpoint": <path>, "step"}
-    quarantine_shards  {"run_id", "since_step", "shards": [<shard name>, ...]}
+    rollback           {"target": "last_good", "run_id", "checkpoint": <path>, "step", "quarantine": "since"}
     quarantine_source  {"source"}        (ingest drops it, trainer skips its samples)
     pause_source       {"source"}        (ingest stops reading it until resume_source)
     pause_domain       {"domain"}        (trainer stops sampling it until resume_domain)
+
+A regression alert is not acted on twice: while a rollback of the run is issued but not yet
+applied by the trainer, and for checkpoints saved before the last rollback, it is skipped
+with its reason.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from streams.events import Alert, CheckpointSaved, Control, EvalReport, Event, ShardPublished
+from evaluators.identity import CheckpointKey, checkpoint_key, report_key
+from streams.events import Alert, CheckpointSaved, Control, EvalReport, Event
 
 __all__ = ["Decision", "RollbackPolicy"]
 
@@ -32,36 +40,41 @@ class Decision:
 
 
 class RollbackPolicy:
-    """Turns alerts into Control commands from the checkpoint/eval/shard history it observes."""
+    """Turns alerts into Control commands from the checkpoint/eval/rollback history it observes."""
 
-    def __init__(self, *, issued_by: str = "headwater-evaluate"):
+    def __init__(self, *, issued_by: str = "headwater-evaluate", pending_s: float = 300.0,
+                 clock: Callable[[], float] = time.time):
         self.issued_by = issued_by
-        self.checkpoints: dict[str, CheckpointSaved] = {}
-        self.reports: dict[str, list[EvalReport]] = {}
-        self.shards: dict[str, ShardPublished] = {}
+        self.pending_s = pending_s
+        self.clock = clock
+        self.checkpoints: dict[CheckpointKey, CheckpointSaved] = {}
+        self.reports: dict[CheckpointKey, list[EvalReport]] = {}
+        self.issued: dict[str, float] = {}   # run_id -> issue time of its latest rollback Control
+        self.applied: dict[str, float] = {}  # run_id -> time the trainer last reported a rollback
 
     def observe(self, event: Event) -> None:
-        """Track checkpoints, eval reports and published shards."""
+        """Track checkpoints, eval reports, issued rollbacks and rollbacks the trainer applied."""
         if isinstance(event, CheckpointSaved):
-            self.checkpoints[event.path] = event
+            self.checkpoints[checkpoint_key(event)] = event
         elif isinstance(event, EvalReport):
-            self.reports.setdefault(event.checkpoint_path, []).append(event)
-        elif isinstance(event, ShardPublished):
-            self.shards.setdefault(event.shard, event)
+            self.reports.setdefault(report_key(event), []).append(event)
+        elif isinstance(event, Control) and event.command == "rollback" and event.args.get("run_id"):
+            run = event.args["run_id"]
+            self.issued[run] = max(self.issued.get(run, 0.0), event.issued_at)
+        elif isinstance(event, Alert) and event.rule == "trainer.rollback" and event.evidence.get("run_id"):
+            run = event.evidence["run_id"]
+            self.applied[run] = max(self.applied.get(run, 0.0), event.created_at)
 
-    def is_good(self, path: str) -> bool:
+    def is_good(self, ckpt: CheckpointSaved) -> bool:
         """A checkpoint is good when it has eval reports and every one passed without error."""
-        reports = self.reports.get(path, [])
+        key = checkpoint_key(ckpt)
+        reports = self.reports.get(key, []) + self.reports.get((key[0], None), [])  # + legacy reports
         return bool(reports) and all(r.passed and r.error is None for r in reports)
 
     def last_good(self, run_id: str) -> CheckpointSaved | None:
-        """The most recent (highest step) good checkpoint of ``run_id``."""
-        good = [c for c in self.checkpoints.values() if c.run_id == run_id and self.is_good(c.path)]
+        """The most recent (highest step, then latest) good checkpoint of ``run_id``."""
+        good = [c for c in self.checkpoints.values() if c.run_id == run_id and self.is_good(c)]
         return max(good, key=lambda c: (c.step, c.wall_time), default=None)
-
-    def shards_since(self, good: CheckpointSaved) -> list[str]:
-        """Shards the trainer may have taken since ``good``: published after it was saved."""
-        return sorted(s.shard for s in self.shards.values() if s.published_at > good.wall_time)
 
     def decide(self, alert: Alert) -> Decision:
         """The Controls an alert calls for (by its ``evidence['action']``)."""
@@ -87,16 +100,21 @@ class RollbackPolicy:
         run_id = alert.evidence.get("run_id") or alert.evidence.get("labels", {}).get("run_id")
         if not run_id:
             return Decision(skipped="rollback needs evidence.run_id")
+        issued, applied = self.issued.get(run_id), self.applied.get(run_id, 0.0)
+        if issued is not None and applied < issued and self.clock() - issued < self.pending_s:
+            return Decision(skipped=f"a rollback of run {run_id!r} issued at {issued:.3f} is not applied yet")
+        saved_at = alert.evidence.get("checkpoint_wall_time")
+        if saved_at is not None and saved_at <= max(issued or 0.0, applied):
+            return Decision(skipped=f"checkpoint saved at {saved_at:.3f} predates the last rollback of run "
+                                    f"{run_id!r}: already rolled back")
         good = self.last_good(run_id)
         if good is None:
             return Decision(skipped=f"no checkpoint of run {run_id!r} has passed evaluation; rollback needs a human")
-        controls = [self._control("rollback", {"target": "last_good", "run_id": run_id,
-                                               "checkpoint": good.path, "step": good.step}, reason)]
-        shards = self.shards_since(good)
-        if shards:
-            controls.append(self._control("quarantine_shards", {"run_id": run_id, "since_step": good.step,
-                                                                "shards": shards}, reason))
-        return Decision(controls)
+        args = {"target": "last_good", "run_id": run_id, "checkpoint": good.path, "step": good.step,
+                "quarantine": "since"}
+        control = self._control("rollback", args, reason)
+        self.issued[run_id] = control.issued_at
+        return Decision([control])
 
     def _control(self, command: str, args: dict, reason: str) -> Control:
         return Control(command=command, args=args, reason=reason, issued_by=self.issued_by)

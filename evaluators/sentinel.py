@@ -2,11 +2,12 @@
 
 Two consumers:
 
-* a follower reading ``checkpoints``, ``evals`` and ``shards`` from the beginning, which feeds
+* a follower reading ``checkpoints``, ``evals`` and ``control`` from the beginning, which feeds
   the :class:`RollbackPolicy` its history (caught up before every alert is handled);
 * a group consumer on ``metrics``, ``evals`` and ``alerts`` with manual commits: metrics and
   reports go through the rule engine, whose alerts are published to ``alerts``; every alert
-  on ``alerts`` (from rules, evaluators or the trainer) is dispatched to its hooks once.
+  on ``alerts`` (from rules, evaluators or the trainer) is dispatched to its hooks once, and the
+  trainer's own ``trainer.rollback`` alerts tell the policy a rollback was applied.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Sentinel:
         self.config = config
         with open(config.rules, "rb") as f:
             doc = tomllib.load(f)
-        self.settings = KafkaSettings(bootstrap=config.bootstrap, client_id=f"headwater-{config.instance}")
+        self.settings = KafkaSettings.load(bootstrap=config.bootstrap, client_id=f"headwater-{config.instance}")
         self.engine = AlertEngine(parse_rules(doc), source=config.instance)
         self.policy = RollbackPolicy(issued_by=config.instance)
         self.lineage = LineageLog(config.lineage)
@@ -57,7 +58,7 @@ class Sentinel:
         control = ControlHook(producer=self.producer, policy=self.policy, lineage=self.lineage)
         self.dispatcher = Dispatcher(build_hooks(doc, control=control),
                                      default_hooks=doc.get("dispatch", {}).get("default_hooks", []))
-        self.history = TopicFollower(self.settings, ["checkpoints", "evals", "shards"])
+        self.history = TopicFollower(self.settings, ["checkpoints", "evals", "control"])
         self.handled: list[tuple[Alert, dict]] = []
 
     def _catch_up_history(self) -> None:
@@ -84,6 +85,7 @@ class Sentinel:
             self._raise(self.engine.observe_eval(event))
         elif isinstance(event, Alert):
             self._catch_up_history()
+            self.policy.observe(event)
             results = self.dispatcher.dispatch(event)
             if results:
                 log.info("alert %s (%s): %s", event.rule, event.alert_id, results)

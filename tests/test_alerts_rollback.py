@@ -2,42 +2,74 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from evaluators.alerts.control import ControlHook
 from evaluators.lineage import LineageLog
 from evaluators.rollback import RollbackPolicy
-from streams.events import Alert, CheckpointSaved, Control, EvalReport, ShardPublished, decode_event
+from streams.events import Alert, CheckpointSaved, Control, EvalReport, decode_event
 from streams.kafka import KafkaSettings, make_consumer, make_producer, poll_records
 
 
 def history(policy: RollbackPolicy, run_id: str = "run1") -> None:
-    """Checkpoints 100 (passed), 200 (passed), 300 (failed); shards before and after step 200."""
+    """Checkpoints 100 (passed), 200 (passed), 300 (failed)."""
     for step, wall, passed in ((100, 10.0, True), (200, 20.0, True), (300, 30.0, False)):
         path = f"/runs/{run_id}/step-{step}"
         policy.observe(CheckpointSaved(run_id=run_id, path=path, step=step, tokens=step * 10,
                                        vocab_version="v1", wall_time=wall))
         policy.observe(EvalReport(run_id=run_id, step=step, checkpoint_path=path, suite="core",
-                                  vocab_version="v1", passed=passed))
-    for name, at in (("old-a", 5.0), ("old-b", 15.0), ("new-a", 21.0), ("new-b", 29.0)):
-        policy.observe(ShardPublished(stream_root="/s", shard=name, domain="wiki", samples=10, bytes=100,
-                                      vocab_version="v1", writer_id="w", published_at=at))
+                                  vocab_version="v1", passed=passed,
+                                  details={"checkpoint_wall_time": wall}))
 
 
-def regression_alert(run_id: str = "run1") -> Alert:
+def regression_alert(run_id: str = "run1", saved_at: float | None = 30.0) -> Alert:
     return Alert(rule="eval_regression", severity="critical", message="overall logppl +0.3",
-                 source="evaluator", evidence={"action": "rollback", "run_id": run_id})
+                 source="evaluator", evidence={"action": "rollback", "run_id": run_id,
+                                               "checkpoint_wall_time": saved_at})
 
 
-def test_regression_rolls_back_to_last_good_and_quarantines_later_shards():
+def test_regression_rolls_back_to_last_good_and_asks_the_trainer_to_quarantine_what_it_read_since():
     policy = RollbackPolicy()
     history(policy)
-    rollback, quarantine = policy.decide(regression_alert()).controls
+    (rollback,) = policy.decide(regression_alert()).controls
     assert rollback.command == "rollback"
-    assert rollback.args == {"target": "last_good", "run_id": "run1", "checkpoint": "/runs/run1/step-200", "step": 200}
-    assert quarantine.command == "quarantine_shards"
-    assert quarantine.args["shards"] == ["new-a", "new-b"] and quarantine.args["since_step"] == 200
+    assert rollback.args == {"target": "last_good", "run_id": "run1", "checkpoint": "/runs/run1/step-200",
+                             "step": 200, "quarantine": "since"}
     assert "eval_regression" in rollback.reason
+
+
+def test_a_regression_is_not_acted_on_twice():
+    now = [100.0]
+    policy = RollbackPolicy(clock=lambda: now[0], pending_s=60)
+    history(policy)
+    (first,) = policy.decide(regression_alert(saved_at=30.0)).controls
+    policy.observe(first)
+    # a later checkpoint of the abandoned branch regresses while the trainer has not applied it yet
+    assert "not applied yet" in policy.decide(regression_alert(saved_at=31.0)).skipped
+    policy.observe(Alert(rule="trainer.rollback", severity="warning", message="rolled back", source="trainer",
+                         evidence={"run_id": "run1", "to_step": 200}, created_at=first.issued_at + 1))
+    assert "already rolled back" in policy.decide(regression_alert(saved_at=first.issued_at + 0.5)).skipped
+    # a checkpoint of the new branch that regresses again is rolled back again
+    assert policy.decide(regression_alert(saved_at=first.issued_at + 5)).controls[0].args["step"] == 200
+    # a pending rollback that the trainer never applies stops blocking after pending_s
+    other = RollbackPolicy(clock=lambda: now[0], pending_s=60)
+    history(other)
+    other.observe(other.decide(regression_alert()).controls[0])
+    now[0] = time.time() + 61
+    assert other.decide(regression_alert(saved_at=time.time() + 1)).controls
+
+
+def test_a_rechecked_checkpoint_at_the_same_path_is_judged_on_its_own_reports():
+    policy = RollbackPolicy()
+    history(policy)
+    # after a rollback the trainer saves step-300 again at the same path; its new report passes
+    policy.observe(CheckpointSaved(run_id="run1", path="/runs/run1/step-300", step=300, tokens=1,
+                                   vocab_version="v1", wall_time=40.0))
+    policy.observe(EvalReport(run_id="run1", step=300, checkpoint_path="/runs/run1/step-300", suite="core",
+                              vocab_version="v1", passed=True, details={"checkpoint_wall_time": 40.0}))
+    good = policy.last_good("run1")
+    assert (good.step, good.wall_time) == (300, 40.0)
 
 
 def test_a_checkpoint_with_any_failed_or_errored_report_is_not_good():
@@ -72,17 +104,17 @@ def test_control_hook_publishes_on_real_broker_and_records_lineage(broker, tmp_p
     try:
         alert = regression_alert()
         result = ControlHook(producer=producer, policy=policy, lineage=lineage)(alert)
-        assert len(result["controls"]) == 2
+        assert len(result["controls"]) == 1
         got = {}
-        for rec in poll_records(consumer, timeout_s=30, until=lambda seen: len(got) >= 2):
+        for rec in poll_records(consumer, timeout_s=30, until=lambda seen: len(got) >= 1):
             ev = decode_event(rec.value)
             if isinstance(ev, Control) and ev.control_id in result["controls"]:
                 got[ev.control_id] = ev
-        assert sorted(c.command for c in got.values()) == ["quarantine_shards", "rollback"]
+        assert [c.command for c in got.values()] == ["rollback"]
         entries = lineage.entries()
-        assert [e["action"] for e in entries] == ["rollback", "quarantine_shards"]
-        assert all(e["alert_id"] == alert.alert_id and e["reason"] for e in entries)
-        assert entries[1]["args"]["shards"] == ["new-a", "new-b"]
+        assert [e["action"] for e in entries] == ["rollback"]
+        assert entries[0]["alert_id"] == alert.alert_id and entries[0]["reason"]
+        assert entries[0]["args"]["step"] == 200
         ControlHook(producer=producer, policy=RollbackPolicy(), lineage=lineage)(regression_alert("nope"))
         assert lineage.entries()[-1]["action"] == "skipped"
     finally:

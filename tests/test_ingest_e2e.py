@@ -147,7 +147,7 @@ def test_streaming_ingest_matches_bounded(broker, tmp_path):
     assert decoded(live) == texts
     assert summary["dead_letters"] == 3
     run(_args("--input", write_jsonl(tmp_path / "in.jsonl", records), "--stream-root", str(tmp_path / "batch")))
-    content = lambda samples: sorted((s["id"], s["domain"], s["language"], s["tokens"].tolist()) for s in samples)  # noqa: E731
+    content = lambda samples: sorted((s["id"], s["domain"], s["language"], s["tokens"].tolist()) for s in samples)
     assert content(live) == content(stream_samples(str(tmp_path / "batch")))
     _assert_dlq_topic_has(broker.bootstrap, topic, {"invalid_utf8", "malformed_json", "unknown_modality"})
 

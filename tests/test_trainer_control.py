@@ -55,7 +55,7 @@ def test_rollback_control_restores_checkpoint(tmp_path, broker):
         wait_for(lambda: os.path.exists(os.path.join(run, "checkpoints", "step-10", "headwater.json"))
                  and last_step(run) >= 14, 240, proc)
         producer = make_producer(settings)
-        publish(producer, "control", Control(command="rollback", args={"target": "step", "step": 10}, reason="test"))
+        publish(producer, "control", Control(command="rollback", args={"target": "step", "step": 10, "quarantine": "none"}, reason="test"))
         producer.close()
         assert proc.wait(timeout=300) == 0
     finally:
@@ -72,7 +72,8 @@ def test_rollback_control_restores_checkpoint(tmp_path, broker):
     # the restored checkpoint (model, optimizer, data cursor, mixer) replays the same steps exactly
     for step in range(11, events[0]["from_step"] + 1):
         assert after[step] == before[step], step
-    alerts = [json.loads(line) for line in open(os.path.join(run, "alerts.jsonl"))]
+    with open(os.path.join(run, "alerts.jsonl")) as f:
+        alerts = [json.loads(line) for line in f]
     assert any(a["rule"] == "trainer.rollback" for a in alerts)
 
     saved = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -132,7 +133,7 @@ def test_corrupt_shard_is_skipped_and_reported(tmp_path):
     it = iter(loader)
     seen = set()
     for _ in range(6):
-        batch, labels = next(it)
+        batch, _labels = next(it)
         seen |= set(batch["_meta"].shards)
     loader.close()
     assert reports and reports[0][0] == names[1]
@@ -143,7 +144,7 @@ def test_loader_resume_yields_identical_batches(tmp_path):
     root = str(tmp_path / "s")
     write_stream(root, domains=DOMAINS, shards=2, per_shard=20, vocab=64)
     cfg = LiveStreamDataLoader.Config(stream_roots=[root], mixing=Mixer.Config(policy="static"))
-    kw = dict(dp_world_size=1, dp_rank=0, seq_len=32, local_batch_size=2, vocab_size=64)
+    kw = {"dp_world_size": 1, "dp_rank": 0, "seq_len": 32, "local_batch_size": 2, "vocab_size": 64}
     a = LiveStreamDataLoader(cfg, **kw)
     it = iter(a)
     for _ in range(3):
@@ -175,3 +176,28 @@ def test_loss_guard_flags_nan_and_spikes_then_asks_for_rollback():
     restored = LossGuard.Config(window=20, z_threshold=4.0, min_history=5, max_spikes=2).build()
     restored.load_state_dict(guard.state_dict())
     assert restored.state_dict() == guard.state_dict()
+
+
+def test_quarantine_skips_shards_and_sources_including_buffered_samples(tmp_path):
+    root = str(tmp_path / "s")
+    good = write_stream(root, domains={"markov": "markov"}, shards=3, per_shard=20, vocab=64, source="site:good")
+    leaky = write_stream(root, domains={"markov": "markov"}, shards=2, per_shard=20, vocab=64, writer_id="w2",
+                         seed=1, source="site:leaky")
+    loader = LiveStreamDataLoader(LiveStreamDataLoader.Config(stream_roots=[root], starve_timeout_s=2),
+                                  dp_world_size=1, dp_rank=0, seq_len=32, local_batch_size=2, vocab_size=64)
+    it = iter(loader)
+    first = next(it)[0]["_meta"]
+    deadline = time.monotonic() + 10
+    while loader.buffers.available.get("markov", 0) < 100 and time.monotonic() < deadline:
+        time.sleep(0.05)  # everything read into the buffers: the quarantine must purge them
+    assert "site:leaky" not in first.doc_sources
+    dropped = loader.quarantine(shards={good[1]}, sources={"site:leaky"})
+    assert dropped >= 40
+    assert loader.pending_shards() <= {good[0], good[2]}
+    seen_sources, seen_shards = set(), set()
+    for _ in range(8):  # ~35 good documents left: plenty for 8 batches of 2 x 33 tokens
+        meta = next(it)[0]["_meta"]
+        seen_sources |= set(meta.doc_sources)
+        seen_shards |= set(meta.shards)
+    loader.close()
+    assert seen_sources == {"site:good"} and not seen_shards & ({good[1]} | set(leaky))

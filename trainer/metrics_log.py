@@ -22,7 +22,7 @@ class MetricsLog:
     def __init__(self, config: Config, *, run_dir: str, run_id: str, run_config: dict[str, Any] | None = None):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         os.makedirs(run_dir, exist_ok=True)
-        self._file = open(self.path, "a", buffering=1)
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - open for the run, closed in close()
         self._wandb = None
         if config.wandb:
             import wandb

@@ -5,8 +5,9 @@ What it adds to ``torchtitan.trainer.Trainer``:
 - a NaN/spike guard that skips the optimizer step, alerts, and after N spikes rolls back;
 - control commands (rollback, pause/resume domain, quarantine shards/sources; see
   trainer/control.py) applied by all ranks at the same step; a rollback quarantines the shards
-  read since the restored checkpoint, moves the abandoned checkpoints to
-  ``checkpoints/abandoned/`` and the quarantine persists in RUN/quarantine.json;
+  trained since the restored checkpoint and those read but not trained yet, moves the
+  abandoned checkpoints to ``checkpoints/abandoned/``; the quarantine persists in
+  RUN/quarantine.json;
 - RUN/metrics.jsonl (with the shards and sources each step trained) + wandb + ``metrics``
   topic every step; ``headwater.json`` beside each DCP checkpoint and a CheckpointSaved
   event on the ``checkpoints`` topic.
@@ -393,14 +394,12 @@ class HeadwaterTrainer(Trainer):
         to_step, from_step = steps[-1], self.step
         trained = {s for st, names in self.shard_log.items() if st > to_step for s in names}
         pending = self._union_over_ranks(self.dataloader.pending_shards())
-        self.checkpointer.load(step=to_step)
         quarantined: set[str] = set()
         if args.get("quarantine", "since") == "since":
-            # trained after to_step, or read after it and not trained yet (shards read before
-            # to_step and still waiting in the restored buffers are not suspect)
-            read_before = self._union_over_ranks(self.dataloader.buffers.read_shards())
-            suspect = (trained | (pending - read_before)) - {""}
-            quarantined = self._quarantine(shards=suspect, reason=f"read since step {to_step}, rolled back: {reason}")
+            # trained after to_step, or read and waiting in the buffers (bounded by their capacity)
+            quarantined = self._quarantine(shards=(trained | pending) - {""},
+                                           reason=f"trained or read since step {to_step}, rolled back: {reason}")
+        self.checkpointer.load(step=to_step)
         self._reapply_quarantine()
         self._abandon_checkpoints_after(to_step, from_step)
         logger.warning(f"[rollback] step {from_step} -> {to_step}: {reason}; quarantined {len(quarantined)} shards")
@@ -428,6 +427,10 @@ class HeadwaterTrainer(Trainer):
             dropped = self.dataloader.quarantine(shards=new_shards, sources=new_sources)
             logger.warning(f"[quarantine] +{len(new_shards)} shards +{len(new_sources)} sources "
                            f"({sorted(new_sources)}), {dropped} buffered samples dropped: {reason}")
+            if self.rank == 0:
+                self.metrics_log.write({"step": self.step, "event": "quarantine", "shards": sorted(new_shards),
+                                        "sources": sorted(new_sources), "dropped_buffered": dropped,
+                                        "reason": reason, "wall_time": time.time()})
         return new_shards
 
     def _reapply_quarantine(self) -> None:

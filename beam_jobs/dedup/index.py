@@ -13,7 +13,7 @@ import numpy as np
 
 from beam_jobs.dedup.minhash import MinHasher, content_hash
 
-__all__ = ["DedupConfig", "Fingerprint", "DedupIndex", "fingerprint"]
+__all__ = ["DedupConfig", "DedupIndex", "Fingerprint", "fingerprint"]
 
 
 @dataclass(kw_only=True, slots=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-__all__ = ["normalize_for_hash", "content_hash", "MinHasher"]
+__all__ = ["MinHasher", "content_hash", "normalize_for_hash"]
 
 _NON_WORD = re.compile(r"[^\w\s]+")
 _P = np.uint64((1 << 61) - 1)

@@ -21,10 +21,10 @@ from apache_beam.coders import PickleCoder, VarIntCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec
 
-from beam_jobs.dedup.index import DedupConfig, DedupIndex, Fingerprint, fingerprint
+from beam_jobs.dedup.index import DedupConfig, DedupIndex, fingerprint
 from beam_jobs.records import Doc
 
-__all__ = ["Dedup", "shard_key", "SeedFn"]
+__all__ = ["Dedup", "SeedFn", "shard_key"]
 
 class SeedFn(Protocol):
     """Reads (shard, shard_key, doc_id, text) of published documents in shards not skipped."""
@@ -134,7 +134,7 @@ class _CheckFn(beam.DoFn):
             _COUNTS[(self.token, key)] = count
         return index
 
-    def process(self, element, kept=beam.DoFn.StateParam(KEPT), count_state=beam.DoFn.StateParam(COUNT)):
+    def process(self, element, kept=beam.DoFn.StateParam(KEPT), count_state=beam.DoFn.StateParam(COUNT)):  # noqa: B008
         key, (doc, fp) = element
         if fp is None:
             yield doc

@@ -13,18 +13,18 @@ from beam_jobs.filters.quality import C4QualityFilter, GopherQualityFilter, Goph
 from beam_jobs.filters.toxicity import ToxicityFilter
 
 __all__ = [
+    "C4QualityFilter",
     "FilterChain",
     "FilterStep",
-    "TextFilter",
-    "run_filters",
-    "NormalizeFilter",
-    "LanguageFilter",
     "GopherQualityFilter",
     "GopherRepetitionFilter",
-    "C4QualityFilter",
+    "LanguageFilter",
+    "NormalizeFilter",
     "PIIScrubber",
-    "ToxicityFilter",
     "PerplexityFilter",
+    "TextFilter",
+    "ToxicityFilter",
+    "run_filters",
 ]
 
 

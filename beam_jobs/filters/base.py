@@ -14,7 +14,7 @@ from apache_beam.metrics import Metrics
 
 from beam_jobs.records import Doc
 
-__all__ = ["FilterResult", "TextFilter", "FilterStep", "run_filters"]
+__all__ = ["FilterResult", "FilterStep", "TextFilter", "run_filters"]
 
 FilterResult = bool | tuple[bool, str]
 

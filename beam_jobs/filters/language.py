@@ -24,10 +24,10 @@ class LanguageFilter:
         min_confidence: float = 0.5
         max_chars: int = 2000  # lingua sees a prefix; enough for a stable decision
 
-        def build(self) -> "LanguageFilter":
+        def build(self) -> LanguageFilter:
             return LanguageFilter(self)
 
-    def __init__(self, config: "LanguageFilter.Config | None" = None):
+    def __init__(self, config: LanguageFilter.Config | None = None):
         self.config = config or LanguageFilter.Config()
         self._detector = None
 

@@ -43,10 +43,10 @@ class NormalizeFilter:
         form: str = "NFC"
         use_ftfy: bool = True
 
-        def build(self) -> "NormalizeFilter":
+        def build(self) -> NormalizeFilter:
             return NormalizeFilter(self)
 
-    def __init__(self, config: "NormalizeFilter.Config | None" = None):
+    def __init__(self, config: NormalizeFilter.Config | None = None):
         self.config = config or NormalizeFilter.Config()
 
     def filter(self, doc: Doc) -> FilterResult:

@@ -28,10 +28,10 @@ class PerplexityFilter:
         tokenizer: str = "auto"  # "auto" (from model_path) or "bytes"
         max_tokens: int = 512
 
-        def build(self) -> "PerplexityFilter":
+        def build(self) -> PerplexityFilter:
             return PerplexityFilter(self)
 
-    def __init__(self, config: "PerplexityFilter.Config"):
+    def __init__(self, config: PerplexityFilter.Config):
         self.config = config
         self._model = self._tokenizer = None
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from beam_jobs.filters.base import FilterResult
 from beam_jobs.records import Doc
 
-__all__ = ["PIIScrubber", "scrub_pii", "luhn_ok", "iban_ok", "PII_KINDS"]
+__all__ = ["PII_KINDS", "PIIScrubber", "iban_ok", "luhn_ok", "scrub_pii"]
 
 
 def luhn_ok(digits: str) -> bool:
@@ -84,10 +84,10 @@ class PIIScrubber:
         placeholder: str = "<{kind}>"
         max_pii_per_100_words: float | None = None
 
-        def build(self) -> "PIIScrubber":
+        def build(self) -> PIIScrubber:
             return PIIScrubber(self)
 
-    def __init__(self, config: "PIIScrubber.Config | None" = None):
+    def __init__(self, config: PIIScrubber.Config | None = None):
         self.config = config or PIIScrubber.Config()
 
     def filter(self, doc: Doc) -> FilterResult:

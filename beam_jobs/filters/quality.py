@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from beam_jobs.filters.base import FilterResult
 from beam_jobs.records import Doc
 
-__all__ = ["GopherQualityFilter", "GopherRepetitionFilter", "C4QualityFilter"]
+__all__ = ["C4QualityFilter", "GopherQualityFilter", "GopherRepetitionFilter"]
 
 _WORD = re.compile(r"\S+")
 _ALPHA = re.compile(r"[^\W\d_]")
 _PUNCT_STRIP = ".,;:!?\"'()[]{}<>«»“”‘’-–—*"
 _STOP_WORDS = frozenset(
-    "the be to of and that have with a in is it for on as at by this from or an are was were de la le et des les und der die das en el los y que".split()
+    ["the", "be", "to", "of", "and", "that", "have", "with", "a", "in", "is", "it", "for", "on", "as", "at", "by", "this", "from", "or", "an", "are", "was", "were", "de", "la", "le", "et", "des", "les", "und", "der", "die", "das", "en", "el", "los", "y", "que"]
 )
 _BULLETS = ("•", "●", "○", "■", "□", "▪", "-", "*", "–", "‣", "⁃")
 _ELLIPSIS = ("...", "…")
@@ -42,10 +42,10 @@ class GopherQualityFilter:
         min_alpha_words_ratio: float = 0.8
         min_stop_words: int = 2
 
-        def build(self) -> "GopherQualityFilter":
+        def build(self) -> GopherQualityFilter:
             return GopherQualityFilter(self)
 
-    def __init__(self, config: "GopherQualityFilter.Config | None" = None):
+    def __init__(self, config: GopherQualityFilter.Config | None = None):
         self.config = config or GopherQualityFilter.Config()
 
     def filter(self, doc: Doc) -> FilterResult:
@@ -105,10 +105,10 @@ class GopherRepetitionFilter:
         top_n_grams: dict[int, float] = field(default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16})
         dup_n_grams: dict[int, float] = field(default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
 
-        def build(self) -> "GopherRepetitionFilter":
+        def build(self) -> GopherRepetitionFilter:
             return GopherRepetitionFilter(self)
 
-    def __init__(self, config: "GopherRepetitionFilter.Config | None" = None):
+    def __init__(self, config: GopherRepetitionFilter.Config | None = None):
         self.config = config or GopherRepetitionFilter.Config()
 
     def filter(self, doc: Doc) -> FilterResult:
@@ -167,10 +167,10 @@ class C4QualityFilter:
         drop_curly_bracket: bool = True
         drop_lorem_ipsum: bool = True
 
-        def build(self) -> "C4QualityFilter":
+        def build(self) -> C4QualityFilter:
             return C4QualityFilter(self)
 
-    def __init__(self, config: "C4QualityFilter.Config | None" = None):
+    def __init__(self, config: C4QualityFilter.Config | None = None):
         self.config = config or C4QualityFilter.Config()
 
     def filter(self, doc: Doc) -> FilterResult:

@@ -11,7 +11,7 @@ from pathlib import Path
 from beam_jobs.filters.base import FilterResult
 from beam_jobs.records import Doc
 
-__all__ = ["LexiconScorer", "ToxicityFilter", "DEFAULT_LEXICON"]
+__all__ = ["DEFAULT_LEXICON", "LexiconScorer", "ToxicityFilter"]
 
 DEFAULT_LEXICON = str(Path(__file__).resolve().parent.parent / "assets" / "toxicity_lexicon_en.txt")
 _TOKEN = re.compile(r"[a-z']+")
@@ -58,10 +58,10 @@ class ToxicityFilter:
         lexicon: str = DEFAULT_LEXICON
         threshold: float = 0.02
 
-        def build(self) -> "ToxicityFilter":
+        def build(self) -> ToxicityFilter:
             return ToxicityFilter(self)
 
-    def __init__(self, config: "ToxicityFilter.Config | None" = None):
+    def __init__(self, config: ToxicityFilter.Config | None = None):
         self.config = config or ToxicityFilter.Config()
         self._score: Callable[[str], float] | None = None
 

@@ -100,7 +100,7 @@ class _ReadRangeFn(beam.DoFn):
             )
         return _CONSUMERS[key]
 
-    def process(self, element: PartitionRange, tracker=beam.DoFn.RestrictionParam(_Restrictions())):
+    def process(self, element: PartitionRange, tracker=beam.DoFn.RestrictionParam(_Restrictions())):  # noqa: B008
         import time
 
         from kafka import TopicPartition

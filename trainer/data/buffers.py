@@ -165,11 +165,15 @@ class StreamBuffers:
             finally:
                 self._wanted.discard(domain)
 
-    def wait_any(self, timeout_s: float) -> bool:
-        """Wait until some domain has data; False on timeout."""
+    def has_data(self, domain: str) -> bool:
+        with self._cond:
+            return bool(self.buffers.get(domain))
+
+    def wait_any(self, timeout_s: float, among: set[str] | None = None) -> bool:
+        """Wait until some domain (of ``among``, if given) has data; False on timeout."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while not any(self.buffers.values()):
+            while not any(buf for d, buf in self.buffers.items() if among is None or d in among):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -197,12 +201,6 @@ class StreamBuffers:
                 dropped += len(buf) - len(keep)
                 self.buffers[d] = keep
         return dropped
-
-    def read_shards(self) -> set[str]:
-        """Shards the readers have finished or are reading (per their cursors)."""
-        with self._read_lock:
-            states = [r.state_dict() for r in self.readers]
-        return {name for st in states for name in [*st["done"], st["current"]] if name}
 
     def buffered_shards(self) -> set[str]:
         """Shards with samples waiting in the buffers (read but not trained yet)."""

@@ -3,8 +3,8 @@
 Each document of a row is drawn from a domain sampled with the mixer's current
 weights (a seeded per-rank RNG), then taken from that domain's prefetched buffer.
 If the buffer is empty the loader waits, logging a visible status, for up to
-``starve_timeout_s``; then it skips that domain for this draw (the one path whose
-outcome depends on timing; it is logged). Batches carry a ``_meta`` entry (domains of
+``starve_timeout_s``; then the domain counts as starved and is not drawn until its
+buffer has data again (the one path whose outcome depends on timing; it is logged). Batches carry a ``_meta`` entry (domains of
 the label tokens, documents, shards, produced_at) that the trainer strips before
 the forward pass.
 """
@@ -98,6 +98,7 @@ class LiveStreamDataLoader(BaseDataLoader):
         self.rng = np.random.Generator(np.random.PCG64([config.seed, dp_rank]))
         self.paused: set[str] = set()
         self.status = "idle"
+        self.starved: set[str] = set()
         self.trained: dict[str, int] = {}
         self._last_status_log = 0.0
 
@@ -158,14 +159,11 @@ class LiveStreamDataLoader(BaseDataLoader):
         return batch, torch.from_numpy(np.stack([r.labels for r in rows]))
 
     def _next_doc(self, starved: list[str]) -> Doc:
-        skip: set[str] = set()
         while True:
-            weights = self.mixer.sampling_weights(exclude=self.paused | skip)
+            self.starved = {d for d in self.starved if not self.buffers.has_data(d)}
+            weights = self.mixer.sampling_weights(exclude=self.paused | self.starved)
             if not weights:
                 self._wait_for_any()
-                skip.clear()
-                if not self.mixer.domains:  # nothing was published at start-up
-                    self.mixer.add_domains(self.buffers.domains())
                 continue
             names = list(weights)
             domain = names[int(self.rng.choice(len(names), p=np.array([weights[n] for n in names])))]
@@ -174,9 +172,10 @@ class LiveStreamDataLoader(BaseDataLoader):
                 doc = self._wait_for(domain)
             if doc is not None:
                 return doc
-            skip.add(domain)
+            self.starved.add(domain)
             starved.append(domain)
-            log.warning("domain %s starved for %.0fs: skipped for this draw", domain, self.config.starve_timeout_s)
+            log.warning("domain %s starved for %.0fs: not drawn until it has data", domain,
+                        self.config.starve_timeout_s)
 
     def _wait_for(self, domain: str) -> Doc | None:
         deadline = time.monotonic() + self.config.starve_timeout_s
@@ -191,9 +190,13 @@ class LiveStreamDataLoader(BaseDataLoader):
                 return doc
 
     def _wait_for_any(self) -> None:
-        while not self.buffers.wait_any(self.config.status_every_s):
+        known = set(self.mixer.domains)
+        among = known - self.paused if known else None
+        while not self.buffers.wait_any(self.config.status_every_s, among=among):
             self.status = "waiting for data: stream has no samples for any active domain"
             self._log_status()
+        if not known:  # nothing was published at start-up
+            self.mixer.add_domains(self.buffers.domains())
 
     def _log_status(self) -> None:
         now = time.monotonic()
