@@ -10,6 +10,9 @@ publishing the Controls and logging lineage is done by
 Control commands it issues (args; the full list is in docs/TEAM_CONTRACTS.md)::
 
     rollback           {"target": "last_good", "run_id", "checkpoint": <path>, "step", "quarantine": "since"}
+    rollback           {"target": "step", "run_id", "checkpoint", "step", "quarantine": "none"}
+                       (data alerts with action quarantine_source_and_rollback: the last good
+                       checkpoint saved before the source's first published shard)
     quarantine_source  {"source"}        (ingest drops it, trainer skips its samples)
     pause_source       {"source"}        (ingest stops reading it until resume_source)
     pause_domain       {"domain"}        (trainer stops sampling it until resume_domain)
@@ -26,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from evaluators.identity import CheckpointKey, checkpoint_key, report_key
-from streams.events import Alert, CheckpointSaved, Control, EvalReport, Event
+from streams.events import Alert, CheckpointSaved, Control, EvalReport, Event, ShardPublished
 
 __all__ = ["Decision", "RollbackPolicy"]
 
@@ -51,11 +54,15 @@ class RollbackPolicy:
         self.reports: dict[CheckpointKey, list[EvalReport]] = {}
         self.issued: dict[str, float] = {}   # run_id -> issue time of its latest rollback Control
         self.applied: dict[str, float] = {}  # run_id -> time the trainer last reported a rollback
+        self.first_shard_at: dict[str, float] = {}  # domain -> publish time of its first shard
 
     def observe(self, event: Event) -> None:
         """Track checkpoints, eval reports, issued rollbacks and rollbacks the trainer applied."""
         if isinstance(event, CheckpointSaved):
             self.checkpoints[checkpoint_key(event)] = event
+        elif isinstance(event, ShardPublished):
+            first = self.first_shard_at.get(event.domain, event.published_at)
+            self.first_shard_at[event.domain] = min(first, event.published_at)
         elif isinstance(event, EvalReport):
             self.reports.setdefault(report_key(event), []).append(event)
         elif isinstance(event, Control) and event.command == "rollback" and event.args.get("run_id"):
@@ -83,12 +90,16 @@ class RollbackPolicy:
         reason = f"{alert.rule}: {alert.message}"
         if action == "rollback":
             return self._rollback(alert, reason)
-        if action in ("quarantine_source", "pause_source"):
+        if action in ("quarantine_source", "pause_source", "quarantine_source_and_rollback"):
             source = labels.get("source") or alert.evidence.get("source")
             if not source:
                 return Decision(skipped=f"{action} needs a 'source' label in the alert")
-            commands = ["quarantine_source", "pause_source"] if action == "quarantine_source" else ["pause_source"]
-            return Decision([self._control(c, {"source": source}, reason) for c in commands])
+            commands = ["pause_source"] if action == "pause_source" else ["quarantine_source", "pause_source"]
+            decision = Decision([self._control(c, {"source": source}, reason) for c in commands])
+            if action == "quarantine_source_and_rollback":
+                controls, decision.skipped = self._rollback_before_source(source, reason)
+                decision.controls += controls
+            return decision
         if action == "pause_domain":
             domain = labels.get("domain") or alert.evidence.get("domain")
             if not domain:
@@ -115,6 +126,31 @@ class RollbackPolicy:
         control = self._control("rollback", args, reason)
         self.issued[run_id] = control.issued_at
         return Decision([control])
+
+    def _rollback_before_source(self, source: str, reason: str) -> tuple[list[Control], str]:
+        """Roll every run that trained after ``source`` first published back to its last good
+        checkpoint from before that; only the source's data is quarantined (by quarantine_source),
+        so clean shards read since are trained again. Domains are ``{source}`` or ``{source}_*``."""
+        times = [t for d, t in self.first_shard_at.items() if d == source or d.startswith(f"{source}_")]
+        if not times:
+            return [], f"no shard of source {source!r} was published: nothing to roll back"
+        since = min(times)
+        controls, notes = [], []
+        for run_id in sorted({c.run_id for c in self.checkpoints.values()}):
+            ckpts = [c for c in self.checkpoints.values() if c.run_id == run_id]
+            if not any(c.wall_time >= since for c in ckpts):
+                continue  # nothing saved since the source appeared: the model has not absorbed it yet
+            good = [c for c in ckpts if c.wall_time < since and self.is_good(c)]
+            if not good:
+                notes.append(f"run {run_id!r} has no good checkpoint from before {source!r} appeared")
+                continue
+            target = max(good, key=lambda c: (c.step, c.wall_time))
+            args = {"target": "step", "run_id": run_id, "checkpoint": target.path, "step": target.step,
+                    "quarantine": "none"}
+            control = self._control("rollback", args, reason)
+            self.issued[run_id] = control.issued_at
+            controls.append(control)
+        return controls, "; ".join(notes)
 
     def _control(self, command: str, args: dict, reason: str) -> Control:
         return Control(command=command, args=args, reason=reason, issued_by=self.issued_by)

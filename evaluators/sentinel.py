@@ -2,7 +2,7 @@
 
 Two consumers:
 
-* a follower reading ``checkpoints``, ``evals`` and ``control`` from the beginning, which feeds
+* a follower reading ``checkpoints``, ``evals``, ``control`` and ``shards`` from the beginning, which feeds
   the :class:`RollbackPolicy` its history (caught up before every alert is handled);
 * a group consumer on ``metrics``, ``evals`` and ``alerts`` with manual commits: metrics and
   reports go through the rule engine, whose alerts are published to ``alerts``; every alert
@@ -58,7 +58,7 @@ class Sentinel:
         control = ControlHook(producer=self.producer, policy=self.policy, lineage=self.lineage)
         self.dispatcher = Dispatcher(build_hooks(doc, control=control),
                                      default_hooks=doc.get("dispatch", {}).get("default_hooks", []))
-        self.history = TopicFollower(self.settings, ["checkpoints", "evals", "control"])
+        self.history = TopicFollower(self.settings, ["checkpoints", "evals", "control", "shards"])
         self.handled: list[tuple[Alert, dict]] = []
 
     def _catch_up_history(self) -> None:

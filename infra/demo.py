@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sys
 import threading
 import time
@@ -21,7 +22,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.live import Live
 
-from infra.demo_data import DemoCorpus, junk_payloads, text_records
+from evaluators.alerts.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
+from infra.demo_data import DemoCorpus, image_records, junk_payloads, text_records
 from infra.processes import ProcessSet
 from infra.run_dir import RunDir
 from infra.status import read_kafka, read_run, render
@@ -49,7 +51,7 @@ class DemoConfig:
     poison_docs: int = 60
     poison_after_checkpoints: int = 2
     time_limit_s: float = 540.0
-    rules: Path = REPO / "infra" / "alerts" / "demo_rules.toml"
+    webhook_secret: str = field(default_factory=lambda: secrets.token_hex(16))
 
 
 def _headwater(*args: str) -> list[str]:
@@ -61,6 +63,72 @@ def _poison(n: int) -> list[RawRecord]:
     docs = text_records(n, seed=777, dup_rate=0.0, pii_rate=1.0)
     return [RawRecord(id=f"leak-{i}", modality="text", source="leakyforum", license="unknown", text=d.text)
             for i, d in enumerate(docs)]
+
+
+DEMO_RULES = """
+# Written by `headwater demo` for this run (see infra/alerts/rules.toml for the full set).
+[dispatch]
+default_hooks = ["webhook", "control"]
+
+[hooks.webhook]
+type = "webhook"
+url = "{url}"
+secret_env = "HEADWATER_WEBHOOK_SECRET"
+retries = 3
+backoff_s = 0.5
+
+[hooks.control]
+type = "control"
+
+[[rule]]
+name = "pii_leak"
+on = "metrics"
+component = "ingest"
+metric = "pii_rate"
+kind = "threshold"
+op = ">"
+threshold = 0.5
+group_by = ["source"]
+severity = "critical"
+cooldown_s = 600
+action = "quarantine_source_and_rollback"
+hooks = ["webhook", "control"]
+description = "most documents of a source carry personal data: quarantine it, roll the model back"
+"""
+
+
+class WebhookReceiver(threading.Thread):
+    """A local on-call endpoint: verifies each alert's HMAC signature, logs it to RUN/webhook.jsonl."""
+
+    def __init__(self, run: Path, secret: str):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        log_path = run / "webhook.jsonl"
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server API
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                ok = verify_signature(secret.encode(), self.headers.get(TIMESTAMP_HEADER, ""), body,
+                                      self.headers.get(SIGNATURE_HEADER, ""))
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"received_at": time.time(), "signature_ok": ok,
+                                        "alert": json.loads(body or b"{}")}) + "\n")
+                self.send_response(200 if ok else 401)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        super().__init__(target=self.server.serve_forever, daemon=True, name="webhook")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 class Recorder(threading.Thread):
@@ -148,6 +216,7 @@ def run_demo(cfg: DemoConfig, console: Console) -> int:
     started = time.monotonic()
     recorder: Recorder | None = None
     producer: Producer | None = None
+    webhook: WebhookReceiver | None = None
     try:
         console.print(f"[bold]headwater demo[/bold] -> {run}")
         broker.start()
@@ -162,16 +231,31 @@ def run_demo(cfg: DemoConfig, console: Console) -> int:
             console.print(f"[red]eval suite build failed[/red]\n{procs.log_tail('eval-suite')}")
             return 1
 
+        console.print("training the image RVQ codebooks (headwater discretizer train)...")
+        sample = run / "inputs" / "image_sample.jsonl"
+        _write_jsonl(sample, image_records(48, seed=1, dup_rate=0.0))
+        procs.start("discretizer", _headwater("discretizer", "train", "--modality", "image", "--input", str(sample),
+                                              "--out", str(run / "discretizers")))
+        if procs.wait("discretizer", 300) != 0:
+            console.print(f"[red]codebook training failed[/red]\n{procs.log_tail('discretizer')}")
+            return 1
+        codebooks = sorted((run / "discretizers").glob("image-rvq-*"))[-1]
+
         recorder = Recorder(broker, run)
         recorder.start()
+        webhook = WebhookReceiver(run, cfg.webhook_secret)
+        webhook.start()
+        rules = run / "rules.toml"
+        rules.write_text(DEMO_RULES.format(url=webhook.url))
         procs.start("sentinel", _headwater("evaluate", "--role", "sentinel", "--bootstrap", broker.bootstrap,
-                                           "--rules", str(cfg.rules), "--lineage", str(run / "lineage.jsonl")))
+                                           "--rules", str(rules), "--lineage", str(run / "lineage.jsonl")),
+                    env={"HEADWATER_WEBHOOK_SECRET": cfg.webhook_secret})
         procs.start("evaluator", _headwater("evaluate", "--bootstrap", broker.bootstrap, "--eval-root", str(run / "eval"),
                                             "--suite", "heldout", "--train-root", str(run / "stream"), "--wandb", "offline",
                                             "--wandb-dir", str(run)))
         procs.start("ingest", _headwater("ingest", "--bootstrap", broker.bootstrap, "--group", "demo-ingest",
                                          "--stream-root", str(run / "stream"), "--run-dir", str(run / "ingest"),
-                                         "--duration", str(cfg.time_limit_s)))
+                                         "--duration", str(cfg.time_limit_s), "--image-codebooks", str(codebooks)))
         producer = Producer(broker, cfg)
         producer.start()
 
@@ -190,7 +274,7 @@ def run_demo(cfg: DemoConfig, console: Console) -> int:
                     procs.start("trainer", _headwater(
                         "train", "--config", "debug_cpu", "--stream-root", str(run / "stream"), "--run-dir", str(run),
                         "--nproc", str(cfg.nproc), "--steps", str(cfg.steps), "--checkpoint-every", str(cfg.checkpoint_every),
-                        "--bootstrap", broker.bootstrap))
+                        "--bootstrap", broker.bootstrap, "--checkpoint.keep_latest_k", "0"))
                     trainer_started = True
                 if trainer_started and not poison_sent and len(_checkpoints(run)) >= cfg.poison_after_checkpoints:
                     producer.poison.set()
@@ -218,6 +302,8 @@ def run_demo(cfg: DemoConfig, console: Console) -> int:
         if recorder:
             recorder.stop_event.set()
             recorder.join(timeout=5)
+        if webhook:
+            webhook.stop()
         broker.stop()
         console.print("all processes stopped; broker down")
         report = run / "report.html"

@@ -8,7 +8,7 @@ import uuid
 from evaluators.alerts.control import ControlHook
 from evaluators.lineage import LineageLog
 from evaluators.rollback import RollbackPolicy
-from streams.events import Alert, CheckpointSaved, Control, EvalReport, decode_event
+from streams.events import Alert, CheckpointSaved, Control, EvalReport, ShardPublished, decode_event
 from streams.kafka import KafkaSettings, make_consumer, make_producer, poll_records
 
 
@@ -92,6 +92,22 @@ def test_data_alert_quarantines_and_pauses_the_source():
     assert cmds == [("quarantine_source", {"source": "forum"}), ("pause_source", {"source": "forum"})]
     no_label = Alert(rule="x", severity="warning", message="m", source="s", evidence={"action": "pause_source"})
     assert "source" in RollbackPolicy().decide(no_label).skipped
+
+
+def test_data_alert_with_rollback_returns_runs_to_before_the_source_appeared():
+    policy = RollbackPolicy()
+    history(policy)  # good at wall 10 and 20, failed at 30
+    alert = Alert(rule="pii_rate_spike", severity="critical", message="pii", source="alert-rules",
+                  evidence={"action": "quarantine_source_and_rollback", "labels": {"source": "forum"}})
+    assert "nothing to roll back" in policy.decide(alert).skipped  # no shard of the source yet
+    for domain, at in (("forum_en", 15.0), ("forum_de", 12.0), ("forumx_en", 5.0), ("wiki_en", 1.0)):
+        policy.observe(ShardPublished(stream_root="/s", shard=f"{domain}-{at}", domain=domain, samples=1, bytes=1,
+                                      vocab_version="v1", writer_id="w", published_at=at))
+    cmds = [(c.command, c.args) for c in policy.decide(alert).controls]
+    assert cmds[:2] == [("quarantine_source", {"source": "forum"}), ("pause_source", {"source": "forum"})]
+    assert cmds[2] == ("rollback", {"target": "step", "run_id": "run1", "checkpoint": "/runs/run1/step-100",
+                                    "step": 100, "quarantine": "none"})
+    assert len(cmds) == 3
 
 
 def test_control_hook_publishes_on_real_broker_and_records_lineage(broker, tmp_path):
