@@ -19,9 +19,22 @@ import uuid
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_jobs.data_metrics import counters_of, log_wandb, publish_metrics, summarize, write_metrics
+from beam_jobs.control import ControlFollower, SourceControl
+from beam_jobs.data_metrics import (
+    append_snapshot,
+    codebook_usage,
+    counters_of,
+    log_wandb,
+    publish_events,
+    publish_metrics,
+    snapshot,
+    source_events,
+    summarize,
+    write_metrics,
+)
 from beam_jobs.dedup.index import DedupConfig
 from beam_jobs.filters import FilterChain, PerplexityFilter
+from beam_jobs.media_hook import HealthConfig, media_available
 from beam_jobs.pipeline import IngestConfig, IngestText
 from beam_jobs.settlement import ResumePlan
 from beam_jobs.sink import SinkConfig
@@ -70,9 +83,45 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--semantic-threshold", type=float, default=0.95)
     d.add_argument("--domain-template", default="{source}_{language}")
     d.add_argument("--domain-map", default="{}", help='JSON {"source:language": domain}, "*" wildcards')
-    p.add_argument("--no-media", action="store_true", help="dead-letter media records (modality_not_enabled)")
+    m = p.add_argument_group("media")
+    m.add_argument("--no-media", action="store_true", help="dead-letter media records (modality_not_enabled)")
+    m.add_argument("--image-codebooks", help="image RVQ artifact (dir from `headwater discretizer train --modality "
+                   "image`, or its --out root holding one); used for images and video frames")
+    m.add_argument("--audio-bandwidth", type=float, default=6.0, choices=(1.5, 3.0, 6.0, 12.0, 24.0),
+                   help="EnCodec kbps (2/4/8/16/32 codebooks)")
+    m.add_argument("--encodec-checkpoint", help="local EnCodec 24 kHz state_dict (default: random init)")
+    m.add_argument("--codebook-min-codes", type=int, default=2048, help="judge codebook usage on at least this many codes")
+    m.add_argument("--collapse-threshold", type=float, default=0.05, help="codebook usage below this raises an Alert")
+    p.add_argument("--no-control", action="store_true", help="streaming: do not follow the control topic")
     p.add_argument("--wandb", action="store_true", help="log data metrics to wandb (offline by default)")
     return p
+
+
+def resolve_codebooks(path: str) -> str:
+    """An artifact directory (has meta.json), or a root holding exactly one ``image-rvq-*`` artifact."""
+    p = os.path.abspath(path)
+    if os.path.isfile(os.path.join(p, "meta.json")):
+        return p
+    found = sorted(d for d in (os.listdir(p) if os.path.isdir(p) else []) if os.path.isfile(os.path.join(p, d, "meta.json")))
+    if len(found) != 1:
+        raise SystemExit(f"headwater ingest: --image-codebooks {path}: expected an artifact directory from "
+                         f"`headwater discretizer train --modality image` (found {found or 'none'})")
+    return os.path.join(p, found[0])
+
+
+def media_config_from_args(a: argparse.Namespace):
+    """MediaConfig from the media options (None when media is off or not installed)."""
+    if a.no_media or not media_available():
+        return None
+    from beam_jobs.media import MediaConfig
+    from beam_jobs.media.encodec_tokenizer import EncodecTokenizer
+
+    if a.encodec_checkpoint and not os.path.isfile(a.encodec_checkpoint):
+        raise SystemExit(f"headwater ingest: --encodec-checkpoint {a.encodec_checkpoint} is not a file")
+    return MediaConfig(
+        image_codebooks=resolve_codebooks(a.image_codebooks) if a.image_codebooks else "",
+        encodec=EncodecTokenizer.Config(bandwidth=a.audio_bandwidth, checkpoint=a.encodec_checkpoint),
+    )
 
 
 def config_from_args(a: argparse.Namespace) -> IngestConfig:
@@ -108,6 +157,10 @@ def config_from_args(a: argparse.Namespace) -> IngestConfig:
         ),
         domains=DomainMap(template=a.domain_template, mapping=json.loads(a.domain_map)),
         media=not a.no_media,
+        media_config=media_config_from_args(a),
+        health=HealthConfig(stream=os.path.abspath(a.stream_root), bootstrap=a.bootstrap,
+                            min_codes_seen=a.codebook_min_codes, min_utilization=a.collapse_threshold),
+        blocked_sources=dict(SourceControl.load(os.path.abspath(a.stream_root)).blocked),
     )
 
 
@@ -145,8 +198,26 @@ def _commit_for_lag(consumer, positions: dict) -> None:
         log.debug("offset commit for lag monitoring failed: %s", e)
 
 
-def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], token: str) -> dict[str, int]:
-    """Streaming from Kafka with the Python source: bounded micro-batches until a stop condition."""
+class _BatchReporter:
+    """After each micro-batch: per-source MetricsEvents (that batch's rates) and a cumulative
+    snapshot line in ``<run_dir>/metrics.jsonl``."""
+
+    def __init__(self, run_dir: str, bootstrap: str, labels: dict[str, str]):
+        self.run_dir, self.bootstrap, self.labels = run_dir, bootstrap, labels
+        self.codebook: dict[str, float] = {}
+
+    def __call__(self, batch: dict[str, int], totals: dict[str, int]) -> None:
+        self.codebook.update(codebook_usage(batch))  # latest window's usage per (modality, level)
+        events = source_events(summarize(batch), self.labels)
+        if events:
+            publish_events(self.bootstrap, events)
+        append_snapshot(self.run_dir, snapshot(summarize(totals), codebook=self.codebook, at=time.time()))
+
+
+def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], token: str, run_dir: str) -> dict[str, int]:
+    """Streaming from Kafka with the Python source: bounded micro-batches until a stop condition.
+
+    Between batches the control topic is polled; each batch runs with the blocked sources of then."""
     from streams.kafka import KafkaSettings, make_consumer
 
     source = KafkaSourceConfig(bootstrap=a.bootstrap, topics=[t for t in a.topics.split(",") if t], group=a.group)
@@ -155,8 +226,14 @@ def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], token
     initial = ResumePlan.of_stream(config.sink.stream_root).count()
     totals: dict[str, int] = {}
     consumer = make_consumer(KafkaSettings.load(bootstrap=a.bootstrap), assign=[], group_id=a.group)
+    control = SourceControl.load(config.sink.stream_root)
+    follower = None if a.no_control else ControlFollower(a.bootstrap, control)
+    report = _BatchReporter(run_dir, a.bootstrap, {"mode": "streaming", "stream_root": config.sink.stream_root})
     try:
         while True:
+            if follower is not None:
+                follower.poll(timeout_s=0.3)
+                config.blocked_sources = dict(control.blocked)
             plan = ResumePlan.of_stream(config.sink.stream_root)
             ranges, positions = next_ranges(source, plan, consumer)
             _commit_for_lag(consumer, positions)
@@ -168,12 +245,16 @@ def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], token
             counters = _run_one(lambda p, r=ranges, pl=plan: p | "ReadKafka" >> ReadKafkaRanges(source, r, pl),
                                 config, options, streaming=False, token=token)
             _add(totals, counters)
-            if not counters.get("validate/in"):
+            if counters.get("validate/in"):
+                report(counters, totals)
+            else:
                 if a.until_caught_up:
                     break
                 time.sleep(a.window_s)
     finally:
         consumer.close()
+        if follower is not None:
+            follower.close()
     return totals
 
 
@@ -196,12 +277,16 @@ def run(argv: list[str] | None = None) -> dict:
         counters = _run_one(lambda p: p | "ReadKafka" >> ReadKafkaXlang(source, plan), config,
                             _options(beam_args, streaming=True), streaming=True, token=token)
     else:
-        counters = _run_kafka_microbatches(a, config, beam_args, token)
+        counters = _run_kafka_microbatches(a, config, beam_args, token, run_dir)
     summary = summarize(counters)
     summary["settled_total"] = ResumePlan.of_stream(config.sink.stream_root).count()
     write_metrics(run_dir, summary)
-    if a.bootstrap:
-        publish_metrics(a.bootstrap, summary, {"mode": "streaming", "stream_root": config.sink.stream_root})
+    microbatched = bool(a.bootstrap) and a.kafka_io == "python"
+    if not microbatched:  # the micro-batch loop appended one per batch
+        append_snapshot(run_dir, snapshot(summary, codebook=summary["codebook_usage"], at=time.time()))
+    if a.bootstrap:  # per-source events were published per batch by the micro-batch loop
+        publish_metrics(a.bootstrap, summary, {"mode": "streaming", "stream_root": config.sink.stream_root},
+                        per_source=not microbatched)
     if a.wandb:
         log_wandb(run_dir, summary)
     return summary

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import apache_beam as beam
 
+from beam_jobs.control import GateMedia, GateText
 from beam_jobs.dedup.index import DedupConfig
 from beam_jobs.dedup.seed import StreamSeed
 from beam_jobs.dedup.transform import Dedup
 from beam_jobs.filters import FilterChain, FilterStep
-from beam_jobs.media_hook import RouteMedia, media_available
+from beam_jobs.media_hook import HealthConfig, RouteMedia, media_available
 from beam_jobs.records import KafkaCoords, Outcome
 from beam_jobs.sink import SinkConfig, WriteShards
 from beam_jobs.tokenize import PIPELINE_VERSION, TOKENIZER_VERSION, DomainMap, TokenizeText
@@ -29,15 +31,24 @@ class IngestConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     domains: DomainMap = field(default_factory=DomainMap)
     media: bool = True
+    media_config: Any = None  # beam_jobs.media.MediaConfig (None: its defaults)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    blocked_sources: dict[str, str] = field(default_factory=dict)  # source -> drop reason (control)
 
     def manifest(self) -> dict:
+        """Stream manifest: vocab/tokenizer/pipeline versions + the media discretizers when enabled."""
         from streams.vocab import Vocab
 
-        return {
+        out = {
             "vocab_version": Vocab.default().version,
             "tokenizer_version": TOKENIZER_VERSION,
             "pipeline_version": PIPELINE_VERSION,
         }
+        if self.media and media_available():
+            from beam_jobs.media import MediaConfig, MediaProcessor
+
+            out.update(MediaProcessor(self.media_config or MediaConfig()).manifest())
+        return out
 
 
 def _dead_outcome(dead) -> Outcome:
@@ -55,7 +66,7 @@ class IngestText(beam.PTransform):
         c = self.config
         c.validate.media_enabled = c.media and media_available()
         decoded = records | "Validate" >> ValidateDecode(c.validate)
-        docs = decoded.text
+        docs = decoded.text | "GateSources" >> GateText(c.blocked_sources)
         for text_filter in c.filters.build():
             docs = docs | FilterStep(text_filter)
         docs = docs | "Dedup" >> Dedup(
@@ -65,6 +76,8 @@ class IngestText(beam.PTransform):
         dead = decoded.dlq | "DeadLetters" >> beam.Map(_dead_outcome)
         branches = [text, dead]
         if c.validate.media_enabled:
-            branches.append(decoded.media | "Media" >> RouteMedia())
+            media = decoded.media | "GateMediaSources" >> GateMedia(c.blocked_sources)
+            branches.append(media.blocked)
+            branches.append(media.active | "Media" >> RouteMedia(c.media_config, health=c.health, streaming=self.streaming))
         outcomes = tuple(branches) | "AllOutcomes" >> beam.Flatten()
         return outcomes | "Sink" >> WriteShards(c.sink, c.manifest(), streaming=self.streaming)

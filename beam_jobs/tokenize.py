@@ -11,7 +11,7 @@ from apache_beam.metrics import Metrics
 from beam_jobs.records import Doc, Outcome
 from streams.events import TokenizedSample
 
-__all__ = ["PIPELINE_VERSION", "TOKENIZER_VERSION", "DomainMap", "TokenizeText"]
+__all__ = ["PIPELINE_VERSION", "TOKENIZER_VERSION", "DomainMap", "TokenizeText", "by_source"]
 
 PIPELINE_VERSION = "ingest-text-1"
 TOKENIZER_VERSION = "qwen-bpe-tiktoken"
@@ -41,6 +41,11 @@ class DomainMap:
         return label or "unknown"
 
 
+def by_source(source: str, kind: str) -> None:
+    """Per-source counter ``by_source/<source>|<kind>`` (kinds: in, docs, dup, pii); see data_metrics."""
+    Metrics.counter("by_source", f"{source}|{kind}").inc()
+
+
 class _TokenizeFn(beam.DoFn):
     def __init__(self, domains: DomainMap, append_eos: bool):
         self.domains, self.append_eos = domains, append_eos
@@ -52,7 +57,10 @@ class _TokenizeFn(beam.DoFn):
         self.eos = self.vocab.special("<|endoftext|>")
 
     def process(self, doc: Doc):
+        by_source(doc.source, "in")
         if doc.dropped is not None:
+            if doc.dropped.startswith("dedup:"):
+                by_source(doc.source, "dup")
             yield Outcome(doc.coords, dropped=doc.dropped, record_id=doc.id, dup_of=doc.lineage.get("dup_of"))
             return
         tokens = self.vocab.encode(doc.text)
@@ -60,11 +68,13 @@ class _TokenizeFn(beam.DoFn):
             tokens.append(self.eos)
         domain = self.domains.domain(doc.source, doc.language)
         Metrics.counter("tokenize", "docs").inc()
+        by_source(doc.source, "docs")
         Metrics.counter("tokenize", "tokens").inc(len(tokens))
         Metrics.counter("language", doc.language or "und").inc()
         pii = doc.lineage.get("pii")
         if pii:
             Metrics.counter("pii", "docs").inc()
+            by_source(doc.source, "pii")
             for kind, n in pii.items():
                 Metrics.counter("pii", kind).inc(n)
         lineage = dict(doc.lineage)

@@ -39,6 +39,17 @@ class EncodecTokenizer:
         def build(self) -> EncodecTokenizer:
             return EncodecTokenizer(self)
 
+        def version(self) -> str:
+            """The tokenizer's version string, without building the model."""
+            if self.checkpoint:
+                path = Path(self.checkpoint)
+                if not path.is_file():
+                    raise FileNotFoundError(f"EnCodec checkpoint {path} not found")
+                weights = "ckpt-" + hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+            else:
+                weights = f"random-seed{self.seed}"
+            return f"encodec_24khz-{self.bandwidth:g}kbps-{weights}"
+
     def __init__(self, config: EncodecTokenizer.Config):
         from encodec import EncodecModel
 
@@ -57,10 +68,8 @@ class EncodecTokenizer:
             if not path.is_file():
                 raise FileNotFoundError(f"EnCodec checkpoint {path} not found")
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            weights = "ckpt-" + hashlib.sha256(path.read_bytes()).hexdigest()[:12]
         else:
             _random_codebooks(model, config.seed)
-            weights = f"random-seed{config.seed}"
         model.set_target_bandwidth(config.bandwidth)
         device = config.device
         if device == "auto":
@@ -68,7 +77,7 @@ class EncodecTokenizer:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.batch_size = config.batch_size or (16 if self.device.type == "cuda" else 1)
-        self.version = f"encodec_24khz-{config.bandwidth:g}kbps-{weights}"
+        self.version = config.version()
 
     def frames_for(self, n_samples: int) -> int:
         """Number of code frames EnCodec emits for ``n_samples`` samples."""

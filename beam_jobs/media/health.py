@@ -33,6 +33,8 @@ class HealthThresholds:
     min_utilization: float = 0.05  # of the codebook, per level
     min_codes_seen: int = 2048  # don't judge a level on fewer codes than this
     severity: str = "critical"
+    action: str = "pause_domain"  # as the `codebook_collapse` rule of infra/alerts/rules.toml
+    hooks: list[str] = field(default_factory=lambda: ["webhook", "log"])  # ditto
 
 
 @dataclass(slots=True)
@@ -47,9 +49,12 @@ class CodebookHealth:
     samples: int = 0
     dropped_frames: int = 0
     recon_errors: dict[str, list[float]] = field(default_factory=dict)  # modality -> PSNR / SNR dB
+    domains: dict[str, dict[str, int]] = field(default_factory=dict)  # modality -> {domain: items}
 
-    def add_codes(self, modality: str, codes: np.ndarray) -> None:
-        """Count codes[levels, n] of one item."""
+    def add_codes(self, modality: str, codes: np.ndarray, *, domain: str | None = None) -> None:
+        """Count codes[levels, n] of one item (of ``domain``, default: the modality)."""
+        seen = self.domains.setdefault(modality, {})
+        seen[domain or modality] = seen.get(domain or modality, 0) + 1
         for level, row in enumerate(np.asarray(codes)):
             key = f"{modality}/{level}"
             hist = np.bincount(row.astype(np.int64), minlength=self.codebook_size)
@@ -78,7 +83,40 @@ class CodebookHealth:
         self.dropped_frames += other.dropped_frames
         for m, vals in other.recon_errors.items():
             self.recon_errors.setdefault(m, []).extend(vals)
+        for m, counts in other.domains.items():
+            mine = self.domains.setdefault(m, {})
+            for d, n in counts.items():
+                mine[d] = mine.get(d, 0) + n
         return self
+
+    def domain_of(self, modality: str) -> str:
+        """The domain most of this modality's items went to (the one a collapse pauses)."""
+        counts = self.domains.get(modality) or {modality: 1}
+        return max(sorted(counts), key=counts.__getitem__)
+
+    def usage(self) -> dict[str, float]:
+        """Fraction of codes used per ``"modality/level"`` (the run-dir ``codebook_usage`` field)."""
+        return {key: level_stats(hist)[0] for key, hist in sorted(self.counts.items())}
+
+    def usage_events(self, *, stream: str, thresholds: HealthThresholds) -> list[MetricsEvent]:
+        """One ``codebook_usage`` MetricsEvent per (modality, level) judged on enough codes.
+
+        Labels ``{modality, level, domain, stream}`` (the ``codebook_collapse`` rule groups by
+        modality and level); levels with fewer than ``min_codes_seen`` codes are not reported,
+        since a small window cannot use many codes.
+        """
+        out = []
+        for key, hist in sorted(self.counts.items()):
+            if hist.sum() < thresholds.min_codes_seen:
+                continue
+            modality, level = key.split("/")
+            util, ppl = level_stats(hist)
+            out.append(MetricsEvent(
+                component="ingest",
+                values={"codebook_usage": util, "codebook_perplexity": ppl, "codes_seen": float(hist.sum())},
+                labels={"modality": modality, "level": level, "domain": self.domain_of(modality), "stream": stream},
+            ))
+        return out
 
     def metrics(self) -> dict[str, float]:
         """Flat metric dict: codebook/<modality>/<level>/{utilization,perplexity}, throughput, recon."""
@@ -107,10 +145,14 @@ class CodebookHealth:
         for key, hist in sorted(self.counts.items()):
             util, ppl = level_stats(hist)
             if hist.sum() >= thresholds.min_codes_seen and util < thresholds.min_utilization:
+                modality, level = key.split("/")
+                labels = {"modality": modality, "level": level, "domain": self.domain_of(modality)}
                 alerts.append(Alert(
                     rule="codebook_collapse", severity=thresholds.severity, source=f"media/{stream}",
                     message=f"{stream} {key}: {util:.1%} of codes used (< {thresholds.min_utilization:.0%}), perplexity {ppl:.1f}",
                     dedup_key=f"codebook_collapse/{stream}/{key}",
-                    evidence={"utilization": util, "perplexity": ppl, "codes_seen": int(hist.sum())},
+                    evidence={"utilization": util, "perplexity": ppl, "codes_seen": int(hist.sum()),
+                              "value": util, "limit": thresholds.min_utilization, "labels": labels,
+                              "domain": labels["domain"], "action": thresholds.action, "hooks": thresholds.hooks},
                 ))
         return MetricsEvent(component="media_tokenizer", values=values, step=step, labels={"stream": stream}), alerts

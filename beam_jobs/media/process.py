@@ -94,7 +94,7 @@ class MediaProcessor:
 
     def manifest(self) -> dict[str, Any]:
         """StreamManifest fields naming the discretizers (pass into the stream writer's manifest)."""
-        names = {"audio": self.encodec.version}
+        names = {"audio": self.config.encodec.version()}
         if self.config.image_codebooks:
             names["image"] = names["video"] = self.image_tokenizer.name
         return {"discretizer_version": "+".join(sorted(set(names.values()))), "extra": {"discretizers": names}}
@@ -106,7 +106,7 @@ class MediaProcessor:
     def _sample(self, record: RawRecord, tokens: np.ndarray, lineage: dict[str, Any]) -> dict[str, Any]:
         return {
             "id": record.id,
-            "domain": str(record.meta.get("domain") or record.modality),
+            "domain": _domain(record),
             "modality": record.modality,
             "tokens": tokens.astype(np.int32),
             "source": record.source,
@@ -155,7 +155,7 @@ class MediaProcessor:
         for (i, wav, stats), c in zip(ok, codes):
             record = results[i].record
             tokens = audio_tokens(self.vocab, c, record.meta.get("caption"))
-            self.health.add_codes("audio", c)
+            self.health.add_codes("audio", c, domain=_domain(record))
             self.health.add_sample(tokens=int(c.size), media_seconds=stats["duration_s"], busy_seconds=busy)
             if self._recon_due():
                 self.health.add_recon("audio", _snr_db(wav, self.encodec.decode(c)[: wav.size]))
@@ -191,7 +191,7 @@ class MediaProcessor:
         for (i, im, evidence), c in zip(ok, codes):
             record = results[i].record
             tokens = image_tokens(self.vocab, c, record.meta.get("caption") or record.meta.get("alt"))
-            self.health.add_codes("image", c)
+            self.health.add_codes("image", c, domain=_domain(record))
             self.health.add_sample(tokens=int(c.size), media_seconds=0.0, busy_seconds=busy)
             if self._recon_due():
                 self.health.add_recon("image", psnr(im, tok.decode(c[None])[0]))
@@ -225,9 +225,9 @@ class MediaProcessor:
         tokens = video_tokens(self.vocab, segments, record.meta.get("caption"))
         busy = time.perf_counter() - t0
         for c in frame_codes:
-            self.health.add_codes("video", c)
+            self.health.add_codes("video", c, domain=_domain(record))
         if audio_codes is not None:
-            self.health.add_codes("audio", audio_codes)
+            self.health.add_codes("audio", audio_codes, domain=_domain(record))
         n_codes = int(frame_codes.size + (audio_codes.size if audio_codes is not None else 0))
         self.health.add_sample(tokens=n_codes, media_seconds=clip.duration_s, busy_seconds=busy,
                                dropped_frames=clip.dropped_frames)
@@ -235,6 +235,10 @@ class MediaProcessor:
                    "keyframe_times": [round(t, 3) for t in starts], "shot_cuts": [round(float(clip.times[i]), 3) for i in clip.cuts],
                    "duration_s": round(clip.duration_s, 3), "dropped_frames": clip.dropped_frames}
         return Result(record, sample=self._sample(record, tokens, lineage))
+
+
+def _domain(record: RawRecord) -> str:
+    return str(record.meta.get("domain") or record.modality)
 
 
 def _rejected(record: RawRecord, stage: str, e: MediaRejected) -> Result:

@@ -25,7 +25,7 @@ from .errors import MediaRejected
 from .health import CodebookHealth, HealthThresholds
 from .process import MediaConfig, MediaProcessor, Result
 
-__all__ = ["DLQ_TAG", "DROPPED_TAG", "HEALTH_TAG", "MediaHealth", "TokenizeMedia"]
+__all__ = ["DLQ_TAG", "DROPPED_TAG", "HEALTH_TAG", "MediaHealth", "MergeHealthFn", "TokenizeMedia"]
 
 DLQ_TAG, DROPPED_TAG, HEALTH_TAG = "dlq", "dropped", "health"
 MEDIA_MODALITIES = ("audio", "image", "video")
@@ -104,7 +104,7 @@ class TokenizeMedia(beam.PTransform):
         )
 
 
-class _MergeHealth(beam.CombineFn):
+class MergeHealthFn(beam.CombineFn):
     def create_accumulator(self) -> CodebookHealth:
         return CodebookHealth()
 
@@ -137,6 +137,6 @@ class MediaHealth(beam.PTransform):
 
         return (
             pcoll
-            | "MergeHealth" >> beam.CombineGlobally(_MergeHealth()).without_defaults()
+            | "MergeHealth" >> beam.CombineGlobally(MergeHealthFn()).without_defaults()
             | "HealthEvents" >> beam.FlatMap(events)
         )

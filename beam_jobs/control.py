@@ -1,0 +1,181 @@
+"""Source control for ingest: ``quarantine_source`` / ``pause_source`` / ``resume_source`` Controls.
+
+Streaming ingest follows the ``control`` topic with its own consumer (assigned, not a group),
+polled between micro-batches; the state (blocked sources and the next control offset per
+partition) lives in ``<stream-root>/_ingest/control.json`` so a restart keeps it and never
+re-applies an old command over a newer one. Records of a blocked source are settled but not
+written: ``GateSources`` marks them dropped with reason ``source_quarantined`` / ``source_paused``
+(stage ``control``). ``resume_source`` lifts a pause; a quarantine is lifted by ``resume_source``
+too (an operator's explicit decision), and every applied or ignored command is logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from beam_jobs.records import Doc, Outcome
+from streams.events import Control, EventError, decode_event
+
+__all__ = ["ControlFollower", "GateMedia", "GateText", "SourceControl"]
+
+log = logging.getLogger("headwater.ingest.control")
+STAGE = "control"
+REASONS = {"quarantine_source": "source_quarantined", "pause_source": "source_paused"}
+
+
+@dataclass(slots=True)
+class SourceControl:
+    """Blocked sources (source -> drop reason) and the control topic's next offsets."""
+
+    path: str
+    blocked: dict[str, str] = field(default_factory=dict)
+    offsets: dict[str, int] = field(default_factory=dict)  # "partition" -> next offset
+    history: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, stream_root: str) -> SourceControl:
+        path = os.path.join(stream_root, "_ingest", "control.json")
+        if not os.path.isfile(path):
+            return cls(path)
+        with open(path) as f:
+            obj = json.load(f)
+        return cls(path, dict(obj.get("blocked", {})), dict(obj.get("offsets", {})), list(obj.get("history", [])))
+
+    def save(self) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"blocked": self.blocked, "offsets": self.offsets, "history": self.history[-1000:]}, f,
+                      indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def apply(self, control: Control) -> bool:
+        """Apply one command; True when it changed the state. Other commands are ignored."""
+        source = control.args.get("source") if isinstance(control.args, dict) else None
+        if control.command not in (*REASONS, "resume_source"):
+            return False
+        if not isinstance(source, str) or not source:
+            log.warning("control %s (%s) ignored: args.source missing", control.command, control.control_id)
+            return False
+        before = self.blocked.get(source)
+        if control.command == "resume_source":
+            self.blocked.pop(source, None)
+        elif not (before == "source_quarantined" and control.command == "pause_source"):
+            self.blocked[source] = REASONS[control.command]  # a pause never weakens a quarantine
+        changed = self.blocked.get(source) != before
+        entry = {"at": time.time(), "command": control.command, "source": source, "reason": control.reason,
+                 "issued_by": control.issued_by, "control_id": control.control_id, "changed": changed,
+                 "state": self.blocked.get(source, "active")}
+        self.history.append(entry)
+        log.info("control %s source=%s by %s (%s): %s -> %s", control.command, source, control.issued_by or "?",
+                 control.reason or "no reason", before or "active", entry["state"])
+        return changed
+
+
+class ControlFollower:
+    """Reads new Controls from the ``control`` topic (all partitions) into a :class:`SourceControl`."""
+
+    def __init__(self, bootstrap: str, state: SourceControl, *, topic: str = "control"):
+        from kafka import TopicPartition
+
+        from streams.kafka import KafkaSettings, make_consumer
+
+        self.state, self.topic = state, topic
+        self.consumer = make_consumer(KafkaSettings.load(bootstrap=bootstrap), assign=[], group_id=None)
+        parts = self.consumer.partitions_for_topic(topic) or set()
+        self.tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        self.consumer.assign(self.tps)
+        begins = self.consumer.beginning_offsets(self.tps) if self.tps else {}
+        for tp in self.tps:
+            self.consumer.seek(tp, max(begins[tp], state.offsets.get(str(tp.partition), 0)))
+
+    def poll(self, timeout_s: float = 0.5) -> int:
+        """Apply every Control available now; persists the state; returns how many were read."""
+        n, deadline = 0, time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            batches = self.consumer.poll(timeout_ms=100)
+            if not batches:
+                if n:
+                    break
+                continue
+            for tp, records in batches.items():
+                for record in records:
+                    n += 1
+                    self.state.offsets[str(tp.partition)] = record.offset + 1
+                    try:
+                        event = decode_event(record.value)
+                    except EventError as e:
+                        log.warning("control@%d:%d undecodable, skipped: %s", tp.partition, record.offset, e)
+                        continue
+                    if isinstance(event, Control):
+                        self.state.apply(event)
+        if n:
+            self.state.save()
+        return n
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class _GateTextFn(beam.DoFn):
+    def __init__(self, blocked: dict[str, str]):
+        self.blocked = blocked
+        self.n_in = Metrics.counter(STAGE, "in")
+        self.n_out = Metrics.counter(STAGE, "out")
+
+    def process(self, doc: Doc):
+        self.n_in.inc()
+        reason = self.blocked.get(doc.source)
+        if reason and doc.dropped is None:
+            Metrics.counter(STAGE, f"drop_{reason}").inc()
+            doc.drop(STAGE, reason)
+        else:
+            self.n_out.inc()
+        yield doc
+
+
+class GateText(beam.PTransform):
+    """Docs of blocked sources are marked dropped (``control:<reason>``) so their offsets settle."""
+
+    def __init__(self, blocked: dict[str, str]):
+        super().__init__()
+        self.blocked = dict(blocked)
+
+    def expand(self, docs):
+        return docs | beam.ParDo(_GateTextFn(self.blocked))
+
+
+class _GateMediaFn(beam.DoFn):
+    def __init__(self, blocked: dict[str, str]):
+        self.blocked = blocked
+
+    def process(self, element):
+        coords, record = element
+        Metrics.counter(STAGE, "in").inc()
+        reason = self.blocked.get(record.source)
+        if reason:
+            Metrics.counter(STAGE, f"drop_{reason}").inc()
+            yield beam.pvalue.TaggedOutput("blocked", Outcome(coords, dropped=f"{STAGE}:{reason}", record_id=record.id))
+        else:
+            Metrics.counter(STAGE, "out").inc()
+            yield element
+
+
+class GateMedia(beam.PTransform):
+    """(coords, RawRecord) -> main: records of active sources; ``blocked``: dropped Outcomes."""
+
+    def __init__(self, blocked: dict[str, str]):
+        super().__init__()
+        self.blocked = dict(blocked)
+
+    def expand(self, media):
+        return media | beam.ParDo(_GateMediaFn(self.blocked)).with_outputs("blocked", main="active")

@@ -1,0 +1,156 @@
+"""Streaming ingest on a real broker: per-source data metrics (metrics topic + RUN/ingest/metrics.jsonl)
+and the control topic (quarantine_source / pause_source / resume_source, persisted across restarts)."""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+
+from kafka import TopicPartition
+from kafka.admin import NewTopic
+
+from beam_jobs.control import SourceControl
+from beam_jobs.ingest import run
+from beam_jobs.synthetic import english_doc, raw_record
+from evaluators.alerts.rules import load_rules
+from infra.run_dir import RunDir
+from streams.events import Control, MetricsEvent, decode_event
+from streams.kafka import (
+    KafkaSettings,
+    make_admin,
+    make_consumer,
+    make_producer,
+    poll_records,
+    publish,
+)
+
+RULES = "infra/alerts/rules.toml"
+
+
+def stream_samples(root: str) -> list[dict]:
+    from streaming import StreamingDataset
+
+    ds = StreamingDataset(local=root, batch_size=1, shuffle=False)
+    return [ds[i] for i in range(len(ds))]
+
+
+def _topic(bootstrap: str) -> str:
+    name = f"test.ctl.{uuid.uuid4().hex[:8]}"
+    admin = make_admin(KafkaSettings(bootstrap=bootstrap))
+    try:
+        admin.create_topics([NewTopic(name, 1, 1)])
+    finally:
+        admin.close()
+    return name
+
+
+def _produce(bootstrap: str, topic: str, values: list[bytes], controls: list[Control] = ()) -> None:
+    producer = make_producer(KafkaSettings(bootstrap=bootstrap))
+    try:
+        for v in values:
+            producer.send(topic, value=v)
+        producer.flush()
+        for c in controls:
+            publish(producer, "control", c)
+    finally:
+        producer.close()
+
+
+def _metrics_events(bootstrap: str, since: dict) -> list[MetricsEvent]:
+    tps = [TopicPartition("metrics", p) for p in sorted(since)]
+    consumer = make_consumer(KafkaSettings(bootstrap=bootstrap), assign=tps)
+    try:
+        for tp in tps:
+            consumer.seek(tp, since[tp.partition])
+        return [decode_event(r.value) for r in poll_records(consumer, timeout_s=3)]
+    finally:
+        consumer.close()
+
+
+def _metrics_ends(bootstrap: str) -> dict[int, int]:
+    consumer = make_consumer(KafkaSettings(bootstrap=bootstrap), assign=[])
+    try:
+        tps = [TopicPartition("metrics", p) for p in sorted(consumer.partitions_for_topic("metrics"))]
+        return {tp.partition: off for tp, off in consumer.end_offsets(tps).items()}
+    finally:
+        consumer.close()
+
+
+def _args(bootstrap: str, topic: str, tmp_path) -> list[str]:
+    return ["--bootstrap", bootstrap, "--topics", topic, "--stream-root", str(tmp_path / "stream"),
+            "--run-dir", str(tmp_path / "run" / "ingest"), "--until-caught-up", "--window-s", "1",
+            "--min-doc-words", "50", "--no-media"]
+
+
+def test_streaming_source_metrics_and_control(fresh_broker, tmp_path):
+    rng = random.Random(7)
+    bootstrap = fresh_broker.bootstrap
+    topic = _topic(bootstrap)
+    web = [english_doc(rng) for _ in range(4)]
+    batch1 = (
+        [raw_record(f"w{i}", t, source="web") for i, t in enumerate(web)]
+        + [raw_record("w0-dup", web[0], source="web"), raw_record("w1-dup", web[1], source="web")]
+        + [raw_record(f"m{i}", english_doc(rng) + f" Mail me at person{i}@example.com today.", source="mail")
+           for i in range(3)]
+        + [raw_record(f"s{i}", english_doc(rng), source="spam") for i in range(2)]
+        + [raw_record(f"b{i}", english_doc(rng), source="books") for i in range(2)]
+    )
+    ends = _metrics_ends(bootstrap)
+    _produce(bootstrap, topic, batch1, [
+        Control(command="quarantine_source", args={"source": "spam"}, reason="test", issued_by="pytest"),
+        Control(command="pause_source", args={"source": "books"}, reason="test", issued_by="pytest"),
+        Control(command="rollback", args={"target": "last_good", "run_id": "other"}, issued_by="pytest"),
+    ])
+    summary = run(_args(bootstrap, topic, tmp_path))
+    ids = {s["id"] for s in stream_samples(str(tmp_path / "stream"))}
+    assert ids == {"w0", "w1", "w2", "w3", "m0", "m1", "m2"}
+    assert summary["stages"]["control"] == {"in": 13, "out": 9, "drop_source_quarantined": 2, "drop_source_paused": 2}
+
+    # per-source MetricsEvents, as the ingest rules of rules.toml read them
+    events = [e for e in _metrics_events(bootstrap, ends) if isinstance(e, MetricsEvent)]
+    per_source = {e.labels["source"]: e for e in events if "source" in e.labels}
+    assert set(per_source) == {"web", "mail", "spam", "books"}
+    assert per_source["web"].values["dup_rate"] == 2 / 6 and per_source["web"].values["pii_rate"] == 0.0
+    assert per_source["mail"].values["pii_rate"] == 1.0 and per_source["mail"].values["dup_rate"] == 0.0
+    assert any("source" not in e.labels and "records_in" in e.values for e in events), "job-level event missing"
+    for rule in load_rules(RULES):
+        if rule.name in ("dup_rate_spike", "pii_rate_spike"):
+            assert rule.component == "ingest" == per_source["web"].component
+            assert rule.metric in per_source["web"].values and set(rule.group_by) <= set(per_source["web"].labels)
+
+    # live snapshots in the run directory, readable by `headwater status` / `report`
+    snaps = RunDir(tmp_path / "run").ingest_snapshots()
+    assert snaps, "no ingest/metrics.jsonl snapshot"
+    last = snaps[-1]
+    assert last["stages"]["control"]["drop"] == {"source_quarantined": 2, "source_paused": 2}
+    assert last["stages"]["validate"]["in"] == 13 and last["shards_published"] >= 1
+    assert last["dup_rate"] > 0 and last["pii_rate"] > 0 and last["languages"] == {"en": 7}
+    assert last["modalities"] == {"text": 13} and isinstance(last["time"], float)
+
+    # restart: state persisted; resume books, quarantine of spam still holds
+    state = SourceControl.load(str(tmp_path / "stream"))
+    assert state.blocked == {"spam": "source_quarantined", "books": "source_paused"}
+    assert [h["command"] for h in state.history] == ["quarantine_source", "pause_source"]
+    batch2 = [raw_record("b9", english_doc(rng), source="books"), raw_record("s9", english_doc(rng), source="spam")]
+    _produce(bootstrap, topic, batch2, [Control(command="resume_source", args={"source": "books"}, issued_by="pytest")])
+    run(_args(bootstrap, topic, tmp_path))
+    ids = {s["id"] for s in stream_samples(str(tmp_path / "stream"))}
+    assert "b9" in ids and "s9" not in ids and not {"b0", "b1", "s0", "s1"} & ids
+    state = SourceControl.load(str(tmp_path / "stream"))
+    assert state.blocked == {"spam": "source_quarantined"}
+    assert [h["command"] for h in state.history] == ["quarantine_source", "pause_source", "resume_source"]
+    assert len(RunDir(tmp_path / "run").ingest_snapshots()) == len(snaps) + 1
+    drops = "".join(p.read_text() for p in (tmp_path / "run" / "ingest" / "drops").glob("*.jsonl"))
+    reasons = [json.loads(line)["reason"] for line in drops.splitlines()]
+    assert reasons.count("control:source_quarantined") == 3 and reasons.count("control:source_paused") == 2
+
+
+def test_source_control_state_rules():
+    state = SourceControl(path="/nonexistent/control.json")
+    assert state.apply(Control(command="quarantine_source", args={"source": "a"}))
+    assert not state.apply(Control(command="pause_source", args={"source": "a"}))  # never weakens a quarantine
+    assert state.blocked == {"a": "source_quarantined"}
+    assert not state.apply(Control(command="pause_source", args={}))  # no source: ignored
+    assert not state.apply(Control(command="pause_domain", args={"domain": "x"}))  # not ingest's
+    assert state.apply(Control(command="resume_source", args={"source": "a"})) and state.blocked == {}
