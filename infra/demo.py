@@ -16,7 +16,7 @@ import secrets
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -42,7 +42,7 @@ class DemoConfig:
     """Sizes and timings of one demo run (defaults fit 2 cores and ~10 minutes)."""
 
     run_dir: Path = field(default_factory=lambda: Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S"))
-    corpus: DemoCorpus = field(default_factory=DemoCorpus)
+    corpus: DemoCorpus = field(default_factory=lambda: DemoCorpus(texts=200, audios=3, images=12, videos=1))
     heldout_texts: int = 60
     records_per_s: float = 8.0
     steps: int = 60
@@ -136,7 +136,7 @@ class Recorder(threading.Thread):
 
     def __init__(self, broker: EmbeddedBroker, run: Path):
         super().__init__(daemon=True, name="recorder")
-        self.broker, self.run, self.stop_event = broker, run, threading.Event()
+        self.broker, self.run_dir, self.stop_event = broker, run, threading.Event()
         self.seen: set[str] = set()
 
     def run(self) -> None:  # noqa: D102 - Thread.run
@@ -155,7 +155,7 @@ class Recorder(threading.Thread):
         except ValueError:
             return
         key = getattr(event, "alert_id", None) or f"{topic}:{value[:200]!r}"
-        path = self.run / ("evals.jsonl" if topic == "evals" else "alerts.jsonl")
+        path = self.run_dir / ("evals.jsonl" if topic == "evals" else "alerts.jsonl")
         existing = path.read_text() if path.exists() else ""
         if key in self.seen or (topic == "alerts" and key in existing):
             return
@@ -170,7 +170,7 @@ class Producer(threading.Thread):
     def __init__(self, broker: EmbeddedBroker, cfg: DemoConfig):
         super().__init__(daemon=True, name="producer")
         self.broker, self.cfg = broker, cfg
-        self.poison, self.done, self.stop_event = threading.Event(), threading.Event(), threading.Event()
+        self.poison, self.stop_event = threading.Event(), threading.Event()
         self.sent = 0
         self.poisoned = 0
 
@@ -180,23 +180,23 @@ class Producer(threading.Thread):
             producer.send("raw.text", payload)
         poison = _poison(self.cfg.poison_docs)
         gap = 1.0 / self.cfg.records_per_s
-        for rec in self.cfg.corpus.records():
-            if self.stop_event.is_set():
-                break
-            producer.send(raw_topic(rec.modality), rec.to_bytes(), key=rec.id.encode())
-            self.sent += 1
-            if self.poison.is_set() and poison:
-                for p in poison[:10]:
-                    producer.send("raw.text", p.to_bytes(), key=p.id.encode())
-                self.poisoned += len(poison[:10])
-                poison = poison[10:]
-            time.sleep(gap)
-        for p in poison if self.poison.is_set() else []:
-            producer.send("raw.text", p.to_bytes(), key=p.id.encode())
-            self.poisoned += 1
+        generation = 0
+        while not self.stop_event.is_set():  # a firehose: a fresh corpus generation after another
+            corpus = replace(self.cfg.corpus, seed=self.cfg.corpus.seed + generation)
+            for rec in corpus.records():
+                if self.stop_event.is_set():
+                    break
+                producer.send(raw_topic(rec.modality), rec.to_bytes(), key=rec.id.encode())
+                self.sent += 1
+                if self.poison.is_set() and poison:
+                    burst, poison = poison[:5], poison[5:]
+                    for p in burst:
+                        producer.send("raw.text", p.to_bytes(), key=p.id.encode())
+                    self.poisoned += len(burst)
+                time.sleep(gap)
+            generation += 1
         producer.flush()
         producer.close()
-        self.done.set()
 
 
 def _write_jsonl(path: Path, records: list[RawRecord]) -> None:
@@ -206,6 +206,28 @@ def _write_jsonl(path: Path, records: list[RawRecord]) -> None:
 
 def _checkpoints(run: Path) -> list[Path]:
     return sorted((run / "checkpoints").glob("step-*/headwater.json"))
+
+
+def _summary(run: Path, producer: Producer, console: Console) -> int:
+    """Print what happened; non-zero if the bad-data episode did not go alert -> rollback."""
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rollbacks = [r for r in steps if r.get("event") == "rollback"]
+    lineage = [json.loads(line) for line in (run / "lineage.jsonl").read_text().splitlines()] if (
+        run / "lineage.jsonl").exists() else []
+    alerts = (run / "alerts.jsonl").read_text().splitlines() if (run / "alerts.jsonl").exists() else []
+    evals = (run / "evals.jsonl").read_text().splitlines() if (run / "evals.jsonl").exists() else []
+    hooks = (run / "webhook.jsonl").read_text().splitlines() if (run / "webhook.jsonl").exists() else []
+    console.print(f"produced {producer.sent} records (+{producer.poisoned} leaking); "
+                  f"trainer steps {max((r.get('step', 0) for r in steps), default=0)}; "
+                  f"eval reports {len(evals)}; alerts {len(alerts)}; signed webhooks {len(hooks)}")
+    for row in lineage:
+        console.print(f"  lineage: {row.get('action')} {row.get('args', {})} ({row.get('reason', '')})")
+    for r in rollbacks:
+        console.print(f"  trainer rolled back from step {r.get('from_step')} to {r.get('to_step')}: {r.get('reason')}")
+    if producer.poisoned and not rollbacks:
+        console.print("[red]the bad-data episode did not lead to a rollback[/red]")
+        return 1
+    return 0
 
 
 def run_demo(cfg: DemoConfig, console: Console) -> int:
@@ -279,6 +301,7 @@ def run_demo(cfg: DemoConfig, console: Console) -> int:
                 if trainer_started and not poison_sent and len(_checkpoints(run)) >= cfg.poison_after_checkpoints:
                     producer.poison.set()
                     poison_sent = True
+                    live.console.print("[bold yellow]bad-data episode:[/bold yellow] source 'leakyforum' starts leaking PII")
                 for name in ("ingest", "sentinel", "evaluator") + (("trainer",) if trainer_started else ()):
                     if not procs.alive(name) and name != "trainer":
                         console.print(f"[red]{name} exited early[/red]\n{procs.log_tail(name)}")
@@ -294,7 +317,7 @@ def run_demo(cfg: DemoConfig, console: Console) -> int:
                     break
                 time.sleep(2.0)
         time.sleep(5.0)  # let the last checkpoint's evaluation and alerts land
-        return 0
+        return _summary(run, producer, console)
     finally:
         if producer:
             producer.stop_event.set()

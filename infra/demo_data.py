@@ -21,38 +21,73 @@ from streams.events import RawRecord
 
 __all__ = ["DemoCorpus", "text_records", "audio_records", "image_records", "video_records", "junk_payloads"]
 
-_WORDS = {
-    "en": ("The {a} {n} of the {p} {v} the {n2} after a long {t}. "
-           "Researchers in the {p} said the {n} was {a2} and that the {n2} would {v2} next {t}. ",
-           dict(a="old quiet bright northern small famous busy".split(), n="river bridge library market council harbour school".split(),
-                p="city valley region village county island".split(), v="changed opened described supported rebuilt".split(),
-                n2="railway museum garden festival hospital factory".split(), t="winter summer season decade week".split(),
-                a2="important expensive popular difficult useful".split(), v2="grow improve reopen expand recover".split())),
-    "de": ("Die {a} {n} der {p} hat nach einem langen {t} die {n2} {v}. "
-           "Fachleute aus der {p} sagten, die {n} sei {a2} und die {n2} werde im nächsten {t} {v2}. ",
-           dict(a="alte ruhige helle kleine bekannte neue".split(), n="Brücke Bibliothek Schule Kirche Fabrik Mühle".split(),
-                p="Stadt Region Gemeinde Provinz Umgebung".split(), v="verändert eröffnet beschrieben unterstützt".split(),
-                n2="Bahnstrecke Ausstellung Gärtnerei Klinik Werkstatt".split(), t="Winter Sommer Jahrzehnt Monat".split(),
-                a2="wichtig teuer beliebt schwierig nützlich".split(), v2="wachsen erweitert verbessert erneuert".split())),
-    "fr": ("Le {a} {n} de la {p} a {v} la {n2} après un long {t}. "
-           "Les chercheurs de la {p} ont dit que le {n} était {a2} et que la {n2} allait {v2} le {t} prochain. ",
-           dict(a="vieux calme grand petit célèbre nouveau".split(), n="pont marché musée port village moulin".split(),
-                p="ville région commune province vallée".split(), v="changé ouvert décrit soutenu reconstruit".split(),
-                n2="gare bibliothèque école usine clinique".split(), t="hiver été mois siècle printemps".split(),
-                a2="important coûteux populaire difficile utile".split(), v2="grandir changer rouvrir évoluer".split())),
-    "es": ("El {a} {n} de la {p} {v} la {n2} después de un largo {t}. "
-           "Los investigadores de la {p} dijeron que el {n} era {a2} y que la {n2} iba a {v2} el próximo {t}. ",
-           dict(a="viejo tranquilo pequeño famoso nuevo gran".split(), n="puente mercado museo puerto molino barrio".split(),
-                p="ciudad región comarca provincia isla".split(), v="cambió abrió describió apoyó reconstruyó".split(),
-                n2="estación biblioteca escuela fábrica clínica".split(), t="invierno verano mes siglo año".split(),
-                a2="importante caro popular difícil útil".split(), v2="crecer mejorar reabrir cambiar".split())),
+_TEMPLATES = {
+    "en": [
+        "The {a} {n} near the {p} was rebuilt after the {t} floods.",
+        "Local historians describe how merchants once traded {g} along its banks.",
+        "Today visitors can walk from the {n2} to the old {n} in about twenty minutes.",
+        "A committee of {k} volunteers raised money for new lamps and benches.",
+        "Critics argued that the plan ignored the needs of families living nearby.",
+        "According to the council, repairs will cost roughly {x} thousand pounds.",
+        "Several schools organise guided tours every spring for their pupils.",
+        "The museum keeps maps, letters and photographs donated by former residents.",
+        "Weather permitting, the annual festival opens on the first Saturday of {m}.",
+        "Engineers measured the foundations and found them surprisingly stable.",
+    ],
+    "de": [
+        "Die {a} Brücke am Rand der Stadt wurde nach dem Hochwasser neu gebaut.",
+        "Historiker berichten, dass Händler dort früher mit {g} gehandelt haben.",
+        "Heute braucht man vom Bahnhof bis zum alten Markt etwa zwanzig Minuten zu Fuß.",
+        "Ein Verein mit {k} Mitgliedern sammelte Spenden für neue Laternen.",
+        "Kritiker meinten, der Plan berücksichtige die Familien in der Nachbarschaft nicht.",
+        "Nach Angaben der Gemeinde kosten die Arbeiten ungefähr {x} tausend Euro.",
+        "Mehrere Schulen bieten jedes Frühjahr Führungen für ihre Klassen an.",
+        "Das Museum bewahrt Karten, Briefe und Fotografien ehemaliger Bewohner auf.",
+        "Bei gutem Wetter beginnt das Stadtfest am ersten Samstag im {m}.",
+        "Die Ingenieure untersuchten das Fundament und waren überrascht, wie stabil es ist.",
+    ],
+    "fr": [
+        "Le {a} pont situé près du port a été reconstruit après les inondations.",
+        "Les historiens racontent que les marchands y vendaient autrefois du {g}.",
+        "Aujourd'hui, il faut environ vingt minutes à pied depuis la gare jusqu'au vieux marché.",
+        "Une association de {k} bénévoles a réuni des fonds pour installer des bancs.",
+        "Certains habitants estiment que le projet oublie les familles du quartier.",
+        "Selon la mairie, les travaux coûteront environ {x} mille euros.",
+        "Plusieurs écoles organisent chaque printemps des visites guidées pour les élèves.",
+        "Le musée conserve des cartes, des lettres et des photographies d'anciens habitants.",
+        "Si le temps le permet, la fête commence le premier samedi de {m}.",
+        "Les ingénieurs ont examiné les fondations et les ont trouvées très solides.",
+    ],
+    "es": [
+        "El {a} puente junto al puerto fue reconstruido después de las inundaciones.",
+        "Los historiadores cuentan que los comerciantes vendían allí {g} hace siglos.",
+        "Hoy se tarda unos veinte minutos a pie desde la estación hasta el mercado viejo.",
+        "Una asociación de {k} voluntarios reunió dinero para poner nuevas farolas.",
+        "Algunos vecinos opinan que el proyecto olvida a las familias del barrio.",
+        "Según el ayuntamiento, las obras costarán alrededor de {x} mil euros.",
+        "Varias escuelas organizan cada primavera visitas guiadas para sus alumnos.",
+        "El museo guarda mapas, cartas y fotografías donadas por antiguos habitantes.",
+        "Si el tiempo lo permite, la fiesta empieza el primer sábado de {m}.",
+        "Los ingenieros revisaron los cimientos y los encontraron muy estables.",
+    ],
+}
+_SLOTS = {
+    "en": dict(a="old narrow stone famous wooden".split(), n="bridge mill market chapel".split(),
+               n2="station harbour library park".split(), p="river harbour canal".split(),
+               t="spring autumn winter".split(), g="wool salt grain timber".split(), m="June July August".split()),
+    "de": dict(a="alte schmale steinerne bekannte".split(), g="Salz Wolle Getreide Holz".split(),
+               m="Juni Juli August".split()),
+    "fr": dict(a="vieux petit célèbre grand".split(), g="sel blé vin bois".split(), m="juin juillet août".split()),
+    "es": dict(a="viejo pequeño famoso gran".split(), g="sal trigo vino madera".split(), m="junio julio agosto".split()),
 }
 SOURCES = ("wiki", "news", "forum")
 
 
 def _paragraph(rng: random.Random, lang: str, sentences: int) -> str:
-    template, slots = _WORDS[lang]
-    return "".join(template.format(**{k: rng.choice(v) for k, v in slots.items()}) for _ in range(sentences)).strip()
+    """Distinct templated sentences in ``lang`` (no template twice, so no repeated n-grams)."""
+    slots = {**_SLOTS[lang], "k": [str(rng.randint(12, 400))], "x": [str(rng.randint(20, 900))]}
+    picked = rng.sample(_TEMPLATES[lang], min(sentences, len(_TEMPLATES[lang])))
+    return " ".join(t.format(**{k: rng.choice(v) for k, v in slots.items()}) for t in picked)
 
 
 def _text_record(rid: str, text: str, source: str) -> RawRecord:
@@ -69,8 +104,8 @@ def text_records(n: int, *, seed: int = 0, dup_rate: float = 0.1, pii_rate: floa
             text = orig.text if rng.random() < 0.5 else orig.text.replace(".", ";", 1)  # exact or near copy
             out.append(_text_record(f"doc-{seed}-{i}", text, orig.source))
             continue
-        lang = rng.choice(list(_WORDS))
-        text = _paragraph(rng, lang, rng.randint(6, 12))
+        lang = rng.choice(list(_TEMPLATES))
+        text = _paragraph(rng, lang, rng.randint(7, 10))
         if rng.random() < pii_rate:
             text += f" Contact: {rng.choice(['ana', 'li', 'tom'])}.{i}@example.org or +1 415 555 {1000 + i % 9000}."
         out.append(_text_record(f"doc-{seed}-{i}", text, rng.choice(SOURCES)))

@@ -41,7 +41,7 @@ SOURCES = ("metrics", "evals")
 OPS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le,
 }
-ACTIONS = ("none", "rollback", "quarantine_source", "pause_source", "pause_domain")
+ACTIONS = ("none", "rollback", "quarantine_source", "quarantine_source_and_rollback", "pause_source", "pause_domain")
 
 
 class RuleError(ValueError):
