@@ -128,9 +128,10 @@ class RollbackPolicy:
         return Decision([control])
 
     def _rollback_before_source(self, source: str, reason: str) -> tuple[list[Control], str]:
-        """Roll every run that trained after ``source`` first published back to its last good
-        checkpoint from before that; only the source's data is quarantined (by quarantine_source),
-        so clean shards read since are trained again. Domains are ``{source}`` or ``{source}_*``."""
+        """Roll every run back to its last good checkpoint from before ``source`` first published.
+
+        Only the source's data is quarantined (by quarantine_source), so clean shards read since
+        are trained again. Domains are ``{source}`` or ``{source}_*``."""
         times = [t for d, t in self.first_shard_at.items() if d == source or d.startswith(f"{source}_")]
         if not times:
             return [], f"no shard of source {source!r} was published: nothing to roll back"
@@ -138,8 +139,7 @@ class RollbackPolicy:
         controls, notes = [], []
         for run_id in sorted({c.run_id for c in self.checkpoints.values()}):
             ckpts = [c for c in self.checkpoints.values() if c.run_id == run_id]
-            if not any(c.wall_time >= since for c in ckpts):
-                continue  # nothing saved since the source appeared: the model has not absorbed it yet
+            # Conservative: even with no checkpoint saved since, the live weights may have trained on it.
             good = [c for c in ckpts if c.wall_time < since and self.is_good(c)]
             if not good:
                 notes.append(f"run {run_id!r} has no good checkpoint from before {source!r} appeared")

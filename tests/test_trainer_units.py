@@ -201,3 +201,25 @@ def test_quarantine_skips_shards_and_sources_including_buffered_samples(tmp_path
         seen_shards |= set(meta.shards)
     loader.close()
     assert seen_sources == {"site:good"} and not seen_shards & ({good[1]} | set(leaky))
+
+
+def test_a_domain_fed_only_by_quarantined_sources_is_never_drawn_or_waited_for(tmp_path):
+    root = str(tmp_path / "s")
+    write_stream(root, domains={"clean": "markov"}, shards=2, per_shard=40, vocab=64, source="site:good")
+    write_stream(root, domains={"leak": "markov"}, shards=1, per_shard=20, vocab=64, writer_id="w2", seed=1,
+                 source="site:leaky")
+    loader = LiveStreamDataLoader(LiveStreamDataLoader.Config(stream_roots=[root], starve_timeout_s=30),
+                                  dp_world_size=1, dp_rank=0, seq_len=32, local_batch_size=2, vocab_size=64)
+    it = iter(loader)
+    next(it)
+    deadline = time.monotonic() + 10
+    while "leak" not in loader.buffers.domain_sources and time.monotonic() < deadline:
+        time.sleep(0.05)
+    loader.quarantine(sources={"site:leaky"})
+    assert loader.buffers.retired_domains() == {"leak"}
+    started = time.monotonic()
+    for _ in range(5):
+        meta = next(it)[0]["_meta"]
+        assert set(meta.doc_sources) == {"site:good"}
+    loader.close()
+    assert time.monotonic() - started < 20, "the quarantined domain was waited for"

@@ -59,6 +59,7 @@ class StreamBuffers:
         self.available: dict[str, int] = {}  # samples of each domain this rank has received
         self.bad_samples: list[tuple[str, str]] = []
         self.excluded_sources: set[str] = set()
+        self.domain_sources: dict[str, set[str]] = {}  # every source seen per domain (all ranks' samples)
         self._read_lock = threading.Lock()
         self._cond = threading.Condition()
         self._wanted: set[str] = set()
@@ -121,9 +122,10 @@ class StreamBuffers:
     def _accept(self, root_i: int, sample: dict[str, Any]) -> None:
         ordinal = self._ordinals[root_i]
         self._ordinals[root_i] += 1
+        source = str(sample.get("source") or "")
+        self.domain_sources.setdefault(str(sample.get("domain") or "default"), set()).add(source)
         if ordinal % self.dp_world != self.dp_rank:
             return
-        source = str(sample.get("source") or "")
         if source in self.excluded_sources:
             return
         tokens = np.asarray(sample["tokens"], dtype=np.int32)
@@ -164,6 +166,11 @@ class StreamBuffers:
                 return self.buffers[domain].popleft()
             finally:
                 self._wanted.discard(domain)
+
+    def retired_domains(self) -> set[str]:
+        """Domains whose every source seen so far is quarantined: no data will come, never draw them."""
+        # No lock: the fill thread holds _read_lock while it polls; list() of the items is atomic.
+        return {d for d, srcs in list(self.domain_sources.items()) if srcs <= self.excluded_sources}
 
     def has_data(self, domain: str) -> bool:
         with self._cond:

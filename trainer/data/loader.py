@@ -161,7 +161,7 @@ class LiveStreamDataLoader(BaseDataLoader):
     def _next_doc(self, starved: list[str]) -> Doc:
         while True:
             self.starved = {d for d in self.starved if not self.buffers.has_data(d)}
-            weights = self.mixer.sampling_weights(exclude=self.paused | self.starved)
+            weights = self.mixer.sampling_weights(exclude=self.paused | self.starved | self.buffers.retired_domains())
             if not weights:
                 self._wait_for_any()
                 continue
