@@ -22,7 +22,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.live import Live
 
-from evaluators.alerts.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
+from evaluators.alerts.receiver import SignedWebhookReceiver
 from infra.demo_data import DemoCorpus, image_records, junk_payloads, text_records
 from infra.processes import ProcessSet
 from infra.run_dir import RunDir
@@ -95,40 +95,6 @@ action = "quarantine_source_and_rollback"
 hooks = ["webhook", "control"]
 description = "most documents of a source carry personal data: quarantine it, roll the model back"
 """
-
-
-class WebhookReceiver(threading.Thread):
-    """A local on-call endpoint: verifies each alert's HMAC signature, logs it to RUN/webhook.jsonl."""
-
-    def __init__(self, run: Path, secret: str):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        log_path = run / "webhook.jsonl"
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server API
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                ok = verify_signature(secret.encode(), self.headers.get(TIMESTAMP_HEADER, ""), body,
-                                      self.headers.get(SIGNATURE_HEADER, ""))
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"received_at": time.time(), "signature_ok": ok,
-                                        "alert": json.loads(body or b"{}")}) + "\n")
-                self.send_response(200 if ok else 401)
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        super().__init__(target=self.server.serve_forever, daemon=True, name="webhook")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 class Recorder(threading.Thread):
@@ -238,7 +204,7 @@ def run_demo(cfg: DemoConfig, console: Console) -> int:
     started = time.monotonic()
     recorder: Recorder | None = None
     producer: Producer | None = None
-    webhook: WebhookReceiver | None = None
+    webhook: SignedWebhookReceiver | None = None
     try:
         console.print(f"[bold]headwater demo[/bold] -> {run}")
         broker.start()
@@ -265,8 +231,7 @@ def run_demo(cfg: DemoConfig, console: Console) -> int:
 
         recorder = Recorder(broker, run)
         recorder.start()
-        webhook = WebhookReceiver(run, cfg.webhook_secret)
-        webhook.start()
+        webhook = SignedWebhookReceiver(cfg.webhook_secret.encode(), log_path=run / "webhook.jsonl")
         rules = run / "rules.toml"
         rules.write_text(DEMO_RULES.format(url=webhook.url))
         procs.start("sentinel", _headwater("evaluate", "--role", "sentinel", "--bootstrap", broker.bootstrap,
@@ -326,7 +291,7 @@ def run_demo(cfg: DemoConfig, console: Console) -> int:
             recorder.stop_event.set()
             recorder.join(timeout=5)
         if webhook:
-            webhook.stop()
+            webhook.close()
         broker.stop()
         console.print("all processes stopped; broker down")
         report = run / "report.html"

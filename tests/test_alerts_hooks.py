@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from evaluators.alerts.command import CommandError, CommandHook
 from evaluators.alerts.dispatch import Dispatcher, HookError, build_hooks
+from evaluators.alerts.receiver import SignedWebhookReceiver
 from evaluators.alerts.webhook import (
-    SIGNATURE_HEADER,
-    TIMESTAMP_HEADER,
     WebhookError,
     WebhookHook,
     load_secret,
@@ -32,37 +29,9 @@ def make_alert(**kw) -> Alert:
     return Alert(**{**base, **kw})
 
 
-class Receiver:
-    """A real HTTP server on 127.0.0.1 that verifies signatures; fails the first ``fail_first`` posts."""
-
-    def __init__(self, *, fail_first: int = 0, status_on_fail: int = 503):
-        self.received: list[dict] = []
-        self.attempts: list[float] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.attempts.append(time.monotonic())
-                if len(receiver.attempts) <= fail_first:
-                    self.send_response(status_on_fail)
-                    self.end_headers()
-                    return
-                ok = verify_signature(SECRET, self.headers[TIMESTAMP_HEADER], body, self.headers[SIGNATURE_HEADER])
-                receiver.received.append({"valid": ok, "alert": json.loads(body), "path": self.path})
-                self.send_response(200 if ok else 401)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+def Receiver(**kw) -> SignedWebhookReceiver:  # noqa: N802 - reads as the class it returns
+    """The package's signed-webhook receiver with this module's shared secret."""
+    return SignedWebhookReceiver(SECRET, **kw)
 
 
 @pytest.fixture()
