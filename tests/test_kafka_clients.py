@@ -8,7 +8,7 @@ from confluent_kafka import Producer as CKProducer
 from confluent_kafka import TopicPartition as CKTopicPartition
 from confluent_kafka.admin import AdminClient
 
-from streams.events import RawRecord, decode_event
+from streams.events import Alert, MetricsEvent, RawRecord, decode_event
 from streams.kafka import make_consumer, make_producer, poll_records, publish
 from streams.topics import TOPICS
 
@@ -22,16 +22,19 @@ def test_confluent_admin_lists_every_registered_topic(broker):
 def test_confluent_produce_then_assign_consume(broker):
     tag = uuid.uuid4().hex
     p = CKProducer({"bootstrap.servers": broker.bootstrap, "enable.idempotence": True, "acks": "all"})
-    for i in range(20):
-        p.produce("metrics", key=tag, value=f"{tag}:{i}".encode(), partition=0)
+    for i in range(20):  # valid events: other tests on this session's broker read the topic
+        event = MetricsEvent(component="client-test", values={"i": i}, labels={"tag": tag})
+        p.produce("metrics", key=tag, value=event.to_bytes(), partition=0)
     assert p.flush(10) == 0
     c = CKConsumer({"bootstrap.servers": broker.bootstrap, "group.id": f"g-{tag}", "enable.auto.commit": False})
     c.assign([CKTopicPartition("metrics", 0, 0)])
     got = []
     for _ in range(100):
         m = c.poll(0.2)
-        if m is not None and not m.error() and m.value().startswith(tag.encode()):
-            got.append(m.value().decode())
+        if m is not None and not m.error():
+            event = decode_event(m.value())
+            if event.labels.get("tag") == tag:
+                got.append(f"{tag}:{int(event.values['i'])}")
         if len(got) == 20:
             break
     c.close()
@@ -84,13 +87,15 @@ def test_aiokafka_producer_to_our_group_consumer(broker):
         p = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
         await p.start()
         try:
-            for i in range(5):
-                await p.send_and_wait("alerts", f"{tag}:{i}".encode())
+            for i in range(5):  # valid events: other tests on this session's broker read the topic
+                alert = Alert(rule="client-test", severity="info", message=f"{tag}:{i}", source="aiokafka")
+                await p.send_and_wait("alerts", alert.to_bytes())
         finally:
             await p.stop()
 
     asyncio.run(produce())
     c = make_consumer(broker.settings, topics=["alerts"], group_id=f"g-{tag}")
-    values = [r.value.decode() for r in poll_records(c, timeout_s=20, until=lambda s: sum(tag in r.value.decode() for r in s) >= 5)]
+    values = [decode_event(r.value).message for r in poll_records(
+        c, timeout_s=20, until=lambda s: sum(tag in r.value.decode() for r in s) >= 5)]
     c.close()
     assert [v for v in values if v.startswith(tag)] == [f"{tag}:{i}" for i in range(5)]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from kafka import TopicPartition
 from kafka.structs import OffsetAndMetadata
@@ -12,6 +10,7 @@ from infra.cli import main as cli_main
 from infra.run_dir import RunDir
 from infra.sample_run import write_sample_run
 from infra.status import read_kafka, read_run
+from streams.events import MetricsEvent
 from streams.kafka import KafkaSettings, make_consumer, make_producer
 
 
@@ -57,17 +56,18 @@ def test_lag_against_a_real_broker(broker, tmp_path, capsys):
     settings = broker.settings
     producer = make_producer(settings)
     for i in range(7):  # one record per request: tansu reports batch-level end offsets otherwise
-        producer.send("evals", value=json.dumps({"i": i}).encode(), partition=0).get(timeout=30)
+        event = MetricsEvent(component="status-test", values={"i": i})  # valid: other tests read the topic
+        producer.send("metrics", value=event.to_bytes(), partition=0).get(timeout=30)
     producer.close()
-    before = read_kafka(settings).end_offsets["evals"]
-    consumer = make_consumer(settings, assign=[TopicPartition("evals", 0)], group_id="status-test")
-    consumer.commit({TopicPartition("evals", 0): OffsetAndMetadata(before - 4, "", -1)})
+    before = read_kafka(settings).end_offsets["metrics"]
+    consumer = make_consumer(settings, assign=[TopicPartition("metrics", 0)], group_id="status-test")
+    consumer.commit({TopicPartition("metrics", 0): OffsetAndMetadata(before - 4, "", -1)})
     consumer.close()
 
     view = read_kafka(settings)
     assert not view.error
     assert set(view.end_offsets) >= {"raw.text", "shards", "evals", "control"}
-    assert view.lag[("status-test", "evals")] == 4
+    assert view.lag[("status-test", "metrics")] == 4
 
     (tmp_path / "broker.port").write_text(str(broker.port))  # discovered from the run dir
     assert cli_main(["status", "--run-dir", str(tmp_path), "--once", "--width", "160"]) == 0
