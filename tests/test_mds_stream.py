@@ -272,7 +272,7 @@ def test_stock_streaming_dataset_reads_snapshots_while_two_processes_append(tmp_
     py, env = sys.executable, {**os.environ, "PYTHONWARNINGS": "ignore"}
     reader = subprocess.Popen([py, str(HELPER), "snapshots", str(root), "--until", str(done), "--ready", str(ready)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    writers = [subprocess.Popen([py, str(HELPER), "append", str(root), f"p{i}", "30", "5", "--sleep", "0.01",
+    writers = [subprocess.Popen([py, str(HELPER), "append", str(root), f"p{i}", "30", "5", "--sleep", "0.15",
                                  "--wait-for", str(go)], stderr=subprocess.PIPE, text=True, env=env)
                for i in range(2)]
     deadline = time.monotonic() + 120
