@@ -30,6 +30,7 @@ type = "control"
 
 [[rule]]
 name = "pii_rate_spike"
+on = "metrics"
 component = "ingest"
 metric = "pii_rate"
 kind = "spike"

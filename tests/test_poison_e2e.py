@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_alerts_hooks import SECRET, Receiver
+from test_alerts_sentinel import RULES
 
 from evaluators.alerts.rules import load_rules
 from streams.events import Alert, Control, EvalReport, MetricsEvent, decode_event
@@ -39,36 +40,6 @@ from trainer.synthetic import synthetic_docs, write_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64  # small synthetic vocabulary: the debug model learns counting in ~30 steps
-
-RULES = """
-[dispatch]
-default_hooks = ["webhook", "control"]
-
-[hooks.webhook]
-type = "webhook"
-url = "{url}"
-secret_file = "{secret}"
-retries = 3
-backoff_s = 0.2
-
-[hooks.control]
-type = "control"
-
-[[rule]]
-name = "pii_rate_spike"
-on = "metrics"
-component = "ingest"
-metric = "pii_rate"
-kind = "spike"
-factor = 3.0
-min_history = 3
-min_value = 0.05
-group_by = ["source"]
-severity = "critical"
-cooldown_s = 600
-action = "quarantine_source"
-hooks = ["webhook", "control"]
-"""
 
 # Appends clean shards every second until DIR/stop exists; injects the poison once DIR/poison exists.
 WRITER = """
