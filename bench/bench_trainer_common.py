@@ -4,6 +4,7 @@ fed by either the live-stream loader (with mixer) or a static in-memory batch li
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -47,14 +48,8 @@ def train_step(model, opt, batch, labels) -> torch.Tensor:
 
 def observe(mixer: Mixer, meta, per_token: torch.Tensor, labels: torch.Tensor, available: dict) -> None:
     """The trainer's per-domain reduction + mixer update (single rank)."""
-    valid = labels != IGNORE_INDEX
-    loss_sum, tokens, docs = {}, {}, {}
-    for i, d in enumerate(meta.domains):
-        m = valid & (meta.domain_idx == i)
-        loss_sum[d], tokens[d] = float(per_token[m].sum()), int(m.sum())
-    for d in meta.doc_domains:
-        docs[d] = docs.get(d, 0) + 1
-    mixer.observe(loss_sum, tokens, docs, available)
+    loss_sum, tokens = meta.domain_sums(per_token, labels)
+    mixer.observe(loss_sum, tokens, dict(Counter(meta.doc_domains)), dict(available))
 
 
 def live_loader(root: str, policy: str, **mix) -> LiveStreamDataLoader:

@@ -1,4 +1,4 @@
-"""Fast unit tests of the trainer parts: packing, CPU attention mask, mixing policies, data sharding."""
+"""Fast unit tests of the trainer parts: packing, CPU attention mask, loader draws, data sharding (policies: test_mixing_policies)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import os
 import time
 
 import numpy as np
-import pytest
 import torch
 
 from trainer import cpu_compat
@@ -52,49 +51,6 @@ def test_dense_document_mask_matches_separate_documents():
         together = model(packed, positions=pos)
         alone = model(b)
     torch.testing.assert_close(together[:, 5:], alone, rtol=1e-5, atol=1e-5)
-
-
-def run_policy(policy: str, steps: int = 300, **kw) -> dict[str, float]:
-    rng = np.random.default_rng(0)
-    m = Mixer.Config(policy=policy, **kw).build()
-    for t in range(steps):
-        loss = {"noise": 6.2 + 0.05 * rng.standard_normal(),
-                "learnable": 5.0 * np.exp(-t / 80) + 1.0 + 0.05 * rng.standard_normal(),
-                "learned": 0.3 + 0.02 * rng.standard_normal()}
-        m.observe({d: v * 100 for d, v in loss.items()}, {d: 100 for d in loss}, {d: 4 for d in loss},
-                  {"noise": 1000, "learnable": 3000, "learned": 1000})
-    return m.weight_dict()
-
-
-def test_static_policy_keeps_given_weights():
-    w = run_policy("static", weights={"noise": 0.2, "learnable": 0.5})
-    assert w["learnable"] == pytest.approx(0.5, abs=0.02) and w["learned"] == pytest.approx(0.3, abs=0.02)
-
-
-def test_temperature_policy_follows_domain_size():
-    w1 = run_policy("temperature", temperature=1.0)
-    w4 = run_policy("temperature", temperature=4.0)
-    assert w1["learnable"] > w4["learnable"] > w4["noise"]  # T=1 ∝ size; higher T flattens
-
-
-def test_odm_moves_weight_towards_high_loss_domains():
-    w = run_policy("odm")
-    assert w["learned"] < 1 / 3 < w["noise"]  # EXP3 reward = loss: the learned domain loses share
-
-
-def test_learnability_moves_weight_to_the_learnable_domain():
-    w = run_policy("learnability")
-    assert w["learnable"] > 0.6 and w["noise"] < 0.2 and w["learned"] < 0.2
-    assert min(w.values()) >= 0.02 - 1e-9  # floor
-
-
-def test_mixer_state_round_trips():
-    m = Mixer.Config(policy="odm").build()
-    m.observe({"a": 5.0, "b": 1.0}, {"a": 1, "b": 1}, {"a": 1, "b": 1}, {"a": 3, "b": 3})
-    m2 = Mixer.Config(policy="odm").build()
-    m2.load_state_dict(m.state_dict())
-    args = ({"a": 4.0, "b": 2.0}, {"a": 1, "b": 1}, {"a": 1, "b": 1}, {"a": 3, "b": 3})
-    assert m.observe(*args).tolist() == m2.observe(*args).tolist()
 
 
 def drain(buf: StreamBuffers, expected: int) -> list[str]:
@@ -223,3 +179,72 @@ def test_a_domain_fed_only_by_quarantined_sources_is_never_drawn_or_waited_for(t
         assert set(meta.doc_sources) == {"site:good"}
     loader.close()
     assert time.monotonic() - started < 20, "the quarantined domain was waited for"
+
+
+def test_batch_packing_matches_row_by_row_packing():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 40, size=300)  # empty documents, short ones and ones split over rows
+    made = [Doc(f"d{i}", "ab"[i % 2], rng.integers(0, 99, size=n).astype(np.int32)) for i, n in enumerate(lengths)]
+    one, many = Packer(seq_len=16), Packer(seq_len=16)
+    a, b = iter(made), iter(made)
+    for _ in range(10):
+        rows = [one.pack(lambda: next(a)) for _ in range(3)]
+        batch = many.pack_batch(lambda: next(b), 3)
+        for k in ("input", "labels", "positions"):
+            assert np.array_equal(getattr(batch, k), np.stack([getattr(r, k) for r in rows])), k
+            assert getattr(batch, k).flags.c_contiguous and getattr(batch, k).dtype == np.int64
+        assert [[batch.docs[i].id for i in row] for row in batch.doc_index] == \
+            [[r.docs[i].id for i in r.doc_index] for r in rows]
+        assert [d.id for d in batch.docs] == [d.id for r in rows for d in r.docs]
+
+
+def test_domain_sums_reduce_losses_and_tokens_per_domain_without_ignored_positions():
+    from trainer.data.loader import BatchMeta
+
+    idx = torch.tensor([[0, 0, 1, 1, 2], [2, 2, 0, 1, 1]])
+    labels = torch.tensor([[5, IGNORE_INDEX, 7, 8, 9], [1, 2, IGNORE_INDEX, 3, IGNORE_INDEX]])
+    losses = torch.tensor([[1.0, float("nan"), 2.0, 3.0, 4.0], [5.0, 6.0, 1e9, 7.0, 8.0]])
+    meta = BatchMeta(domains=["a", "b", "c"], domain_idx=idx, doc_ids=[], doc_domains=[], doc_sources=[],
+                     shards=[], produced_at=[], wait_s=0.0, starved=[])
+    loss_sum, tokens = meta.domain_sums(losses, labels)
+    assert loss_sum == {"a": 1.0, "b": 12.0, "c": 15.0}
+    assert tokens == {"a": 1, "b": 3, "c": 3}
+
+
+def mixed_loader(root: str, **cfg) -> LiveStreamDataLoader:
+    return LiveStreamDataLoader(LiveStreamDataLoader.Config(stream_roots=[root], **cfg), dp_world_size=1,
+                                dp_rank=0, seq_len=512, local_batch_size=2, vocab_size=64)
+
+
+def test_documents_follow_mixing_weights_and_skip_paused_domains(tmp_path):
+    root = str(tmp_path / "s")
+    write_stream(root, domains=DOMAINS, shards=2, per_shard=80, vocab=64)
+    loader = mixed_loader(root, mixing=Mixer.Config(policy="static", weights={"markov": 0.8, "noise": 0.1},
+                                                    floor=0.0, smoothing=0.0))
+    loader.mixer.observe({}, {}, {}, {})  # the static weights apply from the first update on
+    it = iter(loader)
+
+    def drawn(batches: int) -> list[str]:
+        docs = {m.doc_ids[i]: d for m in (next(it)[0]["_meta"] for _ in range(batches))
+                for i, d in enumerate(m.doc_domains)}
+        return list(docs.values())
+
+    mixed = drawn(8)
+    loader.paused.add("markov")
+    after_pause = drawn(4)
+    loader.close()
+    assert len(mixed) > 60 and 0.65 < mixed.count("markov") / len(mixed) < 0.95
+    assert {"noise", "counting"} <= set(mixed)
+    assert after_pause.count("markov") <= 1  # at most the remainder carried over from before the pause
+
+
+def test_a_domain_that_starves_mid_batch_is_dropped_from_the_draw_until_it_has_data(tmp_path):
+    root = str(tmp_path / "s")
+    write_stream(root, domains={"markov": "markov"}, shards=2, per_shard=60, vocab=64)
+    loader = mixed_loader(root, domains=["ghost", "markov"], starve_timeout_s=0.3)
+    it = iter(loader)
+    metas = [next(it)[0]["_meta"] for _ in range(4)]
+    loader.close()
+    assert [s for m in metas for s in m.starved] == ["ghost"]  # waited for once, then left out
+    assert all(set(m.doc_domains) == {"markov"} for m in metas)
+    assert loader.starved == {"ghost"}

@@ -4,7 +4,11 @@ Three kinds of domain over a small vocabulary:
 - ``noise``: uniform random tokens — nothing to learn (loss stays ~ln V);
 - ``markov``: a fixed sparse random Markov chain — learnable, loss falls with training;
 - ``counting``: t_{i+1} = t_i + 1 (mod V) — learned within a few steps, then flat and low;
-- ``countdown``: t_{i+1} = t_i - 1 (mod V) — labels that contradict ``counting`` (a poison for it).
+- ``countdown``: t_{i+1} = t_i - 1 (mod V) — labels that contradict ``counting`` (a poison for it);
+- ``noisy_markov``: the ``markov`` chain with 30% of tokens replaced by random ones — lower-quality
+  text of the same "language" (partly learnable, and what it teaches transfers to ``markov``);
+- ``wide_markov``: another chain with 8 successors per token — a harder language, more to learn;
+- ``boilerplate``: one of 16 fixed documents (templated pages) — memorised early, then redundant.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from streams.mds import LiveStreamWriter
 
 __all__ = ["KINDS", "synthetic_docs", "write_stream"]
 
-KINDS = ("noise", "markov", "counting", "countdown")
+KINDS = ("noise", "markov", "counting", "countdown", "noisy_markov", "wide_markov", "boilerplate")
+NOISY_MARKOV_P = 0.3
 
 
 def _markov_table(vocab: int, branching: int, seed: int) -> np.ndarray:
@@ -34,6 +39,8 @@ def synthetic_docs(kind: str, *, n: int, vocab: int, seed: int, min_len: int = 2
         raise ValueError(f"unknown synthetic domain kind {kind!r}; expected one of {KINDS}")
     rng = np.random.default_rng(seed)
     table = _markov_table(vocab, branching, seed=12345)
+    wide = _markov_table(vocab, 8, seed=54321)
+    templates = np.random.default_rng(777).integers(0, vocab, size=(16, max_len))
     for _ in range(n):
         length = int(rng.integers(min_len, max_len + 1))
         if kind == "noise":
@@ -41,13 +48,25 @@ def synthetic_docs(kind: str, *, n: int, vocab: int, seed: int, min_len: int = 2
         elif kind in ("counting", "countdown"):
             step = 1 if kind == "counting" else -1
             doc = (int(rng.integers(0, vocab)) + step * np.arange(length)) % vocab
+        elif kind == "boilerplate":
+            doc = templates[int(rng.integers(0, len(templates)))][:length]
+        elif kind == "wide_markov":
+            doc = _walk(wide, rng, length, vocab)
         else:
-            doc = np.empty(length, dtype=np.int64)
-            doc[0] = rng.integers(0, vocab)
-            choices = rng.integers(0, branching, size=length)
-            for i in range(1, length):
-                doc[i] = table[doc[i - 1], choices[i]]
+            doc = _walk(table, rng, length, vocab)
+            if kind == "noisy_markov":
+                hit = rng.random(length) < NOISY_MARKOV_P
+                doc[hit] = rng.integers(0, vocab, size=int(hit.sum()))
         yield doc.astype(np.int32)
+
+
+def _walk(table: np.ndarray, rng: np.random.Generator, length: int, vocab: int) -> np.ndarray:
+    doc = np.empty(length, dtype=np.int64)
+    doc[0] = rng.integers(0, vocab)
+    choices = rng.integers(0, table.shape[1], size=length)
+    for i in range(1, length):
+        doc[i] = table[doc[i - 1], choices[i]]
+    return doc
 
 
 def write_stream(root: str, *, domains: dict[str, str], shards: int, per_shard: int, vocab: int,

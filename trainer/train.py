@@ -145,14 +145,8 @@ class HeadwaterTrainer(Trainer):
 
     def _domain_stats(self, labels: torch.Tensor) -> dict[str, Any]:
         meta = self._meta
-        token_losses = self.loss_fn.last_token_losses.to("cpu").double()
-        valid = (labels.to("cpu") != IGNORE_INDEX)
-        idx = meta.domain_idx
-        stats: dict[str, Any] = {"loss_sum": {}, "tokens": {}, "docs": {}}
-        for i, d in enumerate(meta.domains):
-            m = valid & (idx == i)
-            stats["loss_sum"][d] = float(token_losses[m].sum())
-            stats["tokens"][d] = int(m.sum())
+        loss_sum, tokens = meta.domain_sums(self.loss_fn.last_token_losses.to("cpu"), labels.to("cpu"))
+        stats: dict[str, Any] = {"loss_sum": loss_sum, "tokens": tokens, "docs": {}}
         stats["available"] = dict(self.dataloader.buffers.available)
         stats["trained_docs"] = dict(Counter(meta.doc_domains))
         stats["sources"] = dict(Counter(meta.doc_sources))

@@ -167,6 +167,12 @@ class StreamBuffers:
             finally:
                 self._wanted.discard(domain)
 
+    def take_nowait(self, domain: str) -> Doc | None:
+        """Pop the next document of ``domain`` if one is buffered (the fast path of :meth:`take`)."""
+        with self._cond:
+            buf = self.buffers.get(domain)
+            return buf.popleft() if buf else None
+
     def retired_domains(self) -> set[str]:
         """Domains whose every source seen so far is quarantined: no data will come, never draw them."""
         # No lock: the fill thread holds _read_lock while it polls; list() of the items is atomic.

@@ -1,19 +1,25 @@
 """LiveStreamDataLoader: torchtitan dataloader over live MDS streams with online mixing.
 
 Each document of a row is drawn from a domain sampled with the mixer's current
-weights (a seeded per-rank RNG), then taken from that domain's prefetched buffer.
-If the buffer is empty the loader waits, logging a visible status, for up to
-``starve_timeout_s``; then the domain counts as starved and is not drawn until its
-buffer has data again (the one path whose outcome depends on timing; it is logged). Batches carry a ``_meta`` entry (domains of
-the label tokens, documents, shards, produced_at) that the trainer strips before
-the forward pass.
+weights (a seeded per-rank RNG: one ``rng.random()`` per document against the
+cumulative weights), then taken from that domain's prefetched buffer. The
+distribution is computed once per batch over the domains not paused, starved or
+retired, and again whenever that set changes mid-batch (a domain starves, or the
+loader waited for data). If the buffer is empty the loader waits, logging a visible
+status, for up to ``starve_timeout_s``; then the domain counts as starved and is not
+drawn until its buffer has data again (the one path whose outcome depends on timing;
+it is logged). Batches carry a ``_meta`` entry (domains of the label tokens, documents,
+shards, produced_at) that the trainer strips before the forward pass.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import pickle
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +31,7 @@ from torchtitan.components.dataloader import BaseDataLoader
 
 from streams import manifest as mf
 from trainer.data.buffers import StreamBuffers
-from trainer.data.packer import Doc, Packer
+from trainer.data.packer import IGNORE_INDEX, Doc, Packer
 from trainer.mixing import Mixer
 
 __all__ = ["BatchMeta", "LiveStreamDataLoader"]
@@ -46,6 +52,14 @@ class BatchMeta:
     produced_at: list[float]
     wait_s: float  # time this batch waited for data
     starved: list[str]
+
+    def domain_sums(self, token_losses: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, float], dict[str, int]]:
+        """Per-domain loss sums (float64) and label-token counts of CPU tensors, ``IGNORE_INDEX`` excluded."""
+        k = len(self.domains)
+        key = np.where(labels.numpy() != IGNORE_INDEX, self.domain_idx.numpy(), k).ravel()  # k: ignored
+        loss = np.bincount(key, weights=token_losses.double().numpy().ravel(), minlength=k + 1)
+        tokens = np.bincount(key, minlength=k + 1)
+        return dict(zip(self.domains, loss[:k].tolist())), dict(zip(self.domains, tokens[:k].tolist()))
 
 
 class LiveStreamDataLoader(BaseDataLoader):
@@ -101,6 +115,7 @@ class LiveStreamDataLoader(BaseDataLoader):
         self.starved: set[str] = set()
         self.trained: dict[str, int] = {}
         self._last_status_log = 0.0
+        self._draw: tuple[list[str], list[float]] | None = None  # domains, cumulative weights
 
     # -- events ------------------------------------------------------------------------
     def _corrupt(self, root: str, shard: str, reason: str) -> None:
@@ -131,19 +146,20 @@ class LiveStreamDataLoader(BaseDataLoader):
     def next_batch(self) -> tuple[dict[str, Any], torch.Tensor]:
         t0 = time.monotonic()
         starved: list[str] = []
-        rows = [self.packer.pack(lambda: self._next_doc(starved)) for _ in range(self.batch_size)]
-        names = sorted({doc.domain for r in rows for doc in r.docs})
+        self._draw = None
+        packed = self.packer.pack_batch(lambda: self._next_doc(starved), self.batch_size)
+        docs = packed.docs
+        doc_domains = [d.domain for d in docs]
+        names = sorted(set(doc_domains))
         index = {d: i for i, d in enumerate(names)}
-        docs = [doc for r in rows for doc in r.docs]
-        for doc in docs:
-            self.trained[doc.domain] = self.trained.get(doc.domain, 0) + 1
+        for d, n in Counter(doc_domains).items():
+            self.trained[d] = self.trained.get(d, 0) + n
+        codes = np.fromiter((index[d] for d in doc_domains), dtype=np.int64, count=len(docs))
         meta = BatchMeta(
             domains=names,
-            domain_idx=torch.from_numpy(
-                np.stack([np.array([index[doc.domain] for doc in r.docs])[r.doc_index] for r in rows])
-            ),
+            domain_idx=torch.from_numpy(codes[packed.doc_index]),
             doc_ids=[d.id for d in docs],
-            doc_domains=[d.domain for d in docs],
+            doc_domains=doc_domains,
             doc_sources=[d.source for d in docs],
             shards=sorted({d.shard for d in docs}),
             produced_at=[d.produced_at for d in docs],
@@ -152,23 +168,33 @@ class LiveStreamDataLoader(BaseDataLoader):
         )
         self.status = "running"
         batch = {
-            "input": torch.from_numpy(np.stack([r.input for r in rows])),
-            "positions": torch.from_numpy(np.stack([r.positions for r in rows])),
+            "input": torch.from_numpy(packed.input),
+            "positions": torch.from_numpy(packed.positions),
             "_meta": meta,
         }
-        return batch, torch.from_numpy(np.stack([r.labels for r in rows]))
+        return batch, torch.from_numpy(packed.labels)
+
+    def _domain_draw(self) -> tuple[list[str], list[float]] | None:
+        """Domains that may be drawn now and their cumulative weights (None: none may)."""
+        self.starved = {d for d in self.starved if not self.buffers.has_data(d)}
+        weights = self.mixer.sampling_weights(exclude=self.paused | self.starved | self.buffers.retired_domains())
+        if not weights:
+            return None
+        cdf = list(itertools.accumulate(weights.values()))
+        return list(weights), [c / cdf[-1] for c in cdf]  # ends at exactly 1.0: rng.random() < 1 stays in range
 
     def _next_doc(self, starved: list[str]) -> Doc:
         while True:
-            self.starved = {d for d in self.starved if not self.buffers.has_data(d)}
-            weights = self.mixer.sampling_weights(exclude=self.paused | self.starved | self.buffers.retired_domains())
-            if not weights:
-                self._wait_for_any()
-                continue
-            names = list(weights)
-            domain = names[int(self.rng.choice(len(names), p=np.array([weights[n] for n in names])))]
-            doc = self.buffers.take(domain, 0.0)
+            if self._draw is None:
+                self._draw = self._domain_draw()
+                if self._draw is None:
+                    self._wait_for_any()
+                    continue
+            names, cdf = self._draw
+            domain = names[bisect.bisect_right(cdf, self.rng.random())]
+            doc = self.buffers.take_nowait(domain)
             if doc is None:
+                self._draw = None  # waiting may change what is drawable
                 doc = self._wait_for(domain)
             if doc is not None:
                 return doc

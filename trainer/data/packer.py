@@ -6,6 +6,10 @@ document start (torchtitan derives its no-cross-document attention mask from
 them), and a label that would cross into the next document is ``IGNORE_INDEX``,
 so no loss is taken at boundaries. A document that does not fit is split: its
 remainder (from the last token placed) starts the next row.
+
+:meth:`Packer.pack_batch` fills a whole batch at once: the per-document work is one
+slice copy; positions, labels and document indices are computed for the batch in a
+few vectorised numpy operations.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["IGNORE_INDEX", "Doc", "Packer", "Row"]
+__all__ = ["IGNORE_INDEX", "Doc", "PackedBatch", "Packer", "Row"]
 
 IGNORE_INDEX = -100
 
@@ -46,6 +50,17 @@ class Row:
         return [self.docs[i].domain for i in self.doc_index]
 
 
+@dataclass(slots=True)
+class PackedBatch:
+    """``rows`` packed rows as contiguous [rows, L] arrays."""
+
+    input: np.ndarray  # int64 [B, L]
+    labels: np.ndarray  # int64 [B, L]
+    positions: np.ndarray  # int64 [B, L]
+    doc_index: np.ndarray  # int64 [B, L]: index into ``docs`` of each input position
+    docs: list[Doc]  # documents (or parts) in row order; a split document appears once per row
+
+
 class Packer:
     """Builds rows from a ``next_doc()`` callback; keeps the split remainder between rows."""
 
@@ -56,32 +71,44 @@ class Packer:
         self.carry: Doc | None = None
 
     def pack(self, next_doc: Callable[[], Doc]) -> Row:
+        b = self.pack_batch(next_doc, 1)
+        return Row(input=b.input[0], labels=b.labels[0], positions=b.positions[0], doc_index=b.doc_index[0],
+                   docs=b.docs)
+
+    def pack_batch(self, next_doc: Callable[[], Doc], rows: int) -> PackedBatch:
         need = self.seq_len + 1
-        tokens, positions, doc_index, docs = [], [], [], []
-        filled = 0
-        while filled < need:
-            doc = self.carry if self.carry is not None else next_doc()
-            self.carry = None
-            if len(doc.tokens) == 0:
-                continue
-            take = min(len(doc.tokens), need - filled)
-            tokens.append(doc.tokens[:take])
-            positions.append(np.arange(take))
-            doc_index.append(np.full(take, len(docs)))
-            docs.append(doc)
-            filled += take
-            if take < len(doc.tokens):  # the last placed token opens the next row: no label lost
-                self.carry = Doc(doc.id, doc.domain, doc.tokens[take - 1:], doc.produced_at, doc.shard, doc.source)
-        row = np.concatenate(tokens).astype(np.int64)
-        pos = np.concatenate(positions).astype(np.int64)
-        idx = np.concatenate(doc_index)
-        labels = row[1:].copy()
-        labels[pos[1:] == 0] = IGNORE_INDEX  # next token starts another document
-        return Row(
-            input=row[:-1],
+        flat = np.empty(rows * need, dtype=np.int64)  # row r is flat[r * need:(r + 1) * need]
+        starts: list[int] = []
+        lengths: list[int] = []
+        docs: list[Doc] = []
+        at = 0
+        for r in range(1, rows + 1):
+            end = r * need
+            while at < end:
+                doc = self.carry if self.carry is not None else next_doc()
+                self.carry = None
+                n = len(doc.tokens)
+                if n == 0:
+                    continue
+                take = min(n, end - at)
+                flat[at:at + take] = doc.tokens[:take]
+                starts.append(at)
+                lengths.append(take)
+                docs.append(doc)
+                at += take
+                if take < n:  # the last placed token opens the next row: no label lost
+                    self.carry = Doc(doc.id, doc.domain, doc.tokens[take - 1:], doc.produced_at, doc.shard,
+                                     doc.source)
+        tokens = flat.reshape(rows, need)
+        pos = (np.arange(rows * need) - np.repeat(starts, lengths)).reshape(rows, need)
+        labels = tokens[:, 1:].copy()
+        # a document starting inside a row: the label before it would cross the boundary
+        labels.reshape(-1)[[s - s // need - 1 for s in starts if s % need]] = IGNORE_INDEX
+        return PackedBatch(
+            input=np.ascontiguousarray(tokens[:, :-1]),
             labels=labels,
-            positions=pos[:-1],
-            doc_index=idx[:-1],
+            positions=np.ascontiguousarray(pos[:, :-1]),
+            doc_index=np.repeat(np.arange(len(docs)), lengths).reshape(rows, need)[:, :-1],
             docs=docs,
         )
 

@@ -41,7 +41,12 @@ class Mixer:
         fast_ema: float = 0.7
         slow_ema: float = 0.95
         odm_alpha: float = 0.9
-        learn_eta: float = 1.0
+        odm_lr_scale: float = 1.0
+        """multiplies ODM's EXP3 learning rate ε_t (1: as in the paper)"""
+        learn_window: int = 128
+        """observations per domain in the learnability policy's loss-vs-tokens slope"""
+        learn_sharpness: float = 3.0
+        """learnability: weight ratio e^sharpness between a domain being learned and a stagnant one"""
         reference_losses: dict[str, float] = field(default_factory=dict)
         warmup_steps: int = 0
         """steps with uniform weights before the policy takes over"""
@@ -58,13 +63,14 @@ class Mixer:
         self.policy = {
             "static": lambda: StaticPolicy(weights=dict(config.weights)),
             "temperature": lambda: TemperaturePolicy(temperature=config.temperature),
-            "odm": lambda: ODMPolicy(alpha=config.odm_alpha),
+            "odm": lambda: ODMPolicy(alpha=config.odm_alpha, lr_scale=config.odm_lr_scale),
             "learnability": lambda: LearnabilityPolicy(
-                eta=config.learn_eta, reference_losses=dict(config.reference_losses)
+                window=config.learn_window, sharpness=config.learn_sharpness, reference_losses=dict(config.reference_losses)
             ),
         }[config.policy]()
         self.domains: list[str] = []
         self.weights = np.zeros(0)
+        self._smoothed = np.zeros(0)  # smoothed proposals; ``weights`` adds the floor on top
         self._stats: dict[str, np.ndarray] = {}
         self.step = 0
         self.last_loss: dict[str, float] = {}
@@ -76,16 +82,10 @@ class Mixer:
         if not new:
             return
         old_domains = list(self.domains)
-        old_w = dict(zip(old_domains, self.weights))
         self.domains = sorted(old_domains + new)
-        fill = float(np.mean(list(old_w.values()))) if old_w else 1.0
-        w = np.array([old_w.get(d, fill) for d in self.domains])
-        self.weights = w / w.sum()
-        init = {"fast": np.nan, "slow": np.nan, "last": np.nan, "trained": 0.0, "available": 0.0}
-        old_stats = {k: dict(zip(old_domains, self._stats.get(k, []))) for k in init}
-        self._stats = {
-            k: np.array([old_stats[k].get(d, v) for d in self.domains], dtype=np.float64) for k, v in init.items()
-        }
+        self.weights = _extend(old_domains, self.weights, self.domains)
+        self._smoothed = _extend(old_domains, self._smoothed, self.domains)
+        self._stats = _aligned_stats(old_domains, self._stats, self.domains)
 
     # -- update ------------------------------------------------------------------
     def observe(self, loss_sum: dict[str, float], token_count: dict[str, float],
@@ -99,6 +99,7 @@ class Mixer:
             s["available"][i] = available.get(d, s["available"][i])
             s["trained"][i] += trained.get(d, 0)
             n = token_count.get(d, 0.0)
+            s["tokens"][i] += n
             if n > 0:
                 loss = loss_sum[d] / n
                 present[i] = True
@@ -110,11 +111,12 @@ class Mixer:
             return self.weights
         stats = DomainStats(
             domains=self.domains, last_loss=s["last"], fast_loss=s["fast"], slow_loss=s["slow"],
-            trained_samples=s["trained"], available_samples=s["available"], present=present, step=self.step,
+            trained_samples=s["trained"], trained_tokens=s["tokens"], available_samples=s["available"], present=present, step=self.step,
         )
         proposal = np.asarray(self.policy.propose(stats, self.weights), dtype=np.float64)
         proposal = proposal / proposal.sum()
-        self.weights = self._floor(c.smoothing * self.weights + (1 - c.smoothing) * proposal)
+        self._smoothed = c.smoothing * self._smoothed + (1 - c.smoothing) * proposal
+        self.weights = self._floor(self._smoothed)
         return self.weights
 
     def _floor(self, w: np.ndarray) -> np.ndarray:
@@ -136,6 +138,7 @@ class Mixer:
         return {
             "domains": list(self.domains),
             "weights": self.weights.tolist(),
+            "smoothed": self._smoothed.tolist(),
             "stats": {k: v.tolist() for k, v in self._stats.items()},
             "step": self.step,
             "policy": self.policy.state_dict(),
@@ -144,6 +147,25 @@ class Mixer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.domains = list(state["domains"])
         self.weights = np.array(state["weights"], dtype=np.float64)
-        self._stats = {k: np.array(v, dtype=np.float64) for k, v in state["stats"].items()}
+        self._smoothed = np.array(state.get("smoothed", state["weights"]), dtype=np.float64)
+        stats = {k: np.array(v, dtype=np.float64) for k, v in state["stats"].items()}
+        self._stats = _aligned_stats(self.domains, stats, self.domains)  # fills stats added since
         self.step = int(state["step"])
         self.policy.load_state_dict(state["policy"])
+
+
+_STAT_INIT = {"fast": np.nan, "slow": np.nan, "last": np.nan, "trained": 0.0, "tokens": 0.0, "available": 0.0}
+
+
+def _extend(old: list[str], weights: np.ndarray, domains: list[str]) -> np.ndarray:
+    """Weights over ``domains``: old ones kept, new ones at the mean old weight; normalised."""
+    by = dict(zip(old, weights))
+    fill = float(np.mean(list(by.values()))) if by else 1.0
+    w = np.array([by.get(d, fill) for d in domains], dtype=np.float64)
+    return w / w.sum()
+
+
+def _aligned_stats(old: list[str], stats: dict[str, np.ndarray], domains: list[str]) -> dict[str, np.ndarray]:
+    """Per-domain statistic arrays re-aligned to ``domains`` (missing entries at their initial value)."""
+    by = {k: dict(zip(old, stats.get(k, []))) for k in _STAT_INIT}
+    return {k: np.array([by[k].get(d, v) for d in domains], dtype=np.float64) for k, v in _STAT_INIT.items()}

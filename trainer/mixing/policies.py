@@ -25,6 +25,7 @@ class DomainStats:
     fast_loss: np.ndarray  # fast EMA of per-step loss
     slow_loss: np.ndarray  # slow EMA of per-step loss
     trained_samples: np.ndarray
+    trained_tokens: np.ndarray  # loss-bearing tokens trained per domain (cumulative)
     available_samples: np.ndarray  # samples seen in the stream (trained or buffered)
     present: np.ndarray  # bool: domain had tokens in the latest step
     step: int = 0
@@ -73,11 +74,14 @@ class TemperaturePolicy:
 class ODMPolicy:
     """Online Data Mixing (Albalak et al. 2023): EXP3 with per-domain loss as reward.
 
-    ε_t = min(1/K, sqrt(ln K / (K t))); π_i = (1 - Kε_t) softmax(ε_{t-1} R̂)_i + ε_t;
+    ε_t = min(1/K, sqrt(ln K / (K t))); π_i = (1 - Kε_t) softmax(c ε_{t-1} R̂)_i + ε_t;
     for each domain trained this step: R̂_i ← α R̂_i + (1-α) L_i / π_i (importance weighted).
+    ``lr_scale`` is c (1 in the paper). Loss as reward favours high-loss domains: right for
+    domains with more left to learn, wrong for irreducible noise (the paper's noted failure mode).
     """
 
     alpha: float = 0.9
+    lr_scale: float = 1.0
     rewards: dict[str, float] = field(default_factory=dict)
     prev_eps: float = 0.0
 
@@ -91,7 +95,7 @@ class ODMPolicy:
                 self.rewards[d] = self.alpha * r + (1 - self.alpha) * float(stats.last_loss[i]) / pi
         eps = min(1.0 / k, math.sqrt(math.log(k) / (k * t))) if k > 1 else 1.0
         r_hat = np.array([self.rewards.get(d, 0.0) for d in stats.domains])
-        logits = self.prev_eps * r_hat
+        logits = self.prev_eps * self.lr_scale * r_hat
         soft = np.exp(logits - logits.max())
         soft /= soft.sum()
         self.prev_eps = eps
@@ -107,36 +111,75 @@ class ODMPolicy:
 
 @dataclass(slots=True)
 class LearnabilityPolicy:
-    """Weight by learning progress (ADO-like) plus optional excess loss over a reference (DoReMi-like).
+    """Up-weight domains being learned (or forgotten); down-weight junk and what is already learned.
 
-    progress_i = (slow EMA - fast EMA) / slow EMA of the domain's loss: positive while the
-    loss falls, ~0 for noise (high, flat) and for already-learned data (low, flat).
-    excess_i = max(loss_i - reference_i, 0) / reference_i when a reference loss is given.
-    Multiplicative update w_i ← w_i · exp(η · score_i / mean|score|).
+    In the spirit of ADO (Jiang et al. 2024), which allocates by each domain's learning speed.
+    For every domain the policy keeps its last ``window`` observations of (tokens trained on the
+    domain, loss) and takes the t-statistic of the least-squares slope, so a noisy loss needs more
+    evidence than a clean one: progress_i = clip((-t_i - 1) / 3, 0, 1). A domain whose slow-EMA
+    loss climbs back above its best is being forgotten: forgetting_i = clip((slow_i - best_i) /
+    forget_margin, 0, 1) · learned_i, where learned_i = (first_i - best_i) / first_i is the share
+    of its initial loss the model ever learned (~0 for noise, so junk whose loss rises as the model
+    specialises is not mistaken for lost knowledge). w_i ∝ exp(sharpness · max(progress_i,
+    forgetting_i)): noise and learned-and-kept domains fall to the floor, domains being learned
+    share the rest equally. With ``reference_losses`` (a DoReMi-style reference model's per-domain
+    loss) the relative excess loss clip((loss_i - ref_i) / ref_i, 0, 1) is added to the score.
+    Until every domain has ``min_obs`` observations the weights are kept.
     """
 
-    eta: float = 1.0
+    window: int = 128
+    min_obs: int = 16
+    sharpness: float = 3.0
+    forget_margin: float = 0.25
     reference_losses: dict[str, float] = field(default_factory=dict)
+    history: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    first_loss: dict[str, float] = field(default_factory=dict)
+    best_loss: dict[str, float] = field(default_factory=dict)
 
     def propose(self, stats: DomainStats, prev: np.ndarray) -> np.ndarray:
-        slow, fast = stats.slow_loss, stats.fast_loss
-        ok = np.isfinite(slow) & np.isfinite(fast) & (slow > 0)
-        progress = np.where(ok, (slow - fast) / np.where(ok, slow, 1.0), 0.0)
-        score = np.clip(progress, 0.0, None)
         for i, d in enumerate(stats.domains):
-            ref = self.reference_losses.get(d)
-            if ref and np.isfinite(fast[i]):
-                score[i] += max(float(fast[i]) - ref, 0.0) / ref
-        scale = float(np.mean(np.abs(score)))
-        if scale <= 1e-12:
+            if stats.present[i] and np.isfinite(stats.last_loss[i]):
+                h = self.history.setdefault(d, [])
+                h.append((float(stats.trained_tokens[i]), float(stats.last_loss[i])))
+                del h[: -self.window]
+                slow = float(stats.slow_loss[i])
+                self.first_loss.setdefault(d, slow)
+                self.best_loss[d] = min(self.best_loss.get(d, slow), slow)
+        if any(len(self.history.get(d, [])) < self.min_obs for d in stats.domains):
             return prev.copy()
-        return prev * np.exp(self.eta * score / scale)
+        fits = np.array([_slope_t(*np.array(self.history[d]).T) for d in stats.domains])  # [K, 2]
+        progress = np.clip((-fits[:, 1] - 1.0) / 3.0, 0.0, 1.0)  # significance of the fall (t-statistic)
+        first = np.array([self.first_loss[d] for d in stats.domains])
+        best = np.array([self.best_loss[d] for d in stats.domains])
+        learned = np.clip((first - best) / first, 0.0, 1.0)
+        forgetting = np.clip((stats.slow_loss - best) / self.forget_margin, 0.0, 1.0) * learned
+        score = np.maximum(progress, np.nan_to_num(forgetting))
+        if self.reference_losses:
+            ref = np.array([self.reference_losses.get(d, np.nan) for d in stats.domains])
+            ok = np.isfinite(ref) & (ref > 0) & np.isfinite(stats.fast_loss)
+            score += np.where(ok, np.clip((stats.fast_loss - ref) / np.where(ok, ref, 1.0), 0.0, 1.0), 0.0)
+        z = self.sharpness * score
+        return np.exp(z - z.max())
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {"history": {d: list(h) for d, h in self.history.items()},
+                "first_loss": dict(self.first_loss), "best_loss": dict(self.best_loss)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        self.history = {d: [tuple(x) for x in h] for d, h in state.get("history", {}).items()}
+        self.first_loss = dict(state.get("first_loss", {}))
+        self.best_loss = dict(state.get("best_loss", {}))
+
+
+def _slope_t(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Least-squares slope of ``y`` on ``x`` and its t-statistic ((0, 0) when undefined)."""
+    dx = x - x.mean()
+    sxx = float(dx @ dx)
+    if sxx <= 0 or len(x) < 3:
+        return 0.0, 0.0
+    b = float(dx @ (y - y.mean())) / sxx
+    resid = y - y.mean() - b * dx
+    return b, b / math.sqrt(max(float(resid @ resid), 1e-12) / (len(x) - 2) / sxx)
 
 
 POLICIES = {"static": StaticPolicy, "temperature": TemperaturePolicy, "odm": ODMPolicy, "learnability": LearnabilityPolicy}
