@@ -92,3 +92,15 @@ def test_mixer_state_round_trips_mid_run(policy):
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown mixing policy 'bandit'"):
         Mixer.Config(policy="bandit").build()
+
+
+def test_learnability_new_domain_starts_as_learnable_without_resetting_the_others():
+    def late(t: int, rng: np.random.Generator) -> dict[str, float]:
+        out = curves(t, rng)
+        if t >= 300:
+            out["fresh"] = 6.0 + 0.1 * rng.standard_normal()  # published mid-run: no evidence yet
+        return out
+
+    w = run_policy("learnability", steps=305, loss=late, floor=0.05).weight_dict()
+    assert w["noise"] < 0.1 and w["learned"] < 0.1
+    assert w["fresh"] > 0.3 and w["learnable"] > 0.3

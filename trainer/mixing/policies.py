@@ -116,20 +116,21 @@ class LearnabilityPolicy:
     In the spirit of ADO (Jiang et al. 2024), which allocates by each domain's learning speed.
     For every domain the policy keeps its last ``window`` observations of (tokens trained on the
     domain, loss) and takes the t-statistic of the least-squares slope, so a noisy loss needs more
-    evidence than a clean one: progress_i = clip((-t_i - 1) / 3, 0, 1). A domain whose slow-EMA
-    loss climbs back above its best is being forgotten: forgetting_i = clip((slow_i - best_i) /
+    evidence than a clean one: progress_i = clip((-t_i - 1) / (significance - 1), 0, 1). A domain
+    whose slow-EMA loss climbs back above its best is being forgotten: forgetting_i = clip((slow_i - best_i) /
     forget_margin, 0, 1) · learned_i, where learned_i = (first_i - best_i) / first_i is the share
     of its initial loss the model ever learned (~0 for noise, so junk whose loss rises as the model
     specialises is not mistaken for lost knowledge). w_i ∝ exp(sharpness · max(progress_i,
     forgetting_i)): noise and learned-and-kept domains fall to the floor, domains being learned
     share the rest equally. With ``reference_losses`` (a DoReMi-style reference model's per-domain
     loss) the relative excess loss clip((loss_i - ref_i) / ref_i, 0, 1) is added to the score.
-    Until every domain has ``min_obs`` observations the weights are kept.
+    A domain with fewer than ``min_obs`` observations (new, or rarely drawn) counts as being learned.
     """
 
     window: int = 128
     min_obs: int = 16
     sharpness: float = 3.0
+    significance: float = 2.0
     forget_margin: float = 0.25
     reference_losses: dict[str, float] = field(default_factory=dict)
     history: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
@@ -145,13 +146,12 @@ class LearnabilityPolicy:
                 slow = float(stats.slow_loss[i])
                 self.first_loss.setdefault(d, slow)
                 self.best_loss[d] = min(self.best_loss.get(d, slow), slow)
-        if any(len(self.history.get(d, [])) < self.min_obs for d in stats.domains):
-            return prev.copy()
-        fits = np.array([_slope_t(*np.array(self.history[d]).T) for d in stats.domains])  # [K, 2]
-        progress = np.clip((-fits[:, 1] - 1.0) / 3.0, 0.0, 1.0)  # significance of the fall (t-statistic)
-        first = np.array([self.first_loss[d] for d in stats.domains])
-        best = np.array([self.best_loss[d] for d in stats.domains])
-        learned = np.clip((first - best) / first, 0.0, 1.0)
+        young = np.array([len(self.history.get(d, [])) < self.min_obs for d in stats.domains])
+        t = np.array([0.0 if y else _slope_t(*np.array(self.history[d]).T)[1] for d, y in zip(stats.domains, young)])
+        progress = np.where(young, 1.0, np.clip((-t - 1.0) / (self.significance - 1.0), 0.0, 1.0))
+        first = np.array([self.first_loss.get(d, np.nan) for d in stats.domains])
+        best = np.array([self.best_loss.get(d, np.nan) for d in stats.domains])
+        learned = np.nan_to_num(np.clip((first - best) / first, 0.0, 1.0))
         forgetting = np.clip((stats.slow_loss - best) / self.forget_margin, 0.0, 1.0) * learned
         score = np.maximum(progress, np.nan_to_num(forgetting))
         if self.reference_losses:
