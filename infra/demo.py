@@ -261,7 +261,8 @@ def run_demo(cfg: DemoConfig, console: Console) -> int:
                     procs.start("trainer", _headwater(
                         "train", "--config", "debug_cpu", "--stream-root", str(run / "stream"), "--run-dir", str(run),
                         "--nproc", str(cfg.nproc), "--steps", str(cfg.steps), "--checkpoint-every", str(cfg.checkpoint_every),
-                        "--bootstrap", broker.bootstrap, "--mixing", "learnability", "--checkpoint.keep_latest_k", "0"))
+                        "--bootstrap", broker.bootstrap, "--mixing", "learnability", "--dataloader.mixing.learn_min_obs", "6",
+                        "--checkpoint.keep_latest_k", "0"))
                     trainer_started = True
                 if trainer_started and not poison_sent and len(_checkpoints(run)) >= cfg.poison_after_checkpoints:
                     producer.poison.set()

@@ -45,6 +45,8 @@ class Mixer:
         """multiplies ODM's EXP3 learning rate ε_t (1: as in the paper)"""
         learn_window: int = 128
         """observations per domain in the learnability policy's loss-vs-tokens slope"""
+        learn_min_obs: int = 16
+        """learnability: observations before a domain's slope counts (until then it counts as learnable)"""
         learn_significance: float = 2.0
         """learnability: |t| of a loss slope that counts as fully significant progress"""
         learn_sharpness: float = 3.0
@@ -67,7 +69,7 @@ class Mixer:
             "temperature": lambda: TemperaturePolicy(temperature=config.temperature),
             "odm": lambda: ODMPolicy(alpha=config.odm_alpha, lr_scale=config.odm_lr_scale),
             "learnability": lambda: LearnabilityPolicy(
-                window=config.learn_window, sharpness=config.learn_sharpness,
+                window=config.learn_window, min_obs=config.learn_min_obs, sharpness=config.learn_sharpness,
                 significance=config.learn_significance, reference_losses=dict(config.reference_losses),
             ),
         }[config.policy]()
