@@ -32,7 +32,7 @@ from streams.events import RawRecord, decode_event
 from streams.kafka import make_consumer, make_producer
 from streams.topics import raw_topic
 
-__all__ = ["DemoConfig", "run_demo", "main"]
+__all__ = ["DemoConfig", "main", "run_demo"]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -105,7 +105,7 @@ class Recorder(threading.Thread):
         self.broker, self.run_dir, self.stop_event = broker, run, threading.Event()
         self.seen: set[str] = set()
 
-    def run(self) -> None:  # noqa: D102 - Thread.run
+    def run(self) -> None:
         consumer = make_consumer(self.broker.settings, topics=["evals", "alerts"], group_id="demo-recorder")
         try:
             while not self.stop_event.is_set():
@@ -140,7 +140,7 @@ class Producer(threading.Thread):
         self.sent = 0
         self.poisoned = 0
 
-    def run(self) -> None:  # noqa: D102 - Thread.run
+    def run(self) -> None:
         producer = make_producer(self.broker.settings)
         for payload in junk_payloads():
             producer.send("raw.text", payload)
@@ -227,7 +227,7 @@ def run_demo(cfg: DemoConfig, console: Console) -> int:
         if procs.wait("discretizer", 300) != 0:
             console.print(f"[red]codebook training failed[/red]\n{procs.log_tail('discretizer')}")
             return 1
-        codebooks = sorted((run / "discretizers").glob("image-rvq-*"))[-1]
+        codebooks = max((run / "discretizers").glob("image-rvq-*"))
 
         recorder = Recorder(broker, run)
         recorder.start()

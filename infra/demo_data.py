@@ -19,7 +19,7 @@ import numpy as np
 
 from streams.events import RawRecord
 
-__all__ = ["DemoCorpus", "text_records", "audio_records", "image_records", "video_records", "junk_payloads"]
+__all__ = ["DemoCorpus", "audio_records", "image_records", "junk_payloads", "text_records", "video_records"]
 
 _TEMPLATES = {
     "en": [
@@ -72,13 +72,13 @@ _TEMPLATES = {
     ],
 }
 _SLOTS = {
-    "en": dict(a="old narrow stone famous wooden".split(), n="bridge mill market chapel".split(),
-               n2="station harbour library park".split(), p="river harbour canal".split(),
-               t="spring autumn winter".split(), g="wool salt grain timber".split(), m="June July August".split()),
-    "de": dict(a="alte schmale steinerne bekannte".split(), g="Salz Wolle Getreide Holz".split(),
-               m="Juni Juli August".split()),
-    "fr": dict(a="vieux petit célèbre grand".split(), g="sel blé vin bois".split(), m="juin juillet août".split()),
-    "es": dict(a="viejo pequeño famoso gran".split(), g="sal trigo vino madera".split(), m="junio julio agosto".split()),
+    "en": {"a": ["old", "narrow", "stone", "famous", "wooden"], "n": ["bridge", "mill", "market", "chapel"],
+           "n2": ["station", "harbour", "library", "park"], "p": ["river", "harbour", "canal"],
+           "t": ["spring", "autumn", "winter"], "g": ["wool", "salt", "grain", "timber"], "m": ["June", "July", "August"]},
+    "de": {"a": ["alte", "schmale", "steinerne", "bekannte"], "g": ["Salz", "Wolle", "Getreide", "Holz"],
+           "m": ["Juni", "Juli", "August"]},
+    "fr": {"a": ["vieux", "petit", "célèbre", "grand"], "g": ["sel", "blé", "vin", "bois"], "m": ["juin", "juillet", "août"]},
+    "es": {"a": ["viejo", "pequeño", "famoso", "gran"], "g": ["sal", "trigo", "vino", "madera"], "m": ["junio", "julio", "agosto"]},
 }
 SOURCES = ("wiki", "news", "forum")
 

@@ -15,6 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from streams.kafka import KafkaSettings, create_topics, make_admin
 
@@ -91,7 +92,7 @@ class EmbeddedBroker:
         return self.run_dir / "broker.port"
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | os.PathLike) -> "EmbeddedBroker":
+    def from_run_dir(cls, run_dir: str | os.PathLike) -> EmbeddedBroker:
         """Attach to a broker started earlier (possibly by another process)."""
         b = cls(run_dir=Path(run_dir))
         if not b.pid_file.exists():
@@ -103,7 +104,7 @@ class EmbeddedBroker:
     def running(self) -> bool:
         return self.pid is not None and _alive(self.pid)
 
-    def start(self) -> "EmbeddedBroker":
+    def start(self) -> EmbeddedBroker:
         """Start the broker detached, wait until healthy, create all topics."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.pid_file.exists() and _alive(int(self.pid_file.read_text())):
@@ -113,7 +114,7 @@ class EmbeddedBroker:
         if _port_taken(self.port):
             raise BrokerError(f"port {self.port} on 127.0.0.1 is already in use; choose another with --port")
         url = f"tcp://127.0.0.1:{self.port}"
-        log = open(self.run_dir / "broker.log", "ab")
+        log = open(self.run_dir / "broker.log", "ab")  # noqa: SIM115 - handed to the broker process
         proc = subprocess.Popen(
             [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/"],
@@ -163,8 +164,9 @@ class EmbeddedBroker:
             f.unlink(missing_ok=True)
         self.pid = None
 
-    def __enter__(self) -> "EmbeddedBroker":
-        return self.start()
+    def __enter__(self) -> Self:
+        self.start()
+        return self
 
     def __exit__(self, *exc) -> None:
         self.stop()

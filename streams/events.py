@@ -20,22 +20,22 @@ from typing import Any, ClassVar, TypeVar
 import pyarrow as pa
 
 __all__ = [
-    "EventError",
-    "Event",
-    "MODALITIES",
-    "RawRecord",
-    "DeadLetter",
-    "TokenizedSample",
-    "OffsetRange",
-    "ShardPublished",
-    "CheckpointSaved",
-    "EvalReport",
-    "Alert",
-    "Control",
-    "MetricsEvent",
     "EVENT_TYPES",
-    "decode_event",
+    "MODALITIES",
+    "Alert",
+    "CheckpointSaved",
+    "Control",
+    "DeadLetter",
+    "EvalReport",
+    "Event",
+    "EventError",
+    "MetricsEvent",
+    "OffsetRange",
+    "RawRecord",
+    "ShardPublished",
+    "TokenizedSample",
     "arrow_schema",
+    "decode_event",
 ]
 
 MODALITIES: tuple[str, ...] = ("text", "audio", "image", "video")
@@ -110,7 +110,7 @@ class Nested:
         known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         extra = set(obj) - known
         if extra:
-            raise EventError(kind, sorted(extra)[0], "unknown field")
+            raise EventError(kind, min(extra), "unknown field")
         kwargs = {}
         for f in fields(cls):  # type: ignore[arg-type]
             if f.name not in obj:
@@ -137,7 +137,7 @@ class Event(Nested):
         return self.to_json().encode()
 
     @classmethod
-    def from_dict(cls: type[E], obj: Any) -> E:
+    def from_dict(cls, obj: Any) -> typing.Self:
         if not isinstance(obj, dict):
             raise EventError(cls.KIND, "<root>", f"expected a JSON object, got {type(obj).__name__}")
         obj = dict(obj)
@@ -152,7 +152,7 @@ class Event(Nested):
         return cls._decode_fields(obj, cls.KIND)
 
     @classmethod
-    def from_json(cls: type[E], data: str | bytes) -> E:
+    def from_json(cls, data: str | bytes) -> typing.Self:
         try:
             obj = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -186,7 +186,7 @@ class RawRecord(Event):
             raise EventError(self.KIND, "text", "text records need a payload")
 
     @classmethod
-    def from_dict(cls, obj: Any) -> "RawRecord":
+    def from_dict(cls, obj: Any) -> RawRecord:
         # Producers may omit kind/schema_version on raw records; default them.
         if isinstance(obj, dict):
             obj = {"kind": cls.KIND, "schema_version": cls.VERSION, **obj}
@@ -220,7 +220,7 @@ class DeadLetter(Event):
     created_at: float = field(default_factory=_now)
 
     @classmethod
-    def of(cls, original: bytes, *, reason: str, stage: str, **kw: Any) -> "DeadLetter":
+    def of(cls, original: bytes, *, reason: str, stage: str, **kw: Any) -> DeadLetter:
         return cls(original_b64=base64.b64encode(original).decode(), reason=reason, stage=stage, **kw)
 
     def original(self) -> bytes:

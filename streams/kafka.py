@@ -23,13 +23,13 @@ from streams.topics import TOPICS
 
 __all__ = [
     "KafkaSettings",
-    "make_producer",
-    "make_consumer",
-    "make_admin",
-    "publish",
-    "poll_records",
     "create_topics",
     "end_offsets",
+    "make_admin",
+    "make_consumer",
+    "make_producer",
+    "poll_records",
+    "publish",
 ]
 
 _SECURITY = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -65,7 +65,7 @@ class KafkaSettings:
                 raise ValueError(f"{name}: file not found: {path}")
 
     @classmethod
-    def load(cls, toml_path: str | os.PathLike | None = None, **overrides) -> "KafkaSettings":
+    def load(cls, toml_path: str | os.PathLike | None = None, **overrides) -> KafkaSettings:
         """Settings from a TOML file's ``[kafka]`` table, then HEADWATER_KAFKA_* env, then overrides."""
         values: dict = {}
         if toml_path:
@@ -97,13 +97,13 @@ class KafkaSettings:
         kw.update(self.extra)
         return kw
 
-    def with_bootstrap(self, bootstrap: str) -> "KafkaSettings":
+    def with_bootstrap(self, bootstrap: str) -> KafkaSettings:
         return replace(self, bootstrap=bootstrap)
 
 
 def make_producer(settings: KafkaSettings, **kw) -> KafkaProducer:
     """An idempotent producer with acks=all (no duplicates from producer retries)."""
-    opts = dict(acks="all", enable_idempotence=True, linger_ms=5, retries=2**31 - 1)
+    opts = {"acks": "all", "enable_idempotence": True, "linger_ms": 5, "retries": 2**31 - 1}
     opts.update(kw)
     return KafkaProducer(**settings.client_kwargs(), **opts)
 
@@ -120,8 +120,8 @@ def make_consumer(
     if (topics is None) == (assign is None):
         raise ValueError("give exactly one of topics= or assign=")
     # Short session/heartbeat: group joins against tansu take ~3 s instead of ~23 s with the defaults.
-    opts = dict(group_id=group_id, enable_auto_commit=False, auto_offset_reset="earliest",
-                session_timeout_ms=6000, heartbeat_interval_ms=1000)
+    opts = {"group_id": group_id, "enable_auto_commit": False, "auto_offset_reset": "earliest",
+            "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
     opts.update(kw)
     consumer = KafkaConsumer(**settings.client_kwargs(), **opts)
     if topics is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Topic", "TOPICS", "RAW_TOPICS", "raw_topic", "topic"]
+__all__ = ["RAW_TOPICS", "TOPICS", "Topic", "raw_topic", "topic"]
 
 
 @dataclass(frozen=True, slots=True)

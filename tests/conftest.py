@@ -11,7 +11,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from streams.broker import EmbeddedBroker  # noqa: E402
+from streams.broker import EmbeddedBroker
 
 
 @pytest.fixture(scope="session")

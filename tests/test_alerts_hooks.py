@@ -29,7 +29,7 @@ def make_alert(**kw) -> Alert:
     return Alert(**{**base, **kw})
 
 
-def Receiver(**kw) -> SignedWebhookReceiver:  # noqa: N802 - reads as the class it returns
+def Receiver(**kw) -> SignedWebhookReceiver:
     """The package's signed-webhook receiver with this module's shared secret."""
     return SignedWebhookReceiver(SECRET, **kw)
 

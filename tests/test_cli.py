@@ -14,7 +14,7 @@ HEADWATER = str(Path(sys.executable).parent / "headwater")
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([HEADWATER, *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([HEADWATER, *args], capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_up_then_independent_client_lists_topics_then_down(tmp_path):
@@ -47,7 +47,8 @@ def test_up_on_a_taken_port_says_so(tmp_path):
 def test_missing_broker_binary_is_a_clear_error(tmp_path):
     import os
     env = dict(os.environ, CALF_TANSU_BIN=str(tmp_path / "nope"))
-    r = subprocess.run([HEADWATER, "up", "--run-dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run([HEADWATER, "up", "--run-dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=60,
+                       check=False)
     assert r.returncode == 1 and "binary not found" in r.stderr
 
 

@@ -28,7 +28,7 @@ class SignedWebhookReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server API
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 receiver.attempts.append(time.monotonic())
                 if len(receiver.attempts) <= fail_first:
