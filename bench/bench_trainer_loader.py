@@ -33,11 +33,12 @@ from trainer.synthetic import write_stream
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--policy", default="odm", help="mixing policy of the live arm")
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         write_stream(tmp, domains=DOMAINS, shards=6, per_shard=150, vocab=VOCAB)
-        loader = live_loader(tmp, "odm")
+        loader = live_loader(tmp, args.policy)
         live_it = iter(loader)
         static = [next(live_it) for _ in range(32)]  # same kind of batches, held in memory
         model_a, opt_a = make_model()

@@ -99,24 +99,24 @@ class Mixer:
         self.add_domains(set(loss_sum) | set(available) | set(trained))
         self.step += 1
         s, c = self._stats, self.config
-        present = np.zeros(len(self.domains), dtype=bool)
-        for i, d in enumerate(self.domains):
-            s["available"][i] = available.get(d, s["available"][i])
-            s["trained"][i] += trained.get(d, 0)
-            n = token_count.get(d, 0.0)
-            s["tokens"][i] += n
-            if n > 0:
-                loss = loss_sum[d] / n
-                present[i] = True
-                s["last"][i] = loss
-                s["fast"][i] = loss if np.isnan(s["fast"][i]) else c.fast_ema * s["fast"][i] + (1 - c.fast_ema) * loss
-                s["slow"][i] = loss if np.isnan(s["slow"][i]) else c.slow_ema * s["slow"][i] + (1 - c.slow_ema) * loss
-        self.last_loss = {d: float(s["last"][i]) for i, d in enumerate(self.domains) if present[i]}
+        doms = self.domains
+        s["available"] = np.array([available.get(d, a) for d, a in zip(doms, s["available"])], dtype=np.float64)
+        s["trained"] += np.array([trained.get(d, 0) for d in doms], dtype=np.float64)
+        n = np.array([token_count.get(d, 0.0) for d in doms], dtype=np.float64)
+        s["tokens"] += n
+        present = n > 0
+        loss = np.array([loss_sum.get(d, 0.0) for d in doms], dtype=np.float64) / np.where(present, n, 1.0)
+        s["last"] = np.where(present, loss, s["last"])
+        for key, a in (("fast", c.fast_ema), ("slow", c.slow_ema)):
+            ema = np.where(np.isnan(s[key]), loss, a * s[key] + (1 - a) * loss)
+            s[key] = np.where(present, ema, s[key])
+        self.last_loss = {d: float(v) for d, v, p in zip(doms, s["last"], present) if p}
         if self.step <= c.warmup_steps:
             return self.weights
         stats = DomainStats(
             domains=self.domains, last_loss=s["last"], fast_loss=s["fast"], slow_loss=s["slow"],
-            trained_samples=s["trained"], trained_tokens=s["tokens"], available_samples=s["available"], present=present, step=self.step,
+            trained_samples=s["trained"], trained_tokens=s["tokens"], available_samples=s["available"],
+            present=present, step=self.step,
         )
         proposal = np.asarray(self.policy.propose(stats, self.weights), dtype=np.float64)
         proposal = proposal / proposal.sum()

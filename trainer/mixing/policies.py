@@ -133,21 +133,24 @@ class LearnabilityPolicy:
     significance: float = 2.0
     forget_margin: float = 0.25
     reference_losses: dict[str, float] = field(default_factory=dict)
-    history: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    history: dict[str, np.ndarray] = field(default_factory=dict)  # domain -> [n <= window, 2] (tokens, loss)
     first_loss: dict[str, float] = field(default_factory=dict)
     best_loss: dict[str, float] = field(default_factory=dict)
 
     def propose(self, stats: DomainStats, prev: np.ndarray) -> np.ndarray:
-        for i, d in enumerate(stats.domains):
-            if stats.present[i] and np.isfinite(stats.last_loss[i]):
-                h = self.history.setdefault(d, [])
-                h.append((float(stats.trained_tokens[i]), float(stats.last_loss[i])))
-                del h[: -self.window]
-                slow = float(stats.slow_loss[i])
-                self.first_loss.setdefault(d, slow)
-                self.best_loss[d] = min(self.best_loss.get(d, slow), slow)
-        young = np.array([len(self.history.get(d, [])) < self.min_obs for d in stats.domains])
-        t = np.array([0.0 if y else _slope_t(*np.array(self.history[d]).T)[1] for d, y in zip(stats.domains, young)])
+        for i in np.flatnonzero(stats.present & np.isfinite(stats.last_loss)):
+            d = stats.domains[i]
+            row = np.array([[stats.trained_tokens[i], stats.last_loss[i]]])
+            h = self.history.get(d)
+            self.history[d] = row if h is None else np.concatenate([h[len(h) + 1 - self.window:], row])
+            slow = float(stats.slow_loss[i])
+            self.first_loss.setdefault(d, slow)
+            self.best_loss[d] = min(self.best_loss.get(d, slow), slow)
+        empty = np.zeros((0, 2))
+        young = np.array([len(self.history.get(d, empty)) < self.min_obs for d in stats.domains])
+        t = np.zeros(len(stats.domains))
+        if (~young).any():
+            t[~young] = _slope_t([self.history[d] for d, y in zip(stats.domains, young) if not y], self.window)
         progress = np.where(young, 1.0, np.clip((-t - 1.0) / (self.significance - 1.0), 0.0, 1.0))
         first = np.array([self.first_loss.get(d, np.nan) for d in stats.domains])
         best = np.array([self.best_loss.get(d, np.nan) for d in stats.domains])
@@ -162,24 +165,29 @@ class LearnabilityPolicy:
         return np.exp(z - z.max())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": {d: list(h) for d, h in self.history.items()},
+        return {"history": {d: h.tolist() for d, h in self.history.items()},
                 "first_loss": dict(self.first_loss), "best_loss": dict(self.best_loss)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history = {d: [tuple(x) for x in h] for d, h in state.get("history", {}).items()}
+        self.history = {d: np.array(h, dtype=np.float64).reshape(-1, 2) for d, h in state.get("history", {}).items()}
         self.first_loss = dict(state.get("first_loss", {}))
         self.best_loss = dict(state.get("best_loss", {}))
 
 
-def _slope_t(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Least-squares slope of ``y`` on ``x`` and its t-statistic ((0, 0) when undefined)."""
-    dx = x - x.mean()
-    sxx = float(dx @ dx)
-    if sxx <= 0 or len(x) < 3:
-        return 0.0, 0.0
-    b = float(dx @ (y - y.mean())) / sxx
-    resid = y - y.mean() - b * dx
-    return b, b / math.sqrt(max(float(resid @ resid), 1e-12) / (len(x) - 2) / sxx)
+def _slope_t(histories: list[np.ndarray], width: int) -> np.ndarray:
+    """t-statistic of the least-squares slope of loss on tokens for each [n, 2] history (0 if undefined)."""
+    x, y, w = (np.zeros((len(histories), width)) for _ in range(3))
+    for j, h in enumerate(histories):
+        x[j, : len(h)], y[j, : len(h)], w[j, : len(h)] = h[:, 0], h[:, 1], 1.0
+    n = w.sum(1)
+    dx = (x - (w * x).sum(1, keepdims=True) / n[:, None]) * w
+    dy = (y - (w * y).sum(1, keepdims=True) / n[:, None]) * w
+    sxx = (dx * dx).sum(1)
+    ok = (sxx > 0) & (n >= 3)
+    b = (dx * dy).sum(1) / np.where(ok, sxx, 1.0)
+    rss = ((dy - b[:, None] * dx) ** 2).sum(1)
+    se = np.sqrt(np.maximum(rss, 1e-12) / np.where(ok, n - 2, 1.0) / np.where(ok, sxx, 1.0))
+    return np.where(ok, b / se, 0.0)
 
 
 POLICIES = {"static": StaticPolicy, "temperature": TemperaturePolicy, "odm": ODMPolicy, "learnability": LearnabilityPolicy}
