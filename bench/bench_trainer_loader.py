@@ -1,12 +1,12 @@
 """Live-stream loader + mixer overhead vs a static in-memory loader, same model, same run.
 
 Both arms train the debug_cpu model (vocab 512, seq 128, batch 4) on one process; the
-live arm reads a stream root through TailReader/prefetch/packing and updates the ODM
-mixer from per-domain losses each step, the static arm iterates pre-built tensors.
+live arm reads a stream root through TailReader/prefetch/packing and updates the mixer
+(``--policy``, ODM by default) from per-domain losses each step, the static arm iterates pre-built tensors.
 Steps alternate between the arms so machine noise hits both. Prints the step-time ratio
 and the live arm's data stall (time in next() / step time) when the stream is ahead.
 
-    .venv/bin/python bench/bench_trainer_loader.py [--steps 150]
+    PYTHONPATH=.:bench .venv/bin/python bench/bench_trainer_loader.py [--steps 150] [--policy learnability]
 """
 
 from __future__ import annotations
