@@ -7,6 +7,15 @@ re-applies an old command over a newer one. Records of a blocked source are sett
 written: ``GateSources`` marks them dropped with reason ``source_quarantined`` / ``source_paused``
 (stage ``control``). ``resume_source`` lifts a pause; a quarantine is lifted by ``resume_source``
 too (an operator's explicit decision), and every applied or ignored command is logged.
+
+Controls are signed (``streams.signing``). The follower authenticates each one (signature, key
+permitted the command, finite time, at most ``max_skew_s`` in the future) and raises a
+``control.rejected`` Alert for any it refuses. It applies no freshness window: the topic is the
+log of every source's state, and a fresh ingest must learn a quarantine issued long ago. Replays
+are neutralised by the state instead: per source, the last writer wins by
+``(issued_at, control_id)``, so an old signed ``resume_source`` replayed later never undoes a
+newer quarantine (it is ``superseded``), and the ids of applied controls are kept (the last
+``SEEN_MAX``) so an exact replay is rejected as ``replayed``.
 """
 
 from __future__ import annotations
@@ -21,23 +30,30 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from beam_jobs.records import Doc, Outcome
-from streams.events import Control, EventError, decode_event
+from streams.events import Control
+from streams.guard import ConsumerGuard
+from streams.signing import ControlRejected, ControlVerifier, rejection_alert
 
 __all__ = ["ControlFollower", "GateMedia", "GateText", "SourceControl"]
 
 log = logging.getLogger("headwater.ingest.control")
 STAGE = "control"
 REASONS = {"quarantine_source": "source_quarantined", "pause_source": "source_paused"}
+INGEST_COMMANDS = (*REASONS, "resume_source")
+SEEN_MAX = 10_000
 
 
 @dataclass(slots=True)
 class SourceControl:
-    """Blocked sources (source -> drop reason) and the control topic's next offsets."""
+    """Blocked sources (source -> drop reason), the control topic's next offsets, and per source
+    the ``[issued_at, control_id]`` of the last control applied (last writer wins)."""
 
     path: str
     blocked: dict[str, str] = field(default_factory=dict)
     offsets: dict[str, int] = field(default_factory=dict)  # "partition" -> next offset
     history: list[dict] = field(default_factory=list)
+    since: dict[str, list] = field(default_factory=dict)  # source -> [issued_at, control_id]
+    seen: dict[str, float] = field(default_factory=dict)  # control_id -> issued_at (last SEEN_MAX)
 
     @classmethod
     def load(cls, stream_root: str) -> SourceControl:
@@ -46,26 +62,42 @@ class SourceControl:
             return cls(path)
         with open(path) as f:
             obj = json.load(f)
-        return cls(path, dict(obj.get("blocked", {})), dict(obj.get("offsets", {})), list(obj.get("history", [])))
+        return cls(path, dict(obj.get("blocked", {})), dict(obj.get("offsets", {})), list(obj.get("history", [])),
+                   dict(obj.get("since", {})), dict(obj.get("seen", {})))
 
     def save(self) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         tmp = f"{self.path}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:
-            json.dump({"blocked": self.blocked, "offsets": self.offsets, "history": self.history[-1000:]}, f,
-                      indent=1, sort_keys=True)
+            json.dump({"blocked": self.blocked, "offsets": self.offsets, "history": self.history[-1000:],
+                       "since": self.since, "seen": self.seen}, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
     def apply(self, control: Control) -> bool:
-        """Apply one command; True when it changed the state. Other commands are ignored."""
+        """Apply one (authenticated) command; True when it changed the state. Other commands are
+        ignored, and so is one older than the source's last applied control (``superseded``).
+
+        Raises :class:`ControlRejected` (``replayed``) for a control id applied before."""
         source = control.args.get("source") if isinstance(control.args, dict) else None
-        if control.command not in (*REASONS, "resume_source"):
+        if control.command not in INGEST_COMMANDS:
             return False
         if not isinstance(source, str) or not source:
             log.warning("control %s (%s) ignored: args.source missing", control.command, control.control_id)
             return False
+        if control.control_id in self.seen:
+            raise ControlRejected("replayed", f"control_id {control.control_id} was already applied")
+        self._remember(control)
+        last = self.since.get(source)
+        if last is not None and (control.issued_at, control.control_id) <= tuple(last):
+            self.history.append({"at": time.time(), "command": control.command, "source": source,
+                                 "issued_by": control.issued_by, "control_id": control.control_id,
+                                 "changed": False, "superseded_by": last[1], "state": self.blocked.get(source, "active")})
+            log.warning("control %s source=%s (%s, issued %.3f) ignored: superseded by %s issued %.3f",
+                        control.command, source, control.control_id, control.issued_at, last[1], last[0])
+            return False
+        self.since[source] = [control.issued_at, control.control_id]
         before = self.blocked.get(source)
         if control.command == "resume_source":
             self.blocked.pop(source, None)
@@ -80,17 +112,32 @@ class SourceControl:
                  control.reason or "no reason", before or "active", entry["state"])
         return changed
 
+    def _remember(self, control: Control) -> None:
+        self.seen[control.control_id] = control.issued_at
+        if len(self.seen) > SEEN_MAX * 1.1:
+            self.seen = dict(sorted(self.seen.items(), key=lambda kv: kv[1])[-SEEN_MAX:])
+
 
 class ControlFollower:
-    """Reads new Controls from the ``control`` topic (all partitions) into a :class:`SourceControl`."""
+    """Reads new Controls from the ``control`` topic (all partitions) into a :class:`SourceControl`.
 
-    def __init__(self, bootstrap: str, state: SourceControl, *, topic: str = "control"):
+    Undecodable records are dead-lettered with an alert by a :class:`ConsumerGuard` and skipped;
+    each decoded control is authenticated by ``verifier`` and a refused one raises a
+    ``control.rejected`` Alert (``rejected`` keeps their evidence).
+    """
+
+    def __init__(self, bootstrap: str, state: SourceControl, verifier: ControlVerifier, *,
+                 topic: str = "control"):
         from kafka import TopicPartition
 
-        from streams.kafka import KafkaSettings, make_consumer
+        from streams.kafka import KafkaSettings, make_consumer, make_producer
 
-        self.state, self.topic = state, topic
-        self.consumer = make_consumer(KafkaSettings.load(bootstrap=bootstrap), assign=[], group_id=None)
+        self.state, self.topic, self.verifier = state, topic, verifier
+        self.rejected: list[dict] = []
+        settings = KafkaSettings.load(bootstrap=bootstrap)
+        self.consumer = make_consumer(settings, assign=[], group_id=None)
+        self.producer = make_producer(settings)
+        self.guard = ConsumerGuard("ingest-control", self.producer)
         parts = self.consumer.partitions_for_topic(topic) or set()
         self.tps = [TopicPartition(topic, p) for p in sorted(parts)]
         self.consumer.assign(self.tps)
@@ -111,19 +158,28 @@ class ControlFollower:
                 for record in records:
                     n += 1
                     self.state.offsets[str(tp.partition)] = record.offset + 1
-                    try:
-                        event = decode_event(record.value)
-                    except EventError as e:
-                        log.warning("control@%d:%d undecodable, skipped: %s", tp.partition, record.offset, e)
-                        continue
-                    if isinstance(event, Control):
-                        self.state.apply(event)
+                    self.guard.handle(record, self._apply)
         if n:
             self.state.save()
         return n
 
+    def _apply(self, event) -> None:
+        if not (isinstance(event, Control) and event.command in INGEST_COMMANDS):
+            return
+        from streams.kafka import publish
+
+        try:
+            self.verifier.verify(event, catch_up=True)
+            self.state.apply(event)
+        except ControlRejected as e:
+            log.error("control %s %s rejected: %s", event.command, event.control_id, e)
+            alert = rejection_alert(event, e, consumer="ingest")
+            self.rejected.append(alert.evidence)
+            publish(self.producer, "alerts", alert, key=alert.rule)
+
     def close(self) -> None:
         self.consumer.close()
+        self.producer.close()
 
 
 class _GateTextFn(beam.DoFn):

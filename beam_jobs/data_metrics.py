@@ -115,9 +115,14 @@ def append_snapshot(run_dir: str, row: dict[str, Any]) -> str:
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "metrics.jsonl")
     with open(path, "a") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+        size = f.tell()
+        try:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError:  # e.g. ENOSPC: never leave a partial line behind
+            f.truncate(size)
+            raise
     return path
 
 

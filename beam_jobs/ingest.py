@@ -19,6 +19,7 @@ import uuid
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from beam_jobs.alerts_out import publish_alert
 from beam_jobs.control import ControlFollower, SourceControl
 from beam_jobs.data_metrics import (
     append_snapshot,
@@ -33,18 +34,30 @@ from beam_jobs.data_metrics import (
     write_metrics,
 )
 from beam_jobs.dedup.index import DedupConfig
+from beam_jobs.dedup.transform import release as release_dedup
+from beam_jobs.disk_full import DiskFullGuard, is_disk_full
 from beam_jobs.filters import FilterChain, PerplexityFilter
 from beam_jobs.media_hook import HealthConfig, media_available
 from beam_jobs.pipeline import IngestConfig, IngestText
 from beam_jobs.settlement import ResumePlan
 from beam_jobs.sink import SinkConfig
 from beam_jobs.sources.files import ReadRecordFiles
-from beam_jobs.sources.kafka import KafkaSourceConfig, ReadKafkaRanges, ReadKafkaXlang, next_ranges
+from beam_jobs.sources.kafka import (
+    KafkaSourceConfig,
+    ReadKafkaRanges,
+    ReadKafkaXlang,
+    RetentionGaps,
+    next_ranges,
+)
 from beam_jobs.tokenize import DomainMap
+from streams.broker_watch import BrokerWatch
+from streams.events import Alert
+from streams.signing import ControlVerifier, SigningError
 
-__all__ = ["build_parser", "config_from_args", "main", "run"]
+__all__ = ["BROKER_RULE", "build_parser", "check_config", "config_from_args", "main", "run"]
 
 log = logging.getLogger("headwater.ingest")
+BROKER_RULE = "kafka.broker_unreachable"
 FILTER_NAMES = ("normalize", "language", "c4", "gopher_quality", "gopher_repetition", "pii", "toxicity")
 
 
@@ -175,12 +188,43 @@ def _options(beam_args: list[str], *, streaming: bool) -> PipelineOptions:
     return PipelineOptions(args)
 
 
+def _config_error(e: BaseException) -> str | None:
+    """The message of a configuration error raised inside the pipeline (runners may wrap it)."""
+    from beam_jobs.media.errors import MediaConfigError
+
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, MediaConfigError):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = str(e)
+    marker = "MediaConfigError: "
+    return text[text.rindex(marker) + len(marker):].splitlines()[0] if marker in text else None
+
+
 def _run_one(records_fn, config: IngestConfig, options: PipelineOptions, *, streaming: bool, token: str) -> dict[str, int]:
     p = beam.Pipeline(options=options)
     _ = records_fn(p) | "Ingest" >> IngestText(config, streaming=streaming, dedup_token=token)
-    result = p.run()
-    result.wait_until_finish()
+    try:
+        result = p.run()
+        result.wait_until_finish()
+    except Exception as e:
+        message = _config_error(e) if media_available() else None
+        if message is not None:  # stops before the failing batch settles any offset
+            raise SystemExit(f"headwater ingest: configuration error: {message}") from None
+        raise
     return counters_of(result)
+
+
+def check_config(a: argparse.Namespace, config: IngestConfig) -> None:
+    """Configuration errors found at start (exit before anything is read or settled)."""
+    media_on = config.media and media_available()
+    topics = {t for t in a.topics.split(",") if t} if a.bootstrap else set()
+    image_topics = sorted(topics & {"raw.image", "raw.video"})
+    if media_on and image_topics and not (config.media_config and config.media_config.image_codebooks):
+        raise SystemExit(f"headwater ingest: topics {image_topics} carry images/video but no --image-codebooks was "
+                         "given: train them with `headwater discretizer train --modality image` and pass "
+                         "--image-codebooks DIR, leave those topics out of --topics, or pass --no-media")
 
 
 def _add(total: dict[str, int], more: dict[str, int]) -> None:
@@ -220,6 +264,10 @@ def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], token
     Between batches the control topic is polled; each batch runs with the blocked sources of then."""
     from streams.kafka import KafkaSettings, make_consumer
 
+    try:  # fail fast: with no keyring, no control could be verified
+        verifier = None if a.no_control else ControlVerifier.from_env()
+    except SigningError as e:
+        raise SystemExit(f"headwater ingest: {e}; or pass --no-control") from None
     source = KafkaSourceConfig(bootstrap=a.bootstrap, topics=[t for t in a.topics.split(",") if t], group=a.group)
     options = _options(beam_args, streaming=False)
     deadline = time.monotonic() + a.duration if a.duration else None
@@ -227,31 +275,49 @@ def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], token
     totals: dict[str, int] = {}
     consumer = make_consumer(KafkaSettings.load(bootstrap=a.bootstrap), assign=[], group_id=a.group)
     control = SourceControl.load(config.sink.stream_root)
-    follower = None if a.no_control else ControlFollower(a.bootstrap, control)
+    follower = None if a.no_control else ControlFollower(a.bootstrap, control, verifier)
     report = _BatchReporter(run_dir, a.bootstrap, {"mode": "streaming", "stream_root": config.sink.stream_root})
+    gaps = RetentionGaps()
+    disk = DiskFullGuard(path=config.sink.stream_root, bootstrap=a.bootstrap)
+    watch = BrokerWatch(a.bootstrap, who="streaming ingest", on_restored=lambda s: publish_alert(a.bootstrap, Alert(
+        rule=BROKER_RULE, severity="warning", source="ingest", dedup_key=f"{BROKER_RULE}:{a.bootstrap}",
+        message=f"Kafka broker {a.bootstrap} did not answer for {s:.0f}s; ingest stalled and resumed",
+        evidence={"bootstrap": a.bootstrap, "duration_s": s, "stream_root": config.sink.stream_root})))
     try:
         while True:
-            if follower is not None:
-                follower.poll(timeout_s=0.3)
-                config.blocked_sources = dict(control.blocked)
-            plan = ResumePlan.of_stream(config.sink.stream_root)
-            ranges, positions = next_ranges(source, plan, consumer)
-            _commit_for_lag(consumer, positions)
-            if a.max_records is not None and plan.count() - initial >= a.max_records:
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-            log.info("micro-batch from %s", [(r.topic, r.partition, r.start) for r in ranges])
-            counters = _run_one(lambda p, r=ranges, pl=plan: p | "ReadKafka" >> ReadKafkaRanges(source, r, pl),
-                                config, options, streaming=False, token=token)
-            _add(totals, counters)
-            if counters.get("validate/in"):
-                report(counters, totals)
-            else:
-                if a.until_caught_up:
+            try:
+                if follower is not None:
+                    follower.poll(timeout_s=0.3)
+                    config.blocked_sources = dict(control.blocked)
+                plan = ResumePlan.of_stream(config.sink.stream_root)
+                ranges, positions = next_ranges(source, plan, consumer, gaps)
+                _commit_for_lag(consumer, positions)
+                if a.max_records is not None and plan.count() - initial >= a.max_records:
                     break
-                time.sleep(a.window_s)
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                log.info("micro-batch from %s", [(r.topic, r.partition, r.start) for r in ranges])
+                counters = _run_one(lambda p, r=ranges, pl=plan: p | "ReadKafka" >> ReadKafkaRanges(source, r, pl),
+                                    config, options, streaming=False, token=token)
+                _add(totals, counters)
+                if counters.get("validate/in"):
+                    report(counters, totals)
+                    disk.succeeded()
+                else:
+                    if a.until_caught_up:
+                        break
+                    time.sleep(a.window_s)
+            except Exception as e:
+                if not is_disk_full(e):
+                    raise
+                disk.failed(e)
+                # The failed batch's kept documents are in the dedup cache but were never
+                # published: the retry re-seeds a fresh index from the stream root.
+                release_dedup(token)
+                token = uuid.uuid4().hex
+                disk.wait()
     finally:
+        watch.close()
         consumer.close()
         if follower is not None:
             follower.close()
@@ -264,14 +330,22 @@ def run(argv: list[str] | None = None) -> dict:
     if bool(a.input) == bool(a.bootstrap):
         raise SystemExit("headwater ingest: give either --input PATH... (bounded) or --bootstrap HOST:PORT (streaming)")
     config = config_from_args(a)
+    check_config(a, config)
     run_dir = a.run_dir or os.path.join(a.stream_root, "_ingest")
     os.makedirs(config.sink.stream_root, exist_ok=True)
     os.makedirs(run_dir, exist_ok=True)
     token = uuid.uuid4().hex
     plan = ResumePlan.of_stream(config.sink.stream_root)
     if a.input:
-        counters = _run_one(lambda p: p | "ReadFiles" >> ReadRecordFiles(a.input, plan), config,
-                            _options(beam_args, streaming=False), streaming=False, token=token)
+        try:
+            counters = _run_one(lambda p: p | "ReadFiles" >> ReadRecordFiles(a.input, plan), config,
+                                _options(beam_args, streaming=False), streaming=False, token=token)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            log.error("disk full on stream root %s: %s", config.sink.stream_root, e)
+            raise SystemExit(f"headwater ingest: disk full on {config.sink.stream_root} ({e}); everything "
+                             "published is intact: free space and run the same command again") from None
     elif a.kafka_io == "xlang":
         source = KafkaSourceConfig(bootstrap=a.bootstrap, topics=[t for t in a.topics.split(",") if t], group=a.group)
         counters = _run_one(lambda p: p | "ReadKafka" >> ReadKafkaXlang(source, plan), config,

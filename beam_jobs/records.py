@@ -46,12 +46,27 @@ class Doc:
     language: str = ""
     dropped: str | None = None
     lineage: dict[str, Any] = field(default_factory=dict)
+    dead: DeadLetter | None = None
 
     def drop(self, stage: str, reason: str) -> Doc:
         """Mark as dropped and release the text (only the offset matters now)."""
         self.dropped = f"{stage}:{reason}"
         self.text = ""
         return self
+
+    def fail(self, stage: str, reason: str, detail: str = "") -> Doc:
+        """A step failed on this document: mark it dropped and carry its dead letter to the sink
+        (the record is rebuilt from the document, as it was when the step failed)."""
+        from streams.events import RawRecord
+
+        try:
+            original = RawRecord(id=self.id, modality="text", source=self.source, license=self.license,
+                                 text=self.text, meta=self.meta).to_bytes()
+        except Exception:  # noqa: BLE001 - whatever made the step fail may make this fail too
+            original = repr(self.text).encode("utf-8", "backslashreplace")
+        self.dead = DeadLetter.of(original, reason=reason, stage=stage, detail=detail, record_id=self.id,
+                                  topic=self.coords.topic, partition=self.coords.partition, offset=self.coords.offset)
+        return self.drop(stage, reason)
 
 
 class Outcome(NamedTuple):

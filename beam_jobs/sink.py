@@ -12,19 +12,25 @@ source skips settled offsets), so no sample is written twice.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger, window
 
 from beam_jobs.records import KafkaCoords, Outcome
+from beam_jobs.validate import SAFE_NAME
 from streams.events import DeadLetter, OffsetRange, TokenizedSample
 
-__all__ = ["SETTLE_DOMAIN", "SinkConfig", "WriteShards", "offsets_to_ranges"]
+__all__ = ["SETTLE_DOMAIN", "DeadLetterLost", "SinkConfig", "WriteShards", "offsets_to_ranges", "send_checked"]
+
+log = logging.getLogger(__name__)
 
 SETTLE_DOMAIN = "settled"
 _WRITERS: dict[tuple, object] = {}
@@ -46,6 +52,8 @@ class SinkConfig:
     max_pane: int = 5_000  # ...or at this many elements
     block: int = 100_000  # offsets per group in bounded mode (one shard per domain per block)
     compression: str | None = "zstd"
+    dlq_attempts: int = 5  # DLQ sends are retried this often (exponential backoff) before the job stops
+    dlq_backoff_s: float = 0.5
 
 
 def offsets_to_ranges(topic: str, partition: int, offsets: Iterable[int]) -> list[OffsetRange]:
@@ -59,14 +67,94 @@ def offsets_to_ranges(topic: str, partition: int, offsets: Iterable[int]) -> lis
     return out
 
 
+class DeadLetterLost(RuntimeError):
+    """Dead letters could not be delivered: the job must stop before their offsets settle."""
+
+
+def send_checked(producer, topic: str, messages: list[tuple[bytes, bytes | None]], *, attempts: int = 5,
+                 backoff_s: float = 0.5, timeout_s: float = 30.0) -> None:
+    """Send ``(value, key)`` messages and wait for every acknowledgement; retry the failed ones with
+    exponential backoff; raise :class:`DeadLetterLost` when some still fail after ``attempts``."""
+    pending = list(messages)
+    error: Exception | None = None
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(backoff_s * 2 ** (attempt - 1))
+        futures = []
+        for value, key in pending:
+            try:
+                futures.append(((value, key), producer.send(topic, value=value, key=key)))
+            except Exception as e:  # noqa: BLE001 - e.g. MessageSizeTooLargeError, buffer full: retried
+                futures.append(((value, key), e))
+        try:
+            producer.flush(timeout=timeout_s)
+        except Exception as e:  # noqa: BLE001 - a flush timeout leaves futures undone: retried below
+            error = e
+        failed = []
+        for message, future in futures:
+            if isinstance(future, Exception):
+                failed.append(message)
+                error = future
+                continue
+            try:
+                future.get(timeout=timeout_s)
+            except Exception as e:  # noqa: BLE001 - any delivery failure is retried
+                failed.append(message)
+                error = e
+        if not failed:
+            return
+        Metrics.counter("sink", "dlq_send_retries").inc(len(failed))
+        log.warning("%d of %d dead letters to %r not acknowledged (attempt %d/%d): %s",
+                    len(failed), len(messages), topic, attempt + 1, attempts, error)
+        pending = failed
+    raise DeadLetterLost(f"{len(pending)} dead letters could not be sent to {topic!r} after {attempts} attempts: "
+                         f"{type(error).__name__}: {error}")
+
+
 def _atomic_write(path: str, data: bytes) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. ENOSPC: no half-written temp file left taking space
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def unwritable(row: dict, vocab_size: int | None) -> str | None:
+    """Why the stream writer would reject ``row`` (None: it is writable): the safety net that keeps
+    one bad sample from failing its whole group."""
+    for col in ("id", "domain", "modality", "source", "license", "pipeline_version", "language"):
+        value = row.get(col, "")
+        if not isinstance(value, str):
+            return f"{col}: expected str, got {type(value).__name__}"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"{col}: lone surrogate at {e.start}"
+    if not SAFE_NAME.match(row.get("domain", "")):
+        return f"domain {row.get('domain', '')[:80]!r} is not a safe shard name"
+    tokens = np.asarray(row.get("tokens", ()))
+    if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+        return f"tokens: expected a 1-d integer array, got {tokens.dtype} with shape {tokens.shape}"
+    if tokens.size and (tokens.min() < 0 or (vocab_size is not None and tokens.max() >= vocab_size)):
+        return f"tokens: id outside [0, {vocab_size})"
+    lineage = row.get("lineage", {})
+    try:
+        json.dumps(json.loads(lineage) if isinstance(lineage, str) else lineage).encode("utf-8")
+    except (TypeError, ValueError) as e:
+        return f"lineage: {type(e).__name__}: {e}"
+    return None
+
+
+def _describe(row: dict) -> bytes:
+    """What is left of a tokenized sample for its dead letter: its string columns (tokens omitted)."""
+    return json.dumps({k: v for k, v in row.items() if isinstance(v, str)}, default=str).encode()
 
 
 def _safe(name: str) -> str:
@@ -110,15 +198,15 @@ class _WriteBatchFn(beam.DoFn):
         return _WRITERS[key]
 
     def _write_dead(self, topic: str, partition: int, dead: list[DeadLetter], tag: str) -> None:
+        """Write the group's dead letters; raises :class:`DeadLetterLost` if any could not be delivered,
+        before the group's offsets are settled (so a restart replays them)."""
         c = self.config
         if c.dlq_dir:
             body = "".join(d.to_json() + "\n" for d in dead).encode()
             _atomic_write(os.path.join(c.dlq_dir, f"{tag}.jsonl"), body)
         if c.dlq_topic and c.bootstrap:
-            producer = self._producer()
-            for d in dead:
-                producer.send(c.dlq_topic, value=d.to_bytes(), key=f"{topic}:{partition}:{d.offset}".encode())
-            producer.flush()
+            messages = [(d.to_bytes(), f"{topic}:{partition}:{d.offset}".encode()) for d in dead]
+            send_checked(self._producer(), c.dlq_topic, messages, attempts=c.dlq_attempts, backoff_s=c.dlq_backoff_s)
 
     def process(self, element):
         from streams.mds import sample_from_event
@@ -129,6 +217,23 @@ class _WriteBatchFn(beam.DoFn):
             by_offset.setdefault(o.coords.offset, o)
         ordered = [by_offset[k] for k in sorted(by_offset)]
         tag = f"{_safe(topic)}-{partition}-{ordered[0].coords.offset}-{ordered[-1].coords.offset}"
+        writer = self._writer()
+        rows: dict[int, dict] = {}
+        for i, o in enumerate(ordered):
+            if o.sample is None:
+                continue
+            try:
+                row = sample_from_event(o.sample) if isinstance(o.sample, TokenizedSample) else dict(o.sample)
+                problem = unwritable(row, writer.vocab_size)
+            except Exception as e:  # noqa: BLE001 - a sample the writer would choke on is this record's problem
+                row, problem = {}, f"{type(e).__name__}: {e}"
+            if problem is None:
+                rows[o.coords.offset] = row
+                continue
+            Metrics.counter("sink", "dlq_unwritable_sample").inc()
+            ordered[i] = o._replace(sample=None, dead=DeadLetter.of(
+                _describe(row), reason="unwritable_sample", stage="sink", detail=problem, record_id=o.record_id
+                or str(row.get("id", "")), topic=topic, partition=partition, offset=o.coords.offset))
         dead = [o.dead for o in ordered if o.dead is not None]
         if dead:
             self._write_dead(topic, partition, dead, tag)
@@ -140,14 +245,10 @@ class _WriteBatchFn(beam.DoFn):
                 for o in drops
             ).encode()
             _atomic_write(os.path.join(self.config.drops_dir, f"{tag}.jsonl"), body)
-        writer = self._writer()
         by_domain: dict[str, list[Outcome]] = defaultdict(list)
-        rows: dict[int, dict] = {}
         for o in ordered:
             if o.sample is not None:
-                row = sample_from_event(o.sample) if isinstance(o.sample, TokenizedSample) else dict(o.sample)
-                rows[o.coords.offset] = row
-                by_domain[row["domain"]].append(o)
+                by_domain[rows[o.coords.offset]["domain"]].append(o)
         for domain in sorted(by_domain):
             group = by_domain[domain]
             event = writer.write_shard(

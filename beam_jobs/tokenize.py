@@ -58,12 +58,21 @@ class _TokenizeFn(beam.DoFn):
 
     def process(self, doc: Doc):
         by_source(doc.source, "in")
+        if doc.dead is not None:
+            yield Outcome(doc.coords, dead=doc.dead, record_id=doc.id)
+            return
         if doc.dropped is not None:
             if doc.dropped.startswith("dedup:"):
                 by_source(doc.source, "dup")
             yield Outcome(doc.coords, dropped=doc.dropped, record_id=doc.id, dup_of=doc.lineage.get("dup_of"))
             return
-        tokens = self.vocab.encode(doc.text)
+        try:
+            tokens = self.vocab.encode(doc.text)
+        except Exception as e:  # noqa: BLE001 - a document the tokenizer rejects is dead-lettered alone
+            Metrics.counter("tokenize", "dlq_tokenizer_error").inc()
+            yield Outcome(doc.coords, dead=doc.fail("tokenize", "tokenizer_error", f"{type(e).__name__}: {e}").dead,
+                          record_id=doc.id)
+            return
         if self.append_eos:
             tokens.append(self.eos)
         domain = self.domains.domain(doc.source, doc.language)

@@ -7,6 +7,7 @@ the stage, the original bytes and the record's Kafka coordinates.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -15,7 +16,10 @@ from apache_beam.metrics import Metrics
 from beam_jobs.records import Doc, KafkaCoords, SourceRecord
 from streams.events import DeadLetter, EventError, RawRecord
 
-__all__ = ["DLQ_TAG", "MEDIA_TAG", "Invalid", "ValidateConfig", "ValidateDecode", "decode_record"]
+__all__ = [
+    "DLQ_TAG", "MEDIA_TAG", "SAFE_NAME", "Invalid", "ValidateConfig", "ValidateDecode", "check_fields", "check_name",
+    "dead_letter", "decode_record", "text_of",
+]
 
 STAGE = "validate"
 MEDIA_TAG = "media"
@@ -28,6 +32,9 @@ class ValidateConfig:
 
     max_record_bytes: int = 4 * 1024 * 1024
     min_text_chars: int = 1
+    max_name_chars: int = 512  # id, source, license, modality and meta keys
+    max_uri_chars: int = 4096
+    max_meta_bytes: int = 64 * 1024  # meta as JSON
     media_enabled: bool = True  # False: media records are dead-lettered as modality_not_enabled
 
 
@@ -40,11 +47,75 @@ class Invalid(Exception):
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
-    keys = [k for k, _ in pairs]
-    if len(keys) != len(set(keys)):
-        dup = next(k for k in keys if keys.count(k) > 1)
-        raise Invalid("duplicate_field", f"field {dup!r} appears more than once")
-    return dict(pairs)
+    """``object_pairs_hook`` rejecting repeated keys (one pass: linear in the number of keys)."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise Invalid("duplicate_field", f"field {k[:100]!r} appears more than once")
+        out[k] = v
+    return out
+
+
+#: Names (id, source, license, meta keys): no C0/C1 control characters.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: Free text (meta string values): NUL and C0 controls other than tab/newline/carriage return.
+_TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+#: A safe domain label: the stream writer's shard-name rule (``streams.mds_writer``).
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def _check_unicode(where: str, value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise Invalid("invalid_utf8", f"{where}: lone surrogate at {e.start}") from None
+
+
+def check_name(where: str, value: str, max_chars: int) -> None:
+    """A short identifier-like string: valid Unicode, no control characters, at most ``max_chars``."""
+    if len(value) > max_chars:
+        raise Invalid("field_too_long", f"{where}: {len(value)} chars > {max_chars}")
+    _check_unicode(where, value)
+    if m := _CONTROL.search(value):
+        raise Invalid("control_char", f"{where}: control character U+{ord(m.group()):04X} at {m.start()}")
+
+
+def _check_meta(value: object, where: str, config: ValidateConfig) -> None:
+    """Every key and string value of ``meta``, iteratively (no recursion limit to hit)."""
+    stack = [(where, value)]
+    while stack:
+        at, v = stack.pop()
+        if isinstance(v, str):
+            _check_unicode(at, v)
+            if m := _TEXT_CONTROL.search(v):
+                raise Invalid("control_char", f"{at}: control character U+{ord(m.group()):04X} at {m.start()}")
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                check_name(f"{at} key", k, config.max_name_chars)
+                stack.append((f"{at}.{k[:40]}", item))
+        elif isinstance(v, list):
+            stack.extend((f"{at}[{i}]", item) for i, item in enumerate(v))
+
+
+def check_fields(record: RawRecord, config: ValidateConfig) -> None:
+    """Every string of a decoded record except the text payload; raise :class:`Invalid`."""
+    for name in ("id", "source", "license", "modality"):
+        check_name(name, getattr(record, name), config.max_name_chars)
+    if record.uri is not None:
+        check_name("uri", record.uri, config.max_uri_chars)
+    if record.data_b64 is not None:
+        _check_unicode("data_b64", record.data_b64)
+    meta = record.meta
+    _check_meta(meta, "meta", config)
+    size = len(json.dumps(meta, ensure_ascii=False, default=str).encode())
+    if size > config.max_meta_bytes:
+        raise Invalid("field_too_long", f"meta: {size} bytes > {config.max_meta_bytes}")
+    for key in ("caption", "alt", "language"):
+        if key in meta and not isinstance(meta[key], str):
+            raise Invalid("wrong_type", f"meta.{key} must be a string, got {type(meta[key]).__name__}")
+    domain = meta.get("domain")
+    if domain is not None and (not isinstance(domain, str) or not SAFE_NAME.match(domain)):
+        raise Invalid("unsafe_domain", f"meta.domain {str(domain)[:80]!r} must match {SAFE_NAME.pattern}")
 
 
 def _reason_of(e: EventError) -> str:
@@ -56,6 +127,8 @@ def _reason_of(e: EventError) -> str:
         return "payload_fields"
     if e.field == "data_b64":
         return "invalid_base64"
+    if e.problem.startswith("not valid UTF-8"):  # a lone surrogate in a string field
+        return "invalid_utf8"
     if e.problem == "missing required field":
         return "missing_field"
     if e.problem == "unknown field":
@@ -79,12 +152,16 @@ def decode_record(raw: bytes, config: ValidateConfig) -> RawRecord:
         raise Invalid("malformed_json", str(e)) from None
     except RecursionError:
         raise Invalid("malformed_json", "nesting too deep") from None
+    except ValueError as e:  # e.g. an integer literal over sys.get_int_max_str_digits() digits
+        raise Invalid("malformed_json", str(e)[:200]) from None
     if not isinstance(obj, dict):
         raise Invalid("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
     try:
-        return RawRecord.from_dict(obj)
+        record = RawRecord.from_dict(obj)
     except EventError as e:
-        raise Invalid(_reason_of(e), str(e)) from None
+        raise Invalid(_reason_of(e), str(e)[:500]) from None
+    check_fields(record, config)
+    return record
 
 
 def text_of(record: RawRecord, config: ValidateConfig) -> str:
@@ -111,7 +188,9 @@ def text_of(record: RawRecord, config: ValidateConfig) -> str:
     return text
 
 
-def dead_letter(coords: KafkaCoords, raw: bytes, reason: str, *, stage: str, detail: str = "", record_id: str | None = None):
+def dead_letter(coords: KafkaCoords, raw: bytes, reason: str, *, stage: str, detail: str = "",
+                record_id: str | None = None) -> DeadLetter:
+    """A DeadLetter for the record at ``coords`` (its bytes kept as DeadLetter.of caps them)."""
     return DeadLetter.of(
         bytes(raw) if isinstance(raw, (bytes, bytearray)) else repr(raw).encode(),
         reason=reason,
@@ -148,6 +227,11 @@ class _ValidateFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(
                 DLQ_TAG, dead_letter(coords, raw, e.reason, stage=STAGE, detail=e.detail, record_id=record_id)
             )
+            return
+        except Exception as e:  # noqa: BLE001 - an unforeseen failure is this record's, never the job's
+            Metrics.counter("validate", "dlq_internal_error").inc()
+            yield beam.pvalue.TaggedOutput(DLQ_TAG, dead_letter(
+                coords, raw, "internal_error", stage=STAGE, detail=f"{type(e).__name__}: {e}", record_id=record_id))
             return
         Metrics.counter("validate", "out_text").inc()
         yield Doc(coords=coords, id=record.id, source=record.source, license=record.license, text=text, meta=record.meta)

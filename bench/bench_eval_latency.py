@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -33,6 +34,7 @@ from evaluators.sentinel import Sentinel
 from streams.broker import EmbeddedBroker
 from streams.events import Alert, Control, EvalReport, EventError, decode_event
 from streams.kafka import KafkaSettings, make_consumer, make_producer, publish
+from streams.signing import load_signing_key, sign_control, write_dev_keys
 from streams.vocab import Vocab
 
 
@@ -58,17 +60,19 @@ def main() -> int:
     vocab = Vocab.default()
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(run_dir=Path(tmp) / "broker", port=0) as broker:
         tmp = Path(tmp)
+        os.environ.update(write_dev_keys(str(tmp / "keys")))  # the sentinel signs its Controls
         settings = KafkaSettings(bootstrap=broker.bootstrap)
         write_suite(tmp / "evals", vocab)
         model = build_model("debug_cpu")
         ckpts = [save_checkpoint(tmp / "run", 10 * (i + 1), model, vocab, "bench") for i in range(args.repeats)]
         evaluator = Evaluator(Evaluator.Config(bootstrap=broker.bootstrap, eval_root=str(tmp / "evals"), suite="core",
-                                               group="bench", regression=RegressionConfig(n_boot=2000)), vocab=vocab)
-        # baseline: load + score only
+                                               group="bench", checkpoint_roots=[str(tmp / "run" / "checkpoints")],
+                                               regression=RegressionConfig(n_boot=2000)), vocab=vocab)
+        # baseline: verify + load + score only
         base = []
         for c in ckpts:
             t0 = time.monotonic()
-            loaded = load_checkpoint(c.path)
+            loaded = load_checkpoint(c.path, trust=evaluator.trust)
             score_items(loaded.model, evaluator.suite.items, seq_len=64)
             base.append(time.monotonic() - t0)
         stop = threading.Event()
@@ -100,14 +104,14 @@ def main() -> int:
         control = make_consumer(settings, topics=["control"], group_id=f"b-{uuid.uuid4().hex}", auto_offset_reset="latest")
         wait_for_assignment(control)
         time.sleep(5)  # let the sentinel join its group
-        rollback, rtt = [], []
+        rollback, rtt, operator = [], [], load_signing_key("operator")
         for _ in range(args.repeats):
             alert = Alert(rule="eval_regression", severity="critical", source="bench", message="bench",
                           evidence={"action": "rollback", "run_id": "bench"})
             t0 = time.monotonic()
             publish(producer, "alerts", alert)
             rollback.append(wait_for(control, lambda e: isinstance(e, Control) and e.command == "rollback") - t0)
-            probe = Control(command="resume_domain", args={"domain": "probe"})
+            probe = sign_control(Control(command="resume_domain", args={"domain": "probe"}), operator)
             t0 = time.monotonic()
             publish(producer, "control", probe)
             rtt.append(wait_for(control, lambda e, p=probe: isinstance(e, Control) and e.control_id == p.control_id) - t0)

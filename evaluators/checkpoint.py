@@ -5,6 +5,10 @@ torch DCP checkpoint whose model parameters sit under plain FQNs at the top leve
 ``headwater.json`` (written last) with the model config name, vocab size/version and seq_len.
 The model is built with ``trainer.models.build_model`` and filled by
 ``torch.distributed.checkpoint.load`` (no process group needed).
+
+DCP unpickles ``.metadata``: nothing here reads a checkpoint before
+``streams.checkpoint_manifest.verify_checkpoint`` accepted it (under a configured root, manifest
+signed by a trainer key, every file's hash as listed); otherwise ``CheckpointRejected`` is raised.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 
-__all__ = ["CheckpointError", "LoadedCheckpoint", "load_checkpoint"]
+from streams.checkpoint_manifest import CheckpointRejected, verify_checkpoint
+from streams.signing import Keyring
+
+__all__ = ["CheckpointError", "CheckpointRejected", "CheckpointTrust", "LoadedCheckpoint", "load_checkpoint"]
 
 META = "headwater.json"
 
@@ -26,17 +33,27 @@ class CheckpointError(RuntimeError):
     """The checkpoint is incomplete, unreadable, or does not match its metadata."""
 
 
+@dataclass(kw_only=True, slots=True)
+class CheckpointTrust:
+    """What a checkpoint must satisfy before it is read: a root it lies under, a trainer key."""
+
+    roots: list[str]
+    keyring: Keyring
+
+
 @dataclass(slots=True)
 class LoadedCheckpoint:
     model: torch.nn.Module
     meta: dict[str, Any]
 
 
-def load_checkpoint(path: str | Path, *, device: str = "cpu") -> LoadedCheckpoint:
-    """Build the checkpoint's model and load its weights (eval mode, fp32)."""
+def load_checkpoint(path: str | Path, *, trust: CheckpointTrust, run_id: str | None = None,
+                    step: int | None = None, device: str = "cpu") -> LoadedCheckpoint:
+    """Verify the checkpoint (raises CheckpointRejected), then build its model and load its weights."""
     from trainer.models import build_model
 
-    path = Path(path)
+    verified = verify_checkpoint(path, roots=trust.roots, keyring=trust.keyring, run_id=run_id, step=step)
+    path = Path(verified.path)
     meta_path = path / META
     if not meta_path.is_file():
         raise CheckpointError(f"{path}: no {META} (checkpoint incomplete or not a headwater checkpoint)")

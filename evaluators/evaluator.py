@@ -18,16 +18,19 @@ from kafka import TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from beam_jobs.dedup.index import DedupConfig
-from evaluators.checkpoint import CheckpointError, load_checkpoint
+from evaluators.checkpoint import CheckpointError, CheckpointTrust, load_checkpoint
 from evaluators.evalsets import EvalSuite, SuiteError, load_suite
 from evaluators.identity import checkpoint_key
 from evaluators.leakage import LeakageDetector
 from evaluators.ledger import EvalLedger
 from evaluators.metrics import item_table, score_items, summarize, text_bytes
-from evaluators.regression import RegressionConfig, detect_regressions, pick_best
+from evaluators.regression import RegressionConfig, detect_regressions, pick_best, regression_alert
 from evaluators.wandb_log import WandbLogger
-from streams.events import Alert, CheckpointSaved, EvalReport, EventError, decode_event
+from streams.checkpoint_manifest import CheckpointRejected
+from streams.events import Alert, CheckpointSaved, EvalReport, Event
+from streams.guard import ConsumerGuard
 from streams.kafka import KafkaSettings, make_consumer, make_producer, publish
+from streams.signing import Keyring, SigningError
 from streams.vocab import Vocab
 
 __all__ = ["Evaluator"]
@@ -45,6 +48,10 @@ class Evaluator:
         suite: str
         group: str = "headwater-evaluators"
         train_roots: list[str] = field(default_factory=list)
+        checkpoint_roots: list[str] = field(default_factory=list)
+        """only checkpoints whose real path lies under one of these are loaded (required)"""
+        keyring: str | None = None
+        """keyring JSON with the trainer's public key; None: ``HEADWATER_KEYRING_FILE``"""
         semantic_leakage: bool = False
         batch_size: int = 4
         seq_len: int | None = None      # default: the checkpoint's seq_len
@@ -56,6 +63,14 @@ class Evaluator:
 
     def __init__(self, config: Config, *, vocab: Vocab | None = None):
         self.config = c = config
+        if not c.checkpoint_roots:
+            raise ValueError("no checkpoint roots: the evaluator loads checkpoints only under configured "
+                             "roots (--checkpoint-root DIR)")
+        keyring = Keyring.load(c.keyring) if c.keyring else Keyring.from_env()
+        if keyring is None:
+            raise SigningError("no keyring: checkpoint manifests cannot be verified (--keyring FILE or "
+                               "HEADWATER_KEYRING_FILE)")
+        self.trust = CheckpointTrust(roots=list(c.checkpoint_roots), keyring=keyring)
         self.vocab = vocab or Vocab.default()
         self.suite: EvalSuite = load_suite(c.eval_root, c.suite, img_open_id=self.vocab.special("<img>"))
         if self.suite.vocab_version != self.vocab.version:
@@ -65,7 +80,8 @@ class Evaluator:
                        for it in self.suite.items]
         self.settings = KafkaSettings.load(bootstrap=c.bootstrap, client_id=f"headwater-{c.instance}")
         self.producer = make_producer(self.settings)
-        self.ledger = EvalLedger(self.settings)
+        self.guard = ConsumerGuard(c.instance, self.producer)
+        self.ledger = EvalLedger(self.settings, self.guard)
         self.leakage = LeakageDetector(self.suite.items, decode_text=self.vocab.decode, text_size=self.vocab.text_size,
                                        train_roots=c.train_roots,
                                        config=DedupConfig(shard_key="none", semantic=c.semantic_leakage))
@@ -86,7 +102,12 @@ class Evaluator:
                             f"{self.suite.vocab_version!r}; refusing to evaluate or compare")
             return report
         try:
-            loaded = load_checkpoint(ckpt.path, device=self.config.device)
+            loaded = load_checkpoint(ckpt.path, trust=self.trust, run_id=ckpt.run_id, step=ckpt.step,
+                                     device=self.config.device)
+        except CheckpointRejected as e:
+            report.error = f"checkpoint rejected ({e.reason}): {e.detail}"
+            report.details["rejected"] = e.reason
+            return report
         except CheckpointError as e:
             report.error = str(e)
             return report
@@ -121,16 +142,12 @@ class Evaluator:
         report.details["eval_seconds"] = round(time.perf_counter() - t0, 3)
         return report
 
-    def _regression_alert(self, report: EvalReport) -> Alert:
-        reg = report.details["regression"]
-        worst = max((f for f in reg["findings"] if f["significant"]), key=lambda f: f["ci_low"])
-        return Alert(rule="eval_regression", severity="critical", source=self.config.instance,
-                     dedup_key=f"eval_regression|{report.run_id}|{report.suite}",
-                     message=(f"step {report.step} regressed on {worst['metric']}: log-ppl +{worst['delta']:.4f} "
-                              f"(95% CI [{worst['ci_low']:.4f}, {worst['ci_high']:.4f}]) vs step {reg['best_step']}"),
-                     evidence={"action": "rollback", "run_id": report.run_id, "checkpoint": report.checkpoint_path,
-                               "checkpoint_wall_time": report.details.get("checkpoint_wall_time"),
-                               "step": report.step, "suite": report.suite, **reg})
+    def _rejected_alert(self, report: EvalReport) -> Alert:
+        return Alert(rule="evaluator.checkpoint_rejected", severity="critical", source=self.config.instance,
+                     dedup_key=f"evaluator.checkpoint_rejected|{report.checkpoint_path}",
+                     message=f"checkpoint {report.checkpoint_path} not loaded: {report.error}",
+                     evidence={"run_id": report.run_id, "step": report.step, "checkpoint": report.checkpoint_path,
+                               "reason": report.details["rejected"]})
 
     def handle(self, ckpt: CheckpointSaved) -> EvalReport | None:
         """Evaluate and publish unless the ledger already settles this (checkpoint, suite)."""
@@ -145,7 +162,10 @@ class Evaluator:
         publish(self.producer, "evals", report, key=f"{ckpt.path}|{self.suite.name}")
         self.ledger.add(report)
         if not report.passed and "regression" in report.details:
-            publish(self.producer, "alerts", self._regression_alert(report), key="eval_regression")
+            publish(self.producer, "alerts", regression_alert(report, source=self.config.instance),
+                    key="eval_regression")
+        if report.details.get("rejected") not in (None, "not_a_directory"):  # vanished (purged, rolled back): no page
+            publish(self.producer, "alerts", self._rejected_alert(report), key="evaluator.checkpoint_rejected")
         self.wandb.log(report)
         return report
 
@@ -166,7 +186,7 @@ class Evaluator:
                     continue
                 for tp, records in batches.items():
                     for record in records:
-                        published += self._process(record)
+                        published += self.guard.handle(record, self._process) or 0
                         consumer.commit({TopicPartition(tp.topic, tp.partition):
                                          OffsetAndMetadata(record.offset + 1, "", -1)})
                 idle_since = time.monotonic()
@@ -174,14 +194,9 @@ class Evaluator:
             consumer.close()
         return published
 
-    def _process(self, record) -> int:
-        try:
-            event = decode_event(record.value)
-        except EventError as e:
-            log.error("checkpoints@%d: undecodable event skipped: %s", record.offset, e)
-            return 0
+    def _process(self, event: Event) -> int:
         if not isinstance(event, CheckpointSaved):
-            log.error("checkpoints@%d: expected CheckpointSaved, got %s; skipped", record.offset, event.KIND)
+            log.error("checkpoints: expected CheckpointSaved, got %s; skipped", event.KIND)
             return 0
         report = self.handle(event)
         if report is not None:

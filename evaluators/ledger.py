@@ -8,17 +8,14 @@ Checkpoints are identified by path and save time (evaluators/identity.py).
 
 from __future__ import annotations
 
-import logging
-
 from kafka import TopicPartition
 
 from evaluators.identity import CheckpointKey, report_key
-from streams.events import EvalReport, EventError, decode_event
+from streams.events import EvalReport, Event
+from streams.guard import ConsumerGuard
 from streams.kafka import KafkaSettings, make_consumer
 
 __all__ = ["EvalLedger", "TopicFollower"]
-
-log = logging.getLogger(__name__)
 
 
 class TopicFollower:
@@ -46,22 +43,24 @@ class TopicFollower:
 
 
 class EvalLedger:
-    """Reports seen on ``evals`` and the (checkpoint key, suite) pairs they settle."""
+    """Reports seen on ``evals`` and the (checkpoint key, suite) pairs they settle.
 
-    def __init__(self, settings: KafkaSettings, topic: str = "evals"):
+    Undecodable records go to ``guard`` (dead-lettered with an alert) and are skipped.
+    """
+
+    def __init__(self, settings: KafkaSettings, guard: ConsumerGuard, topic: str = "evals"):
         self.follower = TopicFollower(settings, [topic])
+        self.guard = guard
         self.reports: list[EvalReport] = []
         self.done: set[tuple[CheckpointKey, str]] = set()
 
     def refresh(self) -> None:
         for record in self.follower.catch_up():
-            try:
-                event = decode_event(record.value)
-            except EventError as e:
-                log.warning("ledger: skipping undecodable evals record at offset %d: %s", record.offset, e)
-                continue
-            if isinstance(event, EvalReport):
-                self.add(event)
+            self.guard.handle(record, self._observe)
+
+    def _observe(self, event: Event) -> None:
+        if isinstance(event, EvalReport):
+            self.add(event)
 
     def add(self, report: EvalReport) -> None:
         key = (report_key(report), report.suite)

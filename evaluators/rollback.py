@@ -7,19 +7,33 @@ EvalReport, the rollback Controls issued and the trainer's ``trainer.rollback`` 
 publishing the Controls and logging lineage is done by
 :class:`evaluators.alerts.control.ControlHook`.
 
+The action comes from the caller (the sentinel looks it up in rules.toml), never from the
+alert. A rollback for an eval regression must be corroborated: the alert names a checkpoint
+(``evidence.checkpoint`` and ``checkpoint_wall_time``) whose EvalReport on ``evals`` failed
+with significant findings; the run, the regressed metrics and domains come from that report.
+
 Control commands it issues (args; the full list is in docs/TEAM_CONTRACTS.md)::
 
-    rollback           {"target": "last_good", "run_id", "checkpoint": <path>, "step", "quarantine": "since"}
+    rollback           {"target": "last_good", "run_id", "checkpoint": <path>, "checkpoint_wall_time",
+                        "step", "quarantine": "since", "domains": [...], "regression": [metrics]}
+                       (the trainer quarantines only the shards of ``domains`` read since ``step``;
+                        all domains' when the regression names none, e.g. only ``overall``)
     rollback           {"target": "step", "run_id", "checkpoint", "step", "quarantine": "none"}
                        (data alerts with action quarantine_source_and_rollback: the last good
                        checkpoint saved before the source's first published shard)
     quarantine_source  {"source"}        (ingest drops it, trainer skips its samples)
     pause_source       {"source"}        (ingest stops reading it until resume_source)
-    pause_domain       {"domain"}        (trainer stops sampling it until resume_domain)
+    pause_domain       {"domain", "run_id"?}  (trainer stops sampling it until resume_domain)
 
 A regression alert is not acted on twice: while a rollback of the run is issued but not yet
 applied by the trainer, and for checkpoints saved before the last rollback, it is skipped
 with its reason.
+
+Circuit breaker: when a regression of the same run and metric recurs against the same good
+checkpoint that an earlier rollback for that metric returned to, rolling back again would loop.
+The policy issues no rollback; it pauses the regressed domains (pause_domain for the run) and
+returns a critical ``rollback.circuit_open`` Alert to page a human. Later regressions of that
+(run, metric) are skipped until a ``resume_domain`` for the run's domain closes the circuit.
 """
 
 from __future__ import annotations
@@ -31,7 +45,9 @@ from dataclasses import dataclass, field
 from evaluators.identity import CheckpointKey, checkpoint_key, report_key
 from streams.events import Alert, CheckpointSaved, Control, EvalReport, Event, ShardPublished
 
-__all__ = ["Decision", "RollbackPolicy"]
+__all__ = ["CIRCUIT_RULE", "Decision", "RollbackPolicy"]
+
+CIRCUIT_RULE = "rollback.circuit_open"
 
 
 @dataclass(slots=True)
@@ -39,6 +55,7 @@ class Decision:
     """Controls to issue for one alert, or why none are issued."""
 
     controls: list[Control] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)  # pages to publish (circuit breaker)
     skipped: str = ""
 
 
@@ -55,6 +72,10 @@ class RollbackPolicy:
         self.issued: dict[str, float] = {}   # run_id -> issue time of its latest rollback Control
         self.applied: dict[str, float] = {}  # run_id -> time the trainer last reported a rollback
         self.first_shard_at: dict[str, float] = {}  # domain -> publish time of its first shard
+        self.rolled_back: dict[str, list[tuple[float, int]]] = {}  # run_id -> (issued_at, to step) per rollback
+        # run_id -> (target checkpoint key, regressed metrics) of every regression rollback issued
+        self.rollbacks: dict[str, list[tuple[CheckpointKey, frozenset[str]]]] = {}
+        self.open_circuits: set[tuple[str, str]] = set()  # (run_id, metric) paused by the breaker
 
     def observe(self, event: Event) -> None:
         """Track checkpoints, eval reports, issued rollbacks and rollbacks the trainer applied."""
@@ -68,6 +89,14 @@ class RollbackPolicy:
         elif isinstance(event, Control) and event.command == "rollback" and event.args.get("run_id"):
             run = event.args["run_id"]
             self.issued[run] = max(self.issued.get(run, 0.0), event.issued_at)
+            self._remember_rollback(run, event.issued_at, event.args)
+        elif isinstance(event, Control) and event.command in ("pause_domain", "resume_domain") \
+                and event.args.get("run_id") and event.args.get("domain"):
+            circuit = (event.args["run_id"], f"domain/{event.args['domain']}")
+            if event.command == "pause_domain":
+                self.open_circuits.add(circuit)
+            else:
+                self.open_circuits.discard(circuit)
         elif isinstance(event, Alert) and event.rule == "trainer.rollback" and event.evidence.get("run_id"):
             run = event.evidence["run_id"]
             self.applied[run] = max(self.applied.get(run, 0.0), event.created_at)
@@ -78,20 +107,25 @@ class RollbackPolicy:
         reports = self.reports.get(key, []) + self.reports.get((key[0], None), [])  # + legacy reports
         return bool(reports) and all(r.passed and r.error is None for r in reports)
 
+    def abandoned(self, ckpt: CheckpointSaved) -> bool:
+        """Saved on a branch a later rollback abandoned (step beyond its target, saved before it)."""
+        return any(ckpt.wall_time < at and ckpt.step > step for at, step in self.rolled_back.get(ckpt.run_id, []))
+
     def last_good(self, run_id: str) -> CheckpointSaved | None:
-        """The most recent (highest step, then latest) good checkpoint of ``run_id``."""
-        good = [c for c in self.checkpoints.values() if c.run_id == run_id and self.is_good(c)]
+        """The most recent (highest step, then latest) good checkpoint of ``run_id`` not abandoned."""
+        good = [c for c in self.checkpoints.values()
+                if c.run_id == run_id and self.is_good(c) and not self.abandoned(c)]
         return max(good, key=lambda c: (c.step, c.wall_time), default=None)
 
-    def decide(self, alert: Alert) -> Decision:
-        """The Controls an alert calls for (by its ``evidence['action']``)."""
-        action = alert.evidence.get("action", "none")
-        labels = alert.evidence.get("labels", {})
+    def decide(self, alert: Alert, action: str) -> Decision:
+        """The Controls an alert calls for, given the ``action`` its rule allows (not the alert's own)."""
+        labels = alert.evidence.get("labels")
+        labels = labels if isinstance(labels, dict) else {}
         reason = f"{alert.rule}: {alert.message}"
         if action == "rollback":
             return self._rollback(alert, reason)
         if action in ("quarantine_source", "pause_source", "quarantine_source_and_rollback"):
-            source = labels.get("source") or alert.evidence.get("source")
+            source = labels.get("source")
             if not source:
                 return Decision(skipped=f"{action} needs a 'source' label in the alert")
             commands = ["pause_source"] if action == "pause_source" else ["quarantine_source", "pause_source"]
@@ -101,31 +135,80 @@ class RollbackPolicy:
                 decision.controls += controls
             return decision
         if action == "pause_domain":
-            domain = labels.get("domain") or alert.evidence.get("domain")
+            domain = labels.get("domain")
             if not domain:
                 return Decision(skipped="pause_domain needs a 'domain' label in the alert")
             return Decision([self._control("pause_domain", {"domain": domain}, reason)])
         return Decision(skipped=f"no automatic action for action={action!r}")
 
+    def regression_report(self, alert: Alert) -> EvalReport | None:
+        """The failed EvalReport on ``evals`` that corroborates a regression alert, if there is one."""
+        ev = alert.evidence
+        try:
+            key = (str(ev["checkpoint"]), round(float(ev["checkpoint_wall_time"]), 6))
+        except (KeyError, TypeError, ValueError, OverflowError):
+            return None
+        failed = [r for r in self.reports.get(key, []) if not r.passed and r.error is None
+                  and any(f.get("significant") for f in r.details.get("regression", {}).get("findings", []))]
+        return failed[0] if failed else None
+
+    def _remember_rollback(self, run_id: str, issued_at: float, args: dict) -> None:
+        if isinstance(args.get("step"), int):
+            self.rolled_back.setdefault(run_id, []).append((issued_at, args["step"]))
+        if args.get("regression") and args.get("checkpoint_wall_time") is not None:
+            target = (str(args["checkpoint"]), round(float(args["checkpoint_wall_time"]), 6))
+            self.rollbacks.setdefault(run_id, []).append((target, frozenset(args["regression"])))
+
     def _rollback(self, alert: Alert, reason: str) -> Decision:
-        run_id = alert.evidence.get("run_id") or alert.evidence.get("labels", {}).get("run_id")
-        if not run_id:
-            return Decision(skipped="rollback needs evidence.run_id")
+        report = self.regression_report(alert)
+        if report is None:
+            return Decision(skipped="no failed EvalReport on 'evals' corroborates this regression "
+                                    "(evidence.checkpoint + checkpoint_wall_time): not acted on")
+        run_id = report.run_id
+        metrics = sorted({f["metric"] for f in report.details["regression"]["findings"] if f.get("significant")})
         issued, applied = self.issued.get(run_id), self.applied.get(run_id, 0.0)
         if issued is not None and applied < issued and self.clock() - issued < self.pending_s:
             return Decision(skipped=f"a rollback of run {run_id!r} issued at {issued:.3f} is not applied yet")
-        saved_at = alert.evidence.get("checkpoint_wall_time")
-        if saved_at is not None and saved_at <= max(issued or 0.0, applied):
+        saved_at = float(report.details["checkpoint_wall_time"])
+        if saved_at <= max(issued or 0.0, applied):
             return Decision(skipped=f"checkpoint saved at {saved_at:.3f} predates the last rollback of run "
                                     f"{run_id!r}: already rolled back")
         good = self.last_good(run_id)
         if good is None:
             return Decision(skipped=f"no checkpoint of run {run_id!r} has passed evaluation; rollback needs a human")
-        args = {"target": "last_good", "run_id": run_id, "checkpoint": good.path, "step": good.step,
-                "quarantine": "since"}
+        if all((run_id, m) in self.open_circuits for m in metrics):
+            return Decision(skipped=f"circuit open for run {run_id!r} {metrics}: paused, needs a human")
+        target = checkpoint_key(good)
+        repeated = sorted({m for t, ms in self.rollbacks.get(run_id, []) if t == target for m in ms}
+                          & set(metrics))
+        if repeated:
+            return self._open_circuit(run_id, good, repeated, alert, reason)
+        domains = sorted(m.split("/", 1)[1] for m in metrics if m.startswith("domain/"))
+        args = {"target": "last_good", "run_id": run_id, "checkpoint": good.path,
+                "checkpoint_wall_time": target[1], "step": good.step, "quarantine": "since",
+                "regression": metrics, **({"domains": domains} if domains else {})}
         control = self._control("rollback", args, reason)
         self.issued[run_id] = control.issued_at
+        self._remember_rollback(run_id, control.issued_at, args)
         return Decision([control])
+
+    def _open_circuit(self, run_id: str, good: CheckpointSaved, metrics: list[str], alert: Alert,
+                      reason: str) -> Decision:
+        """The same regression came back after a rollback to ``good``: pause its domains and page."""
+        domains = sorted(m.split("/", 1)[1] for m in metrics if m.startswith("domain/"))
+        self.open_circuits.update((run_id, m) for m in metrics)
+        why = (f"{CIRCUIT_RULE}: {metrics} of run {run_id!r} regressed again after a rollback to step "
+               f"{good.step}; no further automatic rollback")
+        controls = [self._control("pause_domain", {"domain": d, "run_id": run_id}, f"{why} ({reason})")
+                    for d in domains]
+        page = Alert(rule=CIRCUIT_RULE, severity="critical", source=self.issued_by,
+                     dedup_key=f"{CIRCUIT_RULE}|{run_id}|{','.join(metrics)}",
+                     message=(f"{why}; " + (f"paused domain(s) {domains}" if domains else "nothing paused")
+                              + ": a human must decide (see docs/RUNBOOK.md)"),
+                     evidence={"run_id": run_id, "metrics": metrics, "domains": domains,
+                               "checkpoint": good.path, "step": good.step, "alert_id": alert.alert_id,
+                               "alert_step": alert.evidence.get("step")})
+        return Decision(controls, alerts=[page], skipped="" if controls else why)
 
     def _rollback_before_source(self, source: str, reason: str) -> tuple[list[Control], str]:
         """Roll every run back to its last good checkpoint from before ``source`` first published.
@@ -140,7 +223,7 @@ class RollbackPolicy:
         for run_id in sorted({c.run_id for c in self.checkpoints.values()}):
             ckpts = [c for c in self.checkpoints.values() if c.run_id == run_id]
             # Conservative: even with no checkpoint saved since, the live weights may have trained on it.
-            good = [c for c in ckpts if c.wall_time < since and self.is_good(c)]
+            good = [c for c in ckpts if c.wall_time < since and self.is_good(c) and not self.abandoned(c)]
             if not good:
                 notes.append(f"run {run_id!r} has no good checkpoint from before {source!r} appeared")
                 continue
@@ -149,6 +232,7 @@ class RollbackPolicy:
                     "quarantine": "none"}
             control = self._control("rollback", args, reason)
             self.issued[run_id] = control.issued_at
+            self._remember_rollback(run_id, control.issued_at, args)
             controls.append(control)
         return controls, "; ".join(notes)
 

@@ -5,30 +5,42 @@ Two consumers:
 * a follower reading ``checkpoints``, ``evals``, ``control`` and ``shards`` from the beginning, which feeds
   the :class:`RollbackPolicy` its history (caught up before every alert is handled);
 * a group consumer on ``metrics``, ``evals`` and ``alerts`` with manual commits: metrics and
-  reports go through the rule engine, whose alerts are published to ``alerts``; every alert
-  on ``alerts`` (from rules, evaluators or the trainer) is dispatched to its hooks once, and the
-  trainer's own ``trainer.rollback`` alerts tell the policy a rollback was applied.
+  reports go through the rule engine, whose alerts are published to ``alerts`` (their ids kept
+  in ``<lineage>.raised.jsonl``); every alert on ``alerts`` is dispatched to the hooks of its
+  route (evaluators/alerts/routing.py: the engine's own alerts by their rule, any other alert
+  by the ``[actions]`` grants, never by what the alert says), and the trainer's own
+  ``trainer.rollback`` alerts tell the policy a rollback was applied.
+
+An alert's offset is committed only once its control hook succeeded: while it fails, the
+consumer seeks back to it and retries with backoff (the page ``sentinel.hook_failed`` goes out
+once). Other hooks that still fail after the dispatcher's retries are given up with a critical
+log and the same page.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 import tomllib
 from dataclasses import dataclass
+from pathlib import Path
 
 from kafka import TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from evaluators.alerts.control import ControlHook
 from evaluators.alerts.dispatch import Dispatcher, build_hooks
+from evaluators.alerts.routing import Router
 from evaluators.alerts.rules import AlertEngine, parse_rules
 from evaluators.ledger import TopicFollower
 from evaluators.lineage import LineageLog
 from evaluators.rollback import RollbackPolicy
-from streams.events import Alert, EvalReport, EventError, MetricsEvent, decode_event
+from streams.events import Alert, Control, EvalReport, Event, MetricsEvent
+from streams.guard import ConsumerGuard
 from streams.kafka import KafkaSettings, make_consumer, make_producer, publish
+from streams.signing import ControlRejected, ControlVerifier, load_signing_key
 
 __all__ = ["Sentinel"]
 
@@ -51,45 +63,112 @@ class Sentinel:
         with open(config.rules, "rb") as f:
             doc = tomllib.load(f)
         self.settings = KafkaSettings.load(bootstrap=config.bootstrap, client_id=f"headwater-{config.instance}")
-        self.engine = AlertEngine(parse_rules(doc), source=config.instance)
+        rules = parse_rules(doc)
+        self.engine = AlertEngine(rules, source=config.instance)
         self.policy = RollbackPolicy(issued_by=config.instance)
         self.lineage = LineageLog(config.lineage)
         self.producer = make_producer(self.settings)
-        control = ControlHook(producer=self.producer, policy=self.policy, lineage=self.lineage)
-        self.dispatcher = Dispatcher(build_hooks(doc, control=control),
-                                     default_hooks=doc.get("dispatch", {}).get("default_hooks", []))
+        self.guard = ConsumerGuard(config.instance, self.producer)
+        control = ControlHook(producer=self.producer, policy=self.policy, lineage=self.lineage,
+                              key=load_signing_key("sentinel"))
+        self.verifier = ControlVerifier.from_env()
+        hooks = build_hooks(doc, control=control)
+        self.control_hooks = {name for name, hook in hooks.items() if hook is control}
+        self.router = Router(doc, rules, control_hooks=self.control_hooks, declared=set(hooks))
+        dispatch = doc.get("dispatch", {})
+        self.dispatcher = Dispatcher(hooks, retries=int(dispatch.get("retries", 2)),
+                                     backoff_s=float(dispatch.get("backoff_s", 0.5)))
+        self.raised_path = Path(config.lineage).with_suffix(".raised.jsonl")
+        self.raised = self._load_raised()
         self.history = TopicFollower(self.settings, ["checkpoints", "evals", "control", "shards"])
         self.handled: list[tuple[Alert, dict]] = []
+        self._paged: set[str] = set()  # alert ids whose hook failure was paged
+        self._failures = 0  # consecutive dispatches whose control hook failed (retry backoff)
+
+    def _load_raised(self) -> set[str]:
+        if not self.raised_path.exists():
+            return set()
+        return {json.loads(line)["alert_id"] for line in self.raised_path.read_text().splitlines() if line.strip()}
 
     def _catch_up_history(self) -> None:
         for record in self.history.catch_up():
+            self.guard.handle(record, self._observe_history)
+
+    def _observe_history(self, event: Event) -> None:
+        """Feed the policy; a Control counts only if authentic (forged rollbacks must not
+        make a real one look pending). Consumers of ``control`` alert on rejections."""
+        if isinstance(event, Control):
             try:
-                self.policy.observe(decode_event(record.value))
-            except EventError as e:
-                log.warning("%s@%d: undecodable event skipped: %s", record.topic, record.offset, e)
+                self.verifier.verify(event, catch_up=True)
+            except ControlRejected as e:
+                log.warning("history: control %s ignored: %s", event.control_id, e)
+                return
+        self.policy.observe(event)
 
     def _raise(self, alerts: list[Alert]) -> None:
+        """Publish the engine's alerts; their ids are recorded first: only these get their rule's route."""
         for alert in alerts:
+            with open(self.raised_path, "a") as f:
+                f.write(json.dumps({"alert_id": alert.alert_id, "rule": alert.rule}) + "\n")
+            self.raised.add(alert.alert_id)
             publish(self.producer, "alerts", alert, key=alert.rule)
 
-    def process(self, record) -> None:
-        """Handle one record of the work topics."""
-        try:
-            event = decode_event(record.value)
-        except EventError as e:
-            log.warning("%s@%d: undecodable event skipped: %s", record.topic, record.offset, e)
-            return
+    def process(self, record) -> bool:
+        """Handle one record of the work topics (the guard dead-letters what cannot be handled);
+        False if it must be redelivered because an alert's control hook failed."""
+        return self.guard.handle(record, self.on_event) is not False
+
+    def on_event(self, event: Event) -> bool:
+        """Handle one decoded event of the work topics; False while an alert's control hook fails."""
         if isinstance(event, MetricsEvent):
             self._raise(self.engine.observe_metrics(event))
         elif isinstance(event, EvalReport):
             self._raise(self.engine.observe_eval(event))
         elif isinstance(event, Alert):
-            self._catch_up_history()
-            self.policy.observe(event)
-            results = self.dispatcher.dispatch(event)
-            if results:
-                log.info("alert %s (%s): %s", event.rule, event.alert_id, results)
-                self.handled.append((event, results))
+            return self._handle_alert(event)
+        return True
+
+    def _handle_alert(self, alert: Alert) -> bool:
+        self._catch_up_history()
+        self.policy.observe(alert)
+        ours = alert.alert_id in self.raised and alert.rule in self.router.rules
+        route = self.router.for_raised(alert) if ours else self.router.for_external(alert)
+        results = self.dispatcher.dispatch(alert, route)
+        if results:
+            log.info("alert %s (%s) action=%s: %s", alert.rule, alert.alert_id, route.action, results)
+            self.handled.append((alert, results))
+        failed = sorted(name for name, r in results.items() if not r["ok"])
+        if failed:
+            self._page_failure(alert, failed, results)
+        if any(name in self.control_hooks for name in failed):
+            self._failures += 1
+            return False
+        if failed:
+            self.dispatcher.give_up(alert.alert_id)
+        self._failures = 0
+        return True
+
+    def _page_failure(self, alert: Alert, failed: list[str], results: dict[str, dict]) -> None:
+        """Critical page (once per alert) that hooks of ``alert`` still fail after their retries."""
+        if alert.rule == "sentinel.hook_failed" or alert.alert_id in self._paged:
+            return
+        self._paged.add(alert.alert_id)
+        blocking = [n for n in failed if n in self.control_hooks]
+        message = (f"hook(s) {failed} failed for alert {alert.rule} ({alert.alert_id})"
+                   + (": its control action is retried until it succeeds" if blocking else ": given up"))
+        log.critical(message)
+        try:
+            publish(self.producer, "alerts", Alert(
+                rule="sentinel.hook_failed", severity="critical", source=self.config.instance, message=message,
+                dedup_key=f"sentinel.hook_failed|{alert.alert_id}",
+                evidence={"alert_id": alert.alert_id, "rule": alert.rule,
+                          "errors": {n: results[n].get("error", "") for n in failed}}))
+        except Exception as e:  # noqa: BLE001 - the broker may be what fails; the log line stays
+            log.critical("could not publish sentinel.hook_failed: %s", e)
+
+    def retry_delay_s(self) -> float:
+        """Wait before redelivering an alert whose control hook failed (exponential, capped at 30 s)."""
+        return min(0.5 * 2 ** max(self._failures - 1, 0), 30.0)
 
     def run(self, *, stop: threading.Event | None = None, max_idle_s: float | None = None) -> None:
         """Process until ``stop`` is set or ``max_idle_s`` passes without records."""
@@ -108,7 +187,10 @@ class Sentinel:
                     continue
                 for tp, records in batches.items():
                     for record in records:
-                        self.process(record)
+                        if not self.process(record):  # not done: redeliver it, offset not committed
+                            consumer.seek(tp, record.offset)
+                            stop.wait(self.retry_delay_s())
+                            break
                         consumer.commit({TopicPartition(tp.topic, tp.partition):
                                          OffsetAndMetadata(record.offset + 1, "", -1)})
                 idle_since = time.monotonic()

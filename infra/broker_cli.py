@@ -1,12 +1,18 @@
-"""`headwater up|down|topics`: the embedded broker from the command line."""
+"""`headwater up|down|topics`: the embedded broker from the command line.
+
+``up`` also creates, if absent, a development keyring and operator/sentinel/trainer keys (0600)
+under ``<run-dir>/keys`` and prints the ``export`` lines that point the components at them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from streams.broker import BrokerError, EmbeddedBroker
 from streams.kafka import KafkaSettings, make_admin
+from streams.signing import write_dev_keys
 
 DEFAULT_RUN_DIR = "runs/local"
 DEFAULT_PORT = 19092
@@ -29,6 +35,11 @@ def up(argv: list[str]) -> int:
         print(f"headwater up: {e}", file=sys.stderr)
         return 1
     print(f"broker up at {broker.bootstrap} (pid {broker.pid}); topics created; stop with `headwater down --run-dir {args.run_dir}`")
+    keys = os.path.join(args.run_dir, "keys")
+    env = write_dev_keys(keys)
+    print(f"development control keys in {keys} (keep them private); to use them:")
+    for name, value in env.items():
+        print(f"export {name}={value}")
     return 0
 
 

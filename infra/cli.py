@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "discretizer": ("beam_jobs.media.discretizer_cli:main", "train/inspect media RVQ codebooks"),
     "train": ("trainer.launch:main", "train on live MDS streams with torchtitan (torchrun)"),
     "evaluate": ("evaluators.service:main", "evaluate checkpoints as they are published"),
+    "control": ("infra.control_cli:main", "send a signed operator command (rollback, quarantine/pause/resume)"),
     "demo": ("infra.demo:main", "run the whole loop on embedded defaults"),
     "status": ("infra.status:main", "live terminal dashboard"),
     "report": ("infra.report:main", "write a self-contained HTML report for a run directory"),

@@ -30,6 +30,7 @@ from infra.status import read_kafka, read_run, render
 from streams.broker import EmbeddedBroker
 from streams.events import RawRecord, decode_event
 from streams.kafka import make_consumer, make_producer
+from streams.signing import KEYRING_ENV, write_dev_keys
 from streams.topics import raw_topic
 
 __all__ = ["DemoConfig", "main", "run_demo"]
@@ -79,6 +80,9 @@ backoff_s = 0.5
 
 [hooks.control]
 type = "control"
+
+[actions]
+eval_regression = ["rollback"]
 
 [[rule]]
 name = "pii_leak"
@@ -209,6 +213,10 @@ def run_demo(cfg: DemoConfig, console: Console) -> int:
         console.print(f"[bold]headwater demo[/bold] -> {run}")
         broker.start()
         console.print(f"broker up at {broker.bootstrap}; topics created")
+        keys = write_dev_keys(str(run / "keys"))  # each process gets the keyring and only its own key
+        ring = {KEYRING_ENV: keys[KEYRING_ENV]}
+        own_key = {role: {**ring, f"HEADWATER_{role.upper()}_KEY_FILE": keys[f"HEADWATER_{role.upper()}_KEY_FILE"]}
+                   for role in ("sentinel", "trainer")}
 
         heldout = run / "inputs" / "heldout.jsonl"
         _write_jsonl(heldout, text_records(cfg.heldout_texts, seed=4242, dup_rate=0.0, pii_rate=0.0))
@@ -236,13 +244,15 @@ def run_demo(cfg: DemoConfig, console: Console) -> int:
         rules.write_text(DEMO_RULES.format(url=webhook.url))
         procs.start("sentinel", _headwater("evaluate", "--role", "sentinel", "--bootstrap", broker.bootstrap,
                                            "--rules", str(rules), "--lineage", str(run / "lineage.jsonl")),
-                    env={"HEADWATER_WEBHOOK_SECRET": cfg.webhook_secret})
+                    env={"HEADWATER_WEBHOOK_SECRET": cfg.webhook_secret, **own_key["sentinel"]})
         procs.start("evaluator", _headwater("evaluate", "--bootstrap", broker.bootstrap, "--eval-root", str(run / "eval"),
                                             "--suite", "heldout", "--train-root", str(run / "stream"), "--wandb", "offline",
-                                            "--wandb-dir", str(run)))
+                                            "--checkpoint-root", str(run / "checkpoints"),
+                                            "--wandb-dir", str(run)), env=ring)
         procs.start("ingest", _headwater("ingest", "--bootstrap", broker.bootstrap, "--group", "demo-ingest",
                                          "--stream-root", str(run / "stream"), "--run-dir", str(run / "ingest"),
-                                         "--duration", str(cfg.time_limit_s), "--image-codebooks", str(codebooks)))
+                                         "--duration", str(cfg.time_limit_s), "--image-codebooks", str(codebooks)),
+                    env=ring)
         producer = Producer(broker, cfg)
         producer.start()
 
@@ -262,7 +272,7 @@ def run_demo(cfg: DemoConfig, console: Console) -> int:
                         "train", "--config", "debug_cpu", "--stream-root", str(run / "stream"), "--run-dir", str(run),
                         "--nproc", str(cfg.nproc), "--steps", str(cfg.steps), "--checkpoint-every", str(cfg.checkpoint_every),
                         "--bootstrap", broker.bootstrap, "--mixing", "learnability", "--dataloader.mixing.learn_min_obs", "6",
-                        "--checkpoint.keep_latest_k", "0"))
+                        "--checkpoint.keep_latest_k", "0"), env=own_key["trainer"])
                     trainer_started = True
                 if trainer_started and not poison_sent and len(_checkpoints(run)) >= cfg.poison_after_checkpoints:
                     producer.poison.set()

@@ -56,7 +56,7 @@ def read_jsonl(path: Path) -> tuple[list[dict], int]:
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # bad JSON, integers past the digit limit, deep nesting
                 bad += 1
                 continue
             if isinstance(obj, dict):
@@ -226,7 +226,7 @@ class RunDir:
         for row in self._rows(path):
             try:
                 yield cls.from_dict(row)
-            except (EventError, TypeError):
+            except EventError:
                 bad += 1
         if bad:
             key = str(path.relative_to(self.root))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
+import math
 import time
 import types
 import typing
@@ -21,6 +23,8 @@ import pyarrow as pa
 
 __all__ = [
     "EVENT_TYPES",
+    "MAX_DEPTH",
+    "MAX_EVENT_BYTES",
     "MODALITIES",
     "Alert",
     "CheckpointSaved",
@@ -42,16 +46,147 @@ MODALITIES: tuple[str, ...] = ("text", "audio", "image", "video")
 E = TypeVar("E", bound="Event")
 
 
+MAX_EVENT_BYTES = 8 * 1024 * 1024
+"""Largest encoded event any decoder accepts (above ingest's 4 MiB raw-record limit)."""
+MAX_DEPTH = 64
+"""Deepest nesting of lists/objects accepted inside free-form (``Any``) fields."""
+_INT_LIMIT = 2**63  # integers must fit in int64 (the arrow schemas' type)
+
+
+def _safe(text: str, limit: int) -> str:
+    """``text`` truncated to ``limit`` chars and made UTF-8 encodable (lone surrogates escaped)."""
+    if len(text) > limit:
+        text = text[:limit] + f"...[{len(text) - limit} more chars]"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class EventError(ValueError):
-    """An event could not be decoded; the message names the field and the problem."""
+    """An event could not be decoded; the message names the field and the problem.
+
+    Field and problem come partly from untrusted input, so both are truncated and made
+    UTF-8 encodable: the message is always safe to log or to put in a DeadLetter.
+    """
 
     def __init__(self, kind: str, field_name: str, problem: str):
-        self.kind, self.field, self.problem = kind, field_name, problem
-        super().__init__(f"{kind}.{field_name}: {problem}")
+        self.kind, self.field, self.problem = kind, _safe(field_name, 200), _safe(problem, 1000)
+        super().__init__(f"{kind}.{self.field}: {self.problem}")
 
 
 def _now() -> float:
     return time.time()
+
+
+def _show(value: Any) -> str:
+    """A short, always-printable description of an untrusted value for error messages."""
+    if isinstance(value, str):
+        return repr(value[:60]) + ("..." if len(value) > 60 else "")
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"<{value.bit_length()}-bit integer>"
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    return f"<{type(value).__name__}>"
+
+
+def _check_str(kind: str, name: str, value: str) -> str:
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise EventError(kind, name, f"not valid UTF-8: lone surrogate at char {e.start}") from None
+    return value
+
+
+def _check_int(kind: str, name: str, value: int) -> int:
+    if not -_INT_LIMIT <= value < _INT_LIMIT:
+        raise EventError(kind, name, f"integer out of int64 range ({value.bit_length()} bits)")
+    return value
+
+
+def _check_float(kind: str, name: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise EventError(kind, name, f"non-finite number {value!r}")
+    return value
+
+
+def _check_json(kind: str, name: str, value: Any) -> Any:
+    """Check a free-form value: JSON types only, finite numbers, int64 ints, UTF-8 strings, bounded depth."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if v is None or isinstance(v, bool):
+            continue
+        if isinstance(v, int):
+            _check_int(kind, name, v)
+        elif isinstance(v, float):
+            _check_float(kind, name, v)
+        elif isinstance(v, str):
+            _check_str(kind, name, v)
+        elif isinstance(v, (list, dict)):
+            if depth >= MAX_DEPTH:
+                raise EventError(kind, name, f"nested deeper than {MAX_DEPTH} levels")
+            if isinstance(v, dict):
+                for k in v:
+                    if not isinstance(k, str):
+                        raise EventError(kind, name, f"object key must be a string, got {_show(k)}")
+                    _check_str(kind, name, k)
+                stack.extend((x, depth + 1) for x in v.values())
+            else:
+                stack.extend((x, depth + 1) for x in v)
+        else:
+            raise EventError(kind, name, f"not a JSON value: {_show(v)}")
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise EventError("Event", "<root>", f"not valid JSON: {name} is not a number")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):  # two readers could see two different events: refuse both
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise EventError("Event", dup, "duplicate key")
+    return obj
+
+
+def _loads(kind: str, data: Any) -> Any:
+    """Parse one encoded event (bytes/str); every failure is an :class:`EventError`."""
+    if data is None:
+        raise EventError(kind, "<root>", "empty record (a Kafka tombstone)")
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        if len(data) > MAX_EVENT_BYTES:
+            raise EventError(kind, "<root>", f"{len(data)} bytes > limit {MAX_EVENT_BYTES}")
+        try:
+            data = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise EventError(kind, "<root>", f"not valid UTF-8: {e.reason} at byte {e.start}") from None
+    elif not isinstance(data, str):
+        raise EventError(kind, "<root>", f"expected bytes or str, got {type(data).__name__}")
+    elif len(data) > MAX_EVENT_BYTES:
+        raise EventError(kind, "<root>", f"{len(data)} chars > limit {MAX_EVENT_BYTES}")
+    try:
+        return json.loads(data, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+    except EventError as e:
+        raise EventError(kind, e.field, e.problem) from None
+    except RecursionError:
+        raise EventError(kind, "<root>", "not valid JSON: nesting too deep") from None
+    except ValueError as e:  # JSONDecodeError, and integers longer than sys.get_int_max_str_digits()
+        raise EventError(kind, "<root>", f"not valid JSON: {e}") from None
+
+
+def _guarded(kind: str, decode: typing.Callable[[], E]) -> E:
+    """Run a decode step so that it raises nothing but :class:`EventError`.
+
+    The checks above reject bad input explicitly; this is the backstop for whatever they miss
+    (an exception from a ``__post_init__``, say), so callers need to catch only ``EventError``.
+    """
+    try:
+        return decode()
+    except EventError:
+        raise
+    except Exception as e:  # the decode contract: any input failure is an EventError
+        raise EventError(kind, "<root>", f"rejected ({type(e).__name__}): {e}") from e
 
 
 def _check(kind: str, name: str, value: Any, tp: Any) -> Any:
@@ -81,7 +216,7 @@ def _check(kind: str, name: str, value: Any, tp: Any) -> Any:
         kt, vt = typing.get_args(tp)
         return {_check(kind, name, k, kt): _check(kind, f"{name}.{k}", v, vt) for k, v in value.items()}
     if tp is Any:
-        return value
+        return _check_json(kind, name, value)
     if isinstance(tp, type) and issubclass(tp, Nested):
         if not isinstance(value, dict):
             raise EventError(kind, name, f"expected an object, got {type(value).__name__}")
@@ -89,14 +224,20 @@ def _check(kind: str, name: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise EventError(kind, name, f"expected a number, got {type(value).__name__}")
-        return float(value)
+        if isinstance(value, int):
+            _check_int(kind, name, value)
+        return _check_float(kind, name, float(value))
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise EventError(kind, name, f"expected an integer, got {type(value).__name__}")
-        return value
-    if tp in (str, bool):
-        if not isinstance(value, tp):
-            raise EventError(kind, name, f"expected {tp.__name__}, got {type(value).__name__}")
+        return _check_int(kind, name, value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise EventError(kind, name, f"expected str, got {type(value).__name__}")
+        return _check_str(kind, name, value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise EventError(kind, name, f"expected bool, got {type(value).__name__}")
         return value
     raise TypeError(f"unsupported annotation {tp!r} on {kind}.{name}")
 
@@ -108,9 +249,10 @@ class Nested:
     def _decode_fields(cls, obj: dict, kind: str):
         hints = typing.get_type_hints(cls)
         known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        extra = set(obj) - known
+        extra = [k for k in obj if k not in known]
         if extra:
-            raise EventError(kind, min(extra), "unknown field")
+            names = sorted(k if isinstance(k, str) else _show(k) for k in extra)
+            raise EventError(kind, names[0], "unknown field")
         kwargs = {}
         for f in fields(cls):  # type: ignore[arg-type]
             if f.name not in obj:
@@ -118,7 +260,7 @@ class Nested:
                     raise EventError(kind, f.name, "missing required field")
                 continue
             kwargs[f.name] = _check(kind, f.name, obj[f.name], hints[f.name])
-        return cls(**kwargs)
+        return _guarded(kind, lambda: cls(**kwargs))
 
 
 class Event(Nested):
@@ -138,26 +280,28 @@ class Event(Nested):
 
     @classmethod
     def from_dict(cls, obj: Any) -> typing.Self:
+        """Decode a parsed event; any problem with ``obj`` raises :class:`EventError` (only)."""
+        return _guarded(cls.KIND, lambda: cls._from_dict(obj))
+
+    @classmethod
+    def _from_dict(cls, obj: Any) -> typing.Self:
         if not isinstance(obj, dict):
             raise EventError(cls.KIND, "<root>", f"expected a JSON object, got {type(obj).__name__}")
         obj = dict(obj)
         kind = obj.pop("kind", cls.KIND)
-        if kind != cls.KIND:
-            raise EventError(cls.KIND, "kind", f"expected {cls.KIND!r}, got {kind!r}")
+        if not isinstance(kind, str) or kind != cls.KIND:
+            raise EventError(cls.KIND, "kind", f"expected {cls.KIND!r}, got {_show(kind)}")
         version = obj.pop("schema_version", None)
-        if version != cls.VERSION:
+        if type(version) is not int or version != cls.VERSION:
             raise EventError(
-                cls.KIND, "schema_version", f"unsupported version {version!r} (this reader knows {cls.VERSION})"
+                cls.KIND, "schema_version", f"unsupported version {_show(version)} (this reader knows {cls.VERSION})"
             )
         return cls._decode_fields(obj, cls.KIND)
 
     @classmethod
     def from_json(cls, data: str | bytes) -> typing.Self:
-        try:
-            obj = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise EventError(cls.KIND, "<root>", f"not valid JSON: {e}") from None
-        return cls.from_dict(obj)
+        """Decode one encoded event (UTF-8 JSON, at most :data:`MAX_EVENT_BYTES`); raises only EventError."""
+        return cls.from_dict(_loads(cls.KIND, data))
 
 
 @dataclass(slots=True, kw_only=True)
@@ -206,9 +350,17 @@ class RawRecord(Event):
 
 @dataclass(slots=True, kw_only=True)
 class DeadLetter(Event):
-    """A record that could not be processed: why, where, and the original bytes."""
+    """A record that could not be processed: why, where, and its original bytes.
+
+    The bytes are capped (:attr:`KEEP_BYTES`) so any dead letter fits a Kafka message:
+    ``original_b64`` holds the first ``KEEP_BYTES`` bytes, ``original_size`` and
+    ``original_sha256`` describe the whole original (``truncated`` says whether it was cut).
+    """
 
     KIND: ClassVar[str] = "DeadLetter"
+    KEEP_BYTES: ClassVar[int] = 64 * 1024
+    MAX_DETAIL: ClassVar[int] = 2000
+    MAX_ID: ClassVar[int] = 512
     reason: str
     stage: str
     original_b64: str
@@ -217,13 +369,27 @@ class DeadLetter(Event):
     partition: int | None = None
     offset: int | None = None
     detail: str = ""
+    original_size: int = -1  # -1: not recorded (dead letters written before the cap existed)
+    original_sha256: str = ""
+    truncated: bool = False
     created_at: float = field(default_factory=_now)
 
     @classmethod
-    def of(cls, original: bytes, *, reason: str, stage: str, **kw: Any) -> DeadLetter:
-        return cls(original_b64=base64.b64encode(original).decode(), reason=reason, stage=stage, **kw)
+    def of(cls, original: bytes, *, reason: str, stage: str, detail: str = "", record_id: str | None = None,
+           **kw: Any) -> DeadLetter:
+        """A dead letter keeping at most :attr:`KEEP_BYTES` of ``original`` plus its size and SHA-256."""
+        original = bytes(original)
+        kept = original[: cls.KEEP_BYTES]
+        clean = lambda s, n: s[:n].encode("utf-8", "backslashreplace").decode()  # noqa: E731 - lone surrogates
+        return cls(
+            original_b64=base64.b64encode(kept).decode(), reason=reason, stage=stage,
+            detail=clean(detail, cls.MAX_DETAIL), record_id=None if record_id is None else clean(record_id, cls.MAX_ID),
+            original_size=len(original),
+            original_sha256=hashlib.sha256(original).hexdigest(), truncated=len(kept) < len(original), **kw,
+        )
 
     def original(self) -> bytes:
+        """The kept bytes: the whole original unless :attr:`truncated`."""
         return base64.b64decode(self.original_b64)
 
 
@@ -337,15 +503,22 @@ CONTROL_COMMANDS = (
 
 @dataclass(slots=True, kw_only=True)
 class Control(Event):
-    """A command on the control topic (rollback, pause/resume, quarantine)."""
+    """A command on the control topic (rollback, pause/resume, quarantine).
+
+    Version 2 adds ``key_id`` and ``signature``: consumers accept only controls signed by a key
+    of the keyring (``streams.signing``), and ``issued_by`` equals the signing ``key_id``.
+    """
 
     KIND: ClassVar[str] = "Control"
+    VERSION: ClassVar[int] = 2
     command: str
     args: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
     issued_by: str = ""
     control_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     issued_at: float = field(default_factory=_now)
+    key_id: str = ""
+    signature: str = ""
 
     def __post_init__(self) -> None:
         if self.command not in CONTROL_COMMANDS:
@@ -370,18 +543,20 @@ EVENT_TYPES: dict[str, type[Event]] = {
 }
 
 
-def decode_event(data: str | bytes | dict) -> Event:
-    """Decode any event by its ``kind`` field."""
+def decode_event(data: str | bytes | dict | None) -> Event:
+    """Decode any event by its ``kind`` field.
+
+    Whatever ``data`` is (a tombstone ``None``, bytes that are not UTF-8 or not JSON, huge
+    integers, NaN, deep nesting, lone surrogates, wrong types), the only exception raised is
+    :class:`EventError`, so a consumer loop needs exactly one ``except``.
+    """
     if not isinstance(data, dict):
-        try:
-            data = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise EventError("Event", "<root>", f"not valid JSON: {e}") from None
+        data = _loads("Event", data)
     if not isinstance(data, dict):
-        raise EventError("Event", "<root>", "expected a JSON object")
+        raise EventError("Event", "<root>", f"expected a JSON object, got {type(data).__name__}")
     kind = data.get("kind")
-    if kind not in EVENT_TYPES:
-        raise EventError("Event", "kind", f"unknown event kind {kind!r}")
+    if not isinstance(kind, str) or kind not in EVENT_TYPES:
+        raise EventError("Event", "kind", f"unknown event kind {_show(kind)}")
     return EVENT_TYPES[kind].from_dict(data)
 
 

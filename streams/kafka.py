@@ -97,8 +97,38 @@ class KafkaSettings:
         kw.update(self.extra)
         return kw
 
+    def java_client_config(self) -> dict[str, str]:
+        """The same connection as Java Kafka client properties (Beam's cross-language KafkaIO).
+
+        Built where the secret files are mounted (the job launcher) and shipped inside the
+        pipeline: the password becomes ``sasl.jaas.config`` and certificates are inlined as PEM,
+        since Dataflow/Flink workers do not have the launcher's files. Never log the result."""
+        props = {"bootstrap.servers": self.bootstrap, "security.protocol": self.security_protocol,
+                 "client.id": self.client_id}
+        if self.security_protocol.startswith("SASL"):
+            module = ("org.apache.kafka.common.security.plain.PlainLoginModule" if self.sasl_mechanism == "PLAIN"
+                      else "org.apache.kafka.common.security.scram.ScramLoginModule")
+            password = Path(self.sasl_password_file).read_text().strip()  # type: ignore[arg-type]
+            props["sasl.mechanism"] = self.sasl_mechanism  # type: ignore[assignment]
+            props["sasl.jaas.config"] = (f'{module} required username="{_jaas_quote(self.sasl_username)}" '
+                                         f'password="{_jaas_quote(password)}";')
+        if self.security_protocol.endswith("SSL"):
+            if self.ssl_cafile:
+                props["ssl.truststore.type"] = "PEM"
+                props["ssl.truststore.certificates"] = Path(self.ssl_cafile).read_text()
+            if self.ssl_certfile and self.ssl_keyfile:
+                props["ssl.keystore.type"] = "PEM"
+                props["ssl.keystore.certificate.chain"] = Path(self.ssl_certfile).read_text()
+                props["ssl.keystore.key"] = Path(self.ssl_keyfile).read_text()
+        return props
+
     def with_bootstrap(self, bootstrap: str) -> KafkaSettings:
         return replace(self, bootstrap=bootstrap)
+
+
+def _jaas_quote(value: str | None) -> str:
+    """A JAAS option value inside double quotes: backslash and quote escaped."""
+    return (value or "").replace("\\", "\\\\").replace('"', '\\"')
 
 
 def make_producer(settings: KafkaSettings, **kw) -> KafkaProducer:

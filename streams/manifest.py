@@ -16,6 +16,7 @@ only" windows, which have no shard at all).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -78,12 +79,17 @@ def atomic_write_json(path: str, obj: Any, *, durable: bool = True, sync_dir: bo
     """Write JSON to a unique temp file beside ``path``, fsync it, then ``os.replace`` it
     (and fsync the directory, unless a later write in the same directory will)."""
     tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, sort_keys=True)
-        f.flush()
-        if durable:
-            os.fdatasync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, sort_keys=True)
+            f.flush()
+            if durable:
+                os.fdatasync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. ENOSPC: leave the old file, and no half-written temp file behind
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     if durable and sync_dir:
         fsync_dir(os.path.dirname(path) or ".")
 

@@ -45,6 +45,8 @@ class TailReader:
         on_corrupt: called ``(shard_name, reason)`` for a shard that fails verification or decoding.
         cache_dir: where compressed shards are decompressed (a private temp dir by default).
         verify_hashes: check shard files against the index hashes before reading.
+        read_attempts: an ``OSError`` while reading a shard is retried (exponential backoff from
+            ``retry_backoff_s``) this many times in all before the shard is reported corrupt.
     """
 
     def __init__(
@@ -57,6 +59,8 @@ class TailReader:
         on_corrupt: Callable[[str, str], None] | None = None,
         cache_dir: str | None = None,
         verify_hashes: bool = True,
+        read_attempts: int = 4,
+        retry_backoff_s: float = 0.1,
     ):
         self.root = os.path.abspath(os.fspath(root))
         self.domains = None if domains is None else frozenset(domains)
@@ -64,6 +68,8 @@ class TailReader:
         self.exclude_shards: set[str] = set(exclude_shards)
         self.on_corrupt = on_corrupt
         self.verify_hashes = verify_hashes
+        self.read_attempts, self.retry_backoff_s = max(1, read_attempts), retry_backoff_s
+        self.transient_errors = 0  # OSErrors that a retry got past
         self._own_cache = cache_dir is None
         self._cache = cache_dir or tempfile.mkdtemp(prefix="headwater-tail-")
         os.makedirs(self._cache, exist_ok=True)
@@ -177,7 +183,7 @@ class TailReader:
                     break
                 i = self._position
                 try:
-                    sample = reader.get_item(i)
+                    sample = self._retrying(lambda i=i: reader.get_item(i))
                 except Exception as e:
                     raise _Corrupt(f"sample {i} unreadable: {type(e).__name__}: {e}") from e
                 sample["_shard"], sample["_index"] = name, i
@@ -221,13 +227,28 @@ class TailReader:
         except Exception as e:
             raise _Corrupt(f"bad index entry: {type(e).__name__}: {e}") from e
 
+    def _retrying(self, read: Callable[[], Any]) -> Any:
+        """``read()``, retrying ``OSError`` (a transient I/O failure must not mark a shard corrupt for good)."""
+        for attempt in range(self.read_attempts - 1):
+            try:
+                return read()
+            except OSError as e:
+                self.transient_errors += 1
+                log.warning("read error, retrying (attempt %d/%d): %s", attempt + 1, self.read_attempts, e)
+                time.sleep(self.retry_backoff_s * 2**attempt)
+        return read()
+
     def _load(self, file_info: dict[str, Any]) -> bytes:
         path = os.path.join(self.root, file_info["basename"])
-        try:
+
+        def read() -> bytes:
             with open(path, "rb") as f:
-                data = f.read()
+                return f.read()
+
+        try:
+            data = self._retrying(read)
         except OSError as e:
-            raise _Corrupt(f"cannot read {path}: {e}") from e
+            raise _Corrupt(f"cannot read {path} after {self.read_attempts} attempts: {e}") from e
         if len(data) != file_info["bytes"]:
             raise _Corrupt(f"{file_info['basename']}: {len(data)} bytes, index says {file_info['bytes']}")
         self._verify(file_info, data)

@@ -9,6 +9,7 @@ returns the original :class:`ShardPublished`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -291,17 +292,25 @@ class LiveStreamWriter:
             if replay is not None:
                 event = self._event(replay, published[replay])
             else:
-                os.replace(src, os.path.join(self.root, self._data_basename(info)))
-                entry = self._entry(domain, settled, info["samples"], os.path.getsize(
-                    os.path.join(self.root, self._data_basename(info))))
-                side["shards"][name] = entry
-                side["vocab_version"] = self.manifest.vocab_version
-                # Sidecar before index; one directory fsync (in the index write) covers the shard
-                # move and both renames, which the journal keeps in order.
-                mf.atomic_write_json(os.path.join(self.root, mf.SIDECAR), side, durable=self.durable,
-                                     sync_dir=False)
-                index["shards"].append(info)
-                mf.atomic_write_json(os.path.join(self.root, mf.INDEX), index, durable=self.durable)
+                dest = os.path.join(self.root, self._data_basename(info))
+                os.replace(src, dest)
+                try:
+                    entry = self._entry(domain, settled, info["samples"], os.path.getsize(dest))
+                    side["shards"][name] = entry
+                    side["vocab_version"] = self.manifest.vocab_version
+                    # Sidecar before index; one directory fsync (in the index write) covers the shard
+                    # move and both renames, which the journal keeps in order.
+                    mf.atomic_write_json(os.path.join(self.root, mf.SIDECAR), side, durable=self.durable,
+                                         sync_dir=False)
+                    index["shards"].append(info)
+                    mf.atomic_write_json(os.path.join(self.root, mf.INDEX), index, durable=self.durable)
+                except BaseException:
+                    # e.g. ENOSPC: nothing was published; do not leave an orphan shard taking space
+                    # (a replay with other batch boundaries would never overwrite it).
+                    if name not in {mf.shard_name_of(i) for i in mf.read_index(self.root)["shards"]}:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(dest)
+                    raise
                 event = self._event(name, entry)
         if self.publisher is not None:
             self.publisher(event)

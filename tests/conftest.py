@@ -12,6 +12,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from streams.broker import EmbeddedBroker
+from streams.signing import write_dev_keys
+
+
+@pytest.fixture(scope="session", autouse=True)
+def control_keys(tmp_path_factory):
+    """A development keyring + operator/sentinel/trainer keys, exported (child processes inherit)."""
+    env = write_dev_keys(str(tmp_path_factory.mktemp("keys")))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

@@ -11,10 +11,14 @@ import pytest
 from evaluators.alerts.command import CommandError, CommandHook
 from evaluators.alerts.dispatch import Dispatcher, HookError, build_hooks
 from evaluators.alerts.receiver import SignedWebhookReceiver
+from evaluators.alerts.routing import Route, Router
+from evaluators.alerts.rules import RuleError, parse_rules
 from evaluators.alerts.webhook import (
+    ReplayGuard,
     WebhookError,
     WebhookHook,
     load_secret,
+    sign,
     verify_signature,
 )
 from streams.events import Alert
@@ -75,12 +79,45 @@ def test_webhook_gives_up_on_unreachable_server():
 
 
 def test_signature_rejects_tampered_body_and_stale_timestamp():
-    from evaluators.alerts.webhook import sign
     ts = f"{time.time():.3f}"
     sig = sign(SECRET, ts, b"{}")
     assert verify_signature(SECRET, ts, b"{}", sig)
     assert not verify_signature(SECRET, ts, b'{"x":1}', sig)
     assert not verify_signature(SECRET, ts, b"{}", sig, now=float(ts) + 3600)
+
+
+@pytest.mark.parametrize("ts", ["nan", "NaN", "inf", "-inf", "Infinity", "1e999"])
+def test_signature_rejects_non_finite_timestamps_even_when_signed(ts):
+    assert not verify_signature(SECRET, ts, b"{}", sign(SECRET, ts, b"{}"))
+
+
+def test_receiver_rejects_a_replayed_post_and_the_hook_takes_409_as_delivered(receiver):
+    import urllib.error
+    import urllib.request
+
+    alert = make_alert()
+    assert WebhookHook(url=receiver.url, secret=SECRET)(alert) == {"status": 200, "attempts": 1}
+    # an attacker (or a retry whose first answer was lost) sends the same alert again, freshly signed
+    assert WebhookHook(url=receiver.url, secret=SECRET)(alert)["duplicate"] is True
+    # a captured request replayed byte for byte within the window
+    body = alert.to_bytes()
+    ts = f"{time.time():.3f}"
+    req = urllib.request.Request(receiver.url, data=body, method="POST", headers={
+        "X-Headwater-Timestamp": ts, "X-Headwater-Signature": sign(SECRET, ts, body)})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=5)
+    assert e.value.code == 409
+    assert len(receiver.received) == 1 and receiver.rejected == ["replay", "replay"]
+
+
+def test_replay_guard_window_and_bad_bodies():
+    guard = ReplayGuard(SECRET, max_age_s=10)
+    body = make_alert().to_bytes()
+    assert guard.check("100.0", body, sign(SECRET, "100.0", body), now=101) == "ok"
+    assert guard.check("102.0", body, sign(SECRET, "102.0", body), now=103) == "replay"
+    assert guard.check("100.0", body, sign(SECRET, "100.0", body), now=200) == "invalid"  # stale
+    assert guard.check("nan", body, sign(SECRET, "nan", body), now=101) == "invalid"
+    assert guard.check("101.0", b"[1]", sign(SECRET, "101.0", b"[1]"), now=101) == "invalid"  # no alert id
 
 
 def test_secret_from_env_or_file(tmp_path, monkeypatch):
@@ -107,6 +144,22 @@ def test_command_hook_gets_alert_on_stdin_and_fields_stay_single_arguments(tmp_p
     assert not (tmp_path / "pwned").exists()
 
 
+def test_command_hook_gets_a_minimal_environment_plus_its_allow_list(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADWATER_WEBHOOK_SECRET", "do-not-leak")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "nope")
+    monkeypatch.setenv("PAGER_TOKEN", "pager")
+    out = tmp_path / "env.json"
+    script = "import json,os,sys; json.dump(dict(os.environ), open(sys.argv[1], 'w'))"
+    CommandHook(argv=[sys.executable, "-c", script, str(out)], env=["PAGER_TOKEN"])(make_alert())
+    env = json.loads(out.read_text())
+    assert "HEADWATER_WEBHOOK_SECRET" not in env and "AWS_SECRET_ACCESS_KEY" not in env
+    assert env["PAGER_TOKEN"] == "pager" and env["HEADWATER_ALERT_RULE"] == "pii_rate_spike"
+    extra = set(env) - {"PATH", "LANG", "PAGER_TOKEN"} - {k for k in env if k.startswith("HEADWATER_ALERT_")}
+    assert extra <= {"LC_CTYPE", "PWD", "SHLVL", "_", "__CF_USER_TEXT_ENCODING"}  # set by the OS/python itself
+    with pytest.raises(ValueError, match="env must be a list"):
+        CommandHook(argv=["true"], env="PAGER_TOKEN")
+
+
 def test_command_hook_reports_failure_and_rejects_bad_argv():
     with pytest.raises(CommandError, match="exit 3"):
         CommandHook(argv=[sys.executable, "-c", "import sys; sys.exit(3)"])(make_alert())
@@ -114,23 +167,71 @@ def test_command_hook_reports_failure_and_rejects_bad_argv():
         CommandHook(argv="echo {rule}")  # a shell string is refused
 
 
-def test_dispatcher_delivers_once_and_isolates_failing_hooks(receiver, tmp_path):
+def test_dispatcher_isolates_failing_hooks_and_marks_done_only_after_all_succeed(receiver, tmp_path):
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET.decode())
+    flag = tmp_path / "healthy"
     doc = {"hooks": {
         "webhook": {"type": "webhook", "url": receiver.url, "secret_file": str(secret_file)},
-        "broken": {"type": "command", "argv": ["false"]},
+        "flaky": {"type": "command", "argv": [sys.executable, "-c",
+                                               f"import os,sys; sys.exit(0 if os.path.exists({str(flag)!r}) else 1)"]},
     }}
-    dispatcher = Dispatcher(build_hooks(doc), default_hooks=["broken", "webhook"])
-    alert = make_alert()
-    results = dispatcher.dispatch(alert)
-    assert results["broken"]["ok"] is False and "exit 1" in results["broken"]["error"]
+    sleeps: list[float] = []
+    dispatcher = Dispatcher(build_hooks(doc), retries=2, backoff_s=0.5, sleep=sleeps.append)
+    alert, route = make_alert(), Route(hooks=["flaky", "webhook"])
+    results = dispatcher.dispatch(alert, route)
+    assert results["flaky"] == {"ok": False, "error": results["flaky"]["error"], "attempts": 3}
+    assert "exit 1" in results["flaky"]["error"] and sleeps == [0.5, 1.0]  # bounded, exponential
     assert results["webhook"]["ok"] is True and receiver.received[0]["valid"]
-    assert dispatcher.dispatch(alert) == {}  # redelivered alert (same id) is not sent again
+    assert not dispatcher.is_done(alert.alert_id)
+    flag.touch()
+    again = dispatcher.dispatch(alert, route)  # only the failed hook runs again
+    assert set(again) == {"flaky"} and again["flaky"]["ok"] and dispatcher.is_done(alert.alert_id)
+    assert dispatcher.dispatch(alert, route) == {}  # redelivered alert (same id) is not sent again
     assert len(receiver.received) == 1
-    named = make_alert(evidence={"hooks": ["webhook", "nope"]})
-    res = dispatcher.dispatch(named)
-    assert res["nope"]["ok"] is False and res["webhook"]["ok"]
+    # an alert naming its own hooks gets no say: the route decides
+    named = make_alert(evidence={"hooks": ["flaky", "nope"]})
+    assert set(dispatcher.dispatch(named, Route(hooks=["webhook"]))) == {"webhook"}
+
+
+RULES_DOC = {
+    "dispatch": {"default_hooks": ["webhook", "control"]},
+    "actions": {"eval_regression": ["rollback"]},
+    "rule": [{"name": "pii_rate_spike", "metric": "pii_rate", "kind": "threshold", "threshold": 0.5,
+              "group_by": ["source"], "action": "quarantine_source", "hooks": ["webhook", "control"]},
+             {"name": "lag", "metric": "consumer_lag", "kind": "threshold", "threshold": 1}],
+}
+
+
+def test_routes_come_from_the_rules_never_from_the_alert():
+    router = Router(RULES_DOC, parse_rules(RULES_DOC), control_hooks={"control"}, declared={"webhook", "control"})
+    # raised by our engine: the rule's action and hooks, whatever the evidence says
+    ours = make_alert(evidence={"action": "quarantine_source_and_rollback", "hooks": ["webhook"]})
+    assert router.for_raised(ours) == Route(hooks=["webhook", "control"], action="quarantine_source")
+    assert router.for_raised(make_alert(rule="lag")) == Route(hooks=["webhook"], action="none")
+    # the same rule name from anyone else (e.g. forged on `alerts`): no control
+    assert router.for_external(ours) == Route(hooks=["webhook"], action="none")
+    # an unknown rule choosing its action and hooks: default hooks without control
+    evil = make_alert(rule="my.rule", evidence={"action": "rollback", "hooks": ["control"]})
+    assert router.for_external(evil) == Route(hooks=["webhook"], action="none")
+    # a granted rule gets the granted action only
+    reg = make_alert(rule="eval_regression", evidence={"action": "rollback"})
+    assert router.for_external(reg) == Route(hooks=["webhook", "control"], action="rollback")
+    other = make_alert(rule="eval_regression", evidence={"action": "quarantine_source"})
+    assert router.for_external(other) == Route(hooks=["webhook"], action="none")
+
+
+def test_trainer_alerts_can_never_be_granted_a_control_action():
+    doc = {**RULES_DOC, "actions": {"trainer.loss_guard": ["rollback"]}}
+    with pytest.raises(RuleError, match="trainer alerts can never"):
+        Router(doc, [], control_hooks={"control"}, declared={"webhook", "control"})
+    with pytest.raises(RuleError, match="unknown action"):
+        Router({"actions": {"x": ["nuke"]}}, [], control_hooks=set(), declared=set())
+    with pytest.raises(RuleError, match="undeclared hook"):
+        Router(RULES_DOC, parse_rules(RULES_DOC), control_hooks=set(), declared={"webhook"})
+    router = Router(RULES_DOC, [], control_hooks={"control"}, declared={"webhook", "control"})
+    forged = make_alert(rule="trainer.rollback", source="evaluator", evidence={"action": "rollback"})
+    assert router.for_external(forged).action == "none"
 
 
 def test_build_hooks_errors_are_clear():
@@ -138,5 +239,3 @@ def test_build_hooks_errors_are_clear():
         build_hooks({"hooks": {"x": {"type": "pigeon"}}})
     with pytest.raises(HookError, match="needs a Kafka producer"):
         build_hooks({"hooks": {"control": {}}})
-    with pytest.raises(HookError, match="undeclared"):
-        Dispatcher({}, default_hooks=["webhook"])

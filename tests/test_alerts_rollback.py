@@ -7,57 +7,139 @@ import uuid
 
 from evaluators.alerts.control import ControlHook
 from evaluators.lineage import LineageLog
-from evaluators.rollback import RollbackPolicy
+from evaluators.rollback import CIRCUIT_RULE, RollbackPolicy
 from streams.events import Alert, CheckpointSaved, Control, EvalReport, ShardPublished, decode_event
 from streams.kafka import KafkaSettings, make_consumer, make_producer, poll_records
+from streams.signing import ControlVerifier, load_signing_key
+
+
+def saved(policy: RollbackPolicy, step: int, wall: float, *, passed: bool, run_id: str = "run1",
+          regressed: tuple[str, ...] = ("domain/forum_en",)) -> None:
+    """A checkpoint and its report; a failed one carries significant findings for ``regressed``."""
+    path = f"/runs/{run_id}/step-{step}"
+    policy.observe(CheckpointSaved(run_id=run_id, path=path, step=step, tokens=step * 10, vocab_version="v1",
+                                   wall_time=wall))
+    findings = [{"metric": m, "significant": True} for m in regressed] + [{"metric": "domain/wiki_en",
+                                                                          "significant": False}]
+    details = {"checkpoint_wall_time": wall, **({} if passed else {"regression": {"findings": findings}})}
+    policy.observe(EvalReport(run_id=run_id, step=step, checkpoint_path=path, suite="core", vocab_version="v1",
+                              passed=passed, details=details))
 
 
 def history(policy: RollbackPolicy, run_id: str = "run1") -> None:
-    """Checkpoints 100 (passed), 200 (passed), 300 (failed)."""
+    """Checkpoints 100 (passed), 200 (passed), 300 (failed: forum_en regressed)."""
     for step, wall, passed in ((100, 10.0, True), (200, 20.0, True), (300, 30.0, False)):
-        path = f"/runs/{run_id}/step-{step}"
-        policy.observe(CheckpointSaved(run_id=run_id, path=path, step=step, tokens=step * 10,
-                                       vocab_version="v1", wall_time=wall))
-        policy.observe(EvalReport(run_id=run_id, step=step, checkpoint_path=path, suite="core",
-                                  vocab_version="v1", passed=passed,
-                                  details={"checkpoint_wall_time": wall}))
+        saved(policy, step, wall, passed=passed, run_id=run_id)
 
 
-def regression_alert(run_id: str = "run1", saved_at: float | None = 30.0) -> Alert:
-    return Alert(rule="eval_regression", severity="critical", message="overall logppl +0.3",
-                 source="evaluator", evidence={"action": "rollback", "run_id": run_id,
-                                               "checkpoint_wall_time": saved_at})
+def regression_alert(run_id: str = "run1", saved_at: float = 30.0, step: int = 300, **evidence) -> Alert:
+    return Alert(rule="eval_regression", severity="critical", message="domain/forum_en logppl +0.3",
+                 source="evaluator", evidence={"action": "rollback", "run_id": run_id, "step": step,
+                                               "checkpoint": f"/runs/{run_id}/step-{step}",
+                                               "checkpoint_wall_time": saved_at, **evidence})
 
 
-def test_regression_rolls_back_to_last_good_and_asks_the_trainer_to_quarantine_what_it_read_since():
+def test_regression_rolls_back_to_last_good_and_quarantines_only_the_regressed_domain():
     policy = RollbackPolicy()
     history(policy)
-    (rollback,) = policy.decide(regression_alert()).controls
+    (rollback,) = policy.decide(regression_alert(), "rollback").controls
     assert rollback.command == "rollback"
     assert rollback.args == {"target": "last_good", "run_id": "run1", "checkpoint": "/runs/run1/step-200",
-                             "step": 200, "quarantine": "since"}
+                             "checkpoint_wall_time": 20.0, "step": 200, "quarantine": "since",
+                             "regression": ["domain/forum_en"], "domains": ["forum_en"]}
     assert "eval_regression" in rollback.reason
+
+
+def test_a_regression_needs_a_failed_report_on_evals_to_corroborate_it():
+    policy = RollbackPolicy()
+    history(policy)
+    # names a checkpoint that passed, one never evaluated, or none at all: nothing happens
+    for alert in (regression_alert(saved_at=20.0, step=200), regression_alert(saved_at=99.0),
+                  Alert(rule="eval_regression", severity="critical", message="m", source="trainer",
+                        evidence={"action": "rollback", "run_id": "run1", "checkpoint_wall_time": "nan!"})):
+        decision = policy.decide(alert, "rollback")
+        assert decision.controls == [] and "corroborates" in decision.skipped
+    # the run, metrics and domains come from the report, not from what the alert claims
+    (rollback,) = policy.decide(regression_alert(run_id="run1", domains=["wiki_en"]), "rollback").controls
+    assert rollback.args["domains"] == ["forum_en"]
 
 
 def test_a_regression_is_not_acted_on_twice():
     now = [100.0]
     policy = RollbackPolicy(clock=lambda: now[0], pending_s=60)
     history(policy)
-    (first,) = policy.decide(regression_alert(saved_at=30.0)).controls
+    (first,) = policy.decide(regression_alert(saved_at=30.0), "rollback").controls
     policy.observe(first)
     # a later checkpoint of the abandoned branch regresses while the trainer has not applied it yet
-    assert "not applied yet" in policy.decide(regression_alert(saved_at=31.0)).skipped
+    saved(policy, 310, 31.0, passed=False)
+    assert "not applied yet" in policy.decide(regression_alert(saved_at=31.0, step=310), "rollback").skipped
     policy.observe(Alert(rule="trainer.rollback", severity="warning", message="rolled back", source="trainer",
                          evidence={"run_id": "run1", "to_step": 200}, created_at=first.issued_at + 1))
-    assert "already rolled back" in policy.decide(regression_alert(saved_at=first.issued_at + 0.5)).skipped
-    # a checkpoint of the new branch that regresses again is rolled back again
-    assert policy.decide(regression_alert(saved_at=first.issued_at + 5)).controls[0].args["step"] == 200
+    saved(policy, 320, first.issued_at + 0.5, passed=False)
+    decision = policy.decide(regression_alert(saved_at=first.issued_at + 0.5, step=320), "rollback")
+    assert "already rolled back" in decision.skipped
+    # a checkpoint of the new branch that regresses on another domain is rolled back again
+    saved(policy, 300, first.issued_at + 5, passed=False, regressed=("domain/news_de",))
+    again = policy.decide(regression_alert(saved_at=first.issued_at + 5), "rollback").controls[0]
+    assert again.args["step"] == 200 and again.args["domains"] == ["news_de"]
     # a pending rollback that the trainer never applies stops blocking after pending_s
     other = RollbackPolicy(clock=lambda: now[0], pending_s=60)
     history(other)
-    other.observe(other.decide(regression_alert()).controls[0])
-    now[0] = time.time() + 61
-    assert other.decide(regression_alert(saved_at=time.time() + 1)).controls
+    other.observe(other.decide(regression_alert(), "rollback").controls[0])
+    now[0], later = time.time() + 61, time.time() + 1
+    saved(other, 300, later, passed=False, regressed=("domain/code",))
+    assert other.decide(regression_alert(saved_at=later), "rollback").controls
+
+
+def test_circuit_breaker_pauses_the_domain_and_pages_instead_of_rolling_back_again():
+    policy = RollbackPolicy(issued_by="sentinel")
+    history(policy)
+    (first,) = policy.decide(regression_alert(), "rollback").controls
+    applied = Alert(rule="trainer.rollback", severity="warning", message="rolled back", source="trainer",
+                    evidence={"run_id": "run1", "to_step": 200}, created_at=first.issued_at + 1)
+    policy.observe(first)
+    policy.observe(applied)
+    # the re-trained step 300 regresses on forum_en again, against the same good step 200
+    saved(policy, 300, first.issued_at + 5, passed=False)
+    decision = policy.decide(regression_alert(saved_at=first.issued_at + 5), "rollback")
+    assert [(c.command, c.args) for c in decision.controls] == [
+        ("pause_domain", {"domain": "forum_en", "run_id": "run1"})]
+    (page,) = decision.alerts
+    assert page.rule == CIRCUIT_RULE and page.severity == "critical"
+    assert page.evidence["metrics"] == ["domain/forum_en"] and page.evidence["step"] == 200
+    for control in decision.controls:
+        policy.observe(control)
+    # further regressions of that metric: skipped, no new page, no rollback
+    saved(policy, 310, first.issued_at + 9, passed=False)
+    later = policy.decide(regression_alert(saved_at=first.issued_at + 9, step=310), "rollback")
+    assert later.controls == [] and later.alerts == [] and "circuit open" in later.skipped
+    # the breaker survives a restart: a new policy replaying the topics decides the same
+    fresh = RollbackPolicy()
+    history(fresh)
+    fresh.observe(first)
+    fresh.observe(applied)
+    for control in decision.controls:
+        fresh.observe(control)
+    saved(fresh, 310, first.issued_at + 9, passed=False)
+    assert "circuit open" in fresh.decide(regression_alert(saved_at=first.issued_at + 9, step=310),
+                                          "rollback").skipped
+    # a person resumes the domain: the circuit closes, and a new good checkpoint is a new target
+    fresh.observe(Control(command="resume_domain", args={"domain": "forum_en", "run_id": "run1"}))
+    saved(fresh, 400, first.issued_at + 20, passed=True)
+    saved(fresh, 500, first.issued_at + 30, passed=False)
+    (rollback,) = fresh.decide(regression_alert(saved_at=first.issued_at + 30, step=500), "rollback").controls
+    assert rollback.command == "rollback" and rollback.args["step"] == 400
+
+
+def test_checkpoints_of_an_abandoned_branch_are_never_a_rollback_target():
+    policy = RollbackPolicy()
+    history(policy)
+    saved(policy, 250, 25.0, passed=True)  # good, but beyond the target of the rollback below
+    policy.observe(Control(command="rollback", issued_at=26.0,
+                           args={"target": "step", "run_id": "run1", "step": 100, "quarantine": "none"}))
+    assert policy.last_good("run1").step == 100
+    saved(policy, 200, 40.0, passed=True)  # re-trained on the new branch
+    assert (policy.last_good("run1").step, policy.last_good("run1").wall_time) == (200, 40.0)
 
 
 def test_a_rechecked_checkpoint_at_the_same_path_is_judged_on_its_own_reports():
@@ -81,17 +163,21 @@ def test_a_checkpoint_with_any_failed_or_errored_report_is_not_good():
 
 
 def test_rollback_without_a_good_checkpoint_is_skipped_with_reason():
-    decision = RollbackPolicy().decide(regression_alert("unknown"))
+    policy = RollbackPolicy()
+    saved(policy, 300, 30.0, passed=False, run_id="unknown")
+    decision = policy.decide(regression_alert("unknown"), "rollback")
     assert decision.controls == [] and "needs a human" in decision.skipped
 
 
 def test_data_alert_quarantines_and_pauses_the_source():
     alert = Alert(rule="pii_rate_spike", severity="critical", message="pii", source="alert-rules",
                   evidence={"action": "quarantine_source", "labels": {"source": "forum"}})
-    cmds = [(c.command, c.args) for c in RollbackPolicy().decide(alert).controls]
+    cmds = [(c.command, c.args) for c in RollbackPolicy().decide(alert, "quarantine_source").controls]
     assert cmds == [("quarantine_source", {"source": "forum"}), ("pause_source", {"source": "forum"})]
-    no_label = Alert(rule="x", severity="warning", message="m", source="s", evidence={"action": "pause_source"})
-    assert "source" in RollbackPolicy().decide(no_label).skipped
+    no_label = Alert(rule="x", severity="warning", message="m", source="s", evidence={"source": "wiki"})
+    assert "source" in RollbackPolicy().decide(no_label, "pause_source").skipped
+    # the action is the caller's (from rules.toml), never the alert's own
+    assert RollbackPolicy().decide(alert, "none").controls == []
 
 
 def test_data_alert_with_rollback_returns_runs_to_before_the_source_appeared():
@@ -99,11 +185,11 @@ def test_data_alert_with_rollback_returns_runs_to_before_the_source_appeared():
     history(policy)  # good at wall 10 and 20, failed at 30
     alert = Alert(rule="pii_rate_spike", severity="critical", message="pii", source="alert-rules",
                   evidence={"action": "quarantine_source_and_rollback", "labels": {"source": "forum"}})
-    assert "nothing to roll back" in policy.decide(alert).skipped  # no shard of the source yet
+    assert "nothing to roll back" in policy.decide(alert, "quarantine_source_and_rollback").skipped
     for domain, at in (("forum_en", 15.0), ("forum_de", 12.0), ("forumx_en", 5.0), ("wiki_en", 1.0)):
         policy.observe(ShardPublished(stream_root="/s", shard=f"{domain}-{at}", domain=domain, samples=1, bytes=1,
                                       vocab_version="v1", writer_id="w", published_at=at))
-    cmds = [(c.command, c.args) for c in policy.decide(alert).controls]
+    cmds = [(c.command, c.args) for c in policy.decide(alert, "quarantine_source_and_rollback").controls]
     assert cmds[:2] == [("quarantine_source", {"source": "forum"}), ("pause_source", {"source": "forum"})]
     assert cmds[2] == ("rollback", {"target": "step", "run_id": "run1", "checkpoint": "/runs/run1/step-100",
                                     "step": 100, "quarantine": "none"})
@@ -119,7 +205,8 @@ def test_control_hook_publishes_on_real_broker_and_records_lineage(broker, tmp_p
     consumer = make_consumer(settings, topics=["control"], group_id=f"t-{uuid.uuid4().hex}")
     try:
         alert = regression_alert()
-        result = ControlHook(producer=producer, policy=policy, lineage=lineage)(alert)
+        sentinel = load_signing_key("sentinel")
+        result = ControlHook(producer=producer, policy=policy, lineage=lineage, key=sentinel)(alert, "rollback")
         assert len(result["controls"]) == 1
         got = {}
         for rec in poll_records(consumer, timeout_s=30, until=lambda seen: len(got) >= 1):
@@ -127,11 +214,14 @@ def test_control_hook_publishes_on_real_broker_and_records_lineage(broker, tmp_p
             if isinstance(ev, Control) and ev.control_id in result["controls"]:
                 got[ev.control_id] = ev
         assert [c.command for c in got.values()] == ["rollback"]
+        (sent,) = got.values()
+        assert ControlVerifier.from_env().verify(sent).role == "sentinel" and sent.issued_by == sentinel.key_id
         entries = lineage.entries()
         assert [e["action"] for e in entries] == ["rollback"]
         assert entries[0]["alert_id"] == alert.alert_id and entries[0]["reason"]
         assert entries[0]["args"]["step"] == 200
-        ControlHook(producer=producer, policy=RollbackPolicy(), lineage=lineage)(regression_alert("nope"))
+        ControlHook(producer=producer, policy=RollbackPolicy(), lineage=lineage,
+                    key=sentinel)(regression_alert("nope"), "rollback")
         assert lineage.entries()[-1]["action"] == "skipped"
     finally:
         consumer.close()

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from evaluators.regression import RegressionConfig, detect_regressions, overall_loss, pick_best
+from evaluators.regression import (
+    RegressionConfig,
+    detect_regressions,
+    holm,
+    overall_loss,
+    pick_best,
+)
 from streams.events import EvalReport
 
 
@@ -61,3 +67,46 @@ def test_pick_best_skips_failed_other_versions_and_self():
     assert pick_best([good_hi, good_lo, failed, other_version, current], current) is good_lo
     assert overall_loss(good_lo) == 2.5
     assert pick_best([failed], current) is None
+
+
+def test_holm_steps_down_and_is_never_weaker_than_bonferroni():
+    assert holm([0.01, 0.02, 0.03], 0.05) == [True, True, True]  # Bonferroni (0.0167) rejects one
+    assert holm([0.04, 0.001, 0.3], 0.05) == [False, True, False]
+    assert holm([0.2, 0.001], 0.05) == [False, True]
+    assert holm([], 0.05) == []
+
+
+def test_fifteen_domains_of_noise_and_sub_threshold_drift_never_fire_but_a_poisoned_domain_does():
+    domains = [f"d{k:02d}" for k in range(15) for _ in range(20)]
+    false_alarms = 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        base = rng.uniform(2.0, 4.0, len(domains))
+        drift = np.log1p(0.02) + rng.normal(0, 0.15, len(domains))  # +2% perplexity: below the 5% minimum
+        findings = detect_regressions(report("ck-2", base + drift, domains=domains),
+                                      report("ck-1", base, domains=domains), RegressionConfig(n_boot=1000, seed=seed))
+        assert len(findings) == 17  # overall, modality/text, 15 domains: one family
+        false_alarms += any(f.significant for f in findings)
+        poisoned = base + rng.normal(0, 0.15, len(domains))
+        poisoned[np.asarray(domains) == "d07"] += 0.4  # ~13% perplexity increase on one domain
+        hit = {f.metric for f in detect_regressions(report("ck-3", poisoned, domains=domains),
+                                                    report("ck-1", base, domains=domains),
+                                                    RegressionConfig(n_boot=1000, seed=seed)) if f.significant}
+        assert "domain/d07" in hit and hit <= {"domain/d07", "overall", "modality/text"}
+    assert false_alarms == 0
+
+
+def test_minimum_effect_size_is_required_however_certain_the_shift():
+    base = np.random.default_rng(3).uniform(2.0, 4.0, 400)
+    shifted = report("ck-2", base + 0.03)  # a certain +1% perplexity: real, but below 5%
+    (overall, *_rest) = detect_regressions(shifted, report("ck-1", base))
+    assert overall.ci_low > 0.025 and not overall.significant and overall.p_value > 0.5
+    (strict, *_rest) = detect_regressions(shifted, report("ck-1", base), RegressionConfig(min_rel_increase=0.01))
+    assert strict.significant and strict.p_value < 0.01
+
+
+def test_pick_best_ignores_reports_of_later_steps_from_an_abandoned_branch():
+    earlier = report("ck-10", np.full(20, 3.0))
+    abandoned = report("ck-40", np.full(20, 2.0))  # trained further before a rollback to step 10
+    current = report("ck-20", np.full(20, 2.8))
+    assert pick_best([earlier, abandoned], current) is earlier

@@ -20,9 +20,11 @@ import torch.distributed.checkpoint as dcp
 
 from evaluators.evaluator import Evaluator
 from evaluators.regression import RegressionConfig
+from streams.checkpoint_manifest import write_manifest
 from streams.events import Alert, CheckpointSaved, EvalReport, decode_event
 from streams.kafka import KafkaSettings, make_consumer, make_producer, publish
 from streams.mds import LiveStreamWriter
+from streams.signing import load_signing_key
 from streams.vocab import Vocab
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,13 +58,15 @@ def write_suite(eval_root: Path, vocab: Vocab, *, name: str = "core", n_text: in
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, vocab: Vocab, run_id: str) -> CheckpointSaved:
-    """A checkpoint laid out as the trainer writes it (DCP + headwater.json written last)."""
+    """A checkpoint laid out as the trainer completes it: DCP, headwater.json, then the manifest
+    signed with the trainer key (``HEADWATER_TRAINER_KEY_FILE``, exported by tests/conftest.py)."""
     path = run_dir / "checkpoints" / f"step-{step}"
     dcp.save(model.state_dict(), checkpoint_id=str(path))
     meta = {"config": "debug_cpu", "step": step, "tokens": step * 1000, "run_id": run_id,
             "vocab_size": vocab.size, "vocab_version": vocab.version, "seq_len": SEQ_LEN,
             "wall_time": time.time(), "data_cursor": {}}
     (path / "headwater.json").write_text(json.dumps(meta))
+    write_manifest(path, run_id=run_id, step=step, key=load_signing_key("trainer"))
     return CheckpointSaved(run_id=run_id, path=str(path), step=step, tokens=step * 1000, vocab_version=vocab.version)
 
 
@@ -106,18 +110,23 @@ def test_reports_errors_and_regression_alert(fresh_broker, tmp_path, vocab, base
     missing = CheckpointSaved(run_id="r1", path=str(run / "checkpoints/step-40"), step=40, tokens=1,
                               vocab_version=vocab.version)
     mismatch = CheckpointSaved(run_id="r1", path=good1.path + "-other", step=50, tokens=1, vocab_version="v1-000000000000")
+    tampered = save_checkpoint(run, 60, base_model, vocab, "r1")
+    with open(Path(tampered.path) / "headwater.json", "a") as f:
+        f.write(" ")
+    outside = save_checkpoint(tmp_path / "elsewhere", 70, base_model, vocab, "r1")  # signed, outside the root
     producer = make_producer(KafkaSettings(bootstrap=fresh_broker.bootstrap))
-    for ev in (good1, good2, bad_weights, missing, mismatch):
+    for ev in (good1, good2, bad_weights, missing, mismatch, tampered, outside):
         publish(producer, "checkpoints", ev)
     producer.close()
     ev = Evaluator(Evaluator.Config(bootstrap=fresh_broker.bootstrap, eval_root=str(tmp_path / "evals"), suite="core",
-                                    group="g1", regression=RegressionConfig(n_boot=500)), vocab=vocab)
+                                    group="g1", checkpoint_roots=[str(run / "checkpoints")],
+                                    regression=RegressionConfig(n_boot=500)), vocab=vocab)
     try:
-        assert ev.run(max_idle_s=3) == 5
+        assert ev.run(max_idle_s=3) == 7
     finally:
         ev.close()
-    reports = {r.step: r for r in read_topic(fresh_broker.bootstrap, "evals", want=lambda e: len(e) >= 5)}
-    assert set(reports) == {10, 20, 30, 40, 50}
+    reports = {r.step: r for r in read_topic(fresh_broker.bootstrap, "evals", want=lambda e: len(e) >= 7)}
+    assert set(reports) == {10, 20, 30, 40, 50, 60, 70}
     r10, r20, r30 = reports[10], reports[20], reports[30]
     assert r10.passed and r10.error is None and r20.passed
     m = r10.metrics
@@ -131,17 +140,23 @@ def test_reports_errors_and_regression_alert(fresh_broker, tmp_path, vocab, base
     assert not r30.passed and r30.error is None
     sig = [f for f in r30.details["regression"]["findings"] if f["significant"]]
     assert sig and r30.details["regression"]["best_checkpoint"] in (good1.path, good2.path)
-    assert "no headwater.json" in reports[40].error and not reports[40].passed
+    assert "checkpoint rejected (not_a_directory)" in reports[40].error and not reports[40].passed
     assert "vocab mismatch" in reports[50].error
-    alerts = [a for a in read_topic(fresh_broker.bootstrap, "alerts", want=lambda e: len(e) >= 1, timeout_s=20)
+    assert "checkpoint rejected (size_mismatch)" in reports[60].error and not reports[60].passed
+    assert "checkpoint rejected (outside_roots)" in reports[70].error
+    alerts = [a for a in read_topic(fresh_broker.bootstrap, "alerts", want=lambda e: len(e) >= 3, timeout_s=20)
               if isinstance(a, Alert)]
-    (alert,) = alerts
+    rejections = {a.evidence["step"]: a for a in alerts if a.rule == "evaluator.checkpoint_rejected"}
+    assert set(rejections) == {60, 70} and rejections[60].evidence["reason"] == "size_mismatch"
+    (alert,) = [a for a in alerts if a.rule == "eval_regression"]
     assert alert.rule == "eval_regression" and alert.evidence["action"] == "rollback"
     assert alert.evidence["run_id"] == "r1" and alert.evidence["step"] == 30
 
 
 def _evaluate_cmd(bootstrap: str, eval_root: Path, group: str, instance: str) -> list[str]:
+    """`headwater evaluate` for the checkpoints of the run beside ``eval_root`` (tmp_path/run)."""
     return [sys.executable, "-m", "infra.cli", "evaluate", "--bootstrap", bootstrap, "--group", group,
+            "--checkpoint-root", str(eval_root.parent / "run" / "checkpoints"),
             "--eval-root", str(eval_root), "--suite", "core", "--instance", instance, "--wandb", "disabled",
             "--n-boot", "200"]
 

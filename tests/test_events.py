@@ -44,7 +44,15 @@ def test_round_trip_and_generic_decode(event):
     wire = event.to_bytes()
     assert type(event).from_json(wire) == event
     assert decode_event(wire) == event
-    assert json.loads(wire)["schema_version"] == 1
+    assert json.loads(wire)["schema_version"] == (2 if isinstance(event, Control) else 1)
+
+
+def test_unsigned_v1_control_is_rejected_clearly():
+    obj = Control(command="pause_domain", args={"domain": "d"}).to_dict() | {"schema_version": 1}
+    for name in ("key_id", "signature"):
+        del obj[name]
+    with pytest.raises(EventError, match=r"Control.schema_version: unsupported version 1"):
+        decode_event(json.dumps(obj))
 
 
 def test_every_event_kind_has_an_arrow_schema():

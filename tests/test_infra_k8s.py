@@ -11,6 +11,7 @@ import yaml
 
 from infra.cli import SUBCOMMANDS
 from infra.deploy.kafka import generate
+from streams.access import Access
 from streams.kafka import KafkaSettings
 from streams.topics import TOPICS, Topic
 
@@ -53,7 +54,7 @@ def test_one_kafka_topic_per_registered_topic():
 def test_a_new_registry_topic_reaches_the_manifests_and_users_reject_unknown_topics(monkeypatch):
     monkeypatch.setitem(TOPICS, "raw.lidar", Topic("raw.lidar", 4, "test"))
     assert "raw.lidar" in {d["spec"]["topicName"] for d in generate.topic_docs()}
-    monkeypatch.setitem(generate.USERS, "rogue", (("nope",), (), ()))
+    monkeypatch.setitem(generate.USERS, "rogue", Access(reads=("nope",)))
     with pytest.raises(ValueError, match="not in streams.topics.TOPICS"):
         generate.user_docs()
 
@@ -62,7 +63,7 @@ def test_kafka_users_get_least_privilege_acls():
     users = {d["metadata"]["name"]: d["spec"] for d in generate.user_docs()}
     ingest = users["headwater-ingest"]["authorization"]["acls"]
     written = {a["resource"]["name"] for a in ingest if "Write" in a["operations"]}
-    assert written == {"dlq", "shards", "metrics"}
+    assert written == {"dlq", "shards", "metrics", "alerts"}  # alerts: codebook collapse (media_hook)
     assert all(u["authentication"]["type"] == "scram-sha-512" for u in users.values())
     (kafka,) = [d for d in generate.cluster_docs() if d["kind"] == "Kafka"]
     (listener,) = kafka["spec"]["kafka"]["listeners"]
@@ -110,17 +111,20 @@ def test_evaluator_container_args_parse_with_the_evaluate_command():
 
     (dep,) = yaml.safe_load_all((DEPLOY / "k8s" / "evaluator-deployment.yaml").read_text())
     users = {d["metadata"]["name"]: d for d in generate.user_docs()}
-    groups = {a["resource"]["name"] for a in users["headwater-evaluator"]["spec"]["authorization"]["acls"]
-              if a["resource"]["type"] == "group"}
-    roles = set()
+    roles, kafka_users = set(), set()
     for c in dep["spec"]["template"]["spec"]["containers"]:
+        (user,) = [e["value"] for e in c["env"] if e["name"] == "HEADWATER_KAFKA_SASL_USERNAME"]
+        kafka_users.add(user)
+        groups = {a["resource"]["name"] for a in users[user]["spec"]["authorization"]["acls"]
+                  if a["resource"]["type"] == "group"}
         env = {e["name"] for e in c["env"]} | set(yaml.safe_load((DEPLOY / "k8s" / "config.yaml").read_text().split("---")[1])["data"])
         for var in re.findall(r"\$\((\w+)\)", " ".join(c["args"])):
             assert var in env, f"{c['name']}: $({var}) is not defined in the container's env"
         args = build_parser().parse_args([re.sub(r"\$\(\w+\)", "x", a) for a in c["args"]])
         roles.add(args.role)
-        assert args.group in groups, f"{c['name']}: group {args.group} has no ACL for the evaluator user"
+        assert args.group in groups, f"{c['name']}: group {args.group} has no ACL for the {user} user"
     assert roles == {"evaluator", "sentinel"}
+    assert kafka_users == {"headwater-evaluator", "headwater-sentinel"}  # one credential each
 
 
 def test_nothing_secret_is_in_the_repo_and_every_secret_is_documented():

@@ -1,12 +1,15 @@
 """Streaming ingest on a real broker: per-source data metrics (metrics topic + RUN/ingest/metrics.jsonl)
-and the control topic (quarantine_source / pause_source / resume_source, persisted across restarts)."""
+and the control topic (quarantine_source / pause_source / resume_source, persisted across restarts):
+signed controls are applied, forged/replayed/superseded ones are not (and raise control.rejected)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import uuid
 
+import pytest
 from kafka import TopicPartition
 from kafka.admin import NewTopic
 
@@ -14,8 +17,9 @@ from beam_jobs.control import SourceControl
 from beam_jobs.ingest import run
 from beam_jobs.synthetic import english_doc, raw_record
 from evaluators.alerts.rules import load_rules
+from infra.control_cli import main as control_cli
 from infra.run_dir import RunDir
-from streams.events import Control, MetricsEvent, decode_event
+from streams.events import Alert, Control, MetricsEvent, decode_event
 from streams.kafka import (
     KafkaSettings,
     make_admin,
@@ -24,6 +28,7 @@ from streams.kafka import (
     poll_records,
     publish,
 )
+from streams.signing import ControlRejected, generate_keypair, load_signing_key, sign_control
 
 RULES = "infra/alerts/rules.toml"
 
@@ -57,8 +62,8 @@ def _produce(bootstrap: str, topic: str, values: list[bytes], controls: list[Con
         producer.close()
 
 
-def _metrics_events(bootstrap: str, since: dict) -> list[MetricsEvent]:
-    tps = [TopicPartition("metrics", p) for p in sorted(since)]
+def _metrics_events(bootstrap: str, since: dict, topic: str = "metrics") -> list[MetricsEvent]:
+    tps = [TopicPartition(topic, p) for p in sorted(since)]
     consumer = make_consumer(KafkaSettings(bootstrap=bootstrap), assign=tps)
     try:
         for tp in tps:
@@ -68,10 +73,10 @@ def _metrics_events(bootstrap: str, since: dict) -> list[MetricsEvent]:
         consumer.close()
 
 
-def _metrics_ends(bootstrap: str) -> dict[int, int]:
+def _metrics_ends(bootstrap: str, topic: str = "metrics") -> dict[int, int]:
     consumer = make_consumer(KafkaSettings(bootstrap=bootstrap), assign=[])
     try:
-        tps = [TopicPartition("metrics", p) for p in sorted(consumer.partitions_for_topic("metrics"))]
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
         return {tp.partition: off for tp, off in consumer.end_offsets(tps).items()}
     finally:
         consumer.close()
@@ -96,16 +101,27 @@ def test_streaming_source_metrics_and_control(fresh_broker, tmp_path):
         + [raw_record(f"s{i}", english_doc(rng), source="spam") for i in range(2)]
         + [raw_record(f"b{i}", english_doc(rng), source="books") for i in range(2)]
     )
-    ends = _metrics_ends(bootstrap)
+    ends, alert_ends = _metrics_ends(bootstrap), _metrics_ends(bootstrap, "alerts")
+    sentinel, operator = load_signing_key("sentinel"), load_signing_key("operator")
+    quarantine_spam = sign_control(Control(command="quarantine_source", args={"source": "spam"}, reason="t"), sentinel)
+    forged = [Control(command="quarantine_source", args={"source": "web"}, issued_by=operator.key_id),  # unsigned
+              sign_control(Control(command="quarantine_source", args={"source": "web"}),
+                           generate_keypair(operator.key_id, "operator")),  # a key not in the keyring
+              sign_control(Control(command="resume_source", args={"source": "spam"}), sentinel)]  # not permitted
     _produce(bootstrap, topic, batch1, [
-        Control(command="quarantine_source", args={"source": "spam"}, reason="test", issued_by="pytest"),
-        Control(command="pause_source", args={"source": "books"}, reason="test", issued_by="pytest"),
-        Control(command="rollback", args={"target": "last_good", "run_id": "other"}, issued_by="pytest"),
+        quarantine_spam,
+        sign_control(Control(command="pause_source", args={"source": "books"}, reason="test"), sentinel),
+        sign_control(Control(command="rollback", args={"target": "last_good", "run_id": "other"}), operator),
+        *forged,
     ])
     summary = run(_args(bootstrap, topic, tmp_path))
     ids = {s["id"] for s in stream_samples(str(tmp_path / "stream"))}
-    assert ids == {"w0", "w1", "w2", "w3", "m0", "m1", "m2"}
+    assert ids == {"w0", "w1", "w2", "w3", "m0", "m1", "m2"}  # the forged quarantine of web was ignored
     assert summary["stages"]["control"] == {"in": 13, "out": 9, "drop_source_quarantined": 2, "drop_source_paused": 2}
+    rejected = [e for e in _metrics_events(bootstrap, alert_ends, "alerts")
+                if isinstance(e, Alert) and e.rule == "control.rejected"]
+    assert sorted(a.evidence["reason"] for a in rejected) == ["bad_signature", "not_permitted", "unsigned"]
+    assert {a.evidence["consumer"] for a in rejected} == {"ingest"} and {a.severity for a in rejected} == {"critical"}
 
     # per-source MetricsEvents, as the ingest rules of rules.toml read them
     events = [e for e in _metrics_events(bootstrap, ends) if isinstance(e, MetricsEvent)]
@@ -132,18 +148,33 @@ def test_streaming_source_metrics_and_control(fresh_broker, tmp_path):
     state = SourceControl.load(str(tmp_path / "stream"))
     assert state.blocked == {"spam": "source_quarantined", "books": "source_paused"}
     assert [h["command"] for h in state.history] == ["quarantine_source", "pause_source"]
-    batch2 = [raw_record("b9", english_doc(rng), source="books"), raw_record("s9", english_doc(rng), source="spam")]
-    _produce(bootstrap, topic, batch2, [Control(command="resume_source", args={"source": "books"}, issued_by="pytest")])
+    batch2 = [raw_record("b9", english_doc(rng), source="books"), raw_record("s9", english_doc(rng), source="spam"),
+              raw_record("m9", english_doc(rng), source="mail")]
+    # an operator's signed resume of spam issued before its quarantine (replayed now) is superseded,
+    # and the quarantine itself replayed is rejected: neither undoes nor repeats anything
+    old_resume = sign_control(Control(command="resume_source", args={"source": "spam"},
+                                      issued_at=quarantine_spam.issued_at - 60), operator)
+    _produce(bootstrap, topic, batch2, [old_resume, quarantine_spam])
+    alert_ends = _metrics_ends(bootstrap, "alerts")
+    for argv in (["resume-source", "--source", "books"], ["quarantine-source", "--source", "mail"]):
+        assert control_cli([*argv, "--bootstrap", bootstrap, "--reason", "operator test"]) == 0
     run(_args(bootstrap, topic, tmp_path))
     ids = {s["id"] for s in stream_samples(str(tmp_path / "stream"))}
-    assert "b9" in ids and "s9" not in ids and not {"b0", "b1", "s0", "s1"} & ids
+    assert "b9" in ids and "s9" not in ids and "m9" not in ids and not {"b0", "b1", "s0", "s1"} & ids
     state = SourceControl.load(str(tmp_path / "stream"))
-    assert state.blocked == {"spam": "source_quarantined"}
-    assert [h["command"] for h in state.history] == ["quarantine_source", "pause_source", "resume_source"]
+    assert state.blocked == {"spam": "source_quarantined", "mail": "source_quarantined"}
+    assert [h["command"] for h in state.history] == ["quarantine_source", "pause_source", "resume_source",
+                                                     "resume_source", "quarantine_source"]
+    assert state.history[2]["superseded_by"] == quarantine_spam.control_id
+    assert {h["issued_by"] for h in state.history[3:]} == {operator.key_id}
+    rejected = [e for e in _metrics_events(bootstrap, alert_ends, "alerts")
+                if isinstance(e, Alert) and e.rule == "control.rejected"]
+    assert [(a.evidence["reason"], a.evidence["control_id"]) for a in rejected] == [
+        ("replayed", quarantine_spam.control_id)]
     assert len(RunDir(tmp_path / "run").ingest_snapshots()) == len(snaps) + 1
     drops = "".join(p.read_text() for p in (tmp_path / "run" / "ingest" / "drops").glob("*.jsonl"))
     reasons = [json.loads(line)["reason"] for line in drops.splitlines()]
-    assert reasons.count("control:source_quarantined") == 3 and reasons.count("control:source_paused") == 2
+    assert reasons.count("control:source_quarantined") == 4 and reasons.count("control:source_paused") == 2
 
 
 def test_source_control_state_rules():
@@ -154,3 +185,26 @@ def test_source_control_state_rules():
     assert not state.apply(Control(command="pause_source", args={}))  # no source: ignored
     assert not state.apply(Control(command="pause_domain", args={"domain": "x"}))  # not ingest's
     assert state.apply(Control(command="resume_source", args={"source": "a"})) and state.blocked == {}
+
+
+def test_source_control_last_writer_wins_and_replays():
+    state = SourceControl(path="/nonexistent/control.json")
+    quarantine = Control(command="quarantine_source", args={"source": "a"}, issued_at=100.0)
+    assert state.apply(quarantine)
+    with pytest.raises(ControlRejected, match="replayed"):
+        state.apply(quarantine)
+    assert not state.apply(Control(command="resume_source", args={"source": "a"}, issued_at=99.0))
+    assert state.blocked == {"a": "source_quarantined"}
+    later = Control(command="resume_source", args={"source": "a"}, issued_at=101.0)
+    assert state.apply(later) and state.blocked == {}
+    # a fresh ingest reading the same log out of order ends in the same state
+    fresh = SourceControl(path="/nonexistent/control.json")
+    for c in (later, dataclasses.replace(quarantine, control_id="q2")):
+        fresh.apply(c)
+    assert fresh.blocked == {}
+
+
+def test_streaming_ingest_refuses_to_start_without_a_keyring(tmp_path, monkeypatch):
+    monkeypatch.delenv("HEADWATER_KEYRING_FILE")
+    with pytest.raises(SystemExit, match="HEADWATER_KEYRING_FILE"):
+        run(_args("127.0.0.1:1", "raw.text", tmp_path))

@@ -168,6 +168,7 @@ def start_services(procs: Processes, bootstrap: str, tmp: Path, receiver: Receiv
     procs.start("sentinel", [*cli, "--role", "sentinel", "--instance", "sentinel", "--rules", str(rules), "--lineage", str(run / "lineage.jsonl")])
     if (tmp / "evals").exists():
         procs.start("evaluator", [*cli, "--eval-root", str(tmp / "evals"), "--suite", "core", "--n-boot", "500",
+                                  "--checkpoint-root", str(run / "checkpoints"),
                                   "--wandb", "disabled", "--instance", "ev1"])
 
 

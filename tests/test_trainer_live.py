@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from streams.checkpoint_manifest import verify_checkpoint
+from streams.signing import Keyring
 from trainer.runs import read_metrics, train_argv
 from trainer.runs import step_losses as losses
 from trainer.synthetic import write_stream
@@ -46,6 +48,10 @@ def run_on_growing_stream(tmp_path, *extra: str) -> tuple[str, dict]:
     with open(os.path.join(run, "checkpoints", "step-16", "headwater.json")) as f:
         info = json.load(f)
     assert sum(info["data_cursor"]["shards_done"]) > len(initial), "trainer never read the appended shards"
+    for step in (8, 16):  # each checkpoint is complete and signed: an evaluator accepts it
+        ok = verify_checkpoint(os.path.join(run, "checkpoints", f"step-{step}"), roots=[run],
+                               keyring=Keyring.from_env(), step=step, run_id=info["run_id"])
+        assert {".metadata", "headwater.json"} <= set(ok.manifest["files"])
     return run, info
 
 

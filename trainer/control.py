@@ -5,10 +5,15 @@
     quarantine_source  {"source"}      every sample whose ``source`` column matches is skipped
     pause_domain       {"domain"}      / resume_domain {"domain"}
 
-A command whose ``args.run_id`` names another run is ignored. Rank 0 consumes the topic
+A command whose ``args.run_id`` names another run is ignored; a rollback must name this run.
+Every command addressed here is verified (``streams.signing.ControlVerifier``: signed by a
+keyring key allowed the command, fresh, not replayed); a refused one is dropped and raises a
+critical ``control.rejected`` Alert on ``alerts``. Rank 0 consumes the topic
 in a background thread (from its end at start-up, so old commands are not replayed); each
 step the trainer drains the queue on rank 0 and broadcasts the commands so every rank
-applies them at the same step.
+applies them at the same step. Undecodable records are dead-lettered with an alert by a
+:class:`ConsumerGuard`; if the thread dies anyway, :meth:`ControlListener.check` re-raises its
+error so the trainer stops instead of training on, deaf to control.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import logging
 import queue
 import threading
 
-from streams.events import Control, EventError, decode_event
+from streams.events import Control, Event
+from streams.guard import ConsumerGuard
+from streams.signing import ControlRejected, ControlVerifier, rejection_alert
 
 __all__ = ["TRAINER_COMMANDS", "ControlListener", "addressed_to"]
 
@@ -27,7 +34,8 @@ TRAINER_COMMANDS = ("rollback", "pause_domain", "resume_domain", "quarantine_sha
 
 
 def addressed_to(event: Control, run_id: str) -> bool:
-    """True if ``event`` is a trainer command for ``run_id`` (or for every run)."""
+    """True if ``event`` is a trainer command for ``run_id`` (or names no run: verification then
+    rejects a run-less rollback)."""
     target = event.args.get("run_id")
     return event.command in TRAINER_COMMANDS and not (target and run_id and target != run_id)
 
@@ -35,16 +43,20 @@ def addressed_to(event: Control, run_id: str) -> bool:
 class ControlListener:
     """Background consumer of Control events addressed to this trainer run."""
 
-    def __init__(self, bootstrap: str, *, run_id: str = ""):
+    def __init__(self, bootstrap: str, *, verifier: ControlVerifier, run_id: str = ""):
         from kafka import TopicPartition
 
-        from streams.kafka import KafkaSettings, make_consumer
+        from streams.kafka import KafkaSettings, make_consumer, make_producer
 
-        self.run_id = run_id
+        self.run_id, self.verifier = run_id, verifier
+        self.rejected: list[dict] = []  # evidence of the control.rejected alerts raised
         self.queue: queue.Queue[Control] = queue.Queue()
         tp = TopicPartition("control", 0)
         settings = KafkaSettings.load(bootstrap=bootstrap, client_id="headwater-trainer-control")
         self.consumer = make_consumer(settings, assign=[tp])
+        self.producer = make_producer(settings)
+        self.guard = ConsumerGuard("trainer-control", self.producer)
+        self.error: BaseException | None = None
         self.consumer.seek_to_end(tp)
         self.consumer.position(tp)  # resolve the end offset now, before any new command
         self._stop = threading.Event()
@@ -52,16 +64,35 @@ class ControlListener:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            for batch in self.consumer.poll(timeout_ms=200).values():
-                for record in batch:
-                    try:
-                        event = decode_event(record.value)
-                    except EventError as e:
-                        log.warning("ignoring bad control record at offset %s: %s", record.offset, e)
-                        continue
-                    if isinstance(event, Control) and addressed_to(event, self.run_id):
-                        self.queue.put(event)
+        try:
+            while not self._stop.is_set():
+                for batch in self.consumer.poll(timeout_ms=200).values():
+                    for record in batch:
+                        self.guard.handle(record, self._enqueue)
+        except BaseException as e:  # recorded for check(): the trainer stops on its next step
+            self.error = e
+            log.critical("control listener died: %s: %s", type(e).__name__, e, exc_info=True)
+
+    def _enqueue(self, event: Event) -> None:
+        if not (isinstance(event, Control) and addressed_to(event, self.run_id)):
+            return
+        try:
+            self.verifier.verify(event)
+        except ControlRejected as e:
+            from streams.kafka import publish
+
+            log.error("control %s %s rejected: %s", event.command, event.control_id, e)
+            alert = rejection_alert(event, e, consumer="trainer", run_id=self.run_id)
+            self.rejected.append(alert.evidence)
+            publish(self.producer, "alerts", alert, key=alert.rule)
+            return
+        self.queue.put(event)
+
+    def check(self) -> None:
+        """Raise if the listener thread died: a trainer must not run on deaf to control."""
+        if self.error is not None:
+            raise RuntimeError("the control listener thread died; control commands are no longer "
+                               "received") from self.error
 
     def drain(self) -> list[Control]:
         out = []
@@ -75,3 +106,4 @@ class ControlListener:
         self._stop.set()
         self._thread.join(timeout=5)
         self.consumer.close()
+        self.producer.close()

@@ -5,12 +5,15 @@ What it adds to ``torchtitan.trainer.Trainer``:
 - a NaN/spike guard that skips the optimizer step, alerts, and after N spikes rolls back;
 - control commands (rollback, pause/resume domain, quarantine shards/sources; see
   trainer/control.py) applied by all ranks at the same step; a rollback quarantines the shards
-  trained since the restored checkpoint and those read but not trained yet, moves the
-  abandoned checkpoints to ``checkpoints/abandoned/``; the quarantine persists in
-  RUN/quarantine.json;
+  trained since the restored checkpoint and those read but not trained yet (only the
+  regressed ``domains``' when the control names them), moves the abandoned checkpoints to
+  ``checkpoints/abandoned/rollback-<from>-to-<to>-<control id>/``; the quarantine persists in
+  RUN/quarantine.json; rollbacks are idempotent (by control id) and crash-atomic through
+  RUN/rollbacks.json (trainer/rollback_journal.py);
 - RUN/metrics.jsonl (with the shards and sources each step trained) + wandb + ``metrics``
-  topic every step; ``headwater.json`` beside each DCP checkpoint and a CheckpointSaved
-  event on the ``checkpoints`` topic.
+  topic every step; once a DCP save is complete (async saves finish later): ``headwater.json``,
+  a manifest of every file signed with the trainer key (trainer/checkpoint_out.py), then a
+  CheckpointSaved event on the ``checkpoints`` topic.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import math
 import os
 import pickle
 import re
-import shutil
 import time
 import uuid
 from collections import Counter
@@ -37,12 +39,17 @@ from torchtitan.tools import utils
 from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
+from streams.broker_watch import BrokerWatch
 from streams.events import CheckpointSaved, Control
+from streams.signing import ControlVerifier, SigningError, load_signing_key
+from trainer.checkpoint_out import CheckpointFinisher
 from trainer.control import ControlListener
 from trainer.events_out import EventSink
 from trainer.guard import LossGuard
 from trainer.metrics_log import MetricsLog
 from trainer.quarantine import Quarantine
+from trainer.resume import load_latest_intact
+from trainer.rollback_journal import RollbackJournal
 
 __all__ = ["HeadwaterTrainer", "RunOptions"]
 
@@ -82,7 +89,8 @@ class _ExtraState(Stateful):
         rank = dist.get_rank() if dist.is_initialized() else 0
         self.trainer.guard.load_state_dict(pickle.loads(state["guard"]))
         if "shard_log" in state:
-            self.trainer.shard_log = pickle.loads(state["shard_log"])
+            entries = pickle.loads(state["shard_log"])  # step -> {shard: domain}; older checkpoints: [shard]
+            self.trainer.shard_log = {st: v if isinstance(v, dict) else dict.fromkeys(v, "") for st, v in entries.items()}
         if f"rng_rank_{rank}" in state:
             torch.set_rng_state(pickle.loads(state[f"rng_rank_{rank}"]))
 
@@ -94,6 +102,11 @@ class HeadwaterTrainer(Trainer):
 
     def __init__(self, config: Config):
         opts = config.headwater
+        try:  # fail fast, on every rank: with no keyring no control could be verified
+            verifier = ControlVerifier.from_env() if opts.bootstrap else None
+            manifest_key = load_signing_key("trainer", required=False)  # signs checkpoint manifests
+        except SigningError as e:
+            raise SystemExit(f"headwater train: {e}") from None
         from trainer.vocab_info import unified_vocab
 
         self.vocab = unified_vocab()
@@ -113,14 +126,20 @@ class HeadwaterTrainer(Trainer):
         self.run_dir = config.dump_folder
         self.guard = opts.guard.build()
         self.events = EventSink(self.run_dir, bootstrap=opts.bootstrap) if self.rank == 0 else None
+        self.finisher = CheckpointFinisher(self.events, key=manifest_key) if self.rank == 0 else None
         self.dataloader.on_corrupt = self._on_corrupt_shard
-        self.control = ControlListener(opts.bootstrap, run_id=self.run_id) if opts.bootstrap and self.rank == 0 else None
+        self.control = (ControlListener(opts.bootstrap, verifier=verifier, run_id=self.run_id)
+                        if verifier is not None and self.rank == 0 else None)
+        self.broker_watch = (BrokerWatch(opts.bootstrap, who=f"trainer {self.run_id} (events, control)",
+                                         on_restored=self._on_broker_restored)
+                             if opts.bootstrap and self.rank == 0 else None)
         self.metrics_log = (
             MetricsLog(opts.metrics, run_dir=self.run_dir, run_id=self.run_id) if self.rank == 0 else None
         )
         self.checkpointer.states["headwater"] = _ExtraState(self)
         self.quarantine = Quarantine(self.run_dir, writer=self.rank == 0)
-        self.shard_log: dict[int, list[str]] = {}
+        self.rollbacks = RollbackJournal(self.run_dir, writer=self.rank == 0)
+        self.shard_log: dict[int, dict[str, str]] = {}  # step -> {shard trained: its domain}
         self.skipped_steps: list[int] = []
         self._meta = None
         self._step_record: dict[str, Any] = {}
@@ -153,6 +172,7 @@ class HeadwaterTrainer(Trainer):
         stats["wait_s"] = meta.wait_s
         stats["produced_at"] = [p for p in meta.produced_at if p > 0]
         stats["shards"] = meta.shards
+        stats["shard_domains"] = meta.shard_domains
         stats["batch_tokens"] = int(labels.numel())
         return stats
 
@@ -211,7 +231,7 @@ class HeadwaterTrainer(Trainer):
         produced = [p for g in gathered for p in g["produced_at"]]
         batch_tokens = sum(g["batch_tokens"] for g in gathered)
         shards = sorted({s for g in gathered for s in g["shards"]})
-        self.shard_log[self.step] = shards
+        self.shard_log[self.step] = {s: d for g in gathered for s, d in g["shard_domains"].items()}
         for old in [s for s in self.shard_log if s <= self.step - SHARD_LOG_STEPS]:
             del self.shard_log[old]
         self._step_record = {
@@ -256,12 +276,18 @@ class HeadwaterTrainer(Trainer):
     # -- loop ------------------------------------------------------------------------
     def train(self):
         config = self.config
-        self.checkpointer.load(step=config.checkpoint.load_step)
+        self._complete_rollback()
+        if config.checkpoint.load_step == -1:  # newest intact checkpoint; corrupt ones are moved aside
+            load_latest_intact(self.checkpointer, run_id=self.run_id, events=self.events)
+        else:
+            self.checkpointer.load(step=config.checkpoint.load_step)
         self._reapply_quarantine()
         logger.info(f"Training starts at step {self.step + 1} (run {self.run_id})")
         data_iterator = self.batch_generator(self.dataloader)
         try:
             while self.step < config.training.steps:
+                if self.finisher is not None:
+                    self.finisher.poll()  # async saves completed since the last step
                 self._apply_control(self._collect_commands())
                 self.step += 1
                 self.train_step(data_iterator)
@@ -270,6 +296,9 @@ class HeadwaterTrainer(Trainer):
                     self._on_checkpoint_saved()
                 if self.guard.should_roll_back():
                     self._auto_rollback()
+            self.checkpointer.maybe_wait_for_saving()
+            if self.finisher is not None:
+                self.finisher.flush()
         finally:
             self.dataloader.close()
         logger.info("Training completed")
@@ -297,7 +326,6 @@ class HeadwaterTrainer(Trainer):
         self.guard.trips_since_checkpoint = 0
         if self.rank != 0:
             return
-        path = os.path.abspath(self._step_dir(self.step))
         info = {
             "config": self.config.headwater.config_name, "step": self.step, "run_id": self.run_id,
             "tokens": self.ntokens_seen * self.parallel_dims.dp_shard * self.parallel_dims.dp_replicate,
@@ -305,15 +333,13 @@ class HeadwaterTrainer(Trainer):
             "seq_len": self.config.training.seq_len, "good": good, "wall_time": time.time(),
             "data_cursor": cursor, "weights": self.dataloader.mixer.weight_dict(),
         }
-        tmp = os.path.join(path, "headwater.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(info, f, indent=1, sort_keys=True)
-        os.replace(tmp, os.path.join(path, "headwater.json"))
-        self.events.checkpoint(CheckpointSaved(
+        path = os.path.abspath(self._step_dir(self.step))
+        self.finisher.add(path, info, CheckpointSaved(
             run_id=self.run_id, path=path, step=self.step, tokens=info["tokens"],
             vocab_version=self.vocab.version, tokenizer_version=self.vocab.version,
             data_cursor=cursor, wall_time=info["wall_time"],
         ))
+        self.finisher.poll()  # a synchronous save is complete now
 
     def _checkpoint_steps(self, *, good_only: bool) -> list[int]:
         steps = []
@@ -330,6 +356,8 @@ class HeadwaterTrainer(Trainer):
     def _collect_commands(self) -> list[dict[str, Any]]:
         if not self.config.headwater.bootstrap:
             return []
+        if self.control is not None:
+            self.control.check()  # a dead listener fails the run (rank 0 raises, torchrun stops the rest)
         box = [[e.to_dict() for e in self.control.drain()] if self.control is not None else []]
         if dist.is_initialized():
             dist.broadcast_object_list(box, src=0)
@@ -337,8 +365,12 @@ class HeadwaterTrainer(Trainer):
 
     def _apply_control(self, commands: list[dict[str, Any]]) -> None:
         # quarantines first: a rollback arriving in the same drain then restores around them
+        seen: set[str] = set()
         for raw in sorted(commands, key=lambda c: c["command"] == "rollback"):
             cmd = Control.from_dict(raw)
+            if cmd.control_id in seen:  # delivered twice in one drain
+                continue
+            seen.add(cmd.control_id)
             logger.warning(f"[control] {cmd.command} {cmd.args} ({cmd.reason})")
             reason = f"{cmd.reason or 'control message'} [control {cmd.control_id} by {cmd.issued_by or '?'}]"
             try:
@@ -351,7 +383,7 @@ class HeadwaterTrainer(Trainer):
                 elif cmd.command == "quarantine_source":
                     self._quarantine(sources={str(cmd.args["source"])}, reason=reason)
                 elif cmd.command == "rollback":
-                    self._rollback(cmd.args, reason=reason)
+                    self._rollback(cmd.args, reason=reason, control_id=cmd.control_id)
             except (KeyError, TypeError, ValueError) as e:
                 self._refuse(cmd, f"bad args: {type(e).__name__}: {e}")
 
@@ -365,8 +397,16 @@ class HeadwaterTrainer(Trainer):
         self._rollback({"target": "last_good"}, reason=f"{self.guard.spikes} loss spikes")
         self.guard.reset_spikes()
 
-    def _rollback(self, args: dict[str, Any], *, reason: str) -> None:
-        """Restore a checkpoint: ``args`` as in trainer/control.py (the shape evaluators/rollback.py sends)."""
+    def _rollback(self, args: dict[str, Any], *, reason: str, control_id: str = "") -> None:
+        """Restore a checkpoint: ``args`` as in trainer/control.py (the shape evaluators/rollback.py sends).
+
+        A no-op for a control id already applied, and for a rollback to the step the run is at
+        right after a rollback to that same step. Crash-atomic: the intent goes to the rollback
+        journal before anything changes, and :meth:`_complete_rollback` finishes it on restart.
+        """
+        if control_id and self.rollbacks.is_applied(control_id):
+            logger.warning(f"[rollback] control {control_id} was already applied: ignored")
+            return
         target = args.get("target", "last_good")
         if target not in ("last_good", "step"):
             raise ValueError(f"target must be 'last_good' or 'step', got {target!r}")
@@ -386,26 +426,60 @@ class HeadwaterTrainer(Trainer):
                                   severity="critical", evidence={"step": self.step, "run_id": self.run_id})
             return
         to_step, from_step = steps[-1], self.step
-        trained = {s for st, names in self.shard_log.items() if st > to_step for s in names}
-        pending = self._union_over_ranks(self.dataloader.pending_shards())
-        quarantined: set[str] = set()
+        control_id = control_id or f"auto-{uuid.uuid4().hex[:12]}"
+        last = self.rollbacks.last
+        if to_step == from_step and last is not None and last["to_step"] == to_step:
+            self.rollbacks.skip(control_id, to_step=to_step, from_step=from_step)
+            logger.warning(f"[rollback] already at step {to_step} since rollback {last['control_id']}: "
+                           f"{control_id} is a no-op")
+            return
+        shards: set[str] = set()
         if args.get("quarantine", "since") == "since":
-            # trained after to_step, or read and waiting in the buffers (bounded by their capacity)
-            quarantined = self._quarantine(shards=(trained | pending) - {""},
-                                           reason=f"trained or read since step {to_step}, rolled back: {reason}")
+            # trained after to_step, or read and waiting in the buffers (bounded by their capacity); only
+            # the named domains' (a shard of unknown domain, from an older checkpoint, counts as theirs)
+            domains = set(map(str, args["domains"])) if args.get("domains") else None
+            trained = {s for st, names in self.shard_log.items() if st > to_step
+                       for s, d in names.items() if domains is None or not d or d in domains}
+            shards = (trained | self._union_over_ranks(self.dataloader.pending_shards(domains))) - {""}
+            scope = f" of domain(s) {sorted(domains)}" if domains else ""
+            reason = f"{reason}; quarantine: shards{scope} trained or read since step {to_step}"
+        safe_id = re.sub(r"[^A-Za-z0-9_-]", "_", control_id)[:64]
+        self.rollbacks.begin({
+            "control_id": control_id, "from_step": from_step, "to_step": to_step, "reason": reason,
+            "quarantine": sorted(shards), "moves": self._step_dirs_after(to_step),
+            "dest": os.path.join(self.checkpointer.folder, "abandoned",
+                                 f"rollback-{from_step}-to-{to_step}-{safe_id}")})
+        quarantined = self._finish_rollback_intent()
         self.checkpointer.load(step=to_step)
         self._reapply_quarantine()
-        self._abandon_checkpoints_after(to_step, from_step)
         logger.warning(f"[rollback] step {from_step} -> {to_step}: {reason}; quarantined {len(quarantined)} shards")
         if self.events is not None:
             self.events.alert("trainer.rollback", f"rolled back from step {from_step} to {to_step}: {reason}",
                               severity="warning", evidence={"from_step": from_step, "to_step": to_step,
-                                                            "run_id": self.run_id, "quarantined": sorted(quarantined)})
+                                                            "run_id": self.run_id, "control_id": control_id,
+                                                            "quarantined": sorted(quarantined)})
         if self.rank == 0:
             self.metrics_log.write({"step": self.step, "event": "rollback", "from_step": from_step, "to_step": to_step,
-                                    "reason": reason, "quarantined_shards": sorted(quarantined),
-                                    "wall_time": time.time()})
+                                    "reason": reason, "control_id": control_id,
+                                    "quarantined_shards": sorted(quarantined), "wall_time": time.time()})
 
+    def _finish_rollback_intent(self) -> set[str]:
+        """Quarantine and move aside what the journal's intent names, then mark it applied (idempotent)."""
+        intent = self.rollbacks.intent
+        quarantined = set()
+        if intent["quarantine"]:
+            quarantined = self._quarantine(shards=set(intent["quarantine"]), reason=intent["reason"])
+        self._abandon_checkpoints(intent["moves"], intent["dest"])
+        self.rollbacks.finish()
+        return quarantined
+
+    def _complete_rollback(self) -> None:
+        """At start-up: finish a rollback a crash interrupted, before choosing the checkpoint to load."""
+        intent = self.rollbacks.intent
+        if intent is not None:
+            logger.warning(f"[rollback] completing interrupted rollback {intent['control_id']} "
+                           f"(step {intent['from_step']} -> {intent['to_step']})")
+            self._finish_rollback_intent()
     @staticmethod
     def _union_over_ranks(names: set[str]) -> set[str]:
         if not dist.is_initialized():
@@ -435,14 +509,19 @@ class HeadwaterTrainer(Trainer):
             logger.warning(f"[quarantine] {len(q.shards)} shards, {len(q.sources)} sources excluded, "
                            f"{dropped} buffered samples dropped")
 
-    def _abandon_checkpoints_after(self, step: int, from_step: int) -> None:
-        """Move checkpoints of the abandoned branch aside so a restart never resumes from them."""
+    def _step_dirs_after(self, step: int) -> list[int]:
+        """Steps of the checkpoint directories beyond ``step``, complete or not."""
+        found = (re.fullmatch(r"step-(\d+)", os.path.basename(p)) for p in glob.glob(os.path.join(self.checkpointer.folder, "step-*")))
+        return sorted(s for s in (int(m.group(1)) for m in found if m) if s > step)
+
+    def _abandon_checkpoints(self, steps: list[int], dest: str) -> None:
+        """Move checkpoints of the abandoned branch into ``dest`` (unique per rollback) so a restart never
+        resumes from them; steps already moved (a rollback completed after a crash) are skipped."""
         if self.rank == 0:
-            dest = os.path.join(self.checkpointer.folder, "abandoned")
             os.makedirs(dest, exist_ok=True)
-            for s in self._checkpoint_steps(good_only=False):
-                if s > step:
-                    shutil.move(self._step_dir(s), os.path.join(dest, f"rolled-back-{from_step}-to-{step}.{s}"))
+            for s in steps:
+                if os.path.isdir(self._step_dir(s)) and not os.path.exists(os.path.join(dest, f"step-{s}")):
+                    os.rename(self._step_dir(s), os.path.join(dest, f"step-{s}"))
         if dist.is_initialized():
             dist.barrier()
 
@@ -453,8 +532,13 @@ class HeadwaterTrainer(Trainer):
         elif self.rank != 0:
             logger.warning(f"[rank {self.rank}] corrupt shard {shard} skipped: {reason}")
 
+    def _on_broker_restored(self, down_s: float) -> None:
+        self.events.alert("kafka.broker_unreachable", f"Kafka broker {self.config.headwater.bootstrap} did not "
+                          f"answer for {down_s:.0f}s; events were held back and control was not received meanwhile",
+                          evidence={"duration_s": down_s, "run_id": self.run_id, "step": self.step})
+
     def close(self) -> None:
-        for closer in (self.control, self.events, self.metrics_log):
+        for closer in (self.broker_watch, self.control, self.events, self.metrics_log):
             if closer is not None:
                 closer.close()
         super().close()

@@ -24,7 +24,7 @@ from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateS
 from beam_jobs.dedup.index import DedupConfig, DedupIndex, fingerprint
 from beam_jobs.records import Doc
 
-__all__ = ["Dedup", "SeedFn", "shard_key"]
+__all__ = ["Dedup", "SeedFn", "release", "shard_key"]
 
 class SeedFn(Protocol):
     """Reads (shard, shard_key, doc_id, text) of published documents in shards not skipped."""
@@ -43,6 +43,14 @@ class _Cached:
 _CACHE: dict[str, _Cached] = {}
 _COUNTS: dict[tuple[str, str], int] = {}
 _EMBEDDERS: dict[str | None, object] = {}
+
+
+def release(token: str) -> None:
+    """Forget the in-process index of ``token``: after a failed micro-batch whose kept documents
+    were never published, the next batch must start from a fresh token seeded from the stream."""
+    _CACHE.pop(token, None)
+    for k in [k for k in _COUNTS if k[0] == token]:
+        del _COUNTS[k]
 
 
 def shard_key(doc: Doc, how: str) -> str:

@@ -62,7 +62,13 @@ class _FilterFn(beam.DoFn):
     def process(self, doc: Doc):
         if doc.dropped is None:
             self.n_in.inc()
-            keep, reason = _verdict(self.text_filter.filter(doc))
+            name = self.text_filter.name
+            try:
+                keep, reason = _verdict(self.text_filter.filter(doc))
+            except Exception as e:  # noqa: BLE001 - a filter failing on one document dead-letters only it
+                Metrics.counter(f"filter.{name}", "dlq_filter_error").inc()
+                yield doc.fail(f"filter.{name}", "filter_error", f"{type(e).__name__}: {e}")
+                return
             if keep:
                 self.n_out.inc()
             else:

@@ -49,9 +49,51 @@ def _phone_ok(m: re.Match) -> bool:
     return 9 <= len(re.sub(r"\D", "", m.group(0))) <= 15
 
 
+_EMAIL_LOCAL = re.compile(r"[\w.+-]")
+_EMAIL_DOMAIN = re.compile(r"[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b")
+_WORD = re.compile(r"\w")
+_SPAN = re.compile(r".*", re.DOTALL)  # ``_SPAN.match(text, i, j)``: a Match of exactly text[i:j]
+
+
+class _Emails:
+    r"""Matches of ``\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b`` in linear time.
+
+    The regex itself is quadratic on long runs of local-part characters without a valid
+    address (``a.a.a…``): every start position rescans the run. Here each ``@`` is found once,
+    its local part is the run of ``[\w.+-]`` before it (from its leftmost word boundary, as
+    the regex's leftmost match), and only the domain after it is matched by a regex.
+    """
+
+    @staticmethod
+    def sub(repl: Callable[[re.Match], str], text: str) -> str:
+        out, last, at = [], 0, text.find("@")
+        while at != -1:
+            start = at
+            while start > last and _EMAIL_LOCAL.match(text, start - 1):
+                start -= 1
+            while start < at and not _boundary(text, start):
+                start += 1
+            domain = _EMAIL_DOMAIN.match(text, at + 1) if start < at else None
+            if domain is None:
+                at = text.find("@", at + 1)
+                continue
+            out += [text[last:start], repl(_SPAN.match(text, start, domain.end()))]
+            last = domain.end()
+            at = text.find("@", last)
+        out.append(text[last:])
+        return "".join(out)
+
+
+def _boundary(text: str, i: int) -> bool:
+    """``\b`` at ``i``: exactly one of the characters around it is a word character."""
+    before = i > 0 and _WORD.match(text, i - 1) is not None
+    after = i < len(text) and _WORD.match(text, i) is not None
+    return before != after
+
+
 # Order matters: structured numbers (IBAN, card) before the looser phone pattern.
-_PATTERNS: list[tuple[str, re.Pattern, Callable[[re.Match], bool] | None]] = [
-    ("email", re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b"), None),
+_PATTERNS: list[tuple[str, re.Pattern | type[_Emails], Callable[[re.Match], bool] | None]] = [
+    ("email", _Emails, None),
     ("iban", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), _iban_check),
     ("credit_card", re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), _card_ok),
     ("ip", re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b"), _ipv4_ok),

@@ -20,7 +20,7 @@ from streams.events import RawRecord
 from .audio_qa import AudioQA, audio_stats
 from .av_decode import decode_audio, open_container
 from .encodec_tokenizer import FRAME_RATE, SAMPLE_RATE, EncodecTokenizer
-from .errors import MediaRejected
+from .errors import MediaConfigError, MediaRejected
 from .health import CodebookHealth
 from .image_decode import ImageQA, decode_image
 from .image_dedup import ImageDeduper
@@ -86,7 +86,9 @@ class MediaProcessor:
     def image_tokenizer(self) -> RVQImageTokenizer:
         if self._image is None:
             if not self.config.image_codebooks:
-                raise RuntimeError("no image codebooks configured: run `headwater discretizer train --modality image`")
+                raise MediaConfigError("image/video records need image codebooks: train them with `headwater "
+                                       "discretizer train --modality image` and pass --image-codebooks DIR "
+                                       "(or leave raw.image/raw.video out of the job)")
             self._image = RVQImageTokenizer.load(self.config.image_codebooks)
             if self._image.codebook_size > self.vocab.codebook("image").codes:
                 raise ValueError(f"{self._image.name}: {self._image.codebook_size} codes exceed the vocab's image range")

@@ -21,7 +21,7 @@ from apache_beam.metrics import Metrics
 
 from streams.events import DeadLetter
 
-from .errors import MediaRejected
+from .errors import MediaConfigError, MediaRejected
 from .health import CodebookHealth, HealthThresholds
 from .process import MediaConfig, MediaProcessor, Result
 
@@ -60,17 +60,38 @@ class _TokenizeMediaFn(beam.DoFn):
                 by_modality[record.modality].append((coords, record, self.proc.payload(record)))
             except MediaRejected as e:
                 yield from self._emit(coords, Result(record, reason=f"read:{e.reason}", detail=e.detail, dead=True))
+            except Exception as e:  # noqa: BLE001 - an unforeseen read failure is this record's
+                yield from self._emit(coords, Result(record, reason="read:internal_error",
+                                                     detail=f"{type(e).__name__}: {e}", dead=True))
         for modality, items in by_modality.items():
-            try:
-                results = getattr(self.proc, modality)([(r, d) for _, r, d in items])
-            except Exception as e:  # noqa: BLE001 - a model failure must not lose the batch's offsets
-                results = [Result(r, reason=f"{modality}:tokenizer_error", detail=f"{type(e).__name__}: {e}", dead=True)
-                           for _, r, _ in items]
-            for (coords, _, _), result in zip(items, results):
+            for (coords, _, _), result in zip(items, self._tokenize(modality, items)):
                 yield from self._emit(coords, result)
         if self.proc.health.samples:
             yield beam.pvalue.TaggedOutput(HEALTH_TAG, self.proc.health)
             self.proc.health = CodebookHealth()
+
+    def _tokenize(self, modality: str, items: list) -> list[Result]:
+        """Run one modality's batch; if it fails, run its records one by one so only the record that
+        fails is dead-lettered (``tokenizer_error``). A configuration error stops the job."""
+        run = getattr(self.proc, modality)
+        try:
+            return run([(r, d) for _, r, d in items])
+        except MediaConfigError:
+            raise
+        except Exception:  # noqa: BLE001 - isolate the failing record below
+            if len(items) == 1:
+                return self._one(run, modality, items[0])
+        return [r for item in items for r in self._one(run, modality, item)]
+
+    @staticmethod
+    def _one(run, modality: str, item) -> list[Result]:
+        _, record, data = item
+        try:
+            return run([(record, data)])
+        except MediaConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - this record's failure, dead-lettered with the error
+            return [Result(record, reason=f"{modality}:tokenizer_error", detail=f"{type(e).__name__}: {e}", dead=True)]
 
     def _emit(self, coords, result: Result):
         record = result.record

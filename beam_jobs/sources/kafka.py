@@ -13,16 +13,25 @@ the job commits only up to what is settled; settled offsets are filtered the sam
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import apache_beam as beam
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+from apache_beam.metrics import Metrics
 from apache_beam.transforms.core import RestrictionProvider
 
 from beam_jobs.records import KafkaCoords
 from beam_jobs.settlement import ResumePlan
 
-__all__ = ["KafkaSourceConfig", "PartitionRange", "ReadKafkaRanges", "ReadKafkaXlang", "next_ranges"]
+if TYPE_CHECKING:
+    from streams.kafka import KafkaSettings
+
+__all__ = ["KafkaSourceConfig", "PartitionRange", "ReadKafkaRanges", "ReadKafkaXlang", "RetentionGaps", "next_ranges",
+           "xlang_consumer_config"]
+
+log = logging.getLogger(__name__)
 
 _CONSUMERS: dict[tuple, object] = {}
 
@@ -42,20 +51,45 @@ class KafkaSourceConfig:
 
 @dataclass(frozen=True, slots=True)
 class PartitionRange:
-    """Offsets [start, end) of one partition to read in this batch."""
+    """Offsets [start, end) of one partition to read in this batch; ``skipped``: offsets newly found
+    deleted by retention before they were settled (counted as ``source/skipped_retention``)."""
 
     topic: str
     partition: int
     start: int
     end: int
+    skipped: int = 0
 
 
-def next_ranges(config: KafkaSourceConfig, plan: ResumePlan, consumer) -> tuple[list[PartitionRange], dict]:
+class RetentionGaps:
+    """Counts unsettled offsets below each partition's log start (deleted by retention, never read),
+    each once per process: :meth:`new` returns only what was not reported before."""
+
+    def __init__(self) -> None:
+        self.reported: dict[tuple[str, int], int] = {}
+
+    @staticmethod
+    def lost(plan: ResumePlan, topic: str, partition: int, log_start: int) -> int:
+        """Offsets in [0, log_start) that the stream root never settled."""
+        settled = sum(max(0, min(e, log_start) - s) for s, e in plan.ranges.get((topic, partition), ()) if s < log_start)
+        return max(0, log_start - settled)
+
+    def new(self, plan: ResumePlan, topic: str, partition: int, log_start: int) -> int:
+        total = self.lost(plan, topic, partition, log_start)
+        before = self.reported.get((topic, partition), 0)
+        self.reported[(topic, partition)] = max(before, total)
+        return max(0, total - before)
+
+
+def next_ranges(config: KafkaSourceConfig, plan: ResumePlan, consumer,
+                gaps: RetentionGaps | None = None) -> tuple[list[PartitionRange], dict]:
     """The next batch's ranges and every partition's resume offset.
 
     Ranges are capped, not bounded by the partition's end offset: a range ends where the
     partition has no more records (end offsets are unreliable on some brokers: tansu reports
     the last batch's base offset + 1). Unread offsets stay unsettled for the next batch.
+    Offsets below a partition's log start that were never settled are lost to retention: they
+    are skipped, logged and (with ``gaps``) counted in the ranges' ``skipped``.
     """
     from kafka import TopicPartition
 
@@ -70,7 +104,11 @@ def next_ranges(config: KafkaSourceConfig, plan: ResumePlan, consumer) -> tuple[
     for tp in tps:
         start = plan.start(tp.topic, tp.partition, begins[tp])
         positions[tp] = start
-        ranges.append(PartitionRange(tp.topic, tp.partition, start, start + config.max_batch_per_partition))
+        skipped = gaps.new(plan, tp.topic, tp.partition, begins[tp]) if gaps is not None else 0
+        if skipped:
+            log.warning("%s[%d]: %d offsets below the log start %d were deleted by retention before they were "
+                        "settled; skipping them", tp.topic, tp.partition, skipped, begins[tp])
+        ranges.append(PartitionRange(tp.topic, tp.partition, start, start + config.max_batch_per_partition, skipped))
     return ranges, positions
 
 
@@ -108,6 +146,8 @@ class _ReadRangeFn(beam.DoFn):
         tp = TopicPartition(element.topic, element.partition)
         consumer = self._consumer(tp)
         restriction = tracker.current_restriction()
+        if element.skipped and restriction.start == element.start:
+            Metrics.counter("source", "skipped_retention").inc(element.skipped)
         consumer.seek(tp, restriction.start)
         last = restriction.start - 1
         idle_since = time.monotonic()
@@ -127,6 +167,8 @@ class _ReadRangeFn(beam.DoFn):
                     continue
                 if not tracker.try_claim(record.offset):
                     return
+                if record.offset > last + 1:  # compaction, transaction markers or retention racing the read
+                    Metrics.counter("source", "offset_gaps").inc(record.offset - last - 1)
                 last = record.offset
                 if not self.plan.is_settled(tp.topic, tp.partition, record.offset):
                     yield KafkaCoords(tp.topic, tp.partition, record.offset), record.value
@@ -147,6 +189,13 @@ class ReadKafkaRanges(beam.PTransform):
         )
 
 
+def xlang_consumer_config(config: KafkaSourceConfig, settings: KafkaSettings) -> dict[str, str]:
+    """Java consumer properties for ReadFromKafka: the connection and credential of ``settings``
+    (SASL/TLS, see ``KafkaSettings.java_client_config``) plus the group and offset policy."""
+    return {**settings.java_client_config(), "group.id": config.group, "auto.offset.reset": "earliest",
+            "enable.auto.commit": "false"}
+
+
 class ReadKafkaXlang(beam.PTransform):
     """Beam's cross-language ReadFromKafka (Java expansion service), mapped to (KafkaCoords, bytes)."""
 
@@ -157,13 +206,12 @@ class ReadKafkaXlang(beam.PTransform):
     def expand(self, pbegin):
         from apache_beam.io.kafka import ReadFromKafka
 
+        from streams.kafka import KafkaSettings
+
         plan = self.plan
-        consumer_config = {
-            "bootstrap.servers": self.config.bootstrap,
-            "group.id": self.config.group,
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": "false",
-        }
+        # built at launch, where HEADWATER_KAFKA_* and the mounted secret files are: workers get the properties
+        settings = KafkaSettings.load(bootstrap=self.config.bootstrap, client_id="headwater-ingest")
+        consumer_config = xlang_consumer_config(self.config, settings)
         return (
             pbegin
             | "ReadFromKafka" >> ReadFromKafka(consumer_config=consumer_config, topics=self.config.topics, with_metadata=True)

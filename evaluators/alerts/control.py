@@ -2,34 +2,54 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kafka import KafkaProducer
 
 from evaluators.lineage import LineageLog
-from evaluators.rollback import RollbackPolicy
+from evaluators.rollback import Decision, RollbackPolicy
 from streams.events import Alert
 from streams.kafka import publish
+from streams.signing import SigningKey, sign_control
 
 __all__ = ["ControlHook"]
 
 
 @dataclass(kw_only=True, slots=True)
 class ControlHook:
-    """Publish the policy's Controls for an alert on the ``control`` topic, each recorded in lineage."""
+    """Publish the policy's Controls for an alert on ``control`` (each recorded in lineage) and its
+    pages on ``alerts``.
+
+    The policy decides once per alert; if a publish fails the hook raises, and calling it again
+    for the same alert publishes what is left of that same decision (same ``control_id``s, which
+    the trainer applies at most once), never a second decision. With a ``key`` every Control is
+    signed (streams/signing.py) when decided.
+    """
 
     producer: KafkaProducer
     policy: RollbackPolicy
     lineage: LineageLog
     topic: str = "control"
     name: str = "control"
+    key: SigningKey | None = None
+    _pending: dict[str, tuple[Decision, list[int]]] = field(default_factory=dict)  # + #controls, #alerts sent
 
-    def __call__(self, alert: Alert) -> dict:
-        decision = self.policy.decide(alert)
-        if not decision.controls:
-            self.lineage.record(action="skipped", reason=decision.skipped, alert=alert)
-            return {"controls": [], "skipped": decision.skipped}
-        for control in decision.controls:
+    def __call__(self, alert: Alert, action: str = "none") -> dict:
+        if alert.alert_id not in self._pending:
+            decision = self.policy.decide(alert, action)
+            if self.key is not None:
+                decision.controls = [sign_control(c, self.key) for c in decision.controls]
+            if decision.skipped:
+                self.lineage.record(action="skipped", reason=decision.skipped, alert=alert)
+            self._pending[alert.alert_id] = (decision, [0, 0])
+        decision, sent = self._pending[alert.alert_id]
+        for control in decision.controls[sent[0]:]:
             publish(self.producer, self.topic, control, key=control.command)
             self.lineage.record(action=control.command, reason=control.reason, alert=alert, control=control)
-        return {"controls": [c.control_id for c in decision.controls]}
+            sent[0] += 1
+        for page in decision.alerts[sent[1]:]:
+            publish(self.producer, "alerts", page, key=page.rule)
+            sent[1] += 1
+        del self._pending[alert.alert_id]
+        return {"controls": [c.control_id for c in decision.controls],
+                **({"skipped": decision.skipped} if decision.skipped else {})}

@@ -1,9 +1,13 @@
-"""Route alerts to named hooks; each alert is delivered once, a failing hook never stops the others.
+"""Deliver alerts to named hooks: an alert is done only once all its hooks succeeded.
 
-Hooks are declared in the rules TOML::
+Which hooks an alert goes to (and the control action it may trigger) is decided by
+:class:`evaluators.alerts.routing.Router` from the rules TOML, never by the alert. Hooks are
+declared there too::
 
     [dispatch]
-    default_hooks = ["webhook", "control"]   # for alerts that name none (e.g. eval regressions)
+    default_hooks = ["webhook", "control"]   # alerts whose rule names none
+    retries = 2          # a failing hook is retried this many times per dispatch ...
+    backoff_s = 0.5      # ... after 0.5 s, 1 s, ... (capped at max_backoff_s)
 
     [hooks.webhook]
     type = "webhook"
@@ -15,26 +19,33 @@ Hooks are declared in the rules TOML::
     [hooks.page]
     type = "command"
     argv = ["/usr/local/bin/page-oncall", "--rule", "{rule}"]
+    env = ["PAGER_TOKEN"]    # passed through besides PATH and LANG; nothing else is inherited
 
     [hooks.control]
     type = "control"
+
+    [actions]                                # control actions granted to alerts the engine did not raise
+    eval_regression = ["rollback"]
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from evaluators.alerts.command import CommandHook
+from evaluators.alerts.routing import Route
 from evaluators.alerts.webhook import WebhookHook, load_secret
 from streams.events import Alert
 
 __all__ = ["Dispatcher", "HookError", "build_hooks"]
 
 log = logging.getLogger(__name__)
-Hook = Callable[[Alert], dict]
+Hook = Callable[[Alert, str], dict]
+"""called with the alert and the control action its route allows; returns a result dict"""
 
 
 class HookError(ValueError):
@@ -62,34 +73,68 @@ def build_hooks(doc: dict[str, Any], *, control: Hook | None = None) -> dict[str
 
 
 class Dispatcher:
-    """Deliver each alert (by ``alert_id``, once) to the hooks it names or the defaults."""
+    """Deliver each alert (by ``alert_id``) to the hooks of its route until all have succeeded.
 
-    def __init__(self, hooks: dict[str, Hook], *, default_hooks: list[str] | None = None, remember: int = 10_000):
-        unknown = [h for h in default_hooks or [] if h not in hooks]
-        if unknown:
-            raise HookError(f"default_hooks names undeclared hook(s): {unknown}")
+    A failing hook is retried ``retries`` times with exponential backoff within one
+    :meth:`dispatch`; hooks that already succeeded for an alert are not called again when it is
+    dispatched again. The caller decides what an alert that is still not done means
+    (the sentinel keeps its offset uncommitted while a control hook fails) or gives up on it
+    with :meth:`give_up`.
+    """
+
+    def __init__(self, hooks: dict[str, Hook], *, retries: int = 2, backoff_s: float = 0.5,
+                 max_backoff_s: float = 10.0, remember: int = 10_000,
+                 sleep: Callable[[float], None] = time.sleep):
         self.hooks = hooks
-        self.default_hooks = list(default_hooks or [])
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
+        self.sleep = sleep
+        self._done: OrderedDict[str, None] = OrderedDict()
+        self._succeeded: dict[str, set[str]] = {}  # alert_id -> hooks done, for alerts not done yet
         self._remember = remember
 
-    def dispatch(self, alert: Alert) -> dict[str, dict]:
-        """Results per hook name: ``{"ok": True, ...}`` or ``{"ok": False, "error": ...}``; {} for repeats."""
-        if alert.alert_id in self._seen:
+    def is_done(self, alert_id: str) -> bool:
+        return alert_id in self._done
+
+    def dispatch(self, alert: Alert, route: Route) -> dict[str, dict]:
+        """Results per hook called: ``{"ok": True, ...}`` or ``{"ok": False, "error": ...}``; {} when done before."""
+        if alert.alert_id in self._done:
             return {}
-        self._seen[alert.alert_id] = None
-        while len(self._seen) > self._remember:
-            self._seen.popitem(last=False)
-        names = alert.evidence.get("hooks") or self.default_hooks
+        succeeded = self._succeeded.setdefault(alert.alert_id, set())
         results: dict[str, dict] = {}
-        for name in names:
-            hook = self.hooks.get(name)
-            if hook is None:
-                results[name] = {"ok": False, "error": f"no hook named {name!r}"}
+        for name in route.hooks:
+            if name in succeeded:
                 continue
-            try:
-                results[name] = {"ok": True, **hook(alert)}
-            except Exception as e:  # noqa: BLE001 - a broken hook must not silence the others
-                log.error("hook %s failed for alert %s: %s", name, alert.alert_id, e)
-                results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            results[name] = self._call(name, alert, route.action)
+            if results[name]["ok"]:
+                succeeded.add(name)
+        if succeeded >= set(route.hooks):
+            self._finish(alert.alert_id)
         return results
+
+    def give_up(self, alert_id: str) -> None:
+        """Stop retrying an alert's failed hooks (the caller has raised the failure)."""
+        self._finish(alert_id)
+
+    def _call(self, name: str, alert: Alert, action: str) -> dict:
+        hook = self.hooks.get(name)
+        if hook is None:
+            return {"ok": False, "error": f"no hook named {name!r}"}
+        error = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.sleep(min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s))
+            try:
+                return {"ok": True, **hook(alert, action)}
+            except Exception as e:  # noqa: BLE001 - a broken hook must not silence the others
+                error = f"{type(e).__name__}: {e}"
+                log.error("hook %s failed for alert %s (attempt %d/%d): %s", name, alert.alert_id,
+                          attempt + 1, self.retries + 1, error)
+        log.critical("hook %s gave up on alert %s (%s) after %d attempts: %s", name, alert.alert_id,
+                     alert.rule, self.retries + 1, error)
+        return {"ok": False, "error": error, "attempts": self.retries + 1}
+
+    def _finish(self, alert_id: str) -> None:
+        self._succeeded.pop(alert_id, None)
+        self._done[alert_id] = None
+        while len(self._done) > self._remember:
+            self._done.popitem(last=False)

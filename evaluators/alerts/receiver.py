@@ -1,6 +1,7 @@
 """A signed-webhook endpoint on 127.0.0.1: what an on-call integration looks like locally.
 
-It verifies each POST's HMAC signature (see :mod:`evaluators.alerts.webhook`), keeps what it
+It verifies each POST's HMAC signature and freshness and rejects replays (see
+:class:`evaluators.alerts.webhook.ReplayGuard`: 401 invalid, 409 replay), keeps what it
 received, and optionally appends it to a JSON-lines file. ``headwater demo`` uses it as the
 on-call endpoint; the tests use it (``fail_first``) to exercise retries.
 """
@@ -13,7 +14,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from evaluators.alerts.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
+from evaluators.alerts.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, ReplayGuard
 
 __all__ = ["SignedWebhookReceiver"]
 
@@ -25,6 +26,8 @@ class SignedWebhookReceiver:
                  log_path: Path | None = None):
         self.received: list[dict] = []
         self.attempts: list[float] = []
+        self.rejected: list[str] = []  # "invalid" | "replay", one per rejected post
+        guard = ReplayGuard(secret)
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -35,10 +38,21 @@ class SignedWebhookReceiver:
                     self.send_response(status_on_fail)
                     self.end_headers()
                     return
-                ok = verify_signature(secret, self.headers.get(TIMESTAMP_HEADER, ""), body,
+                verdict = guard.check(self.headers.get(TIMESTAMP_HEADER, ""), body,
                                       self.headers.get(SIGNATURE_HEADER, ""))
-                entry = {"valid": ok, "alert": json.loads(body or b"{}"), "path": self.path,
-                         "received_at": time.time()}
+                if verdict == "replay":
+                    receiver.rejected.append(verdict)
+                    self.send_response(409)
+                    self.end_headers()
+                    return
+                ok = verdict == "ok"
+                if not ok:
+                    receiver.rejected.append(verdict)
+                try:
+                    alert = json.loads(body or b"{}")
+                except ValueError:
+                    alert = {}
+                entry = {"valid": ok, "alert": alert, "path": self.path, "received_at": time.time()}
                 receiver.received.append(entry)
                 if log_path is not None:
                     with open(log_path, "a") as f:

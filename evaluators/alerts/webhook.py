@@ -5,15 +5,20 @@ Headers sent::
     X-Headwater-Timestamp: <unix seconds>
     X-Headwater-Signature: sha256=<hex HMAC-SHA256(secret, timestamp + "." + body)>
 
-Receivers verify with :func:`verify_signature` (constant-time compare, max age).
+Receivers verify with :func:`verify_signature` (constant-time compare, finite timestamp within
+``max_age_s``) and reject replays with :class:`ReplayGuard` (alert ids seen within the window);
+a replay is answered 409, which the hook takes as "delivered before".
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
+import math
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,7 +27,7 @@ from pathlib import Path
 
 from streams.events import Alert
 
-__all__ = ["WebhookError", "WebhookHook", "load_secret", "sign", "verify_signature"]
+__all__ = ["ReplayGuard", "WebhookError", "WebhookHook", "load_secret", "sign", "verify_signature"]
 
 log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-Headwater-Signature"
@@ -43,12 +48,40 @@ def verify_signature(secret: bytes, timestamp: str, body: bytes, signature: str,
                      *, max_age_s: float = 300.0, now: float | None = None) -> bool:
     """True if ``signature`` is valid for ``body`` and the timestamp is fresh."""
     try:
-        age = (time.time() if now is None else now) - float(timestamp)
+        sent = float(timestamp)
     except ValueError:
         return False
-    if abs(age) > max_age_s:
+    if not math.isfinite(sent) or abs((time.time() if now is None else now) - sent) > max_age_s:
         return False
     return hmac.compare_digest(sign(secret, timestamp, body), signature)
+
+
+class ReplayGuard:
+    """Signature + freshness check, and each alert id accepted once within the freshness window."""
+
+    def __init__(self, secret: bytes, *, max_age_s: float = 300.0):
+        self.secret, self.max_age_s = secret, max_age_s
+        self._seen: dict[str, float] = {}  # alert_id -> when accepted
+        self._lock = threading.Lock()
+
+    def check(self, timestamp: str, body: bytes, signature: str, *, now: float | None = None) -> str:
+        """``"ok"``, ``"invalid"`` (signature, timestamp or body) or ``"replay"`` (id seen in the window)."""
+        now = time.time() if now is None else now
+        if not verify_signature(self.secret, timestamp, body, signature, max_age_s=self.max_age_s, now=now):
+            return "invalid"
+        try:
+            alert_id = json.loads(body).get("alert_id")
+        except (ValueError, AttributeError):
+            return "invalid"
+        if not isinstance(alert_id, str) or not alert_id:
+            return "invalid"
+        with self._lock:
+            # a timestamp older than the window is rejected above, so older ids can be forgotten
+            self._seen = {k: t for k, t in self._seen.items() if now - t <= 2 * self.max_age_s}
+            if alert_id in self._seen:
+                return "replay"
+            self._seen[alert_id] = now
+        return "ok"
 
 
 def load_secret(*, env: str | None = None, file: str | None = None) -> bytes:
@@ -75,7 +108,7 @@ class WebhookHook:
     timeout_s: float = 10.0
     name: str = "webhook"
 
-    def __call__(self, alert: Alert) -> dict:
+    def __call__(self, alert: Alert, action: str = "none") -> dict:
         body = alert.to_bytes()
         last_error = ""
         for attempt in range(self.retries + 1):
@@ -92,6 +125,8 @@ class WebhookHook:
                 with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                     return {"status": resp.status, "attempts": attempt + 1}
             except urllib.error.HTTPError as e:
+                if e.code == 409:  # the receiver has this alert already (an earlier attempt got through)
+                    return {"status": 409, "attempts": attempt + 1, "duplicate": True}
                 last_error = f"HTTP {e.code}"
                 if 400 <= e.code < 500 and e.code != 429:
                     raise WebhookError(f"{self.url} rejected alert {alert.alert_id}: {last_error}") from None

@@ -25,9 +25,13 @@ import numpy as np
 from streams.mds import TailReader
 from trainer.data.packer import Doc
 
-__all__ = ["StreamBuffers"]
+__all__ = ["PrefetchError", "StreamBuffers"]
 
 log = logging.getLogger(__name__)
+
+
+class PrefetchError(RuntimeError):
+    """The background prefetch thread died; raised to the consumer of the buffers."""
 
 
 class StreamBuffers:
@@ -67,6 +71,7 @@ class StreamBuffers:
         self._thread: threading.Thread | None = None
         self._generation = 0  # bumped by load_state_dict: the fill thread reopens its generators
         self.last_sample_at = time.monotonic()
+        self.error: BaseException | None = None  # set when the prefetch thread died; see check()
 
     def _corrupt_cb(self, root: str):
         def cb(shard: str, reason: str) -> None:
@@ -97,6 +102,22 @@ class StreamBuffers:
         return total >= self.soft_capacity and not starving
 
     def _run(self) -> None:
+        try:
+            self._fill()
+        except BaseException as e:  # surfaced to the training loop by check()
+            log.exception("stream prefetch thread failed")
+            with self._cond:
+                self.error = e
+                self._cond.notify_all()
+
+    def check(self) -> None:
+        """Raise :class:`PrefetchError` if the prefetch thread died (the training loop must not wait
+        forever on buffers nobody fills)."""
+        if self.error is not None:
+            raise PrefetchError(f"stream prefetch thread failed: {type(self.error).__name__}: {self.error}") \
+                from self.error
+
+    def _fill(self) -> None:
         gens: list = [None] * len(self.readers)
         generation = self._generation
         while not self._stop.is_set():
@@ -159,6 +180,7 @@ class StreamBuffers:
             self._wanted.add(domain)
             try:
                 while not self.buffers.get(domain):
+                    self.check()
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return None
@@ -171,6 +193,8 @@ class StreamBuffers:
         """Pop the next document of ``domain`` if one is buffered (the fast path of :meth:`take`)."""
         with self._cond:
             buf = self.buffers.get(domain)
+            if not buf:
+                self.check()
             return buf.popleft() if buf else None
 
     def retired_domains(self) -> set[str]:
@@ -187,6 +211,7 @@ class StreamBuffers:
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while not any(buf for d, buf in self.buffers.items() if among is None or d in among):
+                self.check()
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -215,10 +240,10 @@ class StreamBuffers:
                 self.buffers[d] = keep
         return dropped
 
-    def buffered_shards(self) -> set[str]:
-        """Shards with samples waiting in the buffers (read but not trained yet)."""
+    def buffered_shards(self, domains: set[str] | None = None) -> set[str]:
+        """Shards with samples waiting in the buffers (read but not trained yet), of ``domains`` if given."""
         with self._cond:
-            return {doc.shard for buf in self.buffers.values() for doc in buf}
+            return {doc.shard for d, buf in self.buffers.items() if domains is None or d in domains for doc in buf}
 
     # -- checkpoint -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

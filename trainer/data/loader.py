@@ -52,6 +52,7 @@ class BatchMeta:
     produced_at: list[float]
     wait_s: float  # time this batch waited for data
     starved: list[str]
+    shard_domains: dict[str, str] = field(default_factory=dict)  # shard -> its domain (one per shard)
 
     def domain_sums(self, token_losses: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, float], dict[str, int]]:
         """Per-domain loss sums (float64) and label-token counts of CPU tensors, ``IGNORE_INDEX`` excluded."""
@@ -132,10 +133,12 @@ class LiveStreamDataLoader(BaseDataLoader):
             dropped += self.buffers.drop_sources(set(sources))
         return dropped + int(self.packer.drop_carry(shards=set(shards), sources=set(sources)))
 
-    def pending_shards(self) -> set[str]:
-        """Shards read into this rank's buffers (or carried by the packer) but not fully trained."""
+    def pending_shards(self, domains: set[str] | None = None) -> set[str]:
+        """Shards read into this rank's buffers (or carried by the packer) but not fully trained
+        (of ``domains`` only, if given)."""
         carry = self.packer.carry
-        return self.buffers.buffered_shards() | ({carry.shard} if carry is not None else set())
+        carried = {carry.shard} if carry is not None and (domains is None or carry.domain in domains) else set()
+        return self.buffers.buffered_shards(domains) | carried
 
     # -- iteration -------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
@@ -165,6 +168,7 @@ class LiveStreamDataLoader(BaseDataLoader):
             produced_at=[d.produced_at for d in docs],
             wait_s=time.monotonic() - t0,
             starved=starved,
+            shard_domains={d.shard: d.domain for d in docs},
         )
         self.status = "running"
         batch = {

@@ -1,0 +1,134 @@
+"""Fault injection (issue 14): disk full on the stream root, a paused broker, a corrupt checkpoint.
+
+Each fault must end with a clear alert, no record lost or written twice, and recovery. The
+scenarios live in :mod:`fault_scenarios` (tests/helpers) so that bench/bench_reliability.py
+runs the same code and reports its figures.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from beam_jobs.disk_full import is_disk_full
+from streams.events import OffsetRange
+from streams.mds import LiveStreamWriter, settled_ranges
+
+HELPERS = Path(__file__).resolve().parent / "helpers"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, HELPERS / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tmpfs = _load("tmpfs")
+workload = _load("mds_workload")
+scenarios = _load("fault_scenarios")
+
+
+def _ids(root: str) -> list[str]:
+    from streaming import StreamingDataset
+
+    ds = StreamingDataset(local=root, batch_size=1, shuffle=False)
+    return [ds[i]["id"] for i in range(len(ds))]
+
+
+def _leftovers(root: str) -> list[str]:
+    """Temp files, unpublished shard files and staging dirs left in the root."""
+    from streams.manifest import read_index, shard_name_of
+
+    published = {shard_name_of(i) for i in read_index(root)["shards"]}
+    out = [n for n in os.listdir(root) if n.endswith(".tmp") or ".tmp-" in n]
+    out += [n for n in os.listdir(root) if ".mds" in n and n.split(".mds")[0] not in published]
+    out += os.listdir(os.path.join(root, ".staging"))
+    return out
+
+
+def test_disk_full_writer_publishes_nothing_partial_and_recovers(tmp_path):
+    """At every point a shard publish can run out of space, the root stays consistent: the
+    settled ranges are exactly the published shards, index.json parses, no temp file or orphan
+    shard is left; once space is freed the same write succeeds, each sample exactly once."""
+    with tmpfs.small_tmpfs(tmp_path / "mnt", "256k") as mnt:
+        root = os.path.join(mnt, "s")
+        w = LiveStreamWriter(root, writer_id="w0", manifest={"vocab_version": "v-test"})
+        w.write_shard(workload.make_samples("w0", 0, 20), domain="web",
+                      settled=[OffsetRange(topic="t", partition=0, start=0, end=20)])
+        before = _ids(root)
+        second = workload.make_samples("w0", 1, 60)
+        failures = 0
+        for pages in range(12):  # leave 0, 1, 2... pages free: fail at each step of a publish
+            ballast = tmpfs.fill(mnt, leave=pages * tmpfs.PAGE)
+            try:
+                w.write_shard(second, domain="web", settled=[OffsetRange(topic="t", partition=0, start=20, end=80)])
+            except OSError as e:
+                assert is_disk_full(e), e
+                failures += 1
+                assert settled_ranges(root) == [OffsetRange(topic="t", partition=0, start=0, end=20)]
+                with open(os.path.join(root, "index.json")) as f:
+                    assert json.load(f)["version"] == 2
+                assert _leftovers(root) == []
+                assert _ids(root) == before
+                os.unlink(ballast)
+                continue
+            os.unlink(ballast)
+            break
+        else:
+            pytest.fail("the write never succeeded with 11 pages free")
+        assert failures >= 2, "the disk never ran full: the test does not test anything"
+        ids = _ids(root)
+        assert sorted(ids) == sorted(before + [s["id"] for s in second]) and len(ids) == len(set(ids))
+        assert settled_ranges(root) == [OffsetRange(topic="t", partition=0, start=0, end=80)]
+
+
+def test_disk_full_streaming_ingest_alerts_waits_and_resumes(broker, tmp_path):
+    """Streaming ingest onto a tiny tmpfs that fills up: Alert ``ingest.disk_full``, nothing
+    settled without its data, and after space is freed it resumes on its own: every valid
+    record exactly once in the stock StreamingDataset."""
+    r = scenarios.disk_full_ingest(broker.bootstrap, tmp_path)
+    assert r.alerts and r.alerts[0]["rule"] == "ingest.disk_full" and r.alerts[0]["severity"] == "critical"
+    assert r.resolved, "no ingest.disk_full_resolved alert after space was freed"
+    assert "disk full on stream root" in r.log
+    assert r.lost == [] and r.duplicates == 0
+    assert r.settled_while_full_ok and r.leftovers == []
+    assert r.recovery_s < 30
+
+
+@pytest.mark.slow
+def test_corrupt_latest_checkpoints_fall_back_to_the_newest_intact_one(tmp_path):
+    """A truncated latest checkpoint and a silently garbled one before it (same size: only the
+    signed manifest's hash shows it) are detected, alerted and moved aside; the trainer resumes
+    from the checkpoint before them (not from scratch) and re-trains the same losses."""
+    r = scenarios.corrupt_checkpoint(tmp_path, steps=12, every=4)
+    assert r.exit_code == 0, r.log[-3000:]
+    assert r.moved_aside and {n.split(".")[0] for n in r.moved_aside} == {"step-12", "step-8"}
+    assert len(r.alerts) == 1 and r.alerts[0]["severity"] == "critical"
+    assert "step-12" in r.alerts[0]["message"] and "step-8" in r.alerts[0]["message"]
+    assert r.resumed_step == 4
+    assert r.retrained == list(range(5, 13)), r.retrained  # steps 1-4 not trained again: no fresh start
+    assert r.losses_match
+    assert "checkpoint step-12" in r.log and "is corrupt" in r.log
+
+
+@pytest.mark.slow
+def test_broker_paused_30s_nothing_lost_or_duplicated(fresh_broker, tmp_path):
+    """SIGSTOP the broker 30 s while streaming ingest runs and a trainer uses Kafka (control,
+    metrics, checkpoint events): both warn while it is unreachable, alert once it is back,
+    finish, and lose or duplicate nothing (records, checkpoint events)."""
+    r = scenarios.broker_pause(fresh_broker, tmp_path, pause_s=30)
+    assert r.exit_code == 0, r.log[-3000:]
+    assert r.trainer_exit == 0, r.trainer_log[-3000:]
+    assert r.lost == [] and r.duplicates == 0
+    assert r.trainer_steps == list(range(1, 41))
+    assert sorted(r.checkpoint_events) == [10, 20, 30, 40]  # each announced exactly once
+    assert any("streaming ingest" in w for w in r.warnings) and any("trainer" in w for w in r.warnings)
+    assert {a["source"] for a in r.alerts} >= {"ingest", "trainer"}
+    assert all(a["evidence"]["duration_s"] >= 25 for a in r.alerts)
+    assert r.recovery_s < 30

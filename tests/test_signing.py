@@ -1,0 +1,194 @@
+"""Signed controls: keys, keyring permissions, and every way ControlVerifier refuses a control."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from streams.events import Control, decode_event
+from streams.signing import (
+    ControlRejected,
+    ControlVerifier,
+    Keyring,
+    SigningError,
+    canonical_control_bytes,
+    generate_keypair,
+    load_signing_key,
+    sign_bytes,
+    sign_control,
+    verify_bytes,
+    write_dev_keys,
+)
+
+NOW = 1_800_000_000.0
+
+
+@pytest.fixture()
+def keys():
+    return {role: generate_keypair(f"k-{role}", role) for role in ("operator", "sentinel", "trainer")}
+
+
+@pytest.fixture()
+def ring(keys):
+    r = Keyring()
+    for k in keys.values():
+        r.add(k.key_id, k.public_key, k.role)
+    return r
+
+
+def verifier(ring, **kw):
+    return ControlVerifier(ring, window_s=300, max_skew_s=30, clock=lambda: NOW, **kw)
+
+
+def rollback(**kw):
+    return Control(command="rollback", args={"target": "step", "run_id": "run-1", "step": 10}, reason="test",
+                   issued_at=NOW, **kw)
+
+
+def at(control: Control, t: float) -> Control:
+    return dataclasses.replace(control, issued_at=t)
+
+
+def rejected(v, control, **kw) -> str:
+    with pytest.raises(ControlRejected) as e:
+        v.verify(control, **kw)
+    return e.value.reason
+
+
+def test_signed_control_survives_the_wire_and_is_accepted_once(keys, ring):
+    signed = sign_control(rollback(issued_by="anyone"), keys["operator"])
+    assert signed.issued_by == signed.key_id == "k-operator" and signed.signature
+    wire = decode_event(signed.to_bytes())
+    v = verifier(ring)
+    assert v.verify(wire).role == "operator"
+    assert rejected(v, wire) == "replayed"
+
+
+def test_forged_tampered_and_foreign_controls_are_rejected(keys, ring):
+    v = verifier(ring)
+    assert rejected(v, rollback()) == "unsigned"
+    signed = sign_control(rollback(), keys["operator"])
+    tampered = dataclasses.replace(signed, args={**signed.args, "step": 0})
+    assert rejected(v, tampered) == "bad_signature"
+    assert rejected(v, dataclasses.replace(signed, reason="other")) == "bad_signature"
+    assert rejected(v, dataclasses.replace(signed, signature="A" * 88)) == "bad_signature"
+    assert rejected(v, dataclasses.replace(signed, signature="%%not base64%%")) == "bad_signature"
+    # signed by a key the keyring does not know, or claiming a known key id
+    stranger = generate_keypair("k-operator", "operator")  # same id, other key
+    assert rejected(v, sign_control(rollback(), stranger)) == "bad_signature"
+    assert rejected(v, sign_control(rollback(), generate_keypair("nobody", "operator"))) == "unknown_key"
+    # issued_by is bound to the key: re-labelling it breaks the signature
+    assert rejected(v, dataclasses.replace(signed, issued_by="operator-alice")) == "bad_signature"
+
+
+def test_issuer_must_be_the_key(keys, ring):
+    c = dataclasses.replace(rollback(), key_id="k-operator", issued_by="someone-else")
+    c = dataclasses.replace(c, signature=sign_bytes(keys["operator"], canonical_control_bytes(c)))
+    assert rejected(verifier(ring), c) == "issuer_mismatch"
+
+
+def test_role_permissions(keys, ring):
+    v = verifier(ring)
+    resume = Control(command="resume_source", args={"source": "s"}, issued_at=NOW)
+    assert rejected(v, sign_control(resume, keys["sentinel"])) == "not_permitted"
+    assert v.verify(sign_control(resume, keys["operator"])).role == "operator"
+    assert v.verify(sign_control(rollback(), keys["sentinel"])).role == "sentinel"
+    assert rejected(v, sign_control(rollback(), keys["trainer"])) == "not_permitted"
+    # a keyring entry may narrow a role, never widen it
+    narrow = Keyring()
+    narrow.add("k-operator", keys["operator"].public_key, "operator", ["pause_source"])
+    assert rejected(verifier(narrow), sign_control(rollback(), keys["operator"])) == "not_permitted"
+    with pytest.raises(SigningError, match="may not issue"):
+        Keyring().add("t", keys["trainer"].public_key, "trainer", ["rollback"])
+
+
+def test_rollback_needs_a_run(keys, ring):
+    v = verifier(ring)
+    for args in ({"target": "last_good"}, {"target": "last_good", "run_id": ""}, {"run_id": 5}):
+        c = sign_control(Control(command="rollback", args=args, issued_at=NOW), keys["operator"])
+        assert rejected(v, c) == "no_run"
+
+
+def test_clock_window(keys, ring):
+    v = verifier(ring)
+    assert rejected(v, at(sign_control(rollback(), keys["operator"]), NOW - 301)) == "bad_signature"
+    assert rejected(v, sign_control(at(rollback(), NOW - 301), keys["operator"])) == "stale"
+    assert rejected(v, sign_control(at(rollback(), NOW + 31), keys["operator"])) == "future"
+    assert v.verify(sign_control(at(rollback(), NOW + 29), keys["operator"]))
+    # catch-up (ingest replaying the log): no window, but still no future controls
+    old = sign_control(at(rollback(), NOW - 86400), keys["operator"])
+    assert v.verify(old, catch_up=True) and v.verify(old, catch_up=True)
+    assert rejected(v, sign_control(at(rollback(), NOW + 31), keys["operator"]), catch_up=True) == "future"
+
+
+def test_non_finite_time_is_rejected_even_when_decoded_from_the_wire(keys, ring):
+    v = verifier(ring)
+    for t in (float("nan"), float("inf"), float("-inf")):
+        assert rejected(v, at(rollback(), t)) == "non_finite_time"
+    obj = json.loads(sign_control(rollback(), keys["operator"]).to_json())
+    text = json.dumps(obj).replace(str(obj["issued_at"]), "NaN")
+    try:
+        c = decode_event(text)
+    except ValueError:  # the event codec itself refuses non-finite numbers: fine too
+        return
+    assert rejected(v, c) == "non_finite_time"
+
+
+def test_seen_cache_is_bounded_by_the_window(keys, ring):
+    now = [NOW]
+    v = ControlVerifier(ring, window_s=60, clock=lambda: now[0])
+    for i in range(50):
+        now[0] = NOW + i * 10
+        v.verify(sign_control(at(rollback(), now[0]), keys["operator"]))
+    assert len(v.seen) <= 7
+
+
+def test_keys_load_from_files_or_env_and_never_show(tmp_path, keys):
+    secret = keys["operator"].export_secret()
+    assert secret not in repr(keys["operator"]) and keys["operator"].public_key not in repr(keys["operator"])
+    path = tmp_path / "op.key"
+    path.write_text(secret + "\n")
+    from_file = load_signing_key("operator", env={"HEADWATER_OPERATOR_KEY_FILE": str(path)})
+    from_env = load_signing_key("operator", env={"HEADWATER_OPERATOR_KEY": secret})
+    assert from_file.public_key == from_env.public_key == keys["operator"].public_key
+    with pytest.raises(SigningError, match="no operator key"):
+        load_signing_key("operator", env={})
+    assert load_signing_key("operator", env={}, required=False) is None
+    seed = secret.split(":")[1]
+    for bad in (seed[:-4], seed[:-1] + "%", "", "x" * 44):
+        with pytest.raises(SigningError) as e:
+            load_signing_key("operator", env={"HEADWATER_OPERATOR_KEY": f"id:{bad}"})
+        assert not (bad and bad in str(e.value)), "key material in an error message"
+
+
+def test_bytes_signatures_and_keyring_roles(keys, ring):
+    sig = sign_bytes(keys["trainer"], b"manifest")
+    assert verify_bytes(keys["trainer"].public_key, b"manifest", sig)
+    assert not verify_bytes(keys["trainer"].public_key, b"manifest2", sig)
+    assert ring.verify_bytes("k-trainer", b"manifest", sig, role="trainer")
+    assert not ring.verify_bytes("k-trainer", b"manifest", sig, role="operator")
+    assert not ring.verify_bytes("k-nobody", b"manifest", sig, role="trainer")
+
+
+def test_verifier_needs_a_keyring_unless_insecure(keys):
+    with pytest.raises(SigningError, match="HEADWATER_KEYRING_FILE"):
+        ControlVerifier.from_env({})
+    v = ControlVerifier.from_env({"HEADWATER_INSECURE_CONTROLS": "1"}, clock=lambda: NOW)
+    assert v.verify(rollback()) is None  # unsigned accepted, structural checks kept
+    assert rejected(v, Control(command="rollback", args={}, issued_at=NOW)) == "no_run"
+
+
+def test_dev_keys_are_private_stable_and_loadable(tmp_path):
+    env = write_dev_keys(str(tmp_path / "keys"))
+    assert write_dev_keys(str(tmp_path / "keys")) == env
+    ring = Keyring.load(env["HEADWATER_KEYRING_FILE"])
+    assert sorted(e.role for e in ring.keys.values()) == ["operator", "sentinel", "trainer"]
+    for role in ("operator", "sentinel", "trainer"):
+        path = env[f"HEADWATER_{role.upper()}_KEY_FILE"]
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        key = load_signing_key(role, env=env)
+        assert ring.keys[key.key_id].public_key == key.public_key
+    assert ControlVerifier.from_env(env).keyring.keys.keys() == ring.keys.keys()
