@@ -4,7 +4,10 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE = 1
 export PYTHONUNBUFFERED = 1
 
-.PHONY: bootstrap demo test test-fast lint bench
+.PHONY: bootstrap demo test test-fast test-matrix lint bench
+
+# Python versions for test-matrix (pyenv interpreters); CI runs 3.11 only (.ci/run -> make test).
+MATRIX ?= 3.12 3.13
 
 bootstrap:
 	@bash infra/bootstrap.sh
@@ -20,3 +23,14 @@ test-fast: bootstrap
 
 lint: bootstrap
 	$(VENV)/bin/ruff check streams beam_jobs trainer evaluators infra tests bench
+
+# Builds .venv-<version> with infra/bootstrap.sh for each MATRIX version and runs the fast tests there.
+test-matrix:
+	@set -e; for v in $(MATRIX); do \
+	  py=$$(ls -d $$(pyenv root 2>/dev/null)/versions/$$v.*/bin/python$$v 2>/dev/null | tail -1); \
+	  py=$${py:-$$(command -v python$$v)}; \
+	  [ -n "$$py" ] || { echo "test-matrix: no python$$v found"; exit 1; }; \
+	  echo "test-matrix: $$v ($$py)"; \
+	  PYTHON=$$py VENV=.venv-$$v bash infra/bootstrap.sh; \
+	  .venv-$$v/bin/pytest -ra -m "not slow" tests; \
+	done

@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 import time
-import uuid
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -34,13 +33,12 @@ from beam_jobs.data_metrics import (
     write_metrics,
 )
 from beam_jobs.dedup.index import DedupConfig
-from beam_jobs.dedup.transform import release as release_dedup
 from beam_jobs.disk_full import DiskFullGuard, is_disk_full
 from beam_jobs.filters import FilterChain, PerplexityFilter
 from beam_jobs.media_hook import HealthConfig, media_available
 from beam_jobs.pipeline import IngestConfig, IngestText
 from beam_jobs.settlement import ResumePlan
-from beam_jobs.sink import SinkConfig
+from beam_jobs.sink import DeadLetterLost, SinkConfig
 from beam_jobs.sources.files import ReadRecordFiles
 from beam_jobs.sources.kafka import (
     KafkaSourceConfig,
@@ -188,30 +186,32 @@ def _options(beam_args: list[str], *, streaming: bool) -> PipelineOptions:
     return PipelineOptions(args)
 
 
-def _config_error(e: BaseException) -> str | None:
-    """The message of a configuration error raised inside the pipeline (runners may wrap it)."""
-    from beam_jobs.media.errors import MediaConfigError
-
+def _fatal(e: BaseException, kind: type[BaseException]) -> str | None:
+    """The message of a ``kind`` error raised inside the pipeline (runners may wrap it)."""
     seen: BaseException | None = e
     while seen is not None:
-        if isinstance(seen, MediaConfigError):
+        if isinstance(seen, kind):
             return str(seen)
         seen = seen.__cause__ or seen.__context__
-    text = str(e)
-    marker = "MediaConfigError: "
+    text, marker = str(e), f"{kind.__name__}: "
     return text[text.rindex(marker) + len(marker):].splitlines()[0] if marker in text else None
 
 
-def _run_one(records_fn, config: IngestConfig, options: PipelineOptions, *, streaming: bool, token: str) -> dict[str, int]:
+def _run_one(records_fn, config: IngestConfig, options: PipelineOptions, *, streaming: bool) -> dict[str, int]:
     p = beam.Pipeline(options=options)
-    _ = records_fn(p) | "Ingest" >> IngestText(config, streaming=streaming, dedup_token=token)
+    _ = records_fn(p) | "Ingest" >> IngestText(config, streaming=streaming)
     try:
         result = p.run()
         result.wait_until_finish()
-    except Exception as e:
-        message = _config_error(e) if media_available() else None
-        if message is not None:  # stops before the failing batch settles any offset
-            raise SystemExit(f"headwater ingest: configuration error: {message}") from None
+    except Exception as e:  # both stop the job before the failing batch settles any offset
+        if media_available():
+            from beam_jobs.media.errors import MediaConfigError
+
+            if (message := _fatal(e, MediaConfigError)) is not None:
+                raise SystemExit(f"headwater ingest: configuration error: {message}") from None
+        if (message := _fatal(e, DeadLetterLost)) is not None:
+            raise SystemExit(f"headwater ingest: {message}; their offsets were not settled (a restart replays "
+                             "them once the dlq topic accepts writes)") from None
         raise
     return counters_of(result)
 
@@ -221,6 +221,10 @@ def check_config(a: argparse.Namespace, config: IngestConfig) -> None:
     media_on = config.media and media_available()
     topics = {t for t in a.topics.split(",") if t} if a.bootstrap else set()
     image_topics = sorted(topics & {"raw.image", "raw.video"})
+    for flag, path in (("--perplexity-model", a.perplexity_model), ("--semantic-model", a.semantic_model)):
+        if path and not os.path.isdir(path):
+            raise SystemExit(f"headwater ingest: {flag} {path} is not a directory (a local model is needed: "
+                             "nothing is downloaded)")
     if media_on and image_topics and not (config.media_config and config.media_config.image_codebooks):
         raise SystemExit(f"headwater ingest: topics {image_topics} carry images/video but no --image-codebooks was "
                          "given: train them with `headwater discretizer train --modality image` and pass "
@@ -258,7 +262,7 @@ class _BatchReporter:
         append_snapshot(self.run_dir, snapshot(summarize(totals), codebook=self.codebook, at=time.time()))
 
 
-def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], token: str, run_dir: str) -> dict[str, int]:
+def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], run_dir: str) -> dict[str, int]:
     """Streaming from Kafka with the Python source: bounded micro-batches until a stop condition.
 
     Between batches the control topic is polled; each batch runs with the blocked sources of then."""
@@ -298,7 +302,7 @@ def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], token
                     break
                 log.info("micro-batch from %s", [(r.topic, r.partition, r.start) for r in ranges])
                 counters = _run_one(lambda p, r=ranges, pl=plan: p | "ReadKafka" >> ReadKafkaRanges(source, r, pl),
-                                    config, options, streaming=False, token=token)
+                                    config, options, streaming=False)
                 _add(totals, counters)
                 if counters.get("validate/in"):
                     report(counters, totals)
@@ -311,10 +315,8 @@ def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], token
                 if not is_disk_full(e):
                     raise
                 disk.failed(e)
-                # The failed batch's kept documents are in the dedup cache but were never
-                # published: the retry re-seeds a fresh index from the stream root.
-                release_dedup(token)
-                token = uuid.uuid4().hex
+                # Nothing of the failed batch was published, so nothing of it is in the settled
+                # dedup index either: the retry replays it against the same snapshot.
                 disk.wait()
     finally:
         watch.close()
@@ -334,12 +336,11 @@ def run(argv: list[str] | None = None) -> dict:
     run_dir = a.run_dir or os.path.join(a.stream_root, "_ingest")
     os.makedirs(config.sink.stream_root, exist_ok=True)
     os.makedirs(run_dir, exist_ok=True)
-    token = uuid.uuid4().hex
     plan = ResumePlan.of_stream(config.sink.stream_root)
     if a.input:
         try:
             counters = _run_one(lambda p: p | "ReadFiles" >> ReadRecordFiles(a.input, plan), config,
-                                _options(beam_args, streaming=False), streaming=False, token=token)
+                                _options(beam_args, streaming=False), streaming=False)
         except Exception as e:
             if not is_disk_full(e):
                 raise
@@ -349,9 +350,9 @@ def run(argv: list[str] | None = None) -> dict:
     elif a.kafka_io == "xlang":
         source = KafkaSourceConfig(bootstrap=a.bootstrap, topics=[t for t in a.topics.split(",") if t], group=a.group)
         counters = _run_one(lambda p: p | "ReadKafka" >> ReadKafkaXlang(source, plan), config,
-                            _options(beam_args, streaming=True), streaming=True, token=token)
+                            _options(beam_args, streaming=True), streaming=True)
     else:
-        counters = _run_kafka_microbatches(a, config, beam_args, token, run_dir)
+        counters = _run_kafka_microbatches(a, config, beam_args, run_dir)
     summary = summarize(counters)
     summary["settled_total"] = ResumePlan.of_stream(config.sink.stream_root).count()
     write_metrics(run_dir, summary)

@@ -9,7 +9,7 @@ import apache_beam as beam
 
 from beam_jobs.control import GateMedia, GateText
 from beam_jobs.dedup.index import DedupConfig
-from beam_jobs.dedup.seed import StreamSeed
+from beam_jobs.dedup.settled import sync as sync_settled
 from beam_jobs.dedup.transform import Dedup
 from beam_jobs.filters import FilterChain, FilterStep
 from beam_jobs.media_hook import HealthConfig, RouteMedia, media_available
@@ -58,9 +58,9 @@ def _dead_outcome(dead) -> Outcome:
 class IngestText(beam.PTransform):
     """Validate/Decode -> filters -> Dedup -> Tokenize (+ media hook) -> WriteShards."""
 
-    def __init__(self, config: IngestConfig, *, streaming: bool, dedup_token: str | None = None):
+    def __init__(self, config: IngestConfig, *, streaming: bool):
         super().__init__()
-        self.config, self.streaming, self.dedup_token = config, streaming, dedup_token
+        self.config, self.streaming = config, streaming
 
     def expand(self, records):
         c = self.config
@@ -69,9 +69,12 @@ class IngestText(beam.PTransform):
         docs = decoded.text | "GateSources" >> GateText(c.blocked_sources)
         for text_filter in c.filters.build():
             docs = docs | FilterStep(text_filter)
-        docs = docs | "Dedup" >> Dedup(
-            c.dedup, seed=StreamSeed(c.sink.stream_root, c.dedup.shard_key), token=self.dedup_token
-        )
+        # A settlement point: fold what was published since the last snapshot into the next one,
+        # and pin this pipeline to it (retries of its bundles see the same settled index).
+        # On a remote stream root (Dataflow, Flink) Beam state is the index: no local snapshot.
+        settled = None if "://" in c.sink.stream_root else sync_settled(
+            c.sink.stream_root, horizon_docs=c.dedup.horizon_docs, horizon_age_s=c.dedup.horizon_age_s)
+        docs = docs | "Dedup" >> Dedup(c.dedup, settled=settled)
         text = docs | "Tokenize" >> TokenizeText(c.domains)
         dead = decoded.dlq | "DeadLetters" >> beam.Map(_dead_outcome)
         branches = [text, dead]

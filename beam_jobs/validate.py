@@ -18,7 +18,7 @@ from streams.events import DeadLetter, EventError, RawRecord
 
 __all__ = [
     "DLQ_TAG", "MEDIA_TAG", "SAFE_NAME", "Invalid", "ValidateConfig", "ValidateDecode", "check_fields", "check_name",
-    "dead_letter", "decode_record", "text_of",
+    "dead_letter", "decode_record", "no_duplicate_keys", "text_of",
 ]
 
 STAGE = "validate"
@@ -46,7 +46,7 @@ class Invalid(Exception):
         super().__init__(f"{reason}: {detail}")
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+def no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     """``object_pairs_hook`` rejecting repeated keys (one pass: linear in the number of keys)."""
     out: dict = {}
     for k, v in pairs:
@@ -147,7 +147,7 @@ def decode_record(raw: bytes, config: ValidateConfig) -> RawRecord:
     except UnicodeDecodeError as e:
         raise Invalid("invalid_utf8", str(e)) from None
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        obj = json.loads(text, object_pairs_hook=no_duplicate_keys)
     except json.JSONDecodeError as e:
         raise Invalid("malformed_json", str(e)) from None
     except RecursionError:

@@ -51,7 +51,7 @@ class SyntheticRun:
     """Per-item log-perplexity of a training run's checkpoints on a fixed eval suite."""
 
     def __init__(self, seed: int, *, items_per_domain: int = 24, item_noise: float = 0.03,
-                 drift_sd: float = 0.012):
+                 drift_sd: float = 0.008):
         self.rng = np.random.default_rng(seed)
         n = len(DOMAINS) * items_per_domain
         self.domains = [d for d in DOMAINS for _ in range(items_per_domain)]
@@ -63,7 +63,7 @@ class SyntheticRun:
 
     def score(self, k: int, poison: dict[str, float]) -> np.ndarray:
         """Per-item mean NLL at checkpoint ``k`` (``poison``: extra log-ppl per domain)."""
-        # mixing: a mean-reverting per-domain offset (stationary sd ~2.8% perplexity at drift_sd 0.012)
+        # mixing: a mean-reverting per-domain offset (stationary sd = drift_sd / sqrt(1 - 0.9^2))
         self.drift = 0.9 * self.drift + self.rng.normal(0, self.drift_sd, len(DOMAINS))
         offset = np.repeat(self.drift, len(self.domains) // len(DOMAINS))
         extra = np.array([poison.get(d, 0.0) for d in self.domains])
@@ -127,8 +127,8 @@ class Pipeline:
         return rollback
 
 
-def clean_run(seed: int, n: int, cfg: RegressionConfig) -> int:
-    run, pipe = SyntheticRun(seed), Pipeline(f"clean-{seed}", cfg)
+def clean_run(seed: int, n: int, cfg: RegressionConfig, drift_sd: float = 0.008) -> int:
+    run, pipe = SyntheticRun(seed, drift_sd=drift_sd), Pipeline(f"clean-{seed}", cfg)
     for k in range(1, n + 1):
         pipe.checkpoint(10 * k, run.score(k, {}), run)
     return len(pipe.rollbacks) + pipe.engine_actions
@@ -148,10 +148,15 @@ def poisoned_run(seed: int, n: int, cfg: RegressionConfig, poison: float) -> tup
 
 
 def recurring_run(seed: int, cfg: RegressionConfig, poison: float) -> tuple[int, int, int]:
-    """The poison comes back after the rollback: (rollbacks, pauses, pages)."""
+    """The poison comes back after the rollback (its source keeps sending it): the model restarts
+    from the rolled-back step and regresses the same way. Returns (rollbacks, pauses, pages)."""
     run, pipe = SyntheticRun(seed), Pipeline(f"recur-{seed}", cfg)
-    for k in range(1, 41):
-        pipe.checkpoint(10 * k, run.score(k, {"forum_en": poison} if k >= 20 else {}), run)
+    k = 0
+    for _ in range(40):
+        k += 1
+        rollback = pipe.checkpoint(10 * k, run.score(k, {"forum_en": poison} if k >= 20 else {}), run)
+        if rollback is not None:
+            k = rollback.args["step"] // 10  # the trainer continues from the restored checkpoint
     return len(pipe.rollbacks), len(pipe.pauses), len(pipe.pages)
 
 
@@ -243,10 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"detector: Holm over {len(DOMAINS) + 2} metrics per checkpoint, alpha={cfg.alpha}, "
           f"min effect +{cfg.min_rel_increase:.0%} perplexity, n_boot={cfg.n_boot}")
     t0 = time.perf_counter()
-    for label, c in (("default", cfg), ("min effect 2% (old default)", RegressionConfig(min_rel_increase=0.02))):
-        alarms = [clean_run(s, args.checkpoints, c) for s in range(args.seeds)]
-        print(f"clean [{label}]: {args.seeds} runs x {args.checkpoints} checkpoints -> "
-              f"{sum(alarms)} rollbacks/actions (per run {alarms})")
+    old = RegressionConfig(min_rel_increase=0.02)
+    for drift in (0.008, 0.012):
+        for label, c in (("default", cfg), ("min effect 2% (old default)", old)):
+            alarms = [clean_run(s, args.checkpoints, c, drift) for s in range(args.seeds)]
+            print(f"clean, mixing drift sd {drift / np.sqrt(0.19):.1%} per domain [{label}]: {args.seeds} runs x "
+                  f"{args.checkpoints} checkpoints -> {sum(alarms)} rollbacks/actions (per run {alarms})")
     delays = [poisoned_run(s, 60, cfg, args.poison)[0] for s in range(args.poisoned)]
     caught = sorted(d for d in delays if d)
     print(f"poisoned (+{args.poison} log-ppl = +{np.expm1(args.poison):.0%} ppl on one of 15 domains): "

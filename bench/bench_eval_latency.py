@@ -29,7 +29,7 @@ from test_eval_service import save_checkpoint, write_suite
 from evaluators.checkpoint import load_checkpoint
 from evaluators.evaluator import Evaluator
 from evaluators.metrics import score_items
-from evaluators.regression import RegressionConfig
+from evaluators.regression import RegressionConfig, regression_alert
 from evaluators.sentinel import Sentinel
 from streams.broker import EmbeddedBroker
 from streams.events import Alert, Control, EvalReport, EventError, decode_event
@@ -96,7 +96,8 @@ def main() -> int:
               f"median {m_e2e:.2f}s; baseline load+score {m_base:.2f}s; ratio {m_e2e / m_base:.2f}x")
 
         rules = tmp / "rules.toml"
-        rules.write_text('[dispatch]\ndefault_hooks = ["control"]\n[hooks.control]\ntype = "control"\n')
+        rules.write_text('[dispatch]\ndefault_hooks = ["control"]\n[hooks.control]\ntype = "control"\n'
+                         '[actions]\neval_regression = ["rollback"]\n')
         sentinel = Sentinel(Sentinel.Config(bootstrap=broker.bootstrap, rules=str(rules), lineage=str(tmp / "l.jsonl")))
         stop = threading.Event()
         th = threading.Thread(target=sentinel.run, kwargs={"stop": stop}, daemon=True)
@@ -105,12 +106,22 @@ def main() -> int:
         wait_for_assignment(control)
         time.sleep(5)  # let the sentinel join its group
         rollback, rtt, operator = [], [], load_signing_key("operator")
-        for _ in range(args.repeats):
-            alert = Alert(rule="eval_regression", severity="critical", source="bench", message="bench",
-                          evidence={"action": "rollback", "run_id": "bench"})
+        for i in range(args.repeats):
+            # a failed report on `evals` corroborates the alert (a new domain each time: no circuit breaker)
+            saved_at, path = time.time(), str(tmp / "run" / "checkpoints" / f"step-{1000 + i}")
+            findings = [{"metric": f"domain/d{i}", "significant": True, "delta": 0.2, "ci_low": 0.1,
+                         "ci_high": 0.3, "p_value": 0.001}]
+            report = EvalReport(run_id="bench", step=1000 + i, checkpoint_path=path, suite="core",
+                                vocab_version=vocab.version, passed=False, details={
+                                    "checkpoint_wall_time": saved_at,
+                                    "regression": {"best_checkpoint": ckpts[0].path, "best_step": 10,
+                                                   "findings": findings}})
+            publish(producer, "evals", report)
             t0 = time.monotonic()
-            publish(producer, "alerts", alert)
+            publish(producer, "alerts", regression_alert(report, source="bench"))
             rollback.append(wait_for(control, lambda e: isinstance(e, Control) and e.command == "rollback") - t0)
+            publish(producer, "alerts", Alert(rule="trainer.rollback", severity="warning", source="trainer",
+                                              message="applied", evidence={"run_id": "bench"}))
             probe = sign_control(Control(command="resume_domain", args={"domain": "probe"}), operator)
             t0 = time.monotonic()
             publish(producer, "control", probe)

@@ -13,7 +13,11 @@ Prints one table: faults injected, records lost (must be 0), duplicates, the ale
 the recovery time (disk: space freed -> first record settled; broker: SIGCONT -> first record
 settled; checkpoint: restart -> first step trained, including torchrun start-up).
 Usage: .venv/bin/python bench/bench_reliability.py [--faults disk,broker,checkpoint] [--pause-s 30]
-(as root, or under ``unshare -Urm``, for the tmpfs mount) [--json OUT]
+(as root, or under ``unshare -Urm``, for the tmpfs mount) [--fuzz 10000] [--json OUT]
+
+Consumer fuzzing (``--fuzz N``, 0 to skip): N hostile records per topic through every consumer
+loop, valid probes interleaved (tests/helpers/fuzz_scenarios.py, as tests/test_fuzz_consumers.py);
+a second table gives records fuzzed, undecodable, dead letters, probes lost and crashes.
 """
 
 from __future__ import annotations
@@ -75,10 +79,27 @@ def run_fault(name: str, tmp: Path, *, pause_s: float) -> dict:
                     f"checkpoint events {r.checkpoint_events}")
 
 
+def fuzz_consumers(tmp: Path, n: int) -> list[dict]:
+    """``n`` hostile records per topic through every consumer loop (a fresh broker each); one row each."""
+    import fuzz_scenarios as fz
+
+    rows = []
+    for r in fz.fuzz_all(tmp, n):
+        on_kafka = not r.topic.endswith(".jsonl")  # the run directory counts bad lines instead of a DLQ
+        rows.append({"consumer": r.consumer, "topic": r.topic, "records": r.records, "sources": r.sources,
+                     "undecodable": r.undecodable, "dead_letters": r.dead_letters, "probes": r.probes,
+                     "lost": r.lost, "crashed": r.crashed, "handler_errors": r.handler_errors,
+                     "seconds": round(r.seconds, 1),
+                     "ok": not r.crashed and not r.lost and not r.handler_errors
+                     and (r.dead_letters == r.undecodable or not on_kafka)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated subset of {FAULTS}")
     p.add_argument("--pause-s", type=float, default=30.0, help="broker pause length")
+    p.add_argument("--fuzz", type=int, default=10_000, help="hostile records per topic for the consumer fuzz (0: skip)")
     p.add_argument("--json", help="also write the rows as JSON here")
     a = p.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -110,10 +131,25 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(r["fault"], r["injected"], str(r["lost"]), str(r["duplicates"]), r["alert"], rec,
                       "yes" if r["ok"] else "NO", r["notes"])
     console.print(table)
+    fuzz = []
+    if a.fuzz:
+        with tempfile.TemporaryDirectory(prefix="headwater-fuzz-") as tmp:
+            os.environ.update(write_dev_keys(os.path.join(tmp, "keys")))
+            with console.status(f"fuzzing consumers: {a.fuzz} records per topic"):
+                fuzz = fuzz_consumers(Path(tmp), a.fuzz)
+        table = Table(title=f"Consumer fuzzing ({a.fuzz} hostile records per topic, 3 valid probes each)")
+        for col in ("consumer", "topic", "records", "undecodable", "dead letters", "probes lost", "crashed",
+                    "handler errors", "s", "ok"):
+            table.add_column(col)
+        for r in fuzz:
+            table.add_row(r["consumer"], r["topic"], str(r["records"]), str(r["undecodable"]), str(r["dead_letters"]),
+                          str(r["lost"]), str(r["crashed"]), str(r["handler_errors"]), str(r["seconds"]),
+                          "yes" if r["ok"] else "NO")
+        console.print(table)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"faults": rows}, f, indent=1, default=lambda o: asdict(o))
-    return 0 if all(r["ok"] for r in rows) else 1
+            json.dump({"faults": rows, "fuzz": fuzz}, f, indent=1, default=lambda o: asdict(o))
+    return 0 if all(r["ok"] for r in rows + fuzz) else 1
 
 
 if __name__ == "__main__":

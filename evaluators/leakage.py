@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from beam_jobs.dedup.index import DedupConfig, fingerprint
-from beam_jobs.dedup.transform import _embedder, _new_index
+from beam_jobs.dedup.index import DedupConfig, fingerprint, new_index
+from beam_jobs.dedup.semantic import embedder
 from evaluators.evalsets import EvalItem
 from streams.mds import TailReader
 
@@ -53,7 +53,7 @@ class LeakageDetector:
     _readers: list[TailReader] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._index = _new_index(self.config)
+        self._index = new_index(self.config)
         self._hasher = hasher = self.config.hasher()
         texts = [self._text(it.modality, it.tokens) for it in self.items]
         embeddings = self._embed(texts)
@@ -69,7 +69,7 @@ class LeakageDetector:
     def _embed(self, texts: list[str]) -> list:
         if not self.config.semantic:
             return [None] * len(texts)
-        return list(_embedder(self.config).embed(texts)) if texts else []
+        return list(embedder(self.config.semantic_model).embed(texts)) if texts else []
 
     def scan(self) -> list[Leak]:
         """Check training samples published since the last scan; return the new leaks."""

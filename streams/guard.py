@@ -6,8 +6,9 @@ copy of its bytes) and returns ``None``. ``handle(record, fn)`` also runs ``fn(e
 unexpected exception in the handler is logged, dead-lettered (reason ``consumer_error``) and
 counted instead of killing the loop; ``KeyboardInterrupt`` and ``SystemExit`` still propagate.
 Both raise an :class:`Alert` on ``alerts`` (rules ``consumer.undecodable`` and
-``consumer.handler_error``), at most one per rule and topic every ``alert_every_s``; the
-next one carries the number suppressed meanwhile. A failed DLQ or alert send is logged and
+``consumer.handler_error``) and log a warning, at most one per rule and topic every
+``alert_every_s`` (the rest of a flood is logged at debug level and dead-lettered as usual);
+the next alert carries the number suppressed meanwhile. A failed DLQ or alert send is logged and
 counted (``dlq_failed`` / ``alert_failed``), never raised: the loop keeps obeying valid records.
 """
 
@@ -59,7 +60,6 @@ class ConsumerGuard:
             event = decode_event(record.value)
         except EventError as e:
             self.counts["undecodable"] += 1
-            log.warning("%s: undecodable record %s dead-lettered: %s", self.component, _where(record), e)
             self._fail(record, reason="undecodable_event", rule=ALERT_UNDECODABLE, severity="warning", error=str(e))
             return None
         self.counts["decoded"] += 1
@@ -89,11 +89,14 @@ class ConsumerGuard:
         key = (rule, record.topic)
         now = self.clock()
         last = self._last_alert.get(key)
-        if last is not None and now - last < self.alert_every_s:
+        if last is not None and now - last < self.alert_every_s:  # a flood: one log line + alert per window
             self._suppressed[key] += 1
+            log.debug("%s: %s %s dead-lettered: %s", self.component, reason, _where(record), error)
             return
         self._last_alert[key] = now
         suppressed = self._suppressed.pop(key, 0)
+        log.warning("%s: %s %s dead-lettered: %s (%d more since the last alert)", self.component, reason,
+                    _where(record), error, suppressed)
         alert = Alert(rule=rule, severity=severity, source=self.component,
                       message=f"{self.component}: {reason} on {_where(record)} dead-lettered: {error[:200]}",
                       dedup_key=f"{rule}:{self.component}:{record.topic}",

@@ -7,8 +7,9 @@ Keys (``cryptography``'s Ed25519) are named by a ``key_id`` and carry a role:
   (``resume_source``, ``resume_domain``): only a person undoes a quarantine or a pause.
 - ``trainer``: signs checkpoint manifests (:func:`sign_bytes`); may issue no control.
 
-A private key is one line ``<key_id>:<base64 of the 32-byte seed>``, read from the file
-named by ``HEADWATER_<ROLE>_KEY_FILE`` or from ``HEADWATER_<ROLE>_KEY``. It is never logged:
+A private key is one line ``<key_id>:<base64 of the 32-byte seed>`` (key ids: ``[A-Za-z0-9._-]``,
+at most 64), read from the file named by ``HEADWATER_<ROLE>_KEY_FILE`` (refused unless private to its
+owner, like ssh) or from ``HEADWATER_<ROLE>_KEY``. It is never logged:
 :class:`SigningKey`'s repr shows only its id and role. The public side is a keyring, a JSON
 file named by ``HEADWATER_KEYRING_FILE``::
 
@@ -27,10 +28,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import math
 import os
+import re
+import stat
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -45,6 +49,7 @@ __all__ = [
     "CONTROL_CONTEXT",
     "INSECURE_ENV",
     "KEYRING_ENV",
+    "KEY_ID_PATTERN",
     "REJECTED_RULE",
     "REJECT_REASONS",
     "ROLES",
@@ -76,6 +81,10 @@ ROLE_COMMANDS: dict[str, frozenset[str]] = {
 }
 ROLES = tuple(ROLE_COMMANDS)
 REJECTED_RULE = "control.rejected"
+KEY_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+"""what a key id may look like; anything else is refused without being echoed (it may be a secret)"""
+ALERT_FIELD_CHARS = 256  # untrusted strings copied into a control.rejected Alert are cut to this
+ALERT_ARGS_CHARS = 2048  # args larger than this (as JSON) are replaced by their size and SHA-256
 REJECT_REASONS = ("unsigned", "unknown_key", "malformed", "bad_signature", "issuer_mismatch",
                   "not_permitted", "no_run", "non_finite_time", "stale", "future", "replayed")
 
@@ -127,8 +136,9 @@ class SigningKey:
     def parse(cls, secret: str, *, role: str) -> SigningKey:
         """Parse a ``<key_id>:<b64 seed>`` line."""
         key_id, sep, seed = secret.strip().partition(":")
-        if not sep or not key_id:
-            raise SigningError(f"{role} key: expected '<key_id>:<base64 seed>'")
+        if not sep or not KEY_ID_PATTERN.fullmatch(key_id):  # key_id is not echoed: it may be the seed
+            raise SigningError(f"{role} key: expected '<key_id>:<base64 seed>' with a key_id of "
+                               f"{KEY_ID_PATTERN.pattern}")
         raw = _unb64(seed, f"{role} key {key_id!r}")
         if len(raw) != 32:
             raise SigningError(f"{role} key {key_id!r}: seed must be 32 bytes, got {len(raw)}")
@@ -139,19 +149,24 @@ def generate_keypair(key_id: str, role: str) -> SigningKey:
     """A fresh random key for ``role`` (its public half is ``.public_key``)."""
     if role not in ROLE_COMMANDS:
         raise SigningError(f"unknown role {role!r}; expected one of {ROLES}")
-    if not key_id or ":" in key_id:
-        raise SigningError("key_id must be non-empty and contain no ':'")
+    if not KEY_ID_PATTERN.fullmatch(key_id):
+        raise SigningError(f"key_id must match {KEY_ID_PATTERN.pattern}")
     return SigningKey(key_id, role, Ed25519PrivateKey.generate())
 
 
 def load_signing_key(role: str, *, env: Mapping[str, str] | None = None, required: bool = True) -> SigningKey | None:
-    """The ``role`` key from ``HEADWATER_<ROLE>_KEY_FILE`` (preferred) or ``HEADWATER_<ROLE>_KEY``."""
+    """The ``role`` key from ``HEADWATER_<ROLE>_KEY_FILE`` (preferred) or ``HEADWATER_<ROLE>_KEY``.
+
+    Like ssh, a key file that its group or others may access is refused (``chmod 600``)."""
     env = os.environ if env is None else env
     name = f"HEADWATER_{role.upper()}_KEY"
     path = env.get(f"{name}_FILE")
     if path:
         try:
             with open(path) as f:
+                if (mode := os.fstat(f.fileno()).st_mode) & 0o077:
+                    raise SigningError(f"{name}_FILE={path}: permissions {stat.S_IMODE(mode):04o} are too "
+                                       "open; the key must be private to its owner (chmod 600)")
                 return SigningKey.parse(f.read(), role=role)
         except OSError as e:
             raise SigningError(f"{name}_FILE={path}: cannot read ({e.strerror})") from None
@@ -284,6 +299,7 @@ class ControlVerifier:
         self.keyring, self.insecure = keyring, insecure
         self.window_s, self.max_skew_s, self.clock = window_s, max_skew_s, clock
         self.seen: dict[str, float] = {}  # control_id -> issued_at
+        self.latest = -math.inf  # the latest clock reading: a clock stepped back must not reopen replays
         if insecure:
             log.warning("%s=1: controls are NOT authenticated; anyone who can write to the control "
                         "topic can steer this process (development only)", INSECURE_ENV)
@@ -332,6 +348,8 @@ class ControlVerifier:
             raise ControlRejected("future", f"issued {control.issued_at - now:.1f}s in the future")
         if catch_up:
             return entry
+        # ids leave `seen` once stale by the latest clock reading, so staleness is judged by it too
+        self.latest = now = max(self.latest, now)
         if control.issued_at < now - self.window_s:
             raise ControlRejected("stale", f"issued {now - control.issued_at:.1f}s ago (window {self.window_s:.0f}s)")
         if control.control_id in self.seen:
@@ -343,15 +361,32 @@ class ControlVerifier:
 
 
 def rejection_alert(control: Control, error: ControlRejected, *, consumer: str, **evidence: object) -> Alert:
-    """The critical ``control.rejected`` Alert a consumer raises for a control it refused."""
+    """The critical ``control.rejected`` Alert a consumer raises for a control it refused.
+
+    The control is the sender's (maybe an attacker's): its strings are cut to
+    :data:`ALERT_FIELD_CHARS` and args larger than :data:`ALERT_ARGS_CHARS` are replaced by their
+    size and SHA-256, so a forged control never yields an alert larger than a few KiB."""
+    control_id, detail = _clip(control.control_id), _clip(error.detail)
     return Alert(
         rule=REJECTED_RULE, severity="critical", source=consumer,
-        message=f"{consumer} rejected {control.command} {control.control_id} ({error.reason}): {error.detail}",
-        dedup_key=f"{REJECTED_RULE}:{consumer}:{control.control_id}",
-        evidence={"reason": error.reason, "detail": error.detail, "control_id": control.control_id,
-                  "command": control.command, "args": control.args, "key_id": control.key_id,
-                  "issued_by": control.issued_by, "consumer": consumer, **evidence},
+        message=f"{consumer} rejected {control.command} {control_id} ({error.reason}): {detail}",
+        dedup_key=f"{REJECTED_RULE}:{consumer}:{control_id}",
+        evidence={"reason": error.reason, "detail": detail, "control_id": control_id,
+                  "command": control.command, "args": _bounded_args(control.args),
+                  "key_id": _clip(control.key_id), "issued_by": _clip(control.issued_by),
+                  "consumer": consumer, **evidence},
     )
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= ALERT_FIELD_CHARS else f"{text[:ALERT_FIELD_CHARS]}...({len(text)} chars)"
+
+
+def _bounded_args(args: dict) -> dict:
+    text = json.dumps(args, sort_keys=True, separators=(",", ":"), default=repr)
+    if len(text) <= ALERT_ARGS_CHARS:
+        return args
+    return {"truncated": True, "chars": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
 def write_dev_keys(directory: str) -> dict[str, str]:

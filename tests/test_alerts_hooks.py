@@ -239,3 +239,15 @@ def test_build_hooks_errors_are_clear():
         build_hooks({"hooks": {"x": {"type": "pigeon"}}})
     with pytest.raises(HookError, match="needs a Kafka producer"):
         build_hooks({"hooks": {"control": {}}})
+
+
+def test_the_shipped_rules_grant_only_the_corroborated_eval_rollback():
+    import tomllib
+    from pathlib import Path
+
+    doc = tomllib.loads((Path(__file__).resolve().parents[1] / "infra/alerts/rules.toml").read_text())
+    router = Router(doc, parse_rules(doc), control_hooks={"control"}, declared=set(doc["hooks"]))
+    assert router.grants == {"eval_regression": ("rollback",)}
+    media = make_alert(rule="codebook_collapse", evidence={"action": "pause_domain", "labels": {"domain": "img"}})
+    assert router.for_external(media).action == "none"  # ingest's own alert pages; the engine rule acts
+    assert router.for_raised(media).action == "pause_domain"

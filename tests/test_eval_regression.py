@@ -110,3 +110,19 @@ def test_pick_best_ignores_reports_of_later_steps_from_an_abandoned_branch():
     abandoned = report("ck-40", np.full(20, 2.0))  # trained further before a rollback to step 10
     current = report("ck-20", np.full(20, 2.8))
     assert pick_best([earlier, abandoned], current) is earlier
+
+
+def test_alert_quality_clean_run_never_rolls_back_and_poison_is_caught_within_two_checkpoints():
+    """The bench's synthetic run through the real detector, rules, router and rollback policy."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_alert_quality import clean_run, poisoned_run, recurring_run
+
+    cfg = RegressionConfig()
+    assert clean_run(1, 100, cfg) == 0  # 100 checkpoints x 17 metrics, no rollback
+    assert clean_run(1, 100, RegressionConfig(min_rel_increase=0.02)) > 0  # the old minimum effect: false alarms
+    delay, _domain = poisoned_run(0, 40, cfg, 0.15)
+    assert delay is not None and 1 <= delay <= 2
+    assert recurring_run(0, cfg, 0.15) == (1, 1, 1)  # one rollback, then the breaker: pause + page

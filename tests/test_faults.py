@@ -103,9 +103,10 @@ def test_disk_full_streaming_ingest_alerts_waits_and_resumes(broker, tmp_path):
 
 @pytest.mark.slow
 def test_corrupt_latest_checkpoints_fall_back_to_the_newest_intact_one(tmp_path):
-    """A truncated latest checkpoint and a silently garbled one before it (same size: only the
-    signed manifest's hash shows it) are detected, alerted and moved aside; the trainer resumes
-    from the checkpoint before them (not from scratch) and re-trains the same losses."""
+    """A truncated latest checkpoint without its manifest (caught by the failed load) and a
+    silently garbled one before it (same size: only the signed manifest's hash shows it) are
+    detected, alerted and moved aside; the trainer resumes from the checkpoint before them (not
+    from scratch) and re-trains the same losses."""
     r = scenarios.corrupt_checkpoint(tmp_path, steps=12, every=4)
     assert r.exit_code == 0, r.log[-3000:]
     assert r.moved_aside and {n.split(".")[0] for n in r.moved_aside} == {"step-12", "step-8"}
@@ -114,7 +115,7 @@ def test_corrupt_latest_checkpoints_fall_back_to_the_newest_intact_one(tmp_path)
     assert r.resumed_step == 4
     assert r.retrained == list(range(5, 13)), r.retrained  # steps 1-4 not trained again: no fresh start
     assert r.losses_match
-    assert "checkpoint step-12" in r.log and "is corrupt" in r.log
+    assert "checkpoint step-12" in r.log and "load failed" in r.log and "hash_mismatch" in r.log
 
 
 @pytest.mark.slow

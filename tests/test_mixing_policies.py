@@ -45,6 +45,24 @@ def test_odm_moves_weight_towards_high_loss_domains():
     assert w["learned"] < 1 / 3 < w["noise"]  # EXP3 reward = loss: the learned domain loses share
 
 
+def test_odm_is_full_information_hedge_not_importance_weighted():
+    """Every domain is observed every step: the reward is the loss itself, whatever the current weights.
+
+    (The EXP3 estimate L/π would favour the domain drawn less, here the one with the lower loss.)
+    """
+    from trainer.mixing.policies import DomainStats, ODMPolicy
+
+    policy = ODMPolicy(alpha=0.0)
+    stats = DomainStats(domains=["hard", "easy"], last_loss=np.array([4.0, 3.0]), fast_loss=np.zeros(2),
+                        slow_loss=np.zeros(2), trained_samples=np.ones(2), trained_tokens=np.ones(2),
+                        available_samples=np.ones(2), present=np.array([True, True]), step=1)
+    skewed = np.array([0.9, 0.1])
+    policy.propose(stats, skewed)
+    w = policy.propose(stats, skewed)
+    assert w[0] > w[1]
+    assert w[0] == pytest.approx(1 / (1 + np.exp(-policy.lr_scale * np.sqrt(np.log(2) / 2))), rel=1e-12)
+
+
 def test_odm_lr_scale_moves_further():
     w1 = run_policy("odm").weight_dict()
     w4 = run_policy("odm", odm_lr_scale=4.0).weight_dict()

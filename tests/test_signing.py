@@ -17,6 +17,7 @@ from streams.signing import (
     canonical_control_bytes,
     generate_keypair,
     load_signing_key,
+    rejection_alert,
     sign_bytes,
     sign_control,
     verify_bytes,
@@ -151,6 +152,7 @@ def test_keys_load_from_files_or_env_and_never_show(tmp_path, keys):
     assert secret not in repr(keys["operator"]) and keys["operator"].public_key not in repr(keys["operator"])
     path = tmp_path / "op.key"
     path.write_text(secret + "\n")
+    path.chmod(0o600)
     from_file = load_signing_key("operator", env={"HEADWATER_OPERATOR_KEY_FILE": str(path)})
     from_env = load_signing_key("operator", env={"HEADWATER_OPERATOR_KEY": secret})
     assert from_file.public_key == from_env.public_key == keys["operator"].public_key
@@ -192,3 +194,53 @@ def test_dev_keys_are_private_stable_and_loadable(tmp_path):
         key = load_signing_key(role, env=env)
         assert ring.keys[key.key_id].public_key == key.public_key
     assert ControlVerifier.from_env(env).keyring.keys.keys() == ring.keys.keys()
+
+
+def test_key_files_others_may_read_are_refused(tmp_path, keys):
+    path = tmp_path / "op.key"
+    path.write_text(keys["operator"].export_secret())
+    for mode in (0o644, 0o640, 0o604, 0o620):
+        path.chmod(mode)
+        with pytest.raises(SigningError, match="too open") as e:
+            load_signing_key("operator", env={"HEADWATER_OPERATOR_KEY_FILE": str(path)})
+        assert keys["operator"].export_secret().split(":")[1] not in str(e.value)
+    path.chmod(0o400)
+    assert load_signing_key("operator", env={"HEADWATER_OPERATOR_KEY_FILE": str(path)}).key_id == "k-operator"
+
+
+def test_a_misformatted_secret_is_not_echoed_as_its_key_id(keys):
+    seed = keys["operator"].export_secret().split(":")[1]
+    for bad in (f"{seed}:k-operator", f"{seed}:", f"{seed}\nk-operator:x", f"k op:{seed}"):
+        with pytest.raises(SigningError) as e:
+            load_signing_key("operator", env={"HEADWATER_OPERATOR_KEY": bad})
+        assert seed not in str(e.value) and seed[:20] not in str(e.value), "key material in an error message"
+    with pytest.raises(SigningError):
+        generate_keypair("a" * 65, "operator")
+
+
+def test_a_clock_stepped_back_does_not_reopen_a_replay(keys, ring):
+    now = [NOW]
+    v = ControlVerifier(ring, window_s=300, max_skew_s=30, clock=lambda: now[0])
+    first = sign_control(rollback(), keys["operator"])
+    v.verify(first)
+    now[0] = NOW + 301  # accepting another control drops `first` from the seen ids
+    v.verify(sign_control(at(rollback(), now[0]), keys["operator"]))
+    assert first.control_id not in v.seen
+    now[0] = NOW + 200  # the wall clock is stepped back (NTP)
+    assert rejected(v, first) == "stale"
+
+
+def test_rejection_alerts_of_huge_forgeries_stay_small(keys, ring):
+    big = "A" * 500_000
+    forged = Control(command="pause_source", args={"source": "s", "pad": big}, key_id=big, issued_by=big,
+                     signature="x", control_id=big, issued_at=NOW)
+    with pytest.raises(ControlRejected) as e:
+        verifier(ring).verify(forged)
+    alert = rejection_alert(forged, e.value, consumer="ingest")
+    assert len(alert.to_bytes()) < 8192
+    assert alert.evidence["args"]["truncated"] and alert.evidence["args"]["chars"] > 500_000
+    small = sign_control(Control(command="pause_source", args={"source": "s"}, issued_at=NOW - 10_000),
+                         keys["operator"])
+    with pytest.raises(ControlRejected) as e:
+        verifier(ring).verify(small)
+    assert rejection_alert(small, e.value, consumer="ingest").evidence["args"] == {"source": "s"}

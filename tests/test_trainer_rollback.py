@@ -54,7 +54,7 @@ def trainer_at(run: str, step: int, stream: str) -> HeadwaterTrainer:
     t.dataloader = LiveStreamDataLoader(LiveStreamDataLoader.Config(stream_roots=[stream], starve_timeout_s=2),
                                         dp_world_size=1, dp_rank=0, seq_len=32, local_batch_size=2, vocab_size=64)
     # steps 11..30 trained shards of two domains (the shard log a checkpoint carries)
-    t.shard_log = {5: {"m0": "markov", "n0": "noise"}, 15: {"m1": "markov", "n1": "noise"},
+    t.shard_log = {5: {"m0": "markov", "n0": "noise"}, 15: {"m1": "markov", "n1": "noise", "p1": "poison"},
                    25: {"m2": "markov", "n2": "noise", "old": ""}}
     return t
 
@@ -72,8 +72,9 @@ def test_rollback_is_idempotent_scoped_to_the_regressed_domain_and_never_collide
     args = {"target": "last_good", "run_id": "run1", "step": 10, "quarantine": "since", "domains": ["markov"]}
     t._rollback(args, reason="eval_regression", control_id="c1")
     assert t.checkpointer.loaded == [10]
-    # only the regressed domain's shards since step 10 (and those of unknown domain, from older checkpoints)
-    assert set(t.quarantine.shards) == {"m1", "m2", "old"}
+    # only the regressed domain's shards since step 10, those of a domain new since (it may be what
+    # harmed markov) and those of unknown domain (older checkpoints); noise keeps n1, n2
+    assert set(t.quarantine.shards) == {"m1", "m2", "p1", "old"}
     assert rollback_dirs(run) == ["rollback-30-to-10-c1"]
     assert sorted(os.listdir(os.path.join(run, "checkpoints", "abandoned", "rollback-30-to-10-c1"))) == [
         "step-20", "step-30"]

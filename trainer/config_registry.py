@@ -2,8 +2,9 @@
 
 Each function returns a ``HeadwaterTrainer.Config`` (torchtitan style: runs are Python
 functions; CLI flags like ``--training.steps 20`` override fields). ``1b``/``10b`` are
-set for H100s (bf16 params, flex attention, torch.compile, selective AC, FSDP across the
-node); ``debug_cpu`` is tiny and uses the CPU attention path so it trains under gloo.
+set for H100s (bf16 params, flash-attn varlen or flex attention, torch.compile, selective AC,
+FSDP across the node); all use the chunked loss (trainer/loss.py). ``debug_cpu`` is tiny and
+uses the CPU attention path so it trains under gloo.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torchtitan.config.configs import DebugConfig
 from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
 
 from trainer.data import LiveStreamDataLoader
-from trainer.loss import TokenLossCrossEntropy
+from trainer.loss import ChunkedTokenLoss
 from trainer.models import model_registry
 from trainer.tokenizer import UnifiedVocabTokenizer
 from trainer.train import HeadwaterTrainer, RunOptions
@@ -30,7 +31,7 @@ def _base(name: str, *, attn_backend: str, lr: float, warmup: int) -> HeadwaterT
     return HeadwaterTrainer.Config(
         model_spec=model_registry(name, vocab_size=vocab_size, attn_backend=attn_backend),
         hf_assets_path="",
-        loss=TokenLossCrossEntropy.Config(global_vocab_size=vocab_size),
+        loss=ChunkedTokenLoss.Config(),
         tokenizer=UnifiedVocabTokenizer.Config(),
         dataloader=LiveStreamDataLoader.Config(),
         optimizer=default_adamw(lr=lr),
@@ -56,7 +57,7 @@ def debug_cpu() -> HeadwaterTrainer.Config:
 
 
 def _h100(name: str, *, seq_len: int, local_batch_size: int, lr: float) -> HeadwaterTrainer.Config:
-    config = _base(name, attn_backend="flex", lr=lr, warmup=2000)
+    config = _base(name, attn_backend="auto", lr=lr, warmup=2000)
     config.training = TrainingConfig(local_batch_size=local_batch_size, seq_len=seq_len, steps=100_000,
                                      mixed_precision_param="bfloat16", disable_cuda_graphs=True)
     config.parallelism = ParallelismConfig(data_parallel_shard_degree=-1)

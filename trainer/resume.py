@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import torch.distributed as dist
+from torch.distributed.checkpoint import CheckpointException
 from torchtitan.tools.logging import logger
 
 __all__ = ["ALERT_RULE", "CORRUPT_DIR", "NoIntactCheckpoint", "candidate_steps", "load_latest_intact"]
@@ -71,6 +72,16 @@ def _verify(folder: str, step: int, run_id: str) -> str | None:
     return None
 
 
+def _why(e: BaseException) -> str:
+    """One line: the first rank's root error of a CheckpointException, else the error itself."""
+    failures = getattr(e, "failures", None)
+    if isinstance(e, CheckpointException) and failures:
+        rank, wrapped = min(failures.items())
+        inner = wrapped[0] if isinstance(wrapped, tuple) else wrapped  # (exception, traceback frames)
+        return f"rank {rank}: {type(inner).__name__}: {str(inner)[:300]}"
+    return f"{type(e).__name__}: {str(e)[:300]}"
+
+
 def _agree(value: Any, *, src_only: bool) -> Any:
     """Rank 0's ``value`` (src_only) or the first non-None value over all ranks."""
     if not dist.is_initialized():
@@ -113,14 +124,16 @@ def load_latest_intact(checkpointer, *, run_id: str, events=None) -> int:
         if problem is None:
             try:
                 checkpointer.load(step=step)
-            except Exception as e:  # noqa: BLE001 - any failure to load means this checkpoint is unusable
-                problem = f"load failed: {type(e).__name__}: {str(e)[:500]}"
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - any load failure: unusable
+                # (DCP raises CheckpointException, a BaseException, on every rank when one rank failed)
+                problem = f"load failed: {_why(e)}"
             problem = _agree(problem, src_only=False)
         if problem is None:
             if corrupt:
                 _report(events, corrupt, resumed=step, run_id=run_id)
             return step
-        logger.error(f"[resume] checkpoint step-{step} in {folder} is corrupt: {problem}")
+        if rank == 0:
+            logger.error(f"[resume] checkpoint step-{step} in {folder} is corrupt: {problem}")
         corrupt.append({"step": step, "problem": problem, "moved_to": _move_aside(folder, step, rank)})
     _report(events, corrupt, resumed=None, run_id=run_id)
     problems = "; ".join(f"step-{c['step']}: {c['problem']}" for c in corrupt)
@@ -130,9 +143,10 @@ def load_latest_intact(checkpointer, *, run_id: str, events=None) -> int:
 
 
 def _report(events, corrupt: list[dict[str, Any]], *, resumed: int | None, run_id: str) -> None:
+    if events is None:  # not rank 0
+        return
     names = ", ".join(f"step-{c['step']}" for c in corrupt)
     outcome = f"resumed from step-{resumed}" if resumed is not None else "no intact checkpoint left"
     logger.warning(f"[resume] corrupt checkpoint(s) {names} moved aside; {outcome}")
-    if events is not None:
-        events.alert(ALERT_RULE, f"corrupt checkpoint {names} ({corrupt[0]['problem'][:200]}); {outcome}",
-                     severity="critical", evidence={"corrupt": corrupt, "resumed_step": resumed, "run_id": run_id})
+    events.alert(ALERT_RULE, f"corrupt checkpoint {names} ({corrupt[0]['problem'][:200]}); {outcome}",
+                 severity="critical", evidence={"corrupt": corrupt, "resumed_step": resumed, "run_id": run_id})

@@ -115,9 +115,8 @@ class HeadwaterTrainer(Trainer):
             from trainer.models.dense_attention import DenseMaskAttention
 
             inner = config.model_spec.model.first_attention.inner_attention
-            backend = "cpu" if isinstance(inner, DenseMaskAttention.Config) else "flex"
+            backend = "cpu" if isinstance(inner, DenseMaskAttention.Config) else "auto"
             config.model_spec = model_registry(config.model_spec.flavor, vocab_size=opts.vocab_size, attn_backend=backend)
-            config.loss.global_vocab_size = opts.vocab_size
         self.run_id = opts.run_id or f"run-{uuid.uuid4().hex[:8]}"
         super().__init__(config)
         self.vocab_size = config.model_spec.model.vocab_size
@@ -435,13 +434,19 @@ class HeadwaterTrainer(Trainer):
             return
         shards: set[str] = set()
         if args.get("quarantine", "since") == "since":
-            # trained after to_step, or read and waiting in the buffers (bounded by their capacity); only
-            # the named domains' (a shard of unknown domain, from an older checkpoint, counts as theirs)
-            domains = set(map(str, args["domains"])) if args.get("domains") else None
+            # trained after to_step, or read and waiting in the buffers (bounded by their capacity). With
+            # regressed `domains` named, only the data implicated: those domains' shards and those of
+            # domains new since to_step (a new domain can harm another's eval); domains trained before
+            # to_step that did not regress keep theirs. A shard of unknown domain counts as implicated.
+            keep: set[str] = set()
+            if args.get("domains"):
+                known = {d for st, names in self.shard_log.items() if st <= to_step for d in names.values()}
+                keep = known - set(map(str, args["domains"])) - {""}
             trained = {s for st, names in self.shard_log.items() if st > to_step
-                       for s, d in names.items() if domains is None or not d or d in domains}
-            shards = (trained | self._union_over_ranks(self.dataloader.pending_shards(domains))) - {""}
-            scope = f" of domain(s) {sorted(domains)}" if domains else ""
+                       for s, d in names.items() if d not in keep}
+            shards = (trained | self._union_over_ranks(self.dataloader.pending_shards(keep))) - {""}
+            scope = (f" of regressed domain(s) {sorted(map(str, args['domains']))} and domains new since"
+                     if keep else "")
             reason = f"{reason}; quarantine: shards{scope} trained or read since step {to_step}"
         safe_id = re.sub(r"[^A-Za-z0-9_-]", "_", control_id)[:64]
         self.rollbacks.begin({

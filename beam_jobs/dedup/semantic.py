@@ -1,10 +1,10 @@
-"""Semantic near-duplicates: MiniLM sentence embeddings in a FAISS inner-product index."""
+"""Semantic near-duplicates: MiniLM sentence embeddings in an approximate FAISS index (HNSW or IVF)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["MiniLMEmbedder", "SemanticIndex", "default_model_dir"]
+__all__ = ["MiniLMEmbedder", "SemanticIndex", "default_model_dir", "embedder", "faiss_gpu_available"]
 
 
 def default_model_dir() -> str:
@@ -46,21 +46,86 @@ class MiniLMEmbedder:
         return torch.nn.functional.normalize(pooled, dim=-1).numpy().astype(np.float32)
 
 
-class SemanticIndex:
-    """FAISS flat inner-product index over normalised embeddings (cosine similarity)."""
+_EMBEDDERS: dict[str | None, MiniLMEmbedder] = {}
 
-    def __init__(self, dim: int):
+
+def embedder(model_dir: str | None) -> MiniLMEmbedder:
+    """The process's embedder for ``model_dir`` (loaded once)."""
+    if model_dir not in _EMBEDDERS:
+        _EMBEDDERS[model_dir] = MiniLMEmbedder(model_dir)
+    return _EMBEDDERS[model_dir]
+
+
+def faiss_gpu_available() -> bool:
+    """True when the installed FAISS was built with GPU support and sees a GPU."""
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+class SemanticIndex:
+    """Approximate nearest-neighbour search over normalised embeddings (cosine = inner product).
+
+    ``kind``: ``"hnsw"`` (HNSW graph, M=32; no training, incremental adds), ``"ivf"`` (inverted
+    lists over k-means cells, trained on the first ``train_size`` vectors; until then exact) or
+    ``"flat"`` (exact, O(N) per query). IVF runs on the GPU (faiss-gpu) when one is present.
+    """
+
+    def __init__(self, dim: int, kind: str = "hnsw", *, nlist: int = 256, nprobe: int = 16,
+                 ef_search: int = 64, train_size: int = 8192, gpu: bool | None = None):
         import faiss
 
-        self.index = faiss.IndexFlatIP(dim)
+        if kind not in ("hnsw", "ivf", "flat"):
+            raise ValueError(f"unknown semantic index kind {kind!r} (hnsw, ivf, flat)")
+        self.dim, self.kind, self.nlist, self.nprobe, self.train_size = dim, kind, nlist, nprobe, train_size
+        self.gpu = faiss_gpu_available() if gpu is None else gpu
         self.ids: list[str] = []
+        self._trained, self._res = False, None
+        if kind == "hnsw":
+            self.index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+            self.index.hnsw.efSearch = ef_search
+            self.index.hnsw.efConstruction = 80
+        else:
+            self.index = faiss.IndexFlatIP(dim)  # IVF: exact until trained
 
-    def search(self, embedding: np.ndarray, threshold: float) -> str | None:
+    def _maybe_train(self) -> None:
+        import faiss
+
+        if self.kind != "ivf" or self._trained or len(self.ids) < self.train_size:
+            return
+        data = self.index.reconstruct_n(0, self.index.ntotal)
+        quantizer = faiss.IndexFlatIP(self.dim)
+        ivf = faiss.IndexIVFFlat(quantizer, self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf.train(data)
+        ivf.add(data)
+        ivf.nprobe = self.nprobe
+        if self.gpu:
+            self._res = faiss.StandardGpuResources()
+            ivf = faiss.index_cpu_to_gpu(self._res, 0, ivf)
+            ivf.nprobe = self.nprobe
+        self.index, self._trained = ivf, True
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def search_many(self, embeddings: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, positions) of the ``k`` nearest kept vectors of each query row."""
+        return self.index.search(np.ascontiguousarray(embeddings, dtype=np.float32), k)
+
+    def search(self, embedding: np.ndarray, threshold: float, exclude: str | None = None) -> str | None:
+        """Id of the most similar kept document at cosine >= ``threshold`` (never ``exclude``)."""
         if not self.ids:
             return None
-        scores, idx = self.index.search(embedding.reshape(1, -1).astype(np.float32), 1)
-        return self.ids[int(idx[0, 0])] if float(scores[0, 0]) >= threshold else None
+        scores, idx = self.search_many(embedding.reshape(1, -1), 2)
+        for score, i in zip(scores[0], idx[0]):
+            if i >= 0 and self.ids[i] != exclude and float(score) >= threshold:
+                return self.ids[int(i)]
+        return None
 
     def add(self, embedding: np.ndarray, doc_id: str) -> None:
-        self.index.add(embedding.reshape(1, -1).astype(np.float32))
-        self.ids.append(doc_id)
+        self.add_many(embedding.reshape(1, -1), [doc_id])
+
+    def add_many(self, embeddings: np.ndarray, doc_ids: list[str]) -> None:
+        self.index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+        self.ids.extend(doc_ids)
+        self._maybe_train()

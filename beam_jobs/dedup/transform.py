@@ -1,60 +1,76 @@
-"""Dedup as Beam transforms: fingerprint (stateless, parallel) then check against keyed state.
+"""Dedup as a sharded Beam chain: every lookup is keyed state, spread over many keys.
 
-Documents are keyed by a coarse shard key (language by default), so each key's
-index lives in Beam keyed state: a bag of the fingerprints kept for that key.
-A worker caches the index in memory: seeded from the documents already published
-in the stream root (the snapshot that agrees with the settled offsets), plus the bag.
-The cache is rebuilt when the bag's count says it is stale (the key moved between
-workers); a new pipeline of the same ingest process (a new ``epoch``: the next
-micro-batch) keeps it and only reads the shards published since.
+1. ``Fingerprint`` (stateless): shingles, MinHash band keys, exact key, sketch; looks the
+   document up in the *settled* index (what earlier micro-batches published; local runner
+   only) and fans out: one probe per (band, bucket) key plus one per exact key, a
+   registration of its sketch under its id hash, and the document itself under its own key.
+2. ``Buckets`` keyed by ``(band, bucket)`` (exact: ``(-1, hash)``): buffers probes until the
+   watermark passes them, then handles them in priority order ``(event time, id hash)``:
+   each probe asks every id already in the bucket (never its own) to verify, then joins it.
+3. ``Verify`` keyed by a candidate's id hash holds its sketch and answers queries with the
+   estimated Jaccard similarity (exact keys: 1.0); a query never matches the same
+   (topic, partition, offset).
+4. ``Decide`` keyed by the document: once every probe has reported and every query asked on
+   its behalf is answered, the document is a duplicate iff a settled match or a verified
+   candidate exists (completion is counted, so it does not depend on watermark holds).
+
+Since every bucket handles its probes in the same priority order, of two near-duplicates
+the later one (larger (event time, id hash)) always asks about the earlier one and never
+the reverse: exactly one is kept, whichever workers hold their keys. A probe arriving after
+the watermark passed it (late) asks everyone in the bucket, so it is the one dropped.
+Beam state is committed with its bundle: a retried bundle starts from the state before it,
+and the settled index is a pinned, read-only generation, so retries give identical output.
 """
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Protocol
+import struct
+from typing import Any, NamedTuple
 
 import apache_beam as beam
-from apache_beam.coders import PickleCoder, VarIntCoder
+import numpy as np
+from apache_beam.coders import BytesCoder, PickleCoder, VarIntCoder
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import (
+    BagStateSpec,
+    ReadModifyWriteStateSpec,
+    TimerSpec,
+    on_timer,
+)
+from apache_beam.utils.timestamp import Timestamp
 
-from beam_jobs.dedup.index import DedupConfig, DedupIndex, fingerprint
+from beam_jobs.dedup.index import DedupConfig
+from beam_jobs.dedup.minhash import content_hash
+from beam_jobs.dedup.record import DedupRecord, encode_record
+from beam_jobs.dedup.settled import ID_BYTES, SettledRef
+from beam_jobs.dedup.sketch import Sketch, coords_hash, estimate_jaccard, id_hash, make_sketch
 from beam_jobs.records import Doc
 
-__all__ = ["Dedup", "SeedFn", "release", "shard_key"]
+__all__ = ["Dedup", "shard_key"]
 
-class SeedFn(Protocol):
-    """Reads (shard, shard_key, doc_id, text) of published documents in shards not skipped."""
-
-    def read(self, skip_shards: Iterable[str] = ()) -> Iterable[tuple[str, str, str, str]]: ...
+EXACT_BAND = -1
+_U64 = struct.Struct("<Q")
 
 
-@dataclass(slots=True)
-class _Cached:
-    epoch: str
-    indexes: dict[str, DedupIndex]  # shard key -> index (every key of this token shares the seed)
-    seeded: set[str]  # published shards already in the indexes
+class _Probe(NamedTuple):
+    dockey: tuple[int, int]
+    idh: int
+    coordh: int
+    prio: int  # event time (micros)
+    shingles: bytes  # uint32 shingle hashes (empty for exact probes)
 
 
-# Per-process caches, keyed by the transform's token so that DoFn re-instantiation keeps them.
-_CACHE: dict[str, _Cached] = {}
-_COUNTS: dict[tuple[str, str], int] = {}
-_EMBEDDERS: dict[str | None, object] = {}
-
-
-def release(token: str) -> None:
-    """Forget the in-process index of ``token``: after a failed micro-batch whose kept documents
-    were never published, the next batch must start from a fresh token seeded from the stream."""
-    _CACHE.pop(token, None)
-    for k in [k for k in _COUNTS if k[0] == token]:
-        del _COUNTS[k]
+class _Query(NamedTuple):
+    dockey: tuple[int, int]
+    coordh: int
+    exact: bool
+    shingles: bytes
+    replay: bool  # the prober's own id was already in the bucket
 
 
 def shard_key(doc: Doc, how: str) -> str:
-    """The coarse key that partitions the dedup index."""
+    """The coarse key of the semantic index."""
     if how == "language":
         return doc.language or "und"
     if how == "source":
@@ -66,119 +82,266 @@ def shard_key(doc: Doc, how: str) -> str:
     raise ValueError(f"unknown dedup shard_key {how!r}")
 
 
-def _embedder(config: DedupConfig):
-    if config.semantic_model not in _EMBEDDERS:
-        from beam_jobs.dedup.semantic import MiniLMEmbedder
-
-        _EMBEDDERS[config.semantic_model] = MiniLMEmbedder(config.semantic_model)
-    return _EMBEDDERS[config.semantic_model]
-
-
-def _new_index(config: DedupConfig) -> DedupIndex:
-    index = DedupIndex(config)
-    if config.semantic:
-        from beam_jobs.dedup.semantic import SemanticIndex
-
-        index.semantic = SemanticIndex(_embedder(config).dim)
-    return index
+def _exact_key(text: str) -> int:
+    return int(content_hash(text)[:16], 16)
 
 
 class _FingerprintFn(beam.DoFn):
-    def __init__(self, config: DedupConfig):
-        self.config = config
+    def __init__(self, config: DedupConfig, settled: SettledRef | None):
+        self.config, self.settled = config, settled
 
     def setup(self):
         self.hasher = self.config.hasher()
+        self.index = self.settled.open() if self.settled is not None else None
 
-    def process(self, doc: Doc):
-        key = shard_key(doc, self.config.shard_key)
+    def process(self, doc: Doc, ts=beam.DoFn.TimestampParam):
+        c = self.config
         if doc.dropped is not None:
-            yield key, (doc, None)
+            yield beam.pvalue.TaggedOutput("passed", doc)
             return
-        emb = _embedder(self.config).embed([doc.text])[0] if self.config.semantic else None
-        yield key, (doc, fingerprint(doc.id, doc.text, self.config, self.hasher, emb))
+        Metrics.counter("dedup", "in").inc()
+        idh, coordh = id_hash(doc.id), coords_hash(*doc.coords)
+        dockey, prio = (idh, coordh), ts.micros
+        shingles = self.hasher.shingle_hashes(doc.text)
+        exact = _exact_key(doc.text) if c.exact else 0
+        bands = self.hasher.band_keys(self.hasher.signature(doc.text, shingles)) if c.near else []
+        sketch = make_sketch(idh, coordh, shingles, c.bloom_bytes, added=max(0, prio // 1_000_000))
+        record = DedupRecord(sketch, [b & 0xFFFFFFFF for b in bands], exact)
+        hit = None
+        if self.index is not None:
+            hit = self.index.lookup(idh=idh, coordh=coordh, exact=exact if c.exact else None,
+                                    bands=record.bands if c.near else None, shingles=shingles,
+                                    threshold=c.jaccard_threshold)
+        yield dockey, ("doc", doc, record, hit[:2] if hit else None, len(bands) + int(c.exact))
+        ident = (sketch.to_bytes() + doc.id.encode("utf-8", "surrogatepass")[:ID_BYTES])
+        yield beam.pvalue.TaggedOutput("verify", (idh, ("reg", ident)))
+        if c.exact:
+            yield beam.pvalue.TaggedOutput("probe", ((EXACT_BAND, exact), _Probe(dockey, idh, coordh, prio, b"")))
+        raw = shingles.tobytes()
+        for band, key in enumerate(bands):
+            yield beam.pvalue.TaggedOutput("probe", ((band, key), _Probe(dockey, idh, coordh, prio, raw)))
 
 
-class _CheckFn(beam.DoFn):
-    KEPT = BagStateSpec("kept", PickleCoder())
-    COUNT = ReadModifyWriteStateSpec("count", VarIntCoder())
+class _BucketFn(beam.DoFn):
+    """Keyed by (band, bucket): the ids in the bucket (packed uint64, at most ``bucket_cap``)."""
 
-    def __init__(self, config: DedupConfig, token: str, epoch: str, seed: SeedFn | None):
-        self.config, self.token, self.epoch, self.seed = config, token, epoch, seed
-        self.n_in = Metrics.counter("dedup", "in")
-        self.n_out = Metrics.counter("dedup", "out")
+    IDS = ReadModifyWriteStateSpec("ids", BytesCoder())
+    PENDING = BagStateSpec("pending", PickleCoder())
+    NEXT = ReadModifyWriteStateSpec("next", VarIntCoder())
+    WAKE = TimerSpec("wake", TimeDomain.WATERMARK)
 
-    def _add_seed(self, cached: _Cached) -> None:
-        """Add documents of shards published since the last call."""
-        if self.seed is None:
+    def __init__(self, config: DedupConfig):
+        self.cap = config.bucket_cap
+
+    def process(self, element, pending=beam.DoFn.StateParam(PENDING), nxt=beam.DoFn.StateParam(NEXT),  # noqa: B008
+                wake=beam.DoFn.TimerParam(WAKE)):  # noqa: B008
+        _, probe = element
+        pending.add(probe)
+        due = nxt.read()
+        if due is None or probe.prio < due:
+            nxt.write(probe.prio)
+            wake.set(Timestamp(micros=probe.prio))
+
+    @on_timer(WAKE)
+    def handle(self, key=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam,
+               ids_state=beam.DoFn.StateParam(IDS), pending=beam.DoFn.StateParam(PENDING),  # noqa: B008
+               nxt=beam.DoFn.StateParam(NEXT), wake=beam.DoFn.TimerParam(WAKE)):  # noqa: B008
+        probes = list(pending.read())
+        ready = sorted((p for p in probes if p.prio <= fired.micros), key=lambda p: (p.prio, p.idh))
+        rest = [p for p in probes if p.prio > fired.micros]
+        pending.clear()
+        nxt.clear()
+        for p in rest:
+            pending.add(p)
+        if rest:
+            due = min(p.prio for p in rest)
+            nxt.write(due)
+            wake.set(Timestamp(micros=due))
+        raw = ids_state.read() or b""
+        ids = list(np.frombuffer(raw, dtype=np.uint64).tolist())
+        exact = key[0] == EXACT_BAND
+        for p in ready:
+            replay = p.idh in ids
+            others = [i for i in ids if i != p.idh]
+            asked = others[:1] if exact else others  # exact: the first holder is the original
+            for cand in asked:
+                yield cand, ("q", _Query(p.dockey, p.coordh, exact, p.shingles, replay))
+            yield beam.pvalue.TaggedOutput("report", (p.dockey, ("band", len(asked))))
+            if not replay:
+                ids.append(p.idh)
+                if len(ids) > self.cap:
+                    Metrics.counter("dedup", "bucket_evicted").inc(len(ids) - self.cap)
+                    del ids[: len(ids) - self.cap]
+        ids_state.write(np.asarray(ids, dtype=np.uint64).tobytes())
+
+
+class _VerifyFn(beam.DoFn):
+    """Keyed by a document's id hash: its sketch and id; answers queries about it."""
+
+    SKETCH = ReadModifyWriteStateSpec("sketch", BytesCoder())
+    WAITING = BagStateSpec("waiting", PickleCoder())
+
+    def __init__(self, config: DedupConfig):
+        self.threshold = config.jaccard_threshold
+        self.head = len(Sketch(0, 0, 0, 0, 0, b"").to_bytes())
+        self.bloom = config.bloom_bytes
+
+    def _answer(self, ident: bytes, q: _Query) -> tuple:
+        """Every query is answered (Decide counts answers); a match carries a kind."""
+        sketch = Sketch.from_bytes(ident[: self.head + self.bloom])
+        cand_id = ident[self.head + self.bloom :].decode("utf-8", "replace")
+        if sketch.coordh == q.coordh:  # the same record at the same offset: never its own duplicate
+            Metrics.counter("dedup", "self_match_skipped").inc()
+            return q.dockey, ("v", None, 0.0, cand_id, sketch.added, q.replay)
+        if q.exact:
+            return q.dockey, ("v", "exact", 1.0, cand_id, sketch.added, q.replay)
+        j = estimate_jaccard(sketch, np.frombuffer(q.shingles, dtype=np.uint32))
+        return q.dockey, ("v", "near" if j >= self.threshold else None, j, cand_id, sketch.added, q.replay)
+
+    def process(self, element, sketch_state=beam.DoFn.StateParam(SKETCH),  # noqa: B008
+                waiting=beam.DoFn.StateParam(WAITING)):  # noqa: B008
+        _, (kind, payload) = element
+        ident = sketch_state.read()
+        if kind == "reg":
+            if ident is not None:  # the same id again (a replay): the first registration stands
+                return
+            sketch_state.write(payload)
+            for q in waiting.read():
+                yield self._answer(payload, q)
+            waiting.clear()
+        elif ident is None:
+            waiting.add(payload)
+        else:
+            yield self._answer(ident, payload)
+
+
+class _DecideFn(beam.DoFn):
+    """Keyed by (id hash, coords hash): collects the document, one report per probe and one
+    answer per query asked on its behalf; decides once all are in (no watermark needed)."""
+
+    DOCS = BagStateSpec("docs", PickleCoder())
+    TALLY = ReadModifyWriteStateSpec("tally", PickleCoder())  # [probes due, probes in, answers due, answers in, best]
+
+    def __init__(self, count_kept: bool):
+        self.count_kept = count_kept  # False: the semantic stage has the last word
+
+    def process(self, element, docs=beam.DoFn.StateParam(DOCS), tally=beam.DoFn.StateParam(TALLY)):  # noqa: B008
+        _, msg = element
+        t = tally.read() or [0, 0, 0, 0, None]
+        if msg[0] == "doc":
+            docs.add(msg[1:4])
+            t[0] += msg[4]
+        elif msg[0] == "band":
+            t[1] += 1
+            t[2] += msg[1]
+        else:
+            _, kind, j, cand_id, cand_added, replay = msg
+            t[3] += 1
+            rank = (kind == "exact", j)
+            if kind is not None and (t[4] is None or rank > t[4][0]):
+                t[4] = (rank, kind, cand_id, cand_added, replay)
+        held = list(docs.read())
+        if not held or t[1] < t[0] or t[3] < t[2]:
+            tally.write(t)
             return
-        hasher = self.config.hasher()
-        for shard, key, doc_id, text in self.seed.read(skip_shards=cached.seeded):
-            if key not in cached.indexes:
-                cached.indexes[key] = _new_index(self.config)
-            emb = _embedder(self.config).embed([text])[0] if self.config.semantic else None
-            index = cached.indexes[key]
-            fp = fingerprint(doc_id, text, self.config, hasher, emb)
-            if index.check(fp) is None:  # kept earlier in this process: already indexed
-                index.add(fp)
-            cached.seeded.add(shard)
+        docs.clear()
+        tally.clear()
+        yield from self._decide(held, t[4])
 
-    def _index(self, key: str, kept, count_state) -> DedupIndex:
-        count = count_state.read() or 0
-        cached = _CACHE.get(self.token)
-        if cached is None:
-            cached = _CACHE[self.token] = _Cached(self.epoch, {}, set())
-            self._add_seed(cached)
-        elif cached.epoch != self.epoch:  # next pipeline of this process: catch up with the stream
-            cached.epoch = self.epoch
-            for k in [k for k in _COUNTS if k[0] == self.token]:
-                del _COUNTS[k]
-            self._add_seed(cached)
-        index = cached.indexes.setdefault(key, _new_index(self.config))
-        if _COUNTS.get((self.token, key), 0) != count:  # state this worker has not seen (key moved)
-            for fp in kept.read():
-                if index.check(fp) is None:
-                    index.add(fp)
-            _COUNTS[(self.token, key)] = count
-        return index
+    def _decide(self, held: list, verdict):
+        for doc, record, settled_hit in held:
+            hit = settled_hit
+            if hit is None and verdict is not None:
+                _, kind, cand_id, cand_added, replay = verdict
+                # A replay only counts what was there before it (its first decision's view).
+                if not replay or cand_added <= record.sketch.added:
+                    hit = (kind, cand_id)
+            if hit is None:
+                if self.count_kept:
+                    Metrics.counter("dedup", "out").inc()
+                doc.lineage["dedup"] = encode_record(record)
+                yield doc
+                continue
+            kind, original = hit
+            Metrics.counter("dedup", f"drop_{kind}").inc()
+            doc.lineage["dup_of"] = original
+            yield doc.drop("dedup", kind)
 
-    def process(self, element, kept=beam.DoFn.StateParam(KEPT), count_state=beam.DoFn.StateParam(COUNT)):  # noqa: B008
-        key, (doc, fp) = element
-        if fp is None:
+
+class _SemanticFn(beam.DoFn):
+    """Keyed by the coarse shard key: embeddings of the kept documents (at most ``semantic_horizon``).
+
+    The approximate index is a per-process cache of the state, valid only while its count
+    equals the state's (a retried bundle rolls the state back, so the cache is rebuilt)."""
+
+    KEPT = ReadModifyWriteStateSpec("kept", PickleCoder())
+
+    def __init__(self, config: DedupConfig):
+        self.config = config
+        self._cache: dict[str, tuple[int, object]] = {}
+
+    def setup(self):
+        from beam_jobs.dedup.semantic import embedder
+
+        self.embedder = embedder(self.config.semantic_model)
+
+    def _index(self, key: str, kept: list):
+        from beam_jobs.dedup.semantic import SemanticIndex
+
+        cached = self._cache.get(key)
+        if cached is None or cached[0] != len(kept):
+            index = SemanticIndex(self.embedder.dim, self.config.semantic_index)
+            if kept:
+                index.add_many(np.stack([e for _, e in kept]), [i for i, _ in kept])
+            cached = self._cache[key] = (len(kept), index)
+        return cached[1]
+
+    def process(self, element, kept_state=beam.DoFn.StateParam(KEPT)):  # noqa: B008
+        key, doc = element
+        if doc.dropped is not None:
             yield doc
             return
-        self.n_in.inc()
-        index = self._index(key, kept, count_state)
-        hit = index.check_and_add(fp)
-        if hit is None:
-            kept.add(fp)
-            count = (count_state.read() or 0) + 1
-            count_state.write(count)
-            _COUNTS[(self.token, key)] = count
-            self.n_out.inc()
-            yield doc
+        kept = kept_state.read() or []
+        index = self._index(key, kept)
+        emb = self.embedder.embed([doc.text])[0]
+        hit = index.search(emb, self.config.semantic_threshold, exclude=doc.id)
+        if hit is not None:
+            Metrics.counter("dedup", "drop_semantic").inc()
+            doc.lineage["dup_of"] = hit
+            doc.lineage.pop("dedup", None)
+            yield doc.drop("dedup", "semantic")
             return
-        kind, original = hit
-        Metrics.counter("dedup", f"drop_{kind}").inc()
-        doc.lineage["dup_of"] = original
-        yield doc.drop("dedup", kind)
+        grown = [*kept, (doc.id, emb)]
+        kept_state.write(grown[-self.config.semantic_horizon :])
+        index.add(emb, doc.id)
+        # Past the horizon the cached index holds more than the state: rebuild it next time.
+        self._cache[key] = (len(grown) if len(grown) <= self.config.semantic_horizon else -1, index)
+        Metrics.counter("dedup", "out").inc()
+        yield doc
 
 
 class Dedup(beam.PTransform):
-    """Docs -> Docs with duplicates marked dropped (``lineage['dup_of']`` points to the kept original)."""
+    """Docs -> Docs with duplicates marked dropped (``lineage['dup_of']`` names the original);
+    kept docs carry their dedup record in ``lineage['dedup']`` (published with the shard)."""
 
-    def __init__(self, config: DedupConfig | None = None, *, seed: SeedFn | None = None, token: str | None = None):
-        """``token`` names the in-process index cache: pass the same token to the pipelines of
-        successive micro-batches of one ingest process so they extend one index."""
+    def __init__(self, config: DedupConfig | None = None, *, settled: SettledRef | None = None):
+        """``settled``: the pinned settled index of the stream root (local runner); ``None`` on
+        runners whose Beam state outlives the job (Dataflow, Flink): the state is the index."""
         super().__init__()
         self.config = config or DedupConfig()
-        self.seed = seed
-        self.token = token or uuid.uuid4().hex
-        self.epoch = uuid.uuid4().hex
+        self.settled = settled
 
     def expand(self, docs):
-        return (
-            docs
-            | "Fingerprint" >> beam.ParDo(_FingerprintFn(self.config))
-            | "CheckAgainstIndex" >> beam.ParDo(_CheckFn(self.config, self.token, self.epoch, self.seed))
-        )
+        c = self.config
+        fp = docs | "Fingerprint" >> beam.ParDo(_FingerprintFn(c, self.settled)).with_outputs(
+            "probe", "verify", "passed", main="doc")
+        buckets = fp.probe | "Buckets" >> beam.ParDo(_BucketFn(c)).with_input_types(
+            tuple[tuple[int, int], Any]).with_outputs("report", main="query")
+        verdicts = ((fp.verify, buckets.query) | "ToVerify" >> beam.Flatten()
+                    | "Verify" >> beam.ParDo(_VerifyFn(c)).with_input_types(tuple[int, Any]))
+        decided = ((fp.doc, buckets.report, verdicts) | "ToDecide" >> beam.Flatten()
+                   | "Decide" >> beam.ParDo(_DecideFn(not c.semantic)).with_input_types(tuple[tuple[int, int], Any]))
+        if c.semantic:
+            decided = (decided | "KeySemantic" >> beam.Map(lambda d, how=c.shard_key: (shard_key(d, how), d))
+                       | "Semantic" >> beam.ParDo(_SemanticFn(c)))
+        return (decided, fp.passed) | "Merge" >> beam.Flatten()

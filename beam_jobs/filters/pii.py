@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from beam_jobs.filters.base import FilterResult
 from beam_jobs.records import Doc
 
-__all__ = ["PII_KINDS", "PIIScrubber", "iban_ok", "luhn_ok", "scrub_pii"]
+__all__ = ["PII_KINDS", "LinearEmail", "PIIScrubber", "iban_ok", "luhn_ok", "scrub_pii"]
 
 
 def luhn_ok(digits: str) -> bool:
@@ -55,7 +55,7 @@ _WORD = re.compile(r"\w")
 _SPAN = re.compile(r".*", re.DOTALL)  # ``_SPAN.match(text, i, j)``: a Match of exactly text[i:j]
 
 
-class _Emails:
+class LinearEmail:
     r"""Matches of ``\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b`` in linear time.
 
     The regex itself is quadratic on long runs of local-part characters without a valid
@@ -92,8 +92,8 @@ def _boundary(text: str, i: int) -> bool:
 
 
 # Order matters: structured numbers (IBAN, card) before the looser phone pattern.
-_PATTERNS: list[tuple[str, re.Pattern | type[_Emails], Callable[[re.Match], bool] | None]] = [
-    ("email", _Emails, None),
+_PATTERNS: list[tuple[str, re.Pattern | type[LinearEmail], Callable[[re.Match], bool] | None]] = [
+    ("email", LinearEmail, None),
     ("iban", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), _iban_check),
     ("credit_card", re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), _card_ok),
     ("ip", re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b"), _ipv4_ok),

@@ -268,8 +268,8 @@ def _garble(path: str) -> None:
 
 def corrupt_checkpoint(tmp: Path, *, steps: int = 12, every: int = 4) -> CheckpointResult:
     """Train ``steps`` steps (checkpoint every ``every``); truncate a file of the latest
-    checkpoint and garble one of the one before (same size: only its manifest hash shows it);
-    restart. Expect: both detected and moved aside, resume from the one before them, and the
+    checkpoint and remove its manifest (detected by the failed load), garble a file of the one
+    before (same size: only its manifest hash shows it); restart. Expect: both detected and moved aside, resume from the one before them, and the
     re-trained steps' losses equal to the first run's."""
     from trainer.runs import read_metrics, train_argv
     from trainer.synthetic import write_stream
@@ -289,9 +289,12 @@ def corrupt_checkpoint(tmp: Path, *, steps: int = 12, every: int = 4) -> Checkpo
         files = [os.path.join(d, n) for n in os.listdir(d) if n.endswith(".distcp")]
         return max(files, key=os.path.getsize)
 
-    _truncate(biggest(latest))
-    _garble(biggest(before))
-    corrupted = {latest: "largest .distcp truncated to half", before: "64 bytes of the largest .distcp inverted"}
+    _truncate(biggest(latest))  # and no manifest: only the failed load can tell
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(ckpts, f"step-{latest}", "manifest.json"))
+    _garble(biggest(before))  # same size, loads fine: only the manifest's sha256 can tell
+    corrupted = {latest: "largest .distcp truncated to half, manifest removed",
+                 before: "64 bytes of the largest .distcp inverted"}
     n_before = len(read_metrics(run))
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

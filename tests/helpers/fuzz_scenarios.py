@@ -39,8 +39,8 @@ for _path in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[
         sys.path.append(str(_path))
 from nasty_events import decodes, fuzz_values
 
-__all__ = ["FuzzResult", "dead_letters", "fuzz_control", "fuzz_evaluator", "fuzz_sentinel", "fuzz_status",
-           "read_events", "topic_ends"]
+__all__ = ["FuzzResult", "dead_letters", "fuzz_all", "fuzz_control", "fuzz_evaluator", "fuzz_sentinel",
+           "fuzz_status", "read_events", "topic_ends"]
 
 Value = bytes | None
 
@@ -390,3 +390,16 @@ def fuzz_status(work: Path, n: int, *, seed: int = 0) -> list[FuzzResult]:
     return [FuzzResult("status (run dir)", f"{name}.jsonl", n, sources, bad, 3, obeyed[name],
                        rd.bad_lines.get(f"{name}.jsonl", 0) if not crashed else 0, 0, crashed,
                        time.monotonic() - t0, notes) for name, (bad, sources) in produced.items()]
+
+
+def fuzz_all(work: Path, n: int, *, seed: int = 0) -> list[FuzzResult]:
+    """Every scenario with ``n`` records per topic, each on a broker of its own (topics start empty)."""
+    from streams.broker import EmbeddedBroker
+
+    results: list[FuzzResult] = []
+    for name, scenario in (("control", fuzz_control), ("sentinel", fuzz_sentinel), ("evaluator", fuzz_evaluator)):
+        sub = work / name
+        sub.mkdir(parents=True, exist_ok=True)
+        with EmbeddedBroker(run_dir=sub / "broker") as broker:
+            results += scenario(broker.bootstrap, sub, n, seed=seed)
+    return results + fuzz_status(work / "status", n, seed=seed)

@@ -85,9 +85,8 @@ def _valid(i: int) -> st.SearchStrategy[Labelled]:
     """A valid text record with a unique id, English-like text and random safe fields."""
 
     def build(doc_seed: int, source: str, license_: str, meta: dict) -> Labelled:
-        rid = f"v{i}"
-        return Labelled(_dumps(_text(rid, english_doc(random.Random(doc_seed)), source=source, license=license_,
-                                     meta=meta)), None, "valid", rid)
+        rid, text = f"v{i}", english_doc(random.Random(f"{i}:{doc_seed}"))  # unique: no dedup drops
+        return Labelled(_dumps(_text(rid, text, source=source, license=license_, meta=meta)), None, "valid", rid)
 
     meta = st.dictionaries(_SAFE_NAME, st.one_of(st.text(_PRINTABLE, max_size=30), st.integers(-10**6, 10**6),
                                                  st.booleans(), st.none()), max_size=3)

@@ -240,10 +240,10 @@ class StreamBuffers:
                 self.buffers[d] = keep
         return dropped
 
-    def buffered_shards(self, domains: set[str] | None = None) -> set[str]:
-        """Shards with samples waiting in the buffers (read but not trained yet), of ``domains`` if given."""
+    def buffered_shards(self, except_domains: set[str] = frozenset()) -> set[str]:
+        """Shards with samples waiting in the buffers (read but not trained yet), except ``except_domains``'."""
         with self._cond:
-            return {doc.shard for d, buf in self.buffers.items() if domains is None or d in domains for doc in buf}
+            return {doc.shard for d, buf in self.buffers.items() if d not in except_domains for doc in buf}
 
     # -- checkpoint -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

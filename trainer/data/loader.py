@@ -133,12 +133,12 @@ class LiveStreamDataLoader(BaseDataLoader):
             dropped += self.buffers.drop_sources(set(sources))
         return dropped + int(self.packer.drop_carry(shards=set(shards), sources=set(sources)))
 
-    def pending_shards(self, domains: set[str] | None = None) -> set[str]:
-        """Shards read into this rank's buffers (or carried by the packer) but not fully trained
-        (of ``domains`` only, if given)."""
+    def pending_shards(self, except_domains: set[str] = frozenset()) -> set[str]:
+        """Shards read into this rank's buffers (or carried by the packer) but not fully trained,
+        except those of ``except_domains``."""
         carry = self.packer.carry
-        carried = {carry.shard} if carry is not None and (domains is None or carry.domain in domains) else set()
-        return self.buffers.buffered_shards(domains) | carried
+        carried = {carry.shard} if carry is not None and carry.domain not in except_domains else set()
+        return self.buffers.buffered_shards(except_domains) | carried
 
     # -- iteration -------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:

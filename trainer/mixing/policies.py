@@ -72,41 +72,43 @@ class TemperaturePolicy:
 
 @dataclass(slots=True)
 class ODMPolicy:
-    """Online Data Mixing (Albalak et al. 2023): EXP3 with per-domain loss as reward.
+    """Online Data Mixing (Albalak et al. 2023) with the full-information Hedge update this loader allows.
 
-    ε_t = min(1/K, sqrt(ln K / (K t))); π_i = (1 - Kε_t) softmax(c ε_{t-1} R̂)_i + ε_t;
-    for each domain trained this step: R̂_i ← α R̂_i + (1-α) L_i / π_i (importance weighted).
-    ``lr_scale`` is c (1 in the paper). Loss as reward favours high-loss domains: right for
-    domains with more left to learn, wrong for irreducible noise (the paper's noted failure mode).
+    ODM is EXP3: one domain per batch, so a domain's loss is seen only when it is drawn and the
+    reward estimate is importance-weighted, R̂_i ← α R̂_i + (1-α) L_i / π_i. This loader draws
+    domains per document, so every domain with data is in every step: its loss is observed, the
+    1/π correction would only pull the weights towards uniform, and the right update is Hedge on
+    the observed losses: R_i ← α R_i + (1-α) L_i for every domain trained this step (others keep
+    R_i), π = softmax(η_{t-1} R) with ODM's step size η_t = c·sqrt(ln K / (K t)). No uniform
+    exploration term: nothing needs exploring, and the Mixer's floor keeps every domain drawn.
+    ``lr_scale`` is c. Loss as reward favours high-loss domains: right for domains with more left
+    to learn, wrong for irreducible noise (the paper's noted failure mode).
     """
 
     alpha: float = 0.9
     lr_scale: float = 1.0
     rewards: dict[str, float] = field(default_factory=dict)
-    prev_eps: float = 0.0
+    prev_lr: float = 0.0
 
     def propose(self, stats: DomainStats, prev: np.ndarray) -> np.ndarray:
         k = len(stats.domains)
         t = max(stats.step, 1)
         for i, d in enumerate(stats.domains):
             if stats.present[i] and np.isfinite(stats.last_loss[i]):
-                pi = max(float(prev[i]), 1e-6)
                 r = self.rewards.get(d, 0.0)
-                self.rewards[d] = self.alpha * r + (1 - self.alpha) * float(stats.last_loss[i]) / pi
-        eps = min(1.0 / k, math.sqrt(math.log(k) / (k * t))) if k > 1 else 1.0
+                self.rewards[d] = self.alpha * r + (1 - self.alpha) * float(stats.last_loss[i])
         r_hat = np.array([self.rewards.get(d, 0.0) for d in stats.domains])
-        logits = self.prev_eps * self.lr_scale * r_hat
+        logits = self.prev_lr * r_hat
         soft = np.exp(logits - logits.max())
-        soft /= soft.sum()
-        self.prev_eps = eps
-        return (1 - k * eps) * soft + eps
+        self.prev_lr = self.lr_scale * (math.sqrt(math.log(k) / (k * t)) if k > 1 else 0.0)
+        return soft / soft.sum()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rewards": dict(self.rewards), "prev_eps": self.prev_eps}
+        return {"rewards": dict(self.rewards), "prev_lr": self.prev_lr}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rewards = dict(state.get("rewards", {}))
-        self.prev_eps = float(state.get("prev_eps", 0.0))
+        self.prev_lr = float(state.get("prev_lr", 0.0))
 
 
 @dataclass(slots=True)

@@ -12,7 +12,7 @@ from trainer.models.qwen import FLAVORS, HeadwaterQwen, qwen_config
 __all__ = ["FLAVORS", "HeadwaterQwen", "build_model", "model_registry"]
 
 
-def model_registry(flavor: str, *, vocab_size: int, attn_backend: str = "flex") -> ModelSpec:
+def model_registry(flavor: str, *, vocab_size: int, attn_backend: str = "auto") -> ModelSpec:
     """torchtitan ModelSpec for ``flavor`` (``debug_cpu``, ``1b``, ``10b``)."""
     from torchtitan.distributed.pipeline_parallel import pipeline_llm
     from torchtitan.models.qwen3.state_dict_adapter import Qwen3StateDictAdapter

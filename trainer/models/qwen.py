@@ -2,7 +2,10 @@
 
 Flavors: ``debug_cpu`` (tiny, for CPU/gloo tests), ``1b`` and ``10b`` (H100 sizes).
 ``attn_backend`` picks the inner attention: ``"cpu"`` (SDPA with a dense
-document mask, CPU-trainable), or torchtitan's ``"flex"``, ``"flex_flash"``, ``"varlen"``.
+document mask, CPU-trainable), ``"auto"`` (a flash-attention varlen kernel on CUDA when one
+is installed, else FlexAttention; see attention_select.py), ``"flash_varlen"``, or torchtitan's
+``"flex"``, ``"flex_flash"``, ``"varlen"``. The vocabulary is padded to a multiple of 128
+(lm_head.py).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from functools import partial
 
 import torch
 from torch import nn
-from torchtitan.models.common import CosSinRoPE, Embedding, Linear
+from torchtitan.models.common import CosSinRoPE, Embedding
 from torchtitan.models.common.config_utils import (
     get_attention_config,
     make_ffn_config,
@@ -23,7 +26,13 @@ from torchtitan.models.common.nn_modules import RMSNorm
 from torchtitan.models.common.param_init import skip_param_init
 from torchtitan.models.qwen3.model import Qwen3Model, Qwen3TransformerBlock
 
+from trainer.models.attention_select import (
+    FlashVarlenAttention,
+    document_varlen_metadata,
+    resolve_auto_backend,
+)
 from trainer.models.dense_attention import DenseMaskAttention, document_causal_mask
+from trainer.models.lm_head import PaddedLMHead, padded_vocab_size
 
 __all__ = ["FLAVORS", "HeadwaterQwen", "Shape", "qwen_config"]
 
@@ -64,6 +73,9 @@ class HeadwaterQwen(Qwen3Model):
     def get_attention_masks(self, positions: torch.Tensor):
         if self._dense_attention():
             return document_causal_mask(positions)
+        attn = self.config.first_attention
+        if attn is not None and isinstance(attn.inner_attention, FlashVarlenAttention.Config):
+            return document_varlen_metadata(positions)
         return super().get_attention_masks(positions)
 
     def forward(self, tokens, positions=None, attention_masks=None):
@@ -84,7 +96,13 @@ def _norm(dim: int) -> RMSNorm.Config:
 
 
 def _inner_attention(attn_backend: str):
-    return DenseMaskAttention.Config() if attn_backend == "cpu" else get_attention_config(attn_backend)
+    if attn_backend == "cpu":
+        return DenseMaskAttention.Config()
+    if attn_backend == "auto":
+        attn_backend = resolve_auto_backend()
+    if attn_backend == "flash_varlen":
+        return FlashVarlenAttention.Config()
+    return get_attention_config(attn_backend)
 
 
 def qwen_config(flavor: str, *, vocab_size: int, attn_backend: str) -> HeadwaterQwen.Config:
@@ -118,12 +136,14 @@ def qwen_config(flavor: str, *, vocab_size: int, attn_backend: str) -> Headwater
         for _ in range(s.n_layers)
     ]
     embed_init = {"weight": skip_param_init} if s.tied_embeddings else {"weight": partial(nn.init.normal_, std=0.02)}
+    table = padded_vocab_size(vocab_size)  # embedding/output rows; ids >= vocab_size are masked padding
     return HeadwaterQwen.Config(
         vocab_size=vocab_size,
         dim=s.dim,
         norm=_norm(s.dim),
         enable_weight_tying=s.tied_embeddings,
-        tok_embeddings=Embedding.Config(num_embeddings=vocab_size, embedding_dim=s.dim, param_init=embed_init),
-        lm_head=Linear.Config(in_features=s.dim, out_features=vocab_size, param_init=linear),
+        tok_embeddings=Embedding.Config(num_embeddings=table, embedding_dim=s.dim, param_init=embed_init),
+        lm_head=PaddedLMHead.Config(in_features=s.dim, out_features=table, real_vocab_size=vocab_size,
+                                    param_init=linear),
         layers=layers,
     )

@@ -1,0 +1,258 @@
+"""The settled text index: what the local runner knows about documents already published.
+
+Every kept text sample carries its compact dedup record in ``lineage["dedup"]`` (see
+:mod:`beam_jobs.dedup.record`), so a shard publishes its index delta atomically with itself.
+:func:`sync` folds the shards published since the last snapshot (the *tail*) into one new
+immutable segment under ``<stream_root>/_dedup/`` and atomically rewrites ``snapshot.json``
+(which segments, which shards they cover). A restart therefore memory-maps the segments and
+reads only the tail: its cost does not grow with history.
+
+Each segment keeps, per document: the sketch (id hash, coords hash, filter) and its id
+(truncated), per band a sorted ``(key, slot)`` table, and a sorted exact-hash table.
+Horizon: when more than ``horizon_docs`` documents or segments older than ``horizon_age_s``
+are held, the oldest whole segments are forgotten (a later near-dup of them is kept).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from beam_jobs.dedup.record import DedupRecord, decode_record
+from beam_jobs.dedup.sketch import Sketch, estimate_jaccard
+
+__all__ = ["ID_BYTES", "Segment", "SettledIndex", "SettledRef", "sync"]
+
+log = logging.getLogger(__name__)
+ID_BYTES = 16  # ids are kept (for ``dup_of``) truncated to this many bytes
+SNAPSHOT = "snapshot.json"
+_LOCK = threading.Lock()
+_OPEN: dict[tuple[str, int], SettledIndex] = {}  # (stream root, generation) -> index, set when complete
+
+
+@dataclass(frozen=True, slots=True)
+class SettledRef:
+    """A pinned generation of a stream root's settled index (picklable; what a pipeline holds)."""
+
+    root: str
+    generation: int
+
+    def open(self) -> SettledIndex:
+        """The index of this generation: the in-process one when this process built it, else
+        loaded (memory-mapped) from the snapshot; never a half-built one."""
+        key = (self.root, self.generation)
+        with _LOCK:
+            if key not in _OPEN:
+                index = SettledIndex.load(self.root)
+                if index.generation != self.generation:
+                    raise RuntimeError(f"dedup snapshot of {self.root} is at generation {index.generation}, "
+                                       f"the pipeline was built for {self.generation}")
+                _OPEN[key] = index
+            return _OPEN[key]
+
+
+class Segment:
+    """An immutable, memory-mapped set of settled documents."""
+
+    FIELDS = ("idh", "coordh", "n", "log2_q", "bloom", "ids", "exact", "exact_slot", "band_keys", "band_slots")
+
+    def __init__(self, path: str, arrays: dict[str, np.ndarray], created: float):
+        self.path, self.created = path, created
+        for name in self.FIELDS:
+            setattr(self, name, arrays[name])
+
+    def __len__(self) -> int:
+        return len(self.idh)
+
+    @classmethod
+    def build(cls, path: str, records: list[tuple[str, DedupRecord]], created: float) -> Segment:
+        """Write a segment of ``(doc id, record)`` pairs and open it."""
+        n = len(records)
+        bands = len(records[0][1].bands)
+        keys = np.array([r.bands for _, r in records], dtype=np.uint32).reshape(n, bands).T
+        order = np.argsort(keys, axis=1, kind="stable").astype(np.uint32)
+        exact = np.array([r.exact for _, r in records], dtype=np.uint64)
+        exact_order = np.argsort(exact, kind="stable").astype(np.uint32)
+        arrays = {
+            "idh": np.array([r.sketch.idh for _, r in records], dtype=np.uint64),
+            "coordh": np.array([r.sketch.coordh for _, r in records], dtype=np.uint32),
+            "n": np.array([r.sketch.n for _, r in records], dtype=np.uint16),
+            "log2_q": np.array([r.sketch.log2_q for _, r in records], dtype=np.uint8),
+            "bloom": np.frombuffer(b"".join(r.sketch.bloom for _, r in records), dtype=np.uint8).reshape(n, -1),
+            "ids": np.array([i.encode("utf-8", "surrogatepass")[:ID_BYTES] for i, _ in records], dtype=f"S{ID_BYTES}"),
+            "exact": exact[exact_order],
+            "exact_slot": exact_order,
+            "band_keys": np.take_along_axis(keys, order.astype(np.int64), axis=1),
+            "band_slots": order,
+        }
+        tmp = f"{path}.tmp-{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
+        for name, arr in arrays.items():
+            np.save(os.path.join(tmp, f"{name}.npy"), np.ascontiguousarray(arr))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"created": created, "docs": n}, f)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: str) -> Segment:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        arrays = {name: np.load(os.path.join(path, f"{name}.npy"), mmap_mode="r") for name in cls.FIELDS}
+        return cls(path, arrays, meta["created"])
+
+    def nbytes(self) -> int:
+        return sum(getattr(self, name).nbytes for name in self.FIELDS)
+
+    def sketch(self, slot: int) -> Sketch:
+        return Sketch(int(self.idh[slot]), int(self.coordh[slot]), 0, int(self.n[slot]), int(self.log2_q[slot]),
+                      self.bloom[slot].tobytes())
+
+    def near_slots(self, bands: list[int]) -> set[int]:
+        out: set[int] = set()
+        for b, key in enumerate(bands):
+            row = self.band_keys[b]
+            lo, hi = np.searchsorted(row, key, "left"), np.searchsorted(row, key, "right")
+            out.update(int(s) for s in self.band_slots[b][lo:hi])
+        return out
+
+    def exact_slots(self, exact: int) -> list[int]:
+        lo, hi = np.searchsorted(self.exact, exact, "left"), np.searchsorted(self.exact, exact, "right")
+        return [int(s) for s in self.exact_slot[lo:hi]]
+
+
+@dataclass(slots=True)
+class SettledIndex:
+    """Segments of one snapshot generation, newest last; read-only once built."""
+
+    root: str
+    generation: int = 0
+    segments: tuple[Segment, ...] = ()
+    shards: frozenset[str] = frozenset()
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.segments)
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.segments)
+
+    @classmethod
+    def load(cls, root: str) -> SettledIndex:
+        """The snapshot as last written (empty if none)."""
+        path = os.path.join(root, "_dedup", SNAPSHOT)
+        if not os.path.exists(path):
+            return cls(root)
+        with open(path) as f:
+            snap = json.load(f)
+        segs = tuple(Segment.open(os.path.join(root, "_dedup", name)) for name in snap["segments"])
+        return cls(root, snap["generation"], segs, frozenset(snap["shards"]))
+
+    def lookup(self, *, idh: int, coordh: int, exact: int | None, bands: list[int] | None,
+               shingles: np.ndarray | None, threshold: float) -> tuple[str, str, int] | None:
+        """(kind, dup_of id, dup_of id hash) of the best settled match, never the record itself."""
+        for seg in self.segments:
+            for slot in seg.exact_slots(exact) if exact is not None else ():
+                if int(seg.idh[slot]) != idh and int(seg.coordh[slot]) != coordh:
+                    return "exact", seg.ids[slot].decode("utf-8", "replace"), int(seg.idh[slot])
+        best: tuple[float, str, int] | None = None
+        if bands is None or shingles is None:
+            return None
+        for seg in self.segments:
+            for slot in seg.near_slots(bands):
+                if int(seg.idh[slot]) == idh or int(seg.coordh[slot]) == coordh:
+                    continue
+                j = estimate_jaccard(seg.sketch(slot), shingles)
+                if j >= threshold and (best is None or j > best[0]):
+                    best = (j, seg.ids[slot].decode("utf-8", "replace"), int(seg.idh[slot]))
+        return None if best is None else ("near", best[1], best[2])
+
+
+def _tail(root: str, covered: frozenset[str]) -> tuple[list[tuple[str, DedupRecord]], set[str]]:
+    """Records of kept text samples in published shards not yet covered, and those shards."""
+    from streams.mds import TailReader
+
+    records: list[tuple[str, DedupRecord]] = []
+    shards: set[str] = set()
+    if not os.path.exists(os.path.join(root, "index.json")):
+        return records, shards
+    with TailReader(root, exclude_shards=covered) as reader:
+        shards.update(reader.poll())
+        for s in reader.samples(timeout_s=0):
+            shards.add(s["_shard"])
+            lineage = s.get("lineage") or {}
+            if isinstance(lineage, str):
+                lineage = json.loads(lineage)
+            if s.get("modality") == "text" and "dedup" in lineage:
+                records.append((s["id"], decode_record(lineage["dedup"])))
+    return records, shards
+
+
+def sync(root: str, *, horizon_docs: int | None = None, horizon_age_s: float | None = None,
+         max_segments: int = 16, now: float | None = None) -> SettledRef:
+    """Fold the tail into a new segment, apply the horizon, write the next snapshot generation.
+
+    Call at a settlement point (before a micro-batch, after the previous one published).
+    Returns the pinned reference a pipeline's dedup uses."""
+    now = time.time() if now is None else now
+    index = SettledIndex.load(root)
+    records, shards = _tail(root, index.shards)
+    if not shards and index.generation:
+        ref = SettledRef(root, index.generation)
+        with _LOCK:
+            _OPEN.setdefault((root, index.generation), index)
+        return ref
+    gen = index.generation + 1
+    ddir = os.path.join(root, "_dedup")
+    os.makedirs(ddir, exist_ok=True)
+    segs = list(index.segments)
+    if records:
+        segs.append(Segment.build(os.path.join(ddir, f"seg-{gen:08d}"), records, now))
+    if len(segs) > max_segments:  # compact the older half into one segment
+        half = len(segs) // 2
+        merged = [rec for seg in segs[:half] for rec in _records(seg)]
+        segs = [Segment.build(os.path.join(ddir, f"seg-{gen:08d}-m"), merged, segs[half - 1].created),
+                *segs[half:]]
+    while segs and horizon_age_s is not None and now - segs[0].created > horizon_age_s:
+        log.info("dedup horizon (age): forgetting %d documents of %s", len(segs[0]), segs[0].path)
+        segs.pop(0)
+    while len(segs) > 1 and horizon_docs is not None and sum(len(s) for s in segs) - len(segs[0]) >= horizon_docs:
+        log.info("dedup horizon (count): forgetting %d documents of %s", len(segs[0]), segs[0].path)
+        segs.pop(0)
+    snap = {"version": 1, "generation": gen, "segments": [os.path.basename(s.path) for s in segs],
+            "shards": sorted(index.shards | shards), "written_at": now}
+    tmp = os.path.join(ddir, f"{SNAPSHOT}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(snap, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(ddir, SNAPSHOT))
+    keep = set(snap["segments"]) | {SNAPSHOT}
+    for name in os.listdir(ddir):
+        if name not in keep and not name.startswith(f"{SNAPSHOT}.tmp"):
+            shutil.rmtree(os.path.join(ddir, name), ignore_errors=True)
+    built = SettledIndex(root, gen, tuple(segs), frozenset(snap["shards"]))
+    with _LOCK:
+        _OPEN[(root, gen)] = built
+        for key in [k for k in _OPEN if k[0] == root and k[1] < gen - 1]:
+            del _OPEN[key]
+    return SettledRef(root, gen)
+
+
+def _records(seg: Segment) -> list[tuple[str, DedupRecord]]:
+    """A segment's documents as records again (for compaction)."""
+    bands = np.empty_like(seg.band_keys)
+    for b in range(seg.band_keys.shape[0]):
+        bands[b][seg.band_slots[b]] = seg.band_keys[b]
+    exact = np.empty(len(seg), dtype=np.uint64)
+    exact[seg.exact_slot] = seg.exact
+    return [(seg.ids[i].decode("utf-8", "replace"),
+             DedupRecord(seg.sketch(i), [int(k) for k in bands[:, i]], int(exact[i]))) for i in range(len(seg))]
