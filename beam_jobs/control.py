@@ -11,11 +11,15 @@ too (an operator's explicit decision), and every applied or ignored command is l
 Controls are signed (``streams.signing``). The follower authenticates each one (signature, key
 permitted the command, finite time, at most ``max_skew_s`` in the future) and raises a
 ``control.rejected`` Alert for any it refuses. It applies no freshness window: the topic is the
-log of every source's state, and a fresh ingest must learn a quarantine issued long ago. Replays
-are neutralised by the state instead: per source, the last writer wins by
-``(issued_at, control_id)``, so an old signed ``resume_source`` replayed later never undoes a
-newer quarantine (it is ``superseded``), and the ids of applied controls are kept (the last
-``SEEN_MAX``) so an exact replay is rejected as ``replayed``.
+log of every source's state (kept forever: ``retention.ms = -1``), and a fresh ingest must learn
+a quarantine issued long ago. Commands are applied in topic offset order, the order the broker
+received them, not by the signers' clocks: an operator's ``resume_source`` sent after the
+sentinel's quarantine wins even if the sentinel's clock runs ahead. Replays are neutralised by
+the state: a command issued more than ``max_skew_s`` (the clock skew allowed between signers,
+the verifier's) before the latest command applied for its source is ``superseded`` and ignored,
+so an old signed ``resume_source`` replayed later never undoes a newer quarantine; and the ids
+of applied controls are kept (the last ``SEEN_MAX``) so an exact replay is rejected as
+``replayed``. Rejections are alerted once per reason per cooldown (``RejectionAlerts``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from apache_beam.metrics import Metrics
 from beam_jobs.records import Doc, Outcome
 from streams.events import Control
 from streams.guard import ConsumerGuard
-from streams.signing import ControlRejected, ControlVerifier, rejection_alert
+from streams.signing import ControlRejected, ControlVerifier, RejectionAlerts, brief
 
 __all__ = ["ControlFollower", "GateMedia", "GateText", "SourceControl"]
 
@@ -46,7 +50,8 @@ SEEN_MAX = 10_000
 @dataclass(slots=True)
 class SourceControl:
     """Blocked sources (source -> drop reason), the control topic's next offsets, and per source
-    the ``[issued_at, control_id]`` of the last control applied (last writer wins)."""
+    the ``[issued_at, control_id]`` of the latest-issued control applied; commands apply in offset
+    order unless issued more than ``max_skew_s`` before that one (``superseded``)."""
 
     path: str
     blocked: dict[str, str] = field(default_factory=dict)
@@ -54,6 +59,7 @@ class SourceControl:
     history: list[dict] = field(default_factory=list)
     since: dict[str, list] = field(default_factory=dict)  # source -> [issued_at, control_id]
     seen: dict[str, float] = field(default_factory=dict)  # control_id -> issued_at (last SEEN_MAX)
+    max_skew_s: float = 30.0  # not persisted: the verifier's clock skew allowance
 
     @classmethod
     def load(cls, stream_root: str) -> SourceControl:
@@ -76,28 +82,31 @@ class SourceControl:
         os.replace(tmp, self.path)
 
     def apply(self, control: Control) -> bool:
-        """Apply one (authenticated) command; True when it changed the state. Other commands are
-        ignored, and so is one older than the source's last applied control (``superseded``).
+        """Apply one (authenticated) command, in offset order; True when it changed the state. Other
+        commands are ignored, and so is one issued more than ``max_skew_s`` before the latest-issued
+        control applied for its source (``superseded``).
 
         Raises :class:`ControlRejected` (``replayed``) for a control id applied before."""
         source = control.args.get("source") if isinstance(control.args, dict) else None
         if control.command not in INGEST_COMMANDS:
             return False
         if not isinstance(source, str) or not source:
-            log.warning("control %s (%s) ignored: args.source missing", control.command, control.control_id)
+            log.warning("control %s (%s) ignored: args.source missing", control.command, brief(control.control_id))
             return False
         if control.control_id in self.seen:
-            raise ControlRejected("replayed", f"control_id {control.control_id} was already applied")
+            raise ControlRejected("replayed", f"control_id {brief(control.control_id)} was already applied")
         self._remember(control)
         last = self.since.get(source)
-        if last is not None and (control.issued_at, control.control_id) <= tuple(last):
+        if last is not None and control.issued_at < last[0] - self.max_skew_s:
             self.history.append({"at": time.time(), "command": control.command, "source": source,
                                  "issued_by": control.issued_by, "control_id": control.control_id,
                                  "changed": False, "superseded_by": last[1], "state": self.blocked.get(source, "active")})
-            log.warning("control %s source=%s (%s, issued %.3f) ignored: superseded by %s issued %.3f",
-                        control.command, source, control.control_id, control.issued_at, last[1], last[0])
+            log.warning("control %s source=%s (%s, issued %.3f) ignored: superseded by %s issued %.3f "
+                        "(more than %.0fs later)", control.command, brief(source), brief(control.control_id),
+                        control.issued_at, last[1], last[0], self.max_skew_s)
             return False
-        self.since[source] = [control.issued_at, control.control_id]
+        if last is None or control.issued_at >= last[0]:
+            self.since[source] = [control.issued_at, control.control_id]
         before = self.blocked.get(source)
         if control.command == "resume_source":
             self.blocked.pop(source, None)
@@ -108,8 +117,8 @@ class SourceControl:
                  "issued_by": control.issued_by, "control_id": control.control_id, "changed": changed,
                  "state": self.blocked.get(source, "active")}
         self.history.append(entry)
-        log.info("control %s source=%s by %s (%s): %s -> %s", control.command, source, control.issued_by or "?",
-                 control.reason or "no reason", before or "active", entry["state"])
+        log.info("control %s source=%s by %s (%s): %s -> %s", control.command, brief(source),
+                 brief(control.issued_by or "?"), brief(control.reason or "no reason"), before or "active", entry["state"])
         return changed
 
     def _remember(self, control: Control) -> None:
@@ -123,7 +132,7 @@ class ControlFollower:
 
     Undecodable records are dead-lettered with an alert by a :class:`ConsumerGuard` and skipped;
     each decoded control is authenticated by ``verifier`` and a refused one raises a
-    ``control.rejected`` Alert (``rejected`` keeps their evidence).
+    ``control.rejected`` Alert (at most one per reason per cooldown: ``alerts``).
     """
 
     def __init__(self, bootstrap: str, state: SourceControl, verifier: ControlVerifier, *,
@@ -133,7 +142,8 @@ class ControlFollower:
         from streams.kafka import KafkaSettings, make_consumer, make_producer
 
         self.state, self.topic, self.verifier = state, topic, verifier
-        self.rejected: list[dict] = []
+        state.max_skew_s = verifier.max_skew_s
+        self.alerts = RejectionAlerts("ingest")
         settings = KafkaSettings.load(bootstrap=bootstrap)
         self.consumer = make_consumer(settings, assign=[], group_id=None)
         self.producer = make_producer(settings)
@@ -172,10 +182,10 @@ class ControlFollower:
             self.verifier.verify(event, catch_up=True)
             self.state.apply(event)
         except ControlRejected as e:
-            log.error("control %s %s rejected: %s", event.command, event.control_id, e)
-            alert = rejection_alert(event, e, consumer="ingest")
-            self.rejected.append(alert.evidence)
-            publish(self.producer, "alerts", alert, key=alert.rule)
+            log.error("control %s %s rejected: %s", event.command, brief(event.control_id), e)
+            alert = self.alerts(event, e)
+            if alert is not None:
+                publish(self.producer, "alerts", alert, key=alert.rule)
 
     def close(self) -> None:
         self.consumer.close()

@@ -2,7 +2,7 @@
 
 Written to ``<run_dir>/metrics.json`` (the run's summary) and, one cumulative snapshot per
 micro-batch, appended to ``<run_dir>/metrics.jsonl`` (layout: infra/run_dir.py); published on
-the ``metrics`` topic as a job-level MetricsEvent plus one per source (labels ``{"source"}``,
+ingest's own ``metrics.ingest`` topic as a job-level MetricsEvent plus one per source (labels ``{"source"}``,
 values ``dup_rate``, ``pii_rate``: what the ingest rules of infra/alerts/rules.toml read), and
 logged to wandb (offline unless WANDB_MODE says otherwise).
 
@@ -138,13 +138,13 @@ def source_events(summary: dict[str, Any], labels: dict[str, str]):
 
 
 def publish_events(bootstrap: str, events: list) -> None:
-    """Publish MetricsEvents to the ``metrics`` topic (keyed by source when labelled)."""
+    """Publish MetricsEvents to ``metrics.ingest`` (keyed by source when labelled)."""
     from streams.kafka import KafkaSettings, make_producer, publish
 
     producer = make_producer(KafkaSettings.load(bootstrap=bootstrap))
     try:
         for event in events:
-            publish(producer, "metrics", event, key=event.labels.get("source"))
+            publish(producer, "metrics.ingest", event, key=event.labels.get("source"))
         producer.flush()
     finally:
         producer.close()

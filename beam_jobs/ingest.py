@@ -45,6 +45,7 @@ from beam_jobs.sources.kafka import (
     ReadKafkaRanges,
     ReadKafkaXlang,
     RetentionGaps,
+    caught_up,
     next_ranges,
 )
 from beam_jobs.tokenize import DomainMap
@@ -287,6 +288,7 @@ def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], run_d
         rule=BROKER_RULE, severity="warning", source="ingest", dedup_key=f"{BROKER_RULE}:{a.bootstrap}",
         message=f"Kafka broker {a.bootstrap} did not answer for {s:.0f}s; ingest stalled and resumed",
         evidence={"bootstrap": a.bootstrap, "duration_s": s, "stream_root": config.sink.stream_root})))
+    idle = 0  # consecutive micro-batches that read nothing
     try:
         while True:
             try:
@@ -307,8 +309,12 @@ def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], run_d
                 if counters.get("validate/in"):
                     report(counters, totals)
                     disk.succeeded()
+                    idle = 0
                 else:
-                    if a.until_caught_up:
+                    idle += 1
+                    # an empty batch may only mean a slow broker: stop once the settled positions
+                    # reached the end offsets (or after a few empty batches: transaction markers)
+                    if a.until_caught_up and (idle >= 3 or caught_up(consumer, positions)):
                         break
                     time.sleep(a.window_s)
             except Exception as e:

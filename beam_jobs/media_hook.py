@@ -8,7 +8,7 @@ outputs main ``(coords, sample dict with the MDS columns incl. domain)``, ``dlq`
 Health: the tokenizers' ``CodebookHealth`` deltas are merged per run (bounded) or per pane
 (streaming) and become Beam counters ``codebook/used:<modality>/<level>`` and
 ``codebook/size:<modality>/<level>`` (the driver's ``codebook_usage`` snapshot field) and, with a
-broker, one ``codebook_usage`` MetricsEvent per (modality, level) on ``metrics`` plus a
+broker, one ``codebook_usage`` MetricsEvent per (modality, level) on ``metrics.ingest`` plus a
 ``codebook_collapse`` Alert (action and labels as the rule in infra/alerts/rules.toml) on ``alerts``.
 """
 
@@ -79,7 +79,7 @@ class ReportHealthFn(beam.DoFn):
         thresholds = self.config.thresholds()
         producer = self._producer()
         for event in health.usage_events(stream=self.config.stream, thresholds=thresholds):
-            publish(producer, "metrics", event, key=f"{event.labels['modality']}/{event.labels['level']}")
+            publish(producer, "metrics.ingest", event, key=f"{event.labels['modality']}/{event.labels['level']}")
         _, alerts = health.report(stream=self.config.stream, thresholds=thresholds)
         for alert in alerts:
             publish(producer, "alerts", alert, key=alert.rule)

@@ -1,19 +1,49 @@
 """Near-dup quality on synthetic edits with known Jaccard: precision/recall at Jaccard >= 0.8.
 
-Baseline in the same run: datasketch's MinHashLSH (threshold 0.8, 128 perms) on the same docs.
-Usage: .venv/bin/python bench/bench_dedup_quality.py [--bases 2000]
+headwater: the ingest's own sharded Beam chain (``beam_jobs.dedup.Dedup`` on the FnApiRunner):
+LSH over (band, bucket) keys, verification against the bounded per-document sketch.
+Baselines in the same run on the same docs: datasketch MinHashLSH (threshold 0.8, 128 perms)
+and, when its venv exists (``bash bench/build_datatrove_venv.sh``), datatrove's 4-stage MinHash
+dedup (signatures, buckets, clusters, filter; 14 buckets x 8 hashes, its defaults).
+Usage: .venv/bin/python bench/bench_dedup_quality.py [--bases 2000] [--datatrove-python PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
+import subprocess
+import tempfile
 import time
 
 from datasketch import MinHash, MinHashLSH
 
-from beam_jobs.dedup.index import DedupConfig, DedupIndex, fingerprint
+from beam_jobs.dedup.index import DedupConfig
 from beam_jobs.synthetic import edit_words, english_doc, true_jaccard
+
+DATATROVE_PYTHON = "build/datatrove-venv/bin/python"
+_DATATROVE_WORKER = r"""
+import json, sys, time
+from datatrove.data import Document
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
+                                               MinhashDedupFilter, MinhashDedupSignature)
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.writers import JsonlWriter
+src, work = sys.argv[1], sys.argv[2]
+cfg = MinhashConfig()
+t0 = time.perf_counter()
+for steps in ([JsonlReader(src, id_key="id"), MinhashDedupSignature(output_folder=f"{work}/sig", config=cfg)],
+              [MinhashDedupBuckets(input_folder=f"{work}/sig", output_folder=f"{work}/buckets", config=cfg)],
+              [MinhashDedupCluster(input_folder=f"{work}/buckets", output_folder=f"{work}/remove", config=cfg)],
+              [JsonlReader(src, id_key="id"), MinhashDedupFilter(input_folder=f"{work}/remove", exclusion_writer=JsonlWriter(f"{work}/removed")),
+               JsonlWriter(f"{work}/kept")]):
+    tasks = cfg.num_buckets if isinstance(steps[0], MinhashDedupBuckets) else 1
+    LocalPipelineExecutor(pipeline=steps, tasks=tasks, logging_dir=f"{work}/logs/{len(steps)}-{id(steps)}").run()
+print(json.dumps({"seconds": time.perf_counter() - t0}))
+"""
 
 
 def corpus(bases: int, seed: int = 0):
@@ -35,17 +65,56 @@ def pr(found: dict[str, str], variants, threshold: float) -> tuple[float, float]
 
 
 def ours(docs, variants, threshold):
-    config = DedupConfig(jaccard_threshold=threshold)
-    index, hasher = DedupIndex(config), config.hasher()
-    found = {}
+    """The Beam Dedup chain over bases then variants (offsets in that order: originals win ties)."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_jobs.dedup.transform import Dedup
+    from beam_jobs.records import Doc, KafkaCoords
+
+    rows = [(i, text) for i, text in docs] + [(v, text) for v, text, _, _ in variants]
+    elements = [Doc(coords=KafkaCoords("bench", 0, n), id=i, source="web", license="cc", text=text, language="en")
+                for n, (i, text) in enumerate(rows)]
+    out = os.path.join(tempfile.mkdtemp(prefix="bench-dedup-"), "verdicts")
     t = time.perf_counter()
-    for doc_id, text in docs:
-        index.check_and_add(fingerprint(doc_id, text, config, hasher))
-    for v, text, _, _ in variants:
-        hit = index.check_and_add(fingerprint(v, text, config, hasher))
-        if hit:
-            found[v] = hit[1]
-    return found, time.perf_counter() - t
+    with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
+        _ = (p | beam.Create(elements) | Dedup(DedupConfig(jaccard_threshold=threshold))
+             | beam.Map(lambda d: json.dumps([d.id, d.lineage.get("dup_of")])) | beam.io.WriteToText(out))
+    secs = time.perf_counter() - t
+    found = {}
+    for name in os.listdir(os.path.dirname(out)):
+        with open(os.path.join(os.path.dirname(out), name)) as f:
+            for line in f:
+                doc_id, dup_of = json.loads(line)
+                if dup_of is not None:
+                    found[doc_id] = dup_of
+    return found, secs
+
+
+def datatrove(docs, variants, python: str):
+    """datatrove's MinHash dedup in its own venv: removed variant -> the kept doc of its cluster."""
+    work = tempfile.mkdtemp(prefix="bench-datatrove-")
+    src = os.path.join(work, "in.jsonl")
+    with open(src, "w") as f:
+        f.writelines(json.dumps({"id": doc_id, "text": text}) + "\n" for doc_id, text in [*docs, *[(v, t) for v, t, _, _ in variants]])
+    worker = os.path.join(work, "worker.py")
+    with open(worker, "w") as f:
+        f.write(_DATATROVE_WORKER)
+    res = subprocess.run([python, worker, src, work], capture_output=True, text=True, check=True)
+    secs = json.loads(res.stdout.strip().splitlines()[-1])["seconds"]
+    import gzip
+
+    removed = set()
+    for root, _, files in os.walk(os.path.join(work, "removed")):
+        for name in files:
+            opener = gzip.open if name.endswith(".gz") else open
+            with opener(os.path.join(root, name), "rt") as f:
+                removed.update(json.loads(line)["id"] for line in f)
+    # datatrove keeps one document per cluster (the first); a removed variant counts as found
+    # when its own base survived (the variant's only near-dup in this corpus).
+    kept = {d for d, _ in docs} | {v for v, *_ in variants}
+    kept -= removed
+    return {v: orig for v, _, orig, _ in variants if v in removed and orig in kept}, secs
 
 
 def datasketch_lsh(docs, variants, threshold):
@@ -72,19 +141,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bases", type=int, default=2000)
     ap.add_argument("--threshold", type=float, default=0.8)
+    ap.add_argument("--datatrove-python", default=DATATROVE_PYTHON)
     a = ap.parse_args()
     docs, variants = corpus(a.bases)
     n_pos = sum(j >= a.threshold for *_, j in variants)
     print(f"{len(docs)} base docs, {len(variants)} edited variants, {n_pos} at true Jaccard >= {a.threshold}")
+    runs = [("headwater", lambda: ours(docs, variants, a.threshold)),
+            ("datasketch", lambda: datasketch_lsh(docs, variants, a.threshold))]
+    if os.path.exists(a.datatrove_python):
+        runs.append(("datatrove", lambda: datatrove(docs, variants, a.datatrove_python)))
+    else:
+        print(f"datatrove: skipped ({a.datatrove_python} missing; bash bench/build_datatrove_venv.sh)")
     results = {}
-    for name, fn in (("headwater", ours), ("datasketch", datasketch_lsh)):
-        found, secs = fn(docs, variants, a.threshold)
+    for name, fn in runs:
+        found, secs = fn()
         p, r = pr(found, variants, a.threshold)
         results[name] = (p, r, secs)
         print(f"{name:11s} precision {p:.4f} recall {r:.4f} time {secs:.2f}s")
-    print(f"ratio headwater/datasketch: precision {results['headwater'][0] / results['datasketch'][0]:.3f} "
-          f"recall {results['headwater'][1] / results['datasketch'][1]:.3f} "
-          f"speed {results['datasketch'][2] / results['headwater'][2]:.2f}x")
+    for other in [n for n in results if n != "headwater"]:
+        print(f"ratio headwater/{other}: precision {results['headwater'][0] / max(results[other][0], 1e-9):.3f} "
+              f"recall {results['headwater'][1] / max(results[other][1], 1e-9):.3f}")
 
 
 if __name__ == "__main__":

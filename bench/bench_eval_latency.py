@@ -122,7 +122,7 @@ def main() -> int:
             rollback.append(wait_for(control, lambda e: isinstance(e, Control) and e.command == "rollback") - t0)
             publish(producer, "alerts", Alert(rule="trainer.rollback", severity="warning", source="trainer",
                                               message="applied", evidence={"run_id": "bench"}))
-            probe = sign_control(Control(command="resume_domain", args={"domain": "probe"}), operator)
+            probe = sign_control(Control(command="resume_domain", args={"domain": "probe", "run_id": "bench"}), operator)
             t0 = time.monotonic()
             publish(producer, "control", probe)
             rtt.append(wait_for(control, lambda e, p=probe: isinstance(e, Control) and e.control_id == p.control_id) - t0)

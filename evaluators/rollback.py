@@ -23,7 +23,13 @@ Control commands it issues (args; the full list is in docs/TEAM_CONTRACTS.md)::
                        checkpoint saved before the source's first published shard)
     quarantine_source  {"source"}        (ingest drops it, trainer skips its samples)
     pause_source       {"source"}        (ingest stops reading it until resume_source)
-    pause_domain       {"domain", "run_id"?}  (trainer stops sampling it until resume_domain)
+    pause_domain       {"domain", "run_id"}  (trainer stops sampling it until resume_domain)
+
+Every trainer-only command names its run (streams/signing.py rejects one that does not). A
+data-side ``pause_domain`` (e.g. ``codebook_collapse``: the domain's tokens are bad, whatever run
+reads them) is issued once per run the policy knows of (runs with a CheckpointSaved or
+EvalReport seen); a run that has announced nothing yet is not paused, and the alert's page says
+which runs were.
 
 A regression alert is not acted on twice: while a rollback of the run is issued but not yet
 applied by the trainer, and for checkpoints saved before the last rollback, it is skipped
@@ -101,6 +107,12 @@ class RollbackPolicy:
             run = event.evidence["run_id"]
             self.applied[run] = max(self.applied.get(run, 0.0), event.created_at)
 
+    def known_runs(self) -> list[str]:
+        """Runs that announced a checkpoint or were evaluated, sorted."""
+        runs = {c.run_id for c in self.checkpoints.values()}
+        runs |= {r.run_id for reports in self.reports.values() for r in reports}
+        return sorted(r for r in runs if r)
+
     def is_good(self, ckpt: CheckpointSaved) -> bool:
         """A checkpoint is good when it has eval reports and every one passed without error."""
         key = checkpoint_key(ckpt)
@@ -138,7 +150,11 @@ class RollbackPolicy:
             domain = labels.get("domain")
             if not domain:
                 return Decision(skipped="pause_domain needs a 'domain' label in the alert")
-            return Decision([self._control("pause_domain", {"domain": domain}, reason)])
+            runs = self.known_runs()
+            if not runs:
+                return Decision(skipped=f"pause_domain {domain!r}: no run known (no checkpoint or report seen)")
+            return Decision([self._control("pause_domain", {"domain": domain, "run_id": run}, reason)
+                             for run in runs])
         return Decision(skipped=f"no automatic action for action={action!r}")
 
     def regression_report(self, alert: Alert) -> EvalReport | None:

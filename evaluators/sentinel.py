@@ -1,15 +1,19 @@
-"""The alert sentinel: rules over ``metrics``/``evals``, and hooks + rollback policy for ``alerts``.
+"""The alert sentinel: rules over ``metrics.*``/``evals``, and hooks + rollback policy for ``alerts``.
 
 Two consumers:
 
 * a follower reading ``checkpoints``, ``evals``, ``control`` and ``shards`` from the beginning, which feeds
   the :class:`RollbackPolicy` its history (caught up before every alert is handled);
-* a group consumer on ``metrics``, ``evals`` and ``alerts`` with manual commits: metrics and
-  reports go through the rule engine, whose alerts are published to ``alerts`` (their ids kept
-  in ``<lineage>.raised.jsonl``); every alert on ``alerts`` is dispatched to the hooks of its
-  route (evaluators/alerts/routing.py: the engine's own alerts by their rule, any other alert
-  by the ``[actions]`` grants, never by what the alert says), and the trainer's own
-  ``trainer.rollback`` alerts tell the policy a rollback was applied.
+* a group consumer on ``metrics.ingest``, ``metrics.trainer``, ``evals`` and ``alerts`` with
+  manual commits: metrics and reports go through the rule engine (a metric's producer is the
+  topic it came from, whose only writer is that component's credential, never what the event
+  says), whose alerts are published to ``alerts`` (id and content digest kept in
+  ``<lineage>.raised.jsonl``); every alert on ``alerts`` is dispatched to the hooks of its
+  route (evaluators/alerts/routing.py: the engine's own alerts, same id *and* same content, by
+  their rule; any other alert by the ``[actions]`` grants, never by what the alert says), and
+  the trainer's own ``trainer.rollback`` alerts tell the policy a rollback was applied. Alerts
+  whose hooks all succeeded are kept in ``<lineage>.done.jsonl``. Both records are bounded
+  (7 days, 100,000 entries: evaluators/alerts/journal.py) and survive restarts.
 
 An alert's offset is committed only once its control hook succeeded: while it fails, the
 consumer seeks back to it and retries with backoff (the page ``sentinel.hook_failed`` goes out
@@ -19,7 +23,6 @@ log and the same page.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -32,7 +35,8 @@ from kafka.structs import OffsetAndMetadata
 
 from evaluators.alerts.control import ControlHook
 from evaluators.alerts.dispatch import Dispatcher, build_hooks
-from evaluators.alerts.routing import Router
+from evaluators.alerts.journal import IdJournal
+from evaluators.alerts.routing import Router, alert_digest
 from evaluators.alerts.rules import AlertEngine, parse_rules
 from evaluators.ledger import TopicFollower
 from evaluators.lineage import LineageLog
@@ -40,7 +44,8 @@ from evaluators.rollback import RollbackPolicy
 from streams.events import Alert, Control, EvalReport, Event, MetricsEvent
 from streams.guard import ConsumerGuard
 from streams.kafka import KafkaSettings, make_consumer, make_producer, publish
-from streams.signing import ControlRejected, ControlVerifier, load_signing_key
+from streams.signing import ControlRejected, ControlVerifier, brief, load_signing_key
+from streams.topics import metrics_component
 
 __all__ = ["Sentinel"]
 
@@ -76,19 +81,15 @@ class Sentinel:
         self.control_hooks = {name for name, hook in hooks.items() if hook is control}
         self.router = Router(doc, rules, control_hooks=self.control_hooks, declared=set(hooks))
         dispatch = doc.get("dispatch", {})
+        lineage = Path(config.lineage)
         self.dispatcher = Dispatcher(hooks, retries=int(dispatch.get("retries", 2)),
-                                     backoff_s=float(dispatch.get("backoff_s", 0.5)))
-        self.raised_path = Path(config.lineage).with_suffix(".raised.jsonl")
-        self.raised = self._load_raised()
+                                     backoff_s=float(dispatch.get("backoff_s", 0.5)),
+                                     journal=IdJournal(lineage.with_suffix(".done.jsonl")))
+        self.raised = IdJournal(lineage.with_suffix(".raised.jsonl"))
         self.history = TopicFollower(self.settings, ["checkpoints", "evals", "control", "shards"])
         self.handled: list[tuple[Alert, dict]] = []
         self._paged: set[str] = set()  # alert ids whose hook failure was paged
         self._failures = 0  # consecutive dispatches whose control hook failed (retry backoff)
-
-    def _load_raised(self) -> set[str]:
-        if not self.raised_path.exists():
-            return set()
-        return {json.loads(line)["alert_id"] for line in self.raised_path.read_text().splitlines() if line.strip()}
 
     def _catch_up_history(self) -> None:
         for record in self.history.catch_up():
@@ -101,27 +102,30 @@ class Sentinel:
             try:
                 self.verifier.verify(event, catch_up=True)
             except ControlRejected as e:
-                log.warning("history: control %s ignored: %s", event.control_id, e)
+                log.warning("history: control %s ignored: %s", brief(event.control_id), e)
                 return
         self.policy.observe(event)
 
     def _raise(self, alerts: list[Alert]) -> None:
-        """Publish the engine's alerts; their ids are recorded first: only these get their rule's route."""
+        """Publish the engine's alerts; their ids and digests are recorded first: only alerts with
+        both get their rule's route."""
         for alert in alerts:
-            with open(self.raised_path, "a") as f:
-                f.write(json.dumps({"alert_id": alert.alert_id, "rule": alert.rule}) + "\n")
-            self.raised.add(alert.alert_id)
+            self.raised.add(alert.alert_id, rule=alert.rule, digest=alert_digest(alert))
             publish(self.producer, "alerts", alert, key=alert.rule)
 
     def process(self, record) -> bool:
         """Handle one record of the work topics (the guard dead-letters what cannot be handled);
         False if it must be redelivered because an alert's control hook failed."""
-        return self.guard.handle(record, self.on_event) is not False
+        return self.guard.handle(record, lambda event: self.on_event(event, topic=record.topic)) is not False
 
-    def on_event(self, event: Event) -> bool:
-        """Handle one decoded event of the work topics; False while an alert's control hook fails."""
+    def on_event(self, event: Event, *, topic: str) -> bool:
+        """Handle one decoded event read from ``topic``; False while an alert's control hook fails."""
         if isinstance(event, MetricsEvent):
-            self._raise(self.engine.observe_metrics(event))
+            producer = metrics_component(topic)
+            if producer is None:
+                log.warning("MetricsEvent on %s ignored: metrics are read only from metrics.<component>", brief(topic))
+                return True
+            self._raise(self.engine.observe_metrics(event, producer=producer))
         elif isinstance(event, EvalReport):
             self._raise(self.engine.observe_eval(event))
         elif isinstance(event, Alert):
@@ -131,8 +135,7 @@ class Sentinel:
     def _handle_alert(self, alert: Alert) -> bool:
         self._catch_up_history()
         self.policy.observe(alert)
-        ours = alert.alert_id in self.raised and alert.rule in self.router.rules
-        route = self.router.for_raised(alert) if ours else self.router.for_external(alert)
+        route = self.router.route(alert, self.raised.get(alert.alert_id))
         results = self.dispatcher.dispatch(alert, route)
         if results:
             log.info("alert %s (%s) action=%s: %s", alert.rule, alert.alert_id, route.action, results)
@@ -173,7 +176,8 @@ class Sentinel:
     def run(self, *, stop: threading.Event | None = None, max_idle_s: float | None = None) -> None:
         """Process until ``stop`` is set or ``max_idle_s`` passes without records."""
         stop = stop or threading.Event()
-        consumer = make_consumer(self.settings, topics=["metrics", "evals", "alerts"], group_id=self.config.group)
+        consumer = make_consumer(self.settings, topics=["metrics.ingest", "metrics.trainer", "evals", "alerts"],
+                                 group_id=self.config.group)
         idle_since = time.monotonic()
         try:
             while not stop.is_set():

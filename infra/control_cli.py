@@ -2,12 +2,19 @@
 
     headwater control rollback --bootstrap HOST:PORT --run-id ID --step N --reason TEXT
     headwater control quarantine-source|pause-source|resume-source --bootstrap HOST:PORT --source NAME --reason TEXT
-    headwater control pause-domain|resume-domain --bootstrap HOST:PORT --domain NAME --reason TEXT [--run-id ID]
+    headwater control pause-domain|resume-domain --bootstrap HOST:PORT --domain NAME --run-id ID --reason TEXT
 
 Each Control is signed with the operator key (``HEADWATER_OPERATOR_KEY_FILE`` or
 ``HEADWATER_OPERATOR_KEY``; ``headwater up`` writes a development one), printed as the JSON
 that was sent, and counts as delivered only once the broker acknowledged it (acks=all) within
-``--timeout-s``; otherwise the command exits 1. Exit 2: bad usage or no operator key.
+``--timeout-s``; otherwise the command exits 1. Exit 2: bad usage or no operator key. On
+stderr one line says what was sent (command, target, control id, key, issue time) and where
+it landed (``control@partition:offset``). Trainer commands name their run (``--run-id``).
+
+Ingest applies source commands in the order the broker received them (offset order); it
+ignores one as ``superseded`` only if its issue time is more than the clock skew allowance
+(30 s) before the latest command already applied for that source, so a command sent now from
+a host with a sane clock always takes effect after those sent before it.
 """
 
 from __future__ import annotations
@@ -15,11 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from streams.events import Control
-from streams.signing import SigningError, load_signing_key, sign_control
+from streams.signing import RUN_ID_PATTERN, SigningError, load_signing_key, sign_control
 
-__all__ = ["build_control", "build_parser", "main"]
+__all__ = ["build_control", "build_parser", "describe", "main"]
 
 SOURCE_COMMANDS = ("quarantine-source", "pause-source", "resume-source")
 DOMAIN_COMMANDS = ("pause-domain", "resume-domain")
@@ -49,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in DOMAIN_COMMANDS:
         c = command(name, f"{name.replace('-', ' ')} in the trainer's mixer")
         c.add_argument("--domain", required=True)
-        c.add_argument("--run-id", help="only this run (default: every run)")
+        c.add_argument("--run-id", required=True, help="the trainer run (every trainer command names one)")
     return p
 
 
@@ -62,15 +70,15 @@ def build_control(a: argparse.Namespace) -> Control:
     elif a.command in SOURCE_COMMANDS:
         args = {"source": a.source}
     else:
-        args = {"domain": a.domain} | ({"run_id": a.run_id} if a.run_id else {})
+        args = {"domain": a.domain, "run_id": a.run_id}
     return Control(command=a.command.replace("-", "_"), args=args, reason=a.reason)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``headwater control``."""
     a = build_parser().parse_args(argv)
-    if a.command == "rollback" and not a.run_id:
-        print("headwater control: --run-id must not be empty", file=sys.stderr)
+    if getattr(a, "run_id", None) is not None and not RUN_ID_PATTERN.fullmatch(a.run_id):
+        print(f"headwater control: --run-id must match {RUN_ID_PATTERN.pattern}", file=sys.stderr)
         return 2
     try:
         control = sign_control(build_control(a), load_signing_key("operator"))
@@ -91,10 +99,18 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             producer.close(timeout=5)
     except Exception as e:  # noqa: BLE001 - any failure to deliver is reported, exit 1
-        print(f"headwater control: NOT delivered: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"headwater control: NOT delivered: {describe(control)}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    print(f"delivered: control@{meta.partition}:{meta.offset} ({control.control_id})", file=sys.stderr)
+    print(f"delivered: {describe(control)} -> control@{meta.partition}:{meta.offset}", file=sys.stderr)
     return 0
+
+
+def describe(control: Control) -> str:
+    """One line naming what a control does and who signed it when."""
+    target = " ".join(f"{k}={v}" for k, v in sorted(control.args.items()))
+    issued = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(control.issued_at))
+    return (f"{control.command} {target} (control {control.control_id}, key {control.key_id}, "
+            f"issued {issued}, reason {control.reason!r})")
 
 
 if __name__ == "__main__":

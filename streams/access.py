@@ -50,17 +50,17 @@ class Access:
 ACCESS: dict[str, Access] = {
     "producer": Access(writes=RAW_TOPICS, purpose="data producers outside headwater: raw records in"),
     "ingest": Access(
-        reads=(*RAW_TOPICS, "control"), writes=("dlq", "shards", "metrics", "alerts"), groups=("headwater-ingest",),
+        reads=(*RAW_TOPICS, "control"), writes=("dlq", "shards", "metrics.ingest", "alerts"), groups=("headwater-ingest",),
         code=("beam_jobs",), purpose="Beam ingest: raw.* -> MDS shards; follows control (quarantine/pause)"),
     "trainer": Access(
-        reads=("control",), writes=("checkpoints", "metrics", "alerts", "dlq"),
+        reads=("control",), writes=("checkpoints", "metrics.trainer", "alerts", "dlq"),
         code=("trainer",), purpose="torchtitan trainer: follows control (rollback), announces checkpoints"),
     "evaluator": Access(
         reads=("checkpoints", "evals"), writes=("evals", "alerts", "dlq"), groups=("headwater-evaluators",),
         code=("evaluators/evaluator.py", "evaluators/ledger.py"),
         purpose="checkpoint evaluator: CheckpointSaved -> EvalReport (+ regression alert)"),
     "sentinel": Access(
-        reads=("metrics", "evals", "alerts", "checkpoints", "control", "shards"),
+        reads=("metrics.ingest", "metrics.trainer", "evals", "alerts", "checkpoints", "control", "shards"),
         writes=("alerts", "control", "dlq"), groups=("headwater-sentinel",),
         code=("evaluators/sentinel.py", "evaluators/alerts"),
         purpose="alert sentinel: rules over metrics/evals, hooks, signed automatic controls"),

@@ -16,12 +16,20 @@ file named by ``HEADWATER_KEYRING_FILE``::
     {"version": 1, "keys": {"<key_id>": {"public_key": "<b64>", "role": "operator",
                                          "commands": ["rollback", ...]}}}
 
-``commands`` may narrow what the role allows, never widen it. Rotation: add the new key to
-the keyring, switch the signer to it, then remove the old entry.
+``commands`` (a list) may narrow what the role allows, never widen it. The keyring decides who
+may steer headwater, so like ssh's ``authorized_keys`` it is refused unless owned by the user
+running the process (or root) and writable by nobody else. Rotation: add the new key to the
+keyring, switch the signer to it, then remove the old entry.
 
 A control's signature covers ``CONTROL_CONTEXT`` + the canonical JSON (sorted keys, no
 whitespace, no NaN) of every field but ``signature``; ``issued_by`` must equal ``key_id``.
-:class:`ControlVerifier` checks signature, permission, run, clock window and replay.
+:class:`ControlVerifier` checks signature, permission, run, clock window and replay. Commands
+only a trainer obeys (:data:`RUN_COMMANDS`) must name the run (``args.run_id``, of
+:data:`RUN_ID_PATTERN`): nothing signed applies to every run at once.
+
+Consumers raise a ``control.rejected`` Alert for what they refuse, through
+:class:`RejectionAlerts`: one per (consumer, reason) per cooldown, the next one counting the
+rejections suppressed meanwhile, so a flood of forgeries pages once, not once per forgery.
 """
 
 from __future__ import annotations
@@ -54,12 +62,16 @@ __all__ = [
     "REJECT_REASONS",
     "ROLES",
     "ROLE_COMMANDS",
+    "RUN_COMMANDS",
+    "RUN_ID_PATTERN",
     "ControlRejected",
     "ControlVerifier",
     "KeyEntry",
     "Keyring",
+    "RejectionAlerts",
     "SigningError",
     "SigningKey",
+    "brief",
     "canonical_control_bytes",
     "generate_keypair",
     "load_signing_key",
@@ -83,6 +95,11 @@ ROLES = tuple(ROLE_COMMANDS)
 REJECTED_RULE = "control.rejected"
 KEY_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 """what a key id may look like; anything else is refused without being echoed (it may be a secret)"""
+RUN_COMMANDS = frozenset({"rollback", "pause_domain", "resume_domain", "quarantine_shards"})
+"""commands only a trainer run obeys: each must name its run in ``args.run_id``"""
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+"""what a run id may look like (the trainer's default is ``run-<8 hex>``)"""
+LOG_CHARS = 120  # untrusted strings in log lines: repr, cut to this
 ALERT_FIELD_CHARS = 256  # untrusted strings copied into a control.rejected Alert are cut to this
 ALERT_ARGS_CHARS = 2048  # args larger than this (as JSON) are replaced by their size and SHA-256
 REJECT_REASONS = ("unsigned", "unknown_key", "malformed", "bad_signature", "issuer_mismatch",
@@ -91,6 +108,13 @@ REJECT_REASONS = ("unsigned", "unknown_key", "malformed", "bad_signature", "issu
 
 class SigningError(ValueError):
     """A key or keyring is missing or malformed (the message never contains key material)."""
+
+
+def brief(value: object, limit: int = LOG_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters: how to log a string a sender chose (no
+    newlines or control characters reach the log, nor megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
 
 
 class ControlRejected(Exception):
@@ -164,7 +188,11 @@ def load_signing_key(role: str, *, env: Mapping[str, str] | None = None, require
     if path:
         try:
             with open(path) as f:
-                if (mode := os.fstat(f.fileno()).st_mode) & 0o077:
+                st = os.fstat(f.fileno())
+                if st.st_uid != os.getuid():
+                    raise SigningError(f"{name}_FILE={path}: owned by uid {st.st_uid}, not by this user "
+                                       f"({os.getuid()}); the key must be private to its owner")
+                if (mode := st.st_mode) & 0o077:
                     raise SigningError(f"{name}_FILE={path}: permissions {stat.S_IMODE(mode):04o} are too "
                                        "open; the key must be private to its owner (chmod 600)")
                 return SigningKey.parse(f.read(), role=role)
@@ -239,13 +267,26 @@ class Keyring:
         for key_id, e in obj["keys"].items():
             if not isinstance(e, dict) or not isinstance(e.get("public_key"), str):
                 raise SigningError(f"keyring {key_id!r}: expected an object with public_key and role")
+            commands = e.get("commands")
+            if commands is not None and not (isinstance(commands, list) and all(isinstance(c, str) for c in commands)):
+                raise SigningError(f"keyring {key_id!r}: commands must be a list of command names, e.g. "
+                                   f'["rollback"], got {type(commands).__name__}')
             ring.add(key_id, e["public_key"], str(e.get("role")), e.get("commands"))
         return ring
 
     @classmethod
     def load(cls, path: str) -> Keyring:
+        """Read a keyring file; refused (like ssh's authorized_keys) unless it is owned by this
+        user or root and neither its group nor others may write it."""
         try:
             with open(path) as f:
+                st = os.fstat(f.fileno())
+                if st.st_uid not in (os.getuid(), 0):
+                    raise SigningError(f"keyring {path}: owned by uid {st.st_uid}, not by this user "
+                                       f"({os.getuid()}) or root; whoever owns it decides who may steer headwater")
+                if st.st_mode & 0o022:
+                    raise SigningError(f"keyring {path}: permissions {stat.S_IMODE(st.st_mode):04o} let "
+                                       "others change who may steer headwater (chmod go-w)")
                 obj = json.load(f)
         except OSError as e:
             raise SigningError(f"keyring {path}: cannot read ({e.strerror})") from None
@@ -317,21 +358,23 @@ class ControlVerifier:
         if not math.isfinite(control.issued_at):
             raise ControlRejected("non_finite_time", f"issued_at={control.issued_at!r}")
         entry = None if self.insecure else self._check_signature(control)
-        if control.command == "rollback" and not (isinstance(control.args.get("run_id"), str)
-                                                  and control.args["run_id"]):
-            raise ControlRejected("no_run", "a rollback must name args.run_id")
+        run_id = control.args.get("run_id")
+        if control.command in RUN_COMMANDS and not run_id:
+            raise ControlRejected("no_run", f"{control.command} must name args.run_id")
+        if run_id is not None and not (isinstance(run_id, str) and RUN_ID_PATTERN.fullmatch(run_id)):
+            raise ControlRejected("no_run", f"args.run_id {brief(run_id)} does not match {RUN_ID_PATTERN.pattern}")
         return entry
 
     def _check_signature(self, control: Control) -> KeyEntry:
         if not control.signature or not control.key_id:
-            raise ControlRejected("unsigned", f"control {control.control_id} has no signature")
+            raise ControlRejected("unsigned", f"control {brief(control.control_id)} has no signature")
         entry = self.keyring.keys.get(control.key_id)
         if entry is None:
-            raise ControlRejected("unknown_key", f"key_id {control.key_id!r} is not in the keyring")
+            raise ControlRejected("unknown_key", f"key_id {brief(control.key_id)} is not in the keyring")
         if not verify_bytes(entry.public_key, canonical_control_bytes(control), control.signature):
-            raise ControlRejected("bad_signature", f"signature does not match key {control.key_id!r}")
+            raise ControlRejected("bad_signature", f"signature does not match key {brief(control.key_id)}")
         if control.issued_by != control.key_id:
-            raise ControlRejected("issuer_mismatch", f"issued_by {control.issued_by!r} != key_id {control.key_id!r}")
+            raise ControlRejected("issuer_mismatch", f"issued_by {brief(control.issued_by)} != key_id {control.key_id!r}")
         if control.command not in entry.commands:
             raise ControlRejected("not_permitted", f"{entry.role} key {entry.key_id!r} may not issue {control.command}")
         return entry
@@ -353,7 +396,7 @@ class ControlVerifier:
         if control.issued_at < now - self.window_s:
             raise ControlRejected("stale", f"issued {now - control.issued_at:.1f}s ago (window {self.window_s:.0f}s)")
         if control.control_id in self.seen:
-            raise ControlRejected("replayed", f"control_id {control.control_id} was already accepted")
+            raise ControlRejected("replayed", f"control_id {brief(control.control_id)} was already accepted")
         horizon = now - self.window_s
         self.seen = {cid: t for cid, t in self.seen.items() if t >= horizon}
         self.seen[control.control_id] = control.issued_at
@@ -367,15 +410,39 @@ def rejection_alert(control: Control, error: ControlRejected, *, consumer: str, 
     :data:`ALERT_FIELD_CHARS` and args larger than :data:`ALERT_ARGS_CHARS` are replaced by their
     size and SHA-256, so a forged control never yields an alert larger than a few KiB."""
     control_id, detail = _clip(control.control_id), _clip(error.detail)
+    more = evidence.get("suppressed")
+    more = f" (+{more} more {error.reason} rejections not alerted since the last alert)" if more else ""
     return Alert(
         rule=REJECTED_RULE, severity="critical", source=consumer,
-        message=f"{consumer} rejected {control.command} {control_id} ({error.reason}): {detail}",
-        dedup_key=f"{REJECTED_RULE}:{consumer}:{control_id}",
+        message=f"{consumer} rejected {_clip(control.command)} {control_id} ({error.reason}): {detail}{more}",
+        dedup_key=f"{REJECTED_RULE}:{consumer}:{error.reason}",  # never an id the sender chose
         evidence={"reason": error.reason, "detail": detail, "control_id": control_id,
                   "command": control.command, "args": _bounded_args(control.args),
                   "key_id": _clip(control.key_id), "issued_by": _clip(control.issued_by),
                   "consumer": consumer, **evidence},
     )
+
+
+class RejectionAlerts:
+    """Rate limit of one consumer's ``control.rejected`` alerts: at most one per reason per
+    ``cooldown_s``; the next one carries ``suppressed`` (rejections of that reason not alerted
+    since the last alert). Every rejection is still logged by the consumer."""
+
+    def __init__(self, consumer: str, *, cooldown_s: float = 300.0, clock: Callable[[], float] = time.monotonic):
+        self.consumer, self.cooldown_s, self.clock = consumer, cooldown_s, clock
+        self._last: dict[str, float] = {}  # reason -> when its last alert was raised
+        self._suppressed: dict[str, int] = {}
+
+    def __call__(self, control: Control, error: ControlRejected, **evidence: object) -> Alert | None:
+        """The alert to raise for this rejection, or None inside the reason's cooldown."""
+        now, reason = self.clock(), error.reason
+        last = self._last.get(reason)
+        if last is not None and now - last < self.cooldown_s:
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            return None
+        self._last[reason] = now
+        suppressed = self._suppressed.pop(reason, 0)
+        return rejection_alert(control, error, consumer=self.consumer, suppressed=suppressed, **evidence)
 
 
 def _clip(text: str) -> str:

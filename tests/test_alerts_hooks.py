@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -10,8 +11,9 @@ import pytest
 
 from evaluators.alerts.command import CommandError, CommandHook
 from evaluators.alerts.dispatch import Dispatcher, HookError, build_hooks
+from evaluators.alerts.journal import IdJournal
 from evaluators.alerts.receiver import SignedWebhookReceiver
-from evaluators.alerts.routing import Route, Router
+from evaluators.alerts.routing import Route, Router, alert_digest
 from evaluators.alerts.rules import RuleError, parse_rules
 from evaluators.alerts.webhook import (
     ReplayGuard,
@@ -21,7 +23,7 @@ from evaluators.alerts.webhook import (
     sign,
     verify_signature,
 )
-from streams.events import Alert
+from streams.events import Alert, decode_event
 
 SECRET = b"s3cret-shared"
 
@@ -198,7 +200,7 @@ RULES_DOC = {
     "dispatch": {"default_hooks": ["webhook", "control"]},
     "actions": {"eval_regression": ["rollback"]},
     "rule": [{"name": "pii_rate_spike", "metric": "pii_rate", "kind": "threshold", "threshold": 0.5,
-              "group_by": ["source"], "action": "quarantine_source", "hooks": ["webhook", "control"]},
+              "component": "ingest", "group_by": ["source"], "action": "quarantine_source", "hooks": ["webhook", "control"]},
              {"name": "lag", "metric": "consumer_lag", "kind": "threshold", "threshold": 1}],
 }
 
@@ -219,6 +221,57 @@ def test_routes_come_from_the_rules_never_from_the_alert():
     assert router.for_external(reg) == Route(hooks=["webhook", "control"], action="rollback")
     other = make_alert(rule="eval_regression", evidence={"action": "quarantine_source"})
     assert router.for_external(other) == Route(hooks=["webhook"], action="none")
+
+
+def test_a_borrowed_raised_alert_id_with_other_content_is_an_external_alert(tmp_path):
+    """Anyone reading `alerts` learns the ids the sentinel raised; reusing one for another rule,
+    labels, evidence or message must not get the raised alert's route (evaluators/sentinel.py)."""
+    router = Router(RULES_DOC, parse_rules(RULES_DOC), control_hooks={"control"}, declared={"webhook", "control"})
+    raised = IdJournal(tmp_path / "raised.jsonl")
+    lag = make_alert(rule="lag", severity="warning", evidence={"labels": {}})  # a harmless alert it raised
+    pii = make_alert()  # and one that acts
+    for a in (lag, pii):
+        raised.add(a.alert_id, rule=a.rule, digest=alert_digest(a))
+    raised = IdJournal(tmp_path / "raised.jsonl")  # as after a restart
+    wire = decode_event(pii.to_bytes())  # the very alert, read back from Kafka
+    assert router.route(wire, raised.get(wire.alert_id)) == Route(hooks=["webhook", "control"],
+                                                                   action="quarantine_source")
+    borrowed = [
+        dataclasses.replace(lag, rule="pii_rate_spike", evidence={"labels": {"source": "victim"}}),
+        dataclasses.replace(pii, evidence={**pii.evidence, "labels": {"source": "victim"}}),
+        dataclasses.replace(pii, message="other"),
+        dataclasses.replace(pii, severity="warning"),
+    ]
+    for forged in borrowed:
+        assert router.route(forged, raised.get(forged.alert_id)) == Route(hooks=["webhook"], action="none")
+
+
+def test_id_journal_is_bounded_by_age_and_count_and_survives_restarts(tmp_path):
+    clock = [1000.0]
+    path = tmp_path / "ids.jsonl"
+    journal = IdJournal(path, max_entries=1500, max_age_s=100, clock=lambda: clock[0])
+    for i in range(5000):
+        journal.add(f"a{i}", digest=str(i))
+    assert len(journal) == 1500 and "a4999" in journal and "a3499" not in journal
+    assert len(path.read_text().splitlines()) <= 3000  # compacted, never grows without bound
+    clock[0] += 50
+    journal.add("late")
+    clock[0] += 60  # everything but "late" is older than 100 s
+    again = IdJournal(path, max_entries=1500, max_age_s=100, clock=lambda: clock[0])
+    assert list(again.entries) == ["late"] and len(path.read_text().splitlines()) == 1
+    with open(path, "a") as f:
+        f.write('{"id": "torn", "at"')  # a crash mid-line
+    assert list(IdJournal(path, max_age_s=100, clock=lambda: clock[0]).entries) == ["late"]
+
+
+def test_alerts_done_survive_a_dispatcher_restart(tmp_path):
+    calls = []
+    hooks = {"h": lambda alert, action: calls.append(alert.alert_id) or {}}
+    alert = make_alert()
+    Dispatcher(hooks, journal=IdJournal(tmp_path / "done.jsonl")).dispatch(alert, Route(hooks=["h"]))
+    restarted = Dispatcher(hooks, journal=IdJournal(tmp_path / "done.jsonl"))
+    assert restarted.is_done(alert.alert_id) and restarted.dispatch(alert, Route(hooks=["h"])) == {}
+    assert calls == [alert.alert_id]
 
 
 def test_trainer_alerts_can_never_be_granted_a_control_action():

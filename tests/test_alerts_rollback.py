@@ -180,6 +180,21 @@ def test_data_alert_quarantines_and_pauses_the_source():
     assert RollbackPolicy().decide(alert, "none").controls == []
 
 
+def test_a_data_side_domain_pause_names_every_known_run_and_each_is_verifiable():
+    collapse = Alert(rule="codebook_collapse", severity="critical", message="codebook_usage=0.01 < 0.05",
+                     source="sentinel", evidence={"labels": {"domain": "speech", "modality": "a", "level": "0"}})
+    policy = RollbackPolicy()
+    assert "no run known" in policy.decide(collapse, "pause_domain").skipped
+    history(policy, "run2")
+    history(policy, "run1")
+    controls = policy.decide(collapse, "pause_domain").controls
+    assert [(c.command, c.args) for c in controls] == [("pause_domain", {"domain": "speech", "run_id": "run1"}),
+                                                       ("pause_domain", {"domain": "speech", "run_id": "run2"})]
+    verifier = ControlVerifier(None, insecure=True)
+    for c in controls:  # trainer-only commands must name their run: these pass the verifier's run check
+        verifier.verify(c)
+
+
 def test_data_alert_with_rollback_returns_runs_to_before_the_source_appeared():
     policy = RollbackPolicy()
     history(policy)  # good at wall 10 and 20, failed at 30

@@ -77,9 +77,9 @@ def test_sentinel_routes_data_and_eval_alerts_to_hooks_and_controls(fresh_broker
     thread.start()
     try:
         for v in (0.01, 0.012, 0.009, 0.011):
-            publish(producer, "metrics", MetricsEvent(component="ingest", values={"pii_rate": v}, labels={"source": "forum"}))
-        publish(producer, "metrics", MetricsEvent(component="ingest", values={"pii_rate": 0.3}, labels={"source": "forum"}))
-        publish(producer, "metrics", MetricsEvent(component="ingest", values={"pii_rate": 0.4}, labels={"source": "forum"}))
+            publish(producer, "metrics.ingest", MetricsEvent(component="ingest", values={"pii_rate": v}, labels={"source": "forum"}))
+        publish(producer, "metrics.ingest", MetricsEvent(component="ingest", values={"pii_rate": 0.3}, labels={"source": "forum"}))
+        publish(producer, "metrics.ingest", MetricsEvent(component="ingest", values={"pii_rate": 0.4}, labels={"source": "forum"}))
         # forgeries anyone with write access to `alerts` (e.g. the trainer's credential) could send:
         forged = [
             Alert(rule="pii_rate_spike", severity="critical", source="sentinel", message="forged engine alert",

@@ -96,7 +96,7 @@ def test_disk_full_streaming_ingest_alerts_waits_and_resumes(broker, tmp_path):
     assert r.alerts and r.alerts[0]["rule"] == "ingest.disk_full" and r.alerts[0]["severity"] == "critical"
     assert r.resolved, "no ingest.disk_full_resolved alert after space was freed"
     assert "disk full on stream root" in r.log
-    assert r.lost == [] and r.duplicates == 0
+    assert r.lost == [] and r.duplicates == 0 and r.notes == []
     assert r.settled_while_full_ok and r.leftovers == []
     assert r.recovery_s < 30
 
@@ -126,10 +126,40 @@ def test_broker_paused_30s_nothing_lost_or_duplicated(fresh_broker, tmp_path):
     r = scenarios.broker_pause(fresh_broker, tmp_path, pause_s=30)
     assert r.exit_code == 0, r.log[-3000:]
     assert r.trainer_exit == 0, r.trainer_log[-3000:]
-    assert r.lost == [] and r.duplicates == 0
+    assert r.lost == [] and r.duplicates == 0 and r.notes == []
     assert r.trainer_steps == list(range(1, 41))
     assert sorted(r.checkpoint_events) == [10, 20, 30, 40]  # each announced exactly once
     assert any("streaming ingest" in w for w in r.warnings) and any("trainer" in w for w in r.warnings)
     assert {a["source"] for a in r.alerts} >= {"ingest", "trainer"}
     assert all(a["evidence"]["duration_s"] >= 25 for a in r.alerts)
     assert r.recovery_s < 30
+
+
+def test_broker_watch_warns_while_paused_and_reports_the_outage(fresh_broker, caplog):
+    """The liveness probe behind ``kafka.broker_unreachable``: a stopped broker accepts TCP
+    connections but never answers; the watch warns while it lasts and reports its length."""
+    import signal
+    import time
+
+    from streams.broker_watch import BrokerWatch, probe
+
+    assert probe(fresh_broker.bootstrap)
+    restored: list[float] = []
+    watch = BrokerWatch(fresh_broker.bootstrap, who="test", on_restored=restored.append, interval_s=0.3,
+                        timeout_s=0.5, warn_after_s=1.0, repeat_s=60)
+    try:
+        with caplog.at_level("WARNING", logger="headwater.kafka.watch"):
+            os.kill(fresh_broker.pid, signal.SIGSTOP)
+            try:
+                time.sleep(3)
+                assert not probe(fresh_broker.bootstrap, timeout_s=0.5)
+            finally:
+                os.kill(fresh_broker.pid, signal.SIGCONT)
+            deadline = time.monotonic() + 10
+            while not restored and time.monotonic() < deadline:
+                time.sleep(0.1)
+    finally:
+        watch.close()
+    assert any("unreachable for" in r.getMessage() for r in caplog.records)
+    assert len(restored) == 1 and 2.5 <= restored[0] < 10
+    assert probe(fresh_broker.bootstrap)

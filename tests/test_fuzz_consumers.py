@@ -235,4 +235,4 @@ def test_fuzz_every_consumer_10k_per_topic(tmp_path):
     _assert_survived([r for r in results if r.consumer == "status (run dir)"], exact_dlq=False)
     print(f"dead letters: {sum(r.dead_letters for r in results if not r.topic.endswith('.jsonl'))}")
     assert {r.topic for r in results if r.records >= n} >= {"control", "alerts", "checkpoints", "shards", "evals",
-                                                             "metrics"}
+                                                             "metrics.ingest"}

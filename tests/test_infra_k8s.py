@@ -63,7 +63,7 @@ def test_kafka_users_get_least_privilege_acls():
     users = {d["metadata"]["name"]: d["spec"] for d in generate.user_docs()}
     ingest = users["headwater-ingest"]["authorization"]["acls"]
     written = {a["resource"]["name"] for a in ingest if "Write" in a["operations"]}
-    assert written == {"dlq", "shards", "metrics", "alerts"}  # alerts: codebook collapse (media_hook)
+    assert written == {"dlq", "shards", "metrics.ingest", "alerts"}  # alerts: codebook collapse (media_hook)
     assert all(u["authentication"]["type"] == "scram-sha-512" for u in users.values())
     (kafka,) = [d for d in generate.cluster_docs() if d["kind"] == "Kafka"]
     (listener,) = kafka["spec"]["kafka"]["listeners"]

@@ -1,4 +1,4 @@
-"""Streaming ingest on a real broker: per-source data metrics (metrics topic + RUN/ingest/metrics.jsonl)
+"""Streaming ingest on a real broker: per-source data metrics (metrics.ingest + RUN/ingest/metrics.jsonl)
 and the control topic (quarantine_source / pause_source / resume_source, persisted across restarts):
 signed controls are applied, forged/replayed/superseded ones are not (and raise control.rejected)."""
 
@@ -13,7 +13,7 @@ import pytest
 from kafka import TopicPartition
 from kafka.admin import NewTopic
 
-from beam_jobs.control import SourceControl
+from beam_jobs.control import ControlFollower, SourceControl
 from beam_jobs.ingest import run
 from beam_jobs.synthetic import english_doc, raw_record
 from evaluators.alerts.rules import load_rules
@@ -28,7 +28,13 @@ from streams.kafka import (
     poll_records,
     publish,
 )
-from streams.signing import ControlRejected, generate_keypair, load_signing_key, sign_control
+from streams.signing import (
+    ControlRejected,
+    ControlVerifier,
+    generate_keypair,
+    load_signing_key,
+    sign_control,
+)
 
 RULES = "infra/alerts/rules.toml"
 
@@ -62,7 +68,7 @@ def _produce(bootstrap: str, topic: str, values: list[bytes], controls: list[Con
         producer.close()
 
 
-def _metrics_events(bootstrap: str, since: dict, topic: str = "metrics") -> list[MetricsEvent]:
+def _metrics_events(bootstrap: str, since: dict, topic: str = "metrics.ingest") -> list[MetricsEvent]:
     tps = [TopicPartition(topic, p) for p in sorted(since)]
     consumer = make_consumer(KafkaSettings(bootstrap=bootstrap), assign=tps)
     try:
@@ -73,7 +79,7 @@ def _metrics_events(bootstrap: str, since: dict, topic: str = "metrics") -> list
         consumer.close()
 
 
-def _metrics_ends(bootstrap: str, topic: str = "metrics") -> dict[int, int]:
+def _metrics_ends(bootstrap: str, topic: str = "metrics.ingest") -> dict[int, int]:
     consumer = make_consumer(KafkaSettings(bootstrap=bootstrap), assign=[])
     try:
         tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
@@ -193,15 +199,63 @@ def test_source_control_last_writer_wins_and_replays():
     assert state.apply(quarantine)
     with pytest.raises(ControlRejected, match="replayed"):
         state.apply(quarantine)
-    assert not state.apply(Control(command="resume_source", args={"source": "a"}, issued_at=99.0))
+    assert not state.apply(Control(command="resume_source", args={"source": "a"}, issued_at=69.0))  # > 30 s older
     assert state.blocked == {"a": "source_quarantined"}
     later = Control(command="resume_source", args={"source": "a"}, issued_at=101.0)
     assert state.apply(later) and state.blocked == {}
-    # a fresh ingest reading the same log out of order ends in the same state
+    # the log is applied in offset order: within the skew allowance (30 s) clocks do not matter
     fresh = SourceControl(path="/nonexistent/control.json")
     for c in (later, dataclasses.replace(quarantine, control_id="q2")):
         fresh.apply(c)
-    assert fresh.blocked == {}
+    assert fresh.blocked == {"a": "source_quarantined"}
+
+
+def test_ingest_applies_in_offset_order_within_the_clock_skew_allowance():
+    """An operator's resume sent after a sentinel quarantine wins even if the sentinel's clock runs
+    25 s ahead; only a command issued more than the skew allowance before the latest applied one
+    for its source (an old one replayed) is superseded."""
+    t = 1_000_000.0
+    state = SourceControl(path="/nonexistent/control.json", max_skew_s=30.0)
+    assert state.apply(Control(command="quarantine_source", args={"source": "S"}, issued_at=t + 25))  # clock +25 s
+    assert state.apply(Control(command="resume_source", args={"source": "S"}, issued_at=t + 10))  # sent later
+    assert state.blocked == {}
+    assert state.since["S"][0] == t + 25  # the latest issue time applied is kept for the superseded check
+    old = Control(command="quarantine_source", args={"source": "S"}, issued_at=t - 100)
+    assert not state.apply(old) and state.blocked == {}
+    assert state.history[-1]["superseded_by"] and not state.history[-1]["changed"]
+
+
+def test_a_flood_of_forged_controls_raises_one_alert_per_reason_and_short_log_lines(broker, tmp_path, caplog):
+    bootstrap = broker.bootstrap
+    topic = _topic(bootstrap)
+    operator = load_signing_key("operator")
+    evil = "x\nERROR forged log line " + "y" * 5000
+    forged = [Control(command="quarantine_source", args={"source": "web"}, control_id=f"{evil}-{i}",
+                      issued_by=operator.key_id) for i in range(40)]  # unsigned, each with its own id
+    forged += [sign_control(Control(command="quarantine_source", args={"source": "web"}, control_id=f"f{i}"),
+                            generate_keypair(operator.key_id, "operator")) for i in range(20)]  # foreign key
+    producer = make_producer(KafkaSettings(bootstrap=bootstrap))
+    try:
+        for c in forged:
+            publish(producer, topic, c)
+        producer.flush()
+    finally:
+        producer.close()
+    alert_ends = _metrics_ends(bootstrap, "alerts")
+    follower = ControlFollower(bootstrap, SourceControl.load(str(tmp_path)), ControlVerifier.from_env(), topic=topic)
+    try:
+        with caplog.at_level("ERROR", logger="headwater.ingest.control"):
+            while follower.poll(timeout_s=2.0):
+                pass
+    finally:
+        follower.close()
+    assert follower.state.blocked == {}
+    rejected = [e for e in _metrics_events(bootstrap, alert_ends, "alerts")
+                if isinstance(e, Alert) and e.rule == "control.rejected"]
+    assert sorted(a.evidence["reason"] for a in rejected) == ["bad_signature", "unsigned"]
+    assert all(a.dedup_key.endswith(a.evidence["reason"]) for a in rejected)
+    lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(lines) == 60 and all("\n" not in m and len(m) < 600 for m in lines)
 
 
 def test_streaming_ingest_refuses_to_start_without_a_keyring(tmp_path, monkeypatch):

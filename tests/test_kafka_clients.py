@@ -24,10 +24,10 @@ def test_confluent_produce_then_assign_consume(broker):
     p = CKProducer({"bootstrap.servers": broker.bootstrap, "enable.idempotence": True, "acks": "all"})
     for i in range(20):  # valid events: other tests on this session's broker read the topic
         event = MetricsEvent(component="client-test", values={"i": i}, labels={"tag": tag})
-        p.produce("metrics", key=tag, value=event.to_bytes(), partition=0)
+        p.produce("metrics.ingest", key=tag, value=event.to_bytes(), partition=0)
     assert p.flush(10) == 0
     c = CKConsumer({"bootstrap.servers": broker.bootstrap, "group.id": f"g-{tag}", "enable.auto.commit": False})
-    c.assign([CKTopicPartition("metrics", 0, 0)])
+    c.assign([CKTopicPartition("metrics.ingest", 0, 0)])
     got = []
     for _ in range(100):
         m = c.poll(0.2)

@@ -21,7 +21,7 @@ from evaluators.alerts.rules import AlertEngine, load_rules
 from evaluators.rollback import RollbackPolicy
 from infra.cli import main as headwater
 from infra.run_dir import RunDir
-from streams.events import Alert, MetricsEvent, RawRecord, decode_event
+from streams.events import Alert, CheckpointSaved, MetricsEvent, RawRecord, decode_event
 from streams.kafka import KafkaSettings, make_consumer, poll_records
 from streams.mds import read_sidecar
 from streams.vocab import Vocab
@@ -125,7 +125,7 @@ def test_health_reaches_metrics_and_alerts_topics(broker):
         _ = p | beam.Create([healthy.merge(collapsed)]) | beam.ParDo(ReportHealthFn(config))
 
     consumer = make_consumer(KafkaSettings(bootstrap=broker.bootstrap), assign=[])
-    tps = [TopicPartition(t, q) for t in ("metrics", "alerts") for q in sorted(consumer.partitions_for_topic(t))]
+    tps = [TopicPartition(t, q) for t in ("metrics.ingest", "alerts") for q in sorted(consumer.partitions_for_topic(t))]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
     events = [decode_event(r.value) for r in poll_records(consumer, timeout_s=4)]
@@ -140,8 +140,15 @@ def test_health_reaches_metrics_and_alerts_topics(broker):
 
     # the sentinel's rule matches the published usage events, and the alert's action is acted on
     engine = AlertEngine([r for r in load_rules("infra/alerts/rules.toml") if r.name == "codebook_collapse"])
-    fired = [a for e in usage.values() for a in engine.observe_metrics(e)]
+    fired = [a for e in usage.values() for a in engine.observe_metrics(e, producer="ingest")]
     assert sorted(a.evidence["labels"]["modality"] for a in fired) == ["audio", "audio"]
     assert {a.evidence["action"] for a in alerts} == {fired[0].evidence["action"]} == {"pause_domain"}
-    decision = RollbackPolicy(issued_by="pytest").decide(alerts[0])
-    assert [(c.command, c.args) for c in decision.controls] == [("pause_domain", {"domain": "speech"})]
+    # the sentinel acts on its own rule's alert with the rule's action (the media alert itself only pages)
+    # a data-side pause names each run the policy knows of (trainer commands always name their run)
+    policy = RollbackPolicy(issued_by="pytest")
+    assert "no run known" in policy.decide(fired[0], "pause_domain").skipped
+    for run in ("r2", "r1"):
+        policy.observe(CheckpointSaved(run_id=run, path=f"/{run}/step-1", step=1, tokens=1, vocab_version="v"))
+    decision = policy.decide(fired[0], "pause_domain")
+    assert [(c.command, c.args) for c in decision.controls] == [
+        ("pause_domain", {"domain": "speech", "run_id": "r1"}), ("pause_domain", {"domain": "speech", "run_id": "r2"})]

@@ -42,7 +42,7 @@ def test_10b_fits_8_gpus_with_fsdp():
 
 
 def test_activation_checkpointing_orders_the_activation_memory():
-    base = dict(flavor="1b", vocab_size=200_808, local_batch_size=4, seq_len=8192)
+    base = {"flavor": "1b", "vocab_size": 200_808, "local_batch_size": 4, "seq_len": 8192}
     acts = {ac: estimate_step_memory(StepShape(**base, ac=ac)).activations for ac in ("none", "selective", "full")}
     assert acts["none"] > acts["selective"] > acts["full"]
     with pytest.raises(ValueError, match="unknown activation checkpointing"):

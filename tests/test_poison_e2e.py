@@ -10,7 +10,7 @@ sentinel`` processes; a local HTTP server receiving the signed webhooks.
   ``rollback last_good`` Control -> the trainer restores that checkpoint, quarantines what it
   read since, and trains on; no quarantined shard is trained again and the re-saved
   checkpoints pass evaluation.
-* Data path: a PII-rate spike of one source on the ``metrics`` topic -> rule alert ->
+* Data path: a PII-rate spike of one source on the ``metrics.ingest`` topic -> rule alert ->
   ``quarantine_source`` Control -> the trainer never trains that source's samples again.
 """
 
@@ -188,7 +188,7 @@ def test_poisoned_domain_is_rolled_back_and_quarantined_end_to_end(fresh_broker,
     write_eval_suite(tmp_path / "evals")
     receiver = Receiver()
     procs = Processes(tmp_path)
-    evals, controls, metric_events = (Topic(bootstrap, t) for t in ("evals", "control", "metrics"))
+    evals, controls, metric_events = (Topic(bootstrap, t) for t in ("evals", "control", "metrics.trainer"))
     t0 = time.monotonic()
     try:
         start_services(procs, bootstrap, tmp_path, receiver, run)
@@ -291,7 +291,7 @@ def test_pii_spike_of_a_source_quarantines_it_in_the_trainer(fresh_broker, tmp_p
         wait_for(lambda: any("site:leaky" in r.get("sources", {}) for r in metrics(run) if r.get("step", 0) >= 5),
                  150, procs, "the trainer training on both sources")
         for value in (0.01, 0.012, 0.009, 0.011, 0.4):  # the ingest job's per-source PII rate
-            publish(producer, "metrics", MetricsEvent(component="ingest", values={"pii_rate": value},
+            publish(producer, "metrics.ingest", MetricsEvent(component="ingest", values={"pii_rate": value},
                                                       labels={"source": "site:leaky"}))
         event = wait_for(lambda: next((r for r in metrics(run) if r.get("event") == "quarantine"), None),
                          60, procs, "the trainer's quarantine of the source")

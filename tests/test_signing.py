@@ -13,7 +13,9 @@ from streams.signing import (
     ControlRejected,
     ControlVerifier,
     Keyring,
+    RejectionAlerts,
     SigningError,
+    brief,
     canonical_control_bytes,
     generate_keypair,
     load_signing_key,
@@ -113,6 +115,23 @@ def test_rollback_needs_a_run(keys, ring):
         assert rejected(v, c) == "no_run"
 
 
+def test_trainer_only_commands_need_a_well_formed_run(keys, ring):
+    v = verifier(ring)
+    for command, args in (("pause_domain", {"domain": "d"}), ("resume_domain", {"domain": "d"}),
+                          ("quarantine_shards", {"shards": ["a.mds"]})):
+        assert rejected(v, sign_control(Control(command=command, args=args, issued_at=NOW), keys["operator"])) \
+            == "no_run"
+        for bad in ("run 1", "../x", "r\nx", "a" * 129, ["run-1"]):
+            c = sign_control(Control(command=command, args={**args, "run_id": bad}, issued_at=NOW), keys["operator"])
+            assert rejected(v, c) == "no_run"
+        v.verify(sign_control(Control(command=command, args={**args, "run_id": "run-1a2b3c4d"}, issued_at=NOW),
+                              keys["operator"]))
+    # a source command needs no run, but one it names is checked too
+    v.verify(sign_control(Control(command="pause_source", args={"source": "s"}, issued_at=NOW), keys["operator"]))
+    assert rejected(v, sign_control(Control(command="pause_source", args={"source": "s", "run_id": "a b"},
+                                            issued_at=NOW), keys["operator"])) == "no_run"
+
+
 def test_clock_window(keys, ring):
     v = verifier(ring)
     assert rejected(v, at(sign_control(rollback(), keys["operator"]), NOW - 301)) == "bad_signature"
@@ -208,6 +227,31 @@ def test_key_files_others_may_read_are_refused(tmp_path, keys):
     assert load_signing_key("operator", env={"HEADWATER_OPERATOR_KEY_FILE": str(path)}).key_id == "k-operator"
 
 
+def test_keyrings_others_may_change_are_refused_and_commands_must_be_a_list(tmp_path, keys, ring):
+    path = tmp_path / "keyring.json"
+    ring.save(str(path))
+    for mode in (0o664, 0o646, 0o666):
+        path.chmod(mode)
+        with pytest.raises(SigningError, match="go-w"):
+            Keyring.load(str(path))
+    path.chmod(0o644)  # readable by all is fine: it holds public keys
+    assert Keyring.load(str(path)).keys.keys() == ring.keys.keys()
+    if os.getuid() == 0:  # only root can give a file away; owned by root is accepted (as by ssh)
+        os.chown(path, 12345, -1)
+        with pytest.raises(SigningError, match="owned by uid 12345"):
+            Keyring.load(str(path))
+        key = tmp_path / "op.key"
+        key.write_text(keys["operator"].export_secret())
+        key.chmod(0o600)
+        os.chown(key, 12345, -1)
+        with pytest.raises(SigningError, match="owned by uid 12345"):
+            load_signing_key("operator", env={"HEADWATER_OPERATOR_KEY_FILE": str(key)})
+    doc = ring.to_dict()
+    doc["keys"]["k-operator"]["commands"] = "rollback"
+    with pytest.raises(SigningError, match="commands must be a list"):
+        Keyring.from_dict(doc)
+
+
 def test_a_misformatted_secret_is_not_echoed_as_its_key_id(keys):
     seed = keys["operator"].export_secret().split(":")[1]
     for bad in (f"{seed}:k-operator", f"{seed}:", f"{seed}\nk-operator:x", f"k op:{seed}"):
@@ -228,6 +272,39 @@ def test_a_clock_stepped_back_does_not_reopen_a_replay(keys, ring):
     assert first.control_id not in v.seen
     now[0] = NOW + 200  # the wall clock is stepped back (NTP)
     assert rejected(v, first) == "stale"
+
+
+def test_a_flood_of_forgeries_pages_once_per_reason_then_counts_what_it_suppressed(keys, ring):
+    now = [0.0]
+    alerts = RejectionAlerts("ingest", cooldown_s=60, clock=lambda: now[0])
+    v = verifier(ring)
+    raised = []
+    for i in range(200):
+        forged = Control(command="pause_source", args={"source": "s"}, issued_at=NOW, control_id=f"evil-{i}",
+                         key_id="k-operator", issued_by="k-operator", signature="AAAA" if i % 2 else "")
+        with pytest.raises(ControlRejected) as e:
+            v.verify(forged)
+        raised.append(alerts(forged, e.value))
+    sent = [a for a in raised if a is not None]
+    assert sorted(a.evidence["reason"] for a in sent) == ["bad_signature", "unsigned"]
+    assert {a.dedup_key for a in sent} == {"control.rejected:ingest:unsigned", "control.rejected:ingest:bad_signature"}
+    now[0] = 61.0
+    forged = dataclasses.replace(forged, control_id="evil-next")
+    with pytest.raises(ControlRejected) as e:
+        v.verify(forged)
+    later = alerts(forged, e.value)
+    assert later.evidence["suppressed"] == 99 and "+99 more" in later.message
+
+
+def test_untrusted_strings_are_logged_as_short_reprs(keys, ring):
+    assert brief("a\nb") == "'a\\nb'"
+    long = brief("x" * 10_000)
+    assert len(long) < 160 and long.endswith("(10002 chars)")
+    forged = Control(command="pause_source", args={"source": "s"}, issued_at=NOW, key_id="k\n" + "y" * 10_000,
+                     control_id="c\nFAKE LOG LINE", signature="AAAA")
+    with pytest.raises(ControlRejected) as e:
+        verifier(ring).verify(forged)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 300
 
 
 def test_rejection_alerts_of_huge_forgeries_stay_small(keys, ring):

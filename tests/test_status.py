@@ -57,17 +57,17 @@ def test_lag_against_a_real_broker(broker, tmp_path, capsys):
     producer = make_producer(settings)
     for i in range(7):  # one record per request: tansu reports batch-level end offsets otherwise
         event = MetricsEvent(component="status-test", values={"i": i})  # valid: other tests read the topic
-        producer.send("metrics", value=event.to_bytes(), partition=0).get(timeout=30)
+        producer.send("metrics.trainer", value=event.to_bytes(), partition=0).get(timeout=30)
     producer.close()
-    before = read_kafka(settings).end_offsets["metrics"]
-    consumer = make_consumer(settings, assign=[TopicPartition("metrics", 0)], group_id="status-test")
-    consumer.commit({TopicPartition("metrics", 0): OffsetAndMetadata(before - 4, "", -1)})
+    before = read_kafka(settings).end_offsets["metrics.trainer"]
+    consumer = make_consumer(settings, assign=[TopicPartition("metrics.trainer", 0)], group_id="status-test")
+    consumer.commit({TopicPartition("metrics.trainer", 0): OffsetAndMetadata(before - 4, "", -1)})
     consumer.close()
 
     view = read_kafka(settings)
     assert not view.error
     assert set(view.end_offsets) >= {"raw.text", "shards", "evals", "control"}
-    assert view.lag[("status-test", "metrics")] == 4
+    assert view.lag[("status-test", "metrics.trainer")] == 4
 
     (tmp_path / "broker.port").write_text(str(broker.port))  # discovered from the run dir
     assert cli_main(["status", "--run-dir", str(tmp_path), "--once", "--width", "160"]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 
 import torch
@@ -38,7 +39,7 @@ def _reference_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     out = torch.empty_like(q)
     groups = q.shape[1] // k.shape[1]
     bounds = cu_seqlens_q.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+    for start, end in itertools.pairwise(bounds):
         assert end - start <= max_seqlen_q
         qs, ks, vs = (t[start:end].transpose(0, 1).float() for t in (q, k, v))
         ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)

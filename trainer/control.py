@@ -1,14 +1,16 @@
 """Listener of the ``control`` topic: the commands the trainer obeys (see docs/TEAM_CONTRACTS.md).
 
     rollback           {"target": "last_good"|"step", "run_id", "step"?, "checkpoint"?, "quarantine"?}
-    quarantine_shards  {"shards": [...], "run_id"?}
+    quarantine_shards  {"shards": [...], "run_id"}
     quarantine_source  {"source"}      every sample whose ``source`` column matches is skipped
-    pause_domain       {"domain"}      / resume_domain {"domain"}
+    pause_domain       {"domain", "run_id"}  / resume_domain {"domain", "run_id"}
 
-A command whose ``args.run_id`` names another run is ignored; a rollback must name this run.
-Every command addressed here is verified (``streams.signing.ControlVerifier``: signed by a
-keyring key allowed the command, fresh, not replayed); a refused one is dropped and raises a
-critical ``control.rejected`` Alert on ``alerts``. Rank 0 consumes the topic
+A command whose ``args.run_id`` names another run is ignored; the trainer-only commands
+(``streams.signing.RUN_COMMANDS``) must name this run. Every command addressed here is verified
+(``streams.signing.ControlVerifier``: signed by a keyring key allowed the command, fresh, not
+replayed); a refused one is dropped and raises a critical ``control.rejected`` Alert on
+``alerts`` (at most one per reason per cooldown). The ids of applied controls and the paused
+domains survive a restart (trainer/control_state.py). Rank 0 consumes the topic
 in a background thread (from its end at start-up, so old commands are not replayed); each
 step the trainer drains the queue on rank 0 and broadcasts the commands so every rank
 applies them at the same step. Undecodable records are dead-lettered with an alert by a
@@ -24,7 +26,7 @@ import threading
 
 from streams.events import Control, Event
 from streams.guard import ConsumerGuard
-from streams.signing import ControlRejected, ControlVerifier, rejection_alert
+from streams.signing import ControlRejected, ControlVerifier, RejectionAlerts, brief
 
 __all__ = ["TRAINER_COMMANDS", "ControlListener", "addressed_to"]
 
@@ -35,7 +37,7 @@ TRAINER_COMMANDS = ("rollback", "pause_domain", "resume_domain", "quarantine_sha
 
 def addressed_to(event: Control, run_id: str) -> bool:
     """True if ``event`` is a trainer command for ``run_id`` (or names no run: verification then
-    rejects a run-less rollback)."""
+    rejects a run-less trainer-only command)."""
     target = event.args.get("run_id")
     return event.command in TRAINER_COMMANDS and not (target and run_id and target != run_id)
 
@@ -49,7 +51,7 @@ class ControlListener:
         from streams.kafka import KafkaSettings, make_consumer, make_producer
 
         self.run_id, self.verifier = run_id, verifier
-        self.rejected: list[dict] = []  # evidence of the control.rejected alerts raised
+        self.alerts = RejectionAlerts("trainer")
         self.queue: queue.Queue[Control] = queue.Queue()
         tp = TopicPartition("control", 0)
         settings = KafkaSettings.load(bootstrap=bootstrap, client_id="headwater-trainer-control")
@@ -81,10 +83,10 @@ class ControlListener:
         except ControlRejected as e:
             from streams.kafka import publish
 
-            log.error("control %s %s rejected: %s", event.command, event.control_id, e)
-            alert = rejection_alert(event, e, consumer="trainer", run_id=self.run_id)
-            self.rejected.append(alert.evidence)
-            publish(self.producer, "alerts", alert, key=alert.rule)
+            log.error("control %s %s rejected: %s", event.command, brief(event.control_id), e)
+            alert = self.alerts(event, e, run_id=self.run_id)
+            if alert is not None:
+                publish(self.producer, "alerts", alert, key=alert.rule)
             return
         self.queue.put(event)
 

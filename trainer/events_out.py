@@ -48,7 +48,7 @@ class EventSink:
 
     def metrics(self, step: int, values: dict[str, float], *, labels: dict[str, str] | None = None) -> None:
         event = MetricsEvent(component="trainer", values=values, step=step, labels=labels or {})
-        self._send("metrics", event, flush=False)
+        self._send("metrics.trainer", event, flush=False)
 
     def _append(self, name: str, obj: dict[str, Any]) -> None:
         with open(os.path.join(self.run_dir, name), "a") as f:

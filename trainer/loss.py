@@ -16,7 +16,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchtitan.components.loss import IGNORE_INDEX, BaseLoss, ChunkedLossWrapper, _LossParallelCrossEntropy
+from torchtitan.components.loss import (
+    IGNORE_INDEX,
+    BaseLoss,
+    ChunkedLossWrapper,
+    _LossParallelCrossEntropy,
+)
 from torchtitan.distributed.spmd_types import current_spmd_mesh, spmd_mesh_size
 from torchtitan.distributed.utils import get_spmd_backend
 

@@ -8,9 +8,10 @@ What it adds to ``torchtitan.trainer.Trainer``:
   trained since the restored checkpoint and those read but not trained yet (only the
   regressed ``domains``' when the control names them), moves the abandoned checkpoints to
   ``checkpoints/abandoned/rollback-<from>-to-<to>-<control id>/``; the quarantine persists in
-  RUN/quarantine.json; rollbacks are idempotent (by control id) and crash-atomic through
-  RUN/rollbacks.json (trainer/rollback_journal.py);
-- RUN/metrics.jsonl (with the shards and sources each step trained) + wandb + ``metrics``
+  RUN/quarantine.json, paused domains and applied control ids in RUN/control.json; rollbacks
+  are idempotent (by control id) and crash-atomic through RUN/rollbacks.json
+  (trainer/rollback_journal.py), and wait for an async checkpoint save in flight first;
+- RUN/metrics.jsonl (with the shards and sources each step trained) + wandb + ``metrics.trainer``
   topic every step; once a DCP save is complete (async saves finish later): ``headwater.json``,
   a manifest of every file signed with the trainer key (trainer/checkpoint_out.py), then a
   CheckpointSaved event on the ``checkpoints`` topic.
@@ -44,6 +45,7 @@ from streams.events import CheckpointSaved, Control
 from streams.signing import ControlVerifier, SigningError, load_signing_key
 from trainer.checkpoint_out import CheckpointFinisher
 from trainer.control import ControlListener
+from trainer.control_state import ControlState
 from trainer.events_out import EventSink
 from trainer.guard import LossGuard
 from trainer.metrics_log import MetricsLog
@@ -127,6 +129,12 @@ class HeadwaterTrainer(Trainer):
         self.events = EventSink(self.run_dir, bootstrap=opts.bootstrap) if self.rank == 0 else None
         self.finisher = CheckpointFinisher(self.events, key=manifest_key) if self.rank == 0 else None
         self.dataloader.on_corrupt = self._on_corrupt_shard
+        # pauses and applied control ids outlive a restart (RUN/control.json); restored before listening
+        self.control_state = ControlState(self.run_dir, writer=self.rank == 0,
+                                          window_s=verifier.window_s if verifier is not None else 300.0)
+        self.dataloader.paused |= self.control_state.paused
+        if verifier is not None:
+            verifier.seen.update(self.control_state.applied)
         self.control = (ControlListener(opts.bootstrap, verifier=verifier, run_id=self.run_id)
                         if verifier is not None and self.rank == 0 else None)
         self.broker_watch = (BrokerWatch(opts.bootstrap, who=f"trainer {self.run_id} (events, control)",
@@ -385,6 +393,9 @@ class HeadwaterTrainer(Trainer):
                     self._rollback(cmd.args, reason=reason, control_id=cmd.control_id)
             except (KeyError, TypeError, ValueError) as e:
                 self._refuse(cmd, f"bad args: {type(e).__name__}: {e}")
+        if commands:
+            self.control_state.record(paused=self.dataloader.paused,
+                                      applied={c["control_id"]: float(c["issued_at"]) for c in commands})
 
     def _refuse(self, cmd: Control, why: str) -> None:
         logger.error(f"[control] {cmd.command} refused: {why}")
@@ -449,6 +460,9 @@ class HeadwaterTrainer(Trainer):
                      if keep else "")
             reason = f"{reason}; quarantine: shards{scope} trained or read since step {to_step}"
         safe_id = re.sub(r"[^A-Za-z0-9_-]", "_", control_id)[:64]
+        self.checkpointer.maybe_wait_for_saving()  # an async save in flight must land before its dir moves
+        if self.finisher is not None:
+            self.finisher.poll()  # ... and be announced if it completed (a moved one is not)
         self.rollbacks.begin({
             "control_id": control_id, "from_step": from_step, "to_step": to_step, "reason": reason,
             "quarantine": sorted(shards), "moves": self._step_dirs_after(to_step),

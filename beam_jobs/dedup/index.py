@@ -28,7 +28,7 @@ class DedupConfig:
     ngram: int = 5
     bands: int = 9  # 9 bands x 3 rows: a pair at Jaccard 0.8 is a candidate with p=0.998 (0.7: 0.96)
     rows: int = 3
-    bloom_bytes: int = 192  # per-document verification filter (see beam_jobs.dedup.sketch)
+    bloom_bytes: int = 176  # per-document verification filter (see beam_jobs.dedup.sketch)
     bucket_cap: int = 256  # ids kept per (band, bucket) key (oldest forgotten first)
     horizon_docs: int | None = None  # settled index: forget the oldest segments beyond this many docs
     horizon_age_s: float | None = None  # ... and segments older than this

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-__all__ = ["MinHasher", "content_hash", "normalize_for_hash"]
+__all__ = ["MinHasher", "content_hash", "exact_key", "normalize_for_hash"]
 
 _NON_WORD = re.compile(r"[^\w\s]+")
 _P = np.uint64((1 << 61) - 1)
@@ -25,6 +25,11 @@ def normalize_for_hash(text: str) -> str:
 def content_hash(text: str) -> str:
     """Exact-duplicate key: SHA-1 of the normalised text."""
     return hashlib.sha1(normalize_for_hash(text).encode("utf-8")).hexdigest()
+
+
+def exact_key(text: str) -> int:
+    """The 64-bit exact-dedup key (a prefix of :func:`content_hash`)."""
+    return int(content_hash(text)[:16], 16)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,8 @@
    only) and fans out: one probe per (band, bucket) key plus one per exact key, a
    registration of its sketch under its id hash, and the document itself under its own key.
 2. ``Buckets`` keyed by ``(band, bucket)`` (exact: ``(-1, hash)``): buffers probes until the
-   watermark passes them, then handles them in priority order ``(event time, id hash)``:
+   watermark passes them, then handles them in priority order (event time, then offset,
+   partition and id hash):
    each probe asks every id already in the bucket (never its own) to verify, then joins it.
 3. ``Verify`` keyed by a candidate's id hash holds its sketch and answers queries with the
    estimated Jaccard similarity (exact keys: 1.0); a query never matches the same
@@ -41,7 +42,7 @@ from apache_beam.transforms.userstate import (
 from apache_beam.utils.timestamp import Timestamp
 
 from beam_jobs.dedup.index import DedupConfig
-from beam_jobs.dedup.minhash import content_hash
+from beam_jobs.dedup.minhash import exact_key
 from beam_jobs.dedup.record import DedupRecord, encode_record
 from beam_jobs.dedup.settled import ID_BYTES, SettledRef
 from beam_jobs.dedup.sketch import Sketch, coords_hash, estimate_jaccard, id_hash, make_sketch
@@ -58,6 +59,7 @@ class _Probe(NamedTuple):
     idh: int
     coordh: int
     prio: int  # event time (micros)
+    order: tuple[int, int, int]  # ties at one event time: (offset, partition, id hash)
     shingles: bytes  # uint32 shingle hashes (empty for exact probes)
 
 
@@ -82,10 +84,6 @@ def shard_key(doc: Doc, how: str) -> str:
     raise ValueError(f"unknown dedup shard_key {how!r}")
 
 
-def _exact_key(text: str) -> int:
-    return int(content_hash(text)[:16], 16)
-
-
 class _FingerprintFn(beam.DoFn):
     def __init__(self, config: DedupConfig, settled: SettledRef | None):
         self.config, self.settled = config, settled
@@ -101,9 +99,9 @@ class _FingerprintFn(beam.DoFn):
             return
         Metrics.counter("dedup", "in").inc()
         idh, coordh = id_hash(doc.id), coords_hash(*doc.coords)
-        dockey, prio = (idh, coordh), ts.micros
+        dockey, prio, order = (idh, coordh), ts.micros, (doc.coords.offset, doc.coords.partition, idh)
         shingles = self.hasher.shingle_hashes(doc.text)
-        exact = _exact_key(doc.text) if c.exact else 0
+        exact = exact_key(doc.text) if c.exact else 0
         bands = self.hasher.band_keys(self.hasher.signature(doc.text, shingles)) if c.near else []
         sketch = make_sketch(idh, coordh, shingles, c.bloom_bytes, added=max(0, prio // 1_000_000))
         record = DedupRecord(sketch, [b & 0xFFFFFFFF for b in bands], exact)
@@ -116,10 +114,10 @@ class _FingerprintFn(beam.DoFn):
         ident = (sketch.to_bytes() + doc.id.encode("utf-8", "surrogatepass")[:ID_BYTES])
         yield beam.pvalue.TaggedOutput("verify", (idh, ("reg", ident)))
         if c.exact:
-            yield beam.pvalue.TaggedOutput("probe", ((EXACT_BAND, exact), _Probe(dockey, idh, coordh, prio, b"")))
+            yield beam.pvalue.TaggedOutput("probe", ((EXACT_BAND, exact), _Probe(dockey, idh, coordh, prio, order, b"")))
         raw = shingles.tobytes()
         for band, key in enumerate(bands):
-            yield beam.pvalue.TaggedOutput("probe", ((band, key), _Probe(dockey, idh, coordh, prio, raw)))
+            yield beam.pvalue.TaggedOutput("probe", ((band, key), _Probe(dockey, idh, coordh, prio, order, raw)))
 
 
 class _BucketFn(beam.DoFn):
@@ -147,7 +145,7 @@ class _BucketFn(beam.DoFn):
                ids_state=beam.DoFn.StateParam(IDS), pending=beam.DoFn.StateParam(PENDING),  # noqa: B008
                nxt=beam.DoFn.StateParam(NEXT), wake=beam.DoFn.TimerParam(WAKE)):  # noqa: B008
         probes = list(pending.read())
-        ready = sorted((p for p in probes if p.prio <= fired.micros), key=lambda p: (p.prio, p.idh))
+        ready = sorted((p for p in probes if p.prio <= fired.micros), key=lambda p: (p.prio, p.order))
         rest = [p for p in probes if p.prio > fired.micros]
         pending.clear()
         nxt.clear()

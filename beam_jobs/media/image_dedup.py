@@ -1,57 +1,42 @@
-"""Image dedup: exact (SHA-256 of decoded pixels) and near-dup (DCT pHash in a FAISS binary index)."""
+"""Image dedup inside one process: exact (pixel digest) and verified near-dup (``near_dup``).
+
+Used by :class:`MediaProcessor` when it runs without Beam (``process_image``, benchmarks) and as
+the fallback for records that did not pass through :class:`dedup_transform.MediaDedup`; in the
+ingest job the keyed-state ``MediaDedup`` decides and this index is not consulted.
+"""
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import faiss
 import numpy as np
-from PIL import Image
 
-__all__ = ["ImageDeduper", "phash"]
+from .near_dup import NearDupConfig, NearDupIndex, encode, fingerprint
 
-_N = 32
-_K = np.arange(_N)
-_DCT = np.cos(np.pi * (2 * _K[None, :] + 1) * _K[:, None] / (2 * _N))  # DCT-II basis rows
-
-
-def phash(rgb: np.ndarray) -> np.ndarray:
-    """64-bit perceptual hash as 8 uint8: low 8×8 DCT coefficients of a 32×32 grey image vs their median."""
-    grey = Image.fromarray(rgb).convert("L").resize((_N, _N), Image.Resampling.LANCZOS)
-    g = np.asarray(grey, np.float64)
-    low = (_DCT @ g @ _DCT.T)[:8, :8].reshape(-1)
-    bits = low > np.median(low[1:])
-    return np.packbits(bits)
+__all__ = ["ImageDeduper"]
 
 
 class ImageDeduper:
-    """Remembers kept images; ``check`` returns None (new, now remembered) or a duplicate reason."""
+    """Remembers kept images; ``check`` returns (None, evidence) for a new image (now remembered)
+    or (reason, evidence) with ``dup_of`` for a duplicate."""
 
     @dataclass(kw_only=True, slots=True)
     class Config:
-        hamming_radius: int = 10  # pHash bits that may differ for a near-duplicate
-        exact: bool = True
-        near: bool = True
+        near: NearDupConfig = field(default_factory=NearDupConfig)
 
         def build(self) -> ImageDeduper:
             return ImageDeduper(self)
 
     def __init__(self, config: ImageDeduper.Config):
         self.config = config
-        self.exact: set[bytes] = set()
-        self.index = faiss.IndexBinaryFlat(64)
+        self.index = NearDupIndex(config.near)
 
-    def check(self, rgb: np.ndarray) -> tuple[str | None, dict]:
+    def check(self, rgb: np.ndarray, record_id: str = "") -> tuple[str | None, dict]:
         """(reason or None, evidence) for one decoded image; kept images are added to the index."""
-        digest = hashlib.sha256(np.ascontiguousarray(rgb).tobytes() + str(rgb.shape).encode()).digest()
-        if self.config.exact and digest in self.exact:
-            return "exact_duplicate", {}
-        code = phash(rgb)[None]
-        if self.config.near and self.index.ntotal:
-            dist, _ = self.index.search(code, 1)
-            if dist[0, 0] <= self.config.hamming_radius:
-                return "near_duplicate", {"hamming": int(dist[0, 0])}
-        self.exact.add(digest)
-        self.index.add(code)
-        return None, {"phash": code[0].tobytes().hex()}
+        fp = fingerprint(rgb, record_id or f"#{len(self.index)}")
+        hit = self.index.check(fp)
+        if hit is not None:
+            reason, kept, evidence = hit
+            return reason, {**evidence, "dup_of": kept.record_id}
+        self.index.add(fp)
+        return None, {"media_dedup": encode(fp)}

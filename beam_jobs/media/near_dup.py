@@ -13,7 +13,9 @@ of the in-memory :class:`NearDupIndex`.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import struct
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -21,16 +23,23 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "FINGERPRINT_META",
     "MediaFingerprint",
     "NearDupConfig",
     "NearDupIndex",
     "bucket_keys",
     "colour_distance",
+    "decode",
+    "encode",
     "fingerprint",
     "hamming",
     "ssim",
 ]
 
+FINGERPRINT_META = "_headwater_media_dedup"  # meta key of a kept record's fingerprint (MediaDedup)
+ID_BYTES = 48  # ids kept (for ``dup_of``) are truncated to this many bytes
+_VERSION = 1
+_HEAD = "<BBQe3e"  # version, id length, pHash, detail, spread (float16)
 THUMB = 32  # grey thumbnail side (the pHash input)
 COLOUR = 4  # RGB thumbnail side
 _K = np.arange(THUMB)
@@ -55,6 +64,8 @@ class NearDupConfig:
     hamming_radius: int = 10  # pHash bits that may differ for a candidate
     min_ssim: float = 0.5  # SSIM of the 32×32 grey thumbnails to confirm a candidate
     max_colour: float = 20.0  # RMS distance (0-255) of the 4×4 RGB thumbnails to confirm it
+    far_min_ssim: float = 0.75  # the same two, for pairs beyond the pHash radius (colour route)
+    far_max_colour: float = 10.0
     min_coarse: float = 0.6  # correlation of 8×8 grey block means (skipped when one is flat)
     flat_std: float = 4.0  # 8×8 block-mean std below which an image counts as flat
     detail_abs: float = 6.0  # fine-detail RMS may differ by this much...
@@ -106,8 +117,13 @@ def fingerprint(rgb: np.ndarray, record_id: str, coords: tuple[str, int, int] | 
     coarse = np.asarray(Image.fromarray(grey).resize((2 * THUMB, 2 * THUMB), Image.Resampling.BILINEAR), np.float64)
     return MediaFingerprint(record_id, tuple(coords) if coords is not None else None, digest,
                             int.from_bytes(bits.tobytes(), "big"), grey.tobytes(), colour.tobytes(),
-                            round(float(np.sqrt(np.mean((fine - coarse) ** 2))), 2),
-                            tuple(round(float(v), 2) for v in small.reshape(-1, 3).std(0)))
+                            _f16(np.sqrt(np.mean((fine - coarse) ** 2))),
+                            tuple(_f16(v) for v in small.reshape(-1, 3).std(0)))
+
+
+def _f16(v) -> float:
+    """Rounded as stored (float16), so a decoded fingerprint decides exactly like a fresh one."""
+    return float(np.float16(v))
 
 
 def hamming(a: int, b: int) -> int:
@@ -145,20 +161,44 @@ def colour_distance(a: bytes, b: bytes) -> float:
     return float(np.sqrt(np.mean((x - y) ** 2)))
 
 
-def bucket_keys(fp: MediaFingerprint, config: NearDupConfig) -> list[tuple[str, int, int]]:
-    """Keys that candidates meet on. ``("p", i, v)``: pHash chunk i has value v (near-dups within
-    the radius share one). ``("c", g, cell)``: the mean colour's cell in shifted grid g; a pair
-    whose mean colours differ by less than ``colour_cell / 2`` per channel shares one. The colour
-    route finds the duplicates of smooth, low-structure images whose pHash bits are unstable."""
-    keys = [("p", i, (fp.phash >> s) & ((1 << w) - 1)) for i, (s, w) in enumerate(config.chunks())]
+def bucket_keys(fp: MediaFingerprint, config: NearDupConfig) -> list[int]:
+    """Keys that candidates meet on, one per column (every image has the same columns).
+
+    Columns ``0..radius``: pHash chunk i has value v (near-dups within the radius share one).
+    Then 8 colour columns: the mean colour's cell in a grid shifted by half a cell per channel
+    (all 8 shift combinations); a pair whose mean colours differ by less than half a cell per
+    channel shares one. The colour route finds duplicates of smooth, low-structure images whose
+    pHash bits are unstable. A key packs (column << 40) | value."""
+    keys = [(i << 40) | ((fp.phash >> s) & ((1 << w) - 1)) for i, (s, w) in enumerate(config.chunks())]
     if config.colour_cell:
         mean = np.frombuffer(fp.colour, np.uint8).reshape(-1, 3).mean(0)
-        cell = config.colour_cell
-        for g in range(8):  # every combination of a half-cell shift per channel
-            shift = np.array([(g >> c) & 1 for c in range(3)]) * (cell / 2)
-            q = ((mean + shift) // cell).astype(int)
-            keys.append(("c", g, int(q[0] * 1024 * 1024 + q[1] * 1024 + q[2])))
+        for g in range(8):
+            shift = np.array([(g >> c) & 1 for c in range(3)]) * (config.colour_cell / 2)
+            q = ((mean + shift) // config.colour_cell).astype(int)
+            keys.append(((len(keys)) << 40) | int((q[0] << 16) | (q[1] << 8) | q[2]))
     return keys
+
+
+def encode(fp: MediaFingerprint) -> str:
+    """Compact text form (base64, ~1.5 KB) for a sample's lineage and snapshots."""
+    rid = fp.record_id.encode("utf-8", "surrogatepass")[:ID_BYTES]
+    head = struct.pack(_HEAD, _VERSION, len(rid), fp.phash, fp.detail, *fp.spread)
+    return base64.b64encode(head + rid + fp.digest + fp.thumb + fp.colour).decode("ascii")
+
+
+def decode(text: str, coords: tuple[str, int, int] | None = None) -> MediaFingerprint:
+    """Inverse of :func:`encode` (ids are truncated to ``ID_BYTES``)."""
+    data = base64.b64decode(text)
+    version, n, phash, detail, *spread = struct.unpack_from(_HEAD, data)
+    if version != _VERSION:
+        raise ValueError(f"media dedup record version {version} is not supported (expected {_VERSION})")
+    off = struct.calcsize(_HEAD)
+    rid = data[off : off + n].decode("utf-8", "replace")
+    off += n
+    digest, off = data[off : off + 16], off + 16
+    thumb, off = data[off : off + THUMB * THUMB], off + THUMB * THUMB
+    colour = data[off : off + COLOUR * COLOUR * 3]
+    return MediaFingerprint(rid, coords, digest, phash, thumb, colour, float(detail), tuple(map(float, spread)))
 
 
 def compare(fp: MediaFingerprint, kept: MediaFingerprint, config: NearDupConfig) -> tuple[str, dict] | None:
@@ -179,7 +219,9 @@ def compare(fp: MediaFingerprint, kept: MediaFingerprint, config: NearDupConfig)
     v = max(abs(a - b) - config.spread_rel * max(a, b) for a, b in zip(fp.spread, kept.spread))
     evidence.update(ssim=round(s, 4), colour=round(c, 2), coarse=round(r, 3), detail=round(d, 2),
                     spread=round(v, 2))
-    if (s < config.min_ssim or c > config.max_colour or r < config.min_coarse or v > config.spread_abs
+    far = dist > config.hamming_radius  # met on the colour route only: stricter
+    min_ssim, max_colour = (config.far_min_ssim, config.far_max_colour) if far else (config.min_ssim, config.max_colour)
+    if (s < min_ssim or c > max_colour or r < config.min_coarse or v > config.spread_abs
             or d > config.detail_abs + config.detail_rel * max(fp.detail, kept.detail)):
         return None
     return "near_duplicate", evidence
@@ -204,7 +246,7 @@ class NearDupIndex:
 
     config: NearDupConfig = field(default_factory=NearDupConfig)
     entries: list[MediaFingerprint] = field(default_factory=list)
-    buckets: dict[tuple[str, int, int], list[int]] = field(default_factory=dict)
+    buckets: dict[int, list[int]] = field(default_factory=dict)
     digests: dict[bytes, int] = field(default_factory=dict)
 
     def __len__(self) -> int:

@@ -8,6 +8,7 @@ take lists of (record, payload bytes) so models run batched, and return one
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from .image_decode import ImageQA, decode_image
 from .image_dedup import ImageDeduper
 from .image_rvq import RVQImageTokenizer, psnr
 from .layout import audio_tokens, default_vocab, image_tokens, video_tokens
+from .near_dup import FINGERPRINT_META
 from .uri import UriPolicy, read_payload
 from .video import VideoDecoder
 
@@ -178,10 +180,15 @@ class MediaProcessor:
             except MediaRejected as e:
                 results.append(_rejected(record, "image", e))
                 continue
-            dup, evidence = self.dedup.check(rgb)
-            if dup:
-                results.append(Result(record, reason=f"dedup:{dup}", detail=json.dumps(evidence)))
-                continue
+            checked = record.meta.get(FINGERPRINT_META)
+            if checked is not None:  # MediaDedup (keyed state) already decided: keep its fingerprint
+                record = dataclasses.replace(record, meta={k: v for k, v in record.meta.items() if k != FINGERPRINT_META})
+                evidence = {"media_dedup": checked}
+            else:
+                dup, evidence = self.dedup.check(rgb, record.id)
+                if dup:
+                    results.append(Result(record, reason=f"dedup:{dup}", detail=json.dumps(evidence)))
+                    continue
             ok.append((len(results), tok.prepare(rgb), evidence))
             results.append(Result(record))
         if not ok:

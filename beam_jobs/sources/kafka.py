@@ -28,8 +28,8 @@ from beam_jobs.settlement import ResumePlan
 if TYPE_CHECKING:
     from streams.kafka import KafkaSettings
 
-__all__ = ["KafkaSourceConfig", "PartitionRange", "ReadKafkaRanges", "ReadKafkaXlang", "RetentionGaps", "next_ranges",
-           "xlang_consumer_config"]
+__all__ = ["KafkaSourceConfig", "PartitionRange", "ReadKafkaRanges", "ReadKafkaXlang", "RetentionGaps", "caught_up",
+           "next_ranges", "xlang_consumer_config"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,13 @@ def next_ranges(config: KafkaSourceConfig, plan: ResumePlan, consumer,
                         "settled; skipping them", tp.topic, tp.partition, skipped, begins[tp])
         ranges.append(PartitionRange(tp.topic, tp.partition, start, start + config.max_batch_per_partition, skipped))
     return ranges, positions
+
+
+def caught_up(consumer, positions: dict) -> bool:
+    """Whether every partition's resume offset reached the broker's end offset (a lower bound on
+    tansu, so True here is necessary, not sufficient, for having read everything)."""
+    ends = consumer.end_offsets(list(positions))
+    return all(start >= ends.get(tp, 0) for tp, start in positions.items())
 
 
 class _Restrictions(RestrictionProvider):

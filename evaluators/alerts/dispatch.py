@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 from evaluators.alerts.command import CommandHook
+from evaluators.alerts.journal import IdJournal
 from evaluators.alerts.routing import Route
 from evaluators.alerts.webhook import WebhookHook, load_secret
 from streams.events import Alert
@@ -79,25 +80,27 @@ class Dispatcher:
     :meth:`dispatch`; hooks that already succeeded for an alert are not called again when it is
     dispatched again. The caller decides what an alert that is still not done means
     (the sentinel keeps its offset uncommitted while a control hook fails) or gives up on it
-    with :meth:`give_up`.
+    with :meth:`give_up`. With a ``journal`` the alerts done survive a restart (an alert
+    redelivered because its offset was not committed yet runs no hook twice).
     """
 
     def __init__(self, hooks: dict[str, Hook], *, retries: int = 2, backoff_s: float = 0.5,
                  max_backoff_s: float = 10.0, remember: int = 10_000,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, journal: IdJournal | None = None):
         self.hooks = hooks
         self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
         self.sleep = sleep
         self._done: OrderedDict[str, None] = OrderedDict()
         self._succeeded: dict[str, set[str]] = {}  # alert_id -> hooks done, for alerts not done yet
         self._remember = remember
+        self.journal = journal
 
     def is_done(self, alert_id: str) -> bool:
-        return alert_id in self._done
+        return alert_id in self._done or (self.journal is not None and alert_id in self.journal)
 
     def dispatch(self, alert: Alert, route: Route) -> dict[str, dict]:
         """Results per hook called: ``{"ok": True, ...}`` or ``{"ok": False, "error": ...}``; {} when done before."""
-        if alert.alert_id in self._done:
+        if self.is_done(alert.alert_id):
             return {}
         succeeded = self._succeeded.setdefault(alert.alert_id, set())
         results: dict[str, dict] = {}
@@ -136,5 +139,7 @@ class Dispatcher:
     def _finish(self, alert_id: str) -> None:
         self._succeeded.pop(alert_id, None)
         self._done[alert_id] = None
+        if self.journal is not None:
+            self.journal.add(alert_id)
         while len(self._done) > self._remember:
             self._done.popitem(last=False)

@@ -2,8 +2,11 @@
 
 An alert's own ``evidence.action`` and ``evidence.hooks`` are never trusted as such:
 
-* an alert the sentinel's rule engine raised itself (its id is in the sentinel's record of
-  raised alerts) gets its ``[[rule]]``'s ``action`` and ``hooks`` (``default_hooks`` if none);
+* an alert the sentinel's rule engine raised itself gets its ``[[rule]]``'s ``action`` and
+  ``hooks`` (``default_hooks`` if none). "Raised itself" means: its id is in the sentinel's
+  record of raised alerts *and* its :func:`alert_digest` (every field: rule, labels, evidence,
+  message, severity, ...) equals the one recorded, so a copy of a real alert's id with other
+  content (read off ``alerts`` by anyone) is just another external alert;
 * any other alert (evaluators, ingest, the trainer, or a forgery) gets the default hooks
   without the control hook, unless the ``[actions]`` table grants its rule name some actions::
 
@@ -18,16 +21,22 @@ An alert's own ``evidence.action`` and ``evidence.hooks`` are never trusted as s
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from evaluators.alerts.rules import ACTIONS, Rule, RuleError
 from streams.events import Alert
 
-__all__ = ["NO_CONTROL_PREFIXES", "Route", "Router"]
+__all__ = ["NO_CONTROL_PREFIXES", "Route", "Router", "alert_digest"]
 
 NO_CONTROL_PREFIXES = ("trainer.",)
 """alert rule names that can never trigger a control action"""
+
+
+def alert_digest(alert: Alert) -> str:
+    """SHA-256 of the alert's canonical JSON (sorted keys): equal only for the same content."""
+    return hashlib.sha256(alert.to_bytes()).hexdigest()
 
 
 @dataclass(kw_only=True, slots=True)
@@ -50,6 +59,12 @@ class Router:
             unknown = sorted(set(hooks) - declared)
             if unknown:
                 raise RuleError(f"{name}: undeclared hook(s) {unknown}")
+
+    def route(self, alert: Alert, raised: dict[str, Any] | None) -> Route:
+        """The route of ``alert``, given the sentinel's record of what it raised under that id
+        (``{"digest": ...}``, None if nothing): its rule's only for the very alert raised."""
+        ours = raised is not None and raised.get("digest") == alert_digest(alert) and alert.rule in self.rules
+        return self.for_raised(alert) if ours else self.for_external(alert)
 
     def for_raised(self, alert: Alert) -> Route:
         """Route of an alert this sentinel's engine raised (its rule decides everything)."""

@@ -1,11 +1,11 @@
-"""Alert rules over data metrics (the ``metrics`` topic) and eval metrics (``evals``).
+"""Alert rules over data metrics (the ``metrics.<component>`` topics) and eval metrics (``evals``).
 
 Rules live in a TOML file (see ``infra/alerts/rules.toml``)::
 
     [[rule]]
     name = "pii_rate_spike"
     on = "metrics"              # "metrics" (MetricsEvent) or "evals" (EvalReport)
-    component = "ingest"        # optional: MetricsEvent.component must match
+    component = "ingest"        # the producer: metrics read from its own topic, metrics.ingest
     metric = "pii_rate"
     kind = "spike"              # threshold | spike | absent
     op = ">"
@@ -18,6 +18,11 @@ Rules live in a TOML file (see ``infra/alerts/rules.toml``)::
 
 Each (rule, group) pair fires at most once per ``cooldown_s``; repeats inside the
 cooldown are counted and reported in the next alert's evidence.
+
+Who produced a metric is the topic it came from (each credential may write only its own
+``metrics.<component>``, streams/topics.py), never ``MetricsEvent.component``, which the sender
+writes. A metrics rule with a control ``action`` must name its ``component``: a quarantine or a
+pause is only ever triggered by that producer's metrics.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from streams.events import Alert, EvalReport, MetricsEvent
+from streams.topics import METRICS_TOPICS
 
 __all__ = ["ACTIONS", "AlertEngine", "Rule", "RuleError", "load_rules", "parse_rules"]
 
@@ -94,6 +100,9 @@ class Rule:
             raise bad("action", f"expected one of {ACTIONS}, got {self.action!r}")
         if self.cooldown_s < 0:
             raise bad("cooldown_s", "must be >= 0")
+        if self.on == "metrics" and self.action != "none" and self.component not in METRICS_TOPICS:
+            raise bad("component", f"a metrics rule with action {self.action!r} must name the producer "
+                                   f"whose metrics may trigger it, one of {sorted(METRICS_TOPICS)}")
 
 
 def parse_rules(doc: dict[str, Any]) -> list[Rule]:
@@ -143,10 +152,11 @@ class AlertEngine:
         self.source = source
         self._streams: dict[tuple[str, tuple[str, ...]], _Stream] = {}
 
-    def observe_metrics(self, event: MetricsEvent) -> list[Alert]:
-        """Alerts raised by one MetricsEvent."""
-        labels = {"component": event.component, **event.labels}
-        return self._observe("metrics", event.component, event.values, labels, {"step": event.step})
+    def observe_metrics(self, event: MetricsEvent, *, producer: str) -> list[Alert]:
+        """Alerts raised by one MetricsEvent of ``producer``: the component whose metrics topic it
+        was read from (``streams.topics.metrics_component``), not the event's own claim."""
+        labels = {**event.labels, "component": producer}
+        return self._observe("metrics", producer, event.values, labels, {"step": event.step})
 
     def observe_eval(self, report: EvalReport) -> list[Alert]:
         """Alerts raised by one EvalReport's metrics."""

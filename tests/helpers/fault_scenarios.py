@@ -56,7 +56,8 @@ def _env() -> dict[str, str]:
 
 
 def _records(n: int, seed: int, prefix: str) -> tuple[list[tuple[str, bytes]], set[str]]:
-    """``n`` clean, distinct documents (kept by every filter) plus one exact duplicate per 5."""
+    """``n`` clean, distinct documents (kept by every filter) plus one exact duplicate per 5
+    (``ID-dup``: dedup keeps exactly one of the two, see :func:`_count`)."""
     rng = random.Random(seed)
     out, keep = [], set()
     for i in range(n):
@@ -66,6 +67,20 @@ def _records(n: int, seed: int, prefix: str) -> tuple[list[tuple[str, bytes]], s
         if i % 5 == 0:
             out.append((f"{prefix}{i}", raw_record(f"{prefix}{i}-dup", "  " + text.upper() + "  ")))
     return out, keep
+
+
+def _count(ids: list[str], expected: set[str]) -> tuple[list[str], int, list[str]]:
+    """(lost documents, extra copies, unknown ids) of a stream's ``ids``: a document is its id or
+    its exact duplicate ``ID-dup``, whichever dedup kept; it must be present exactly once."""
+    copies = {doc: 0 for doc in expected}
+    unknown = []
+    for i in ids:
+        doc = i.removesuffix("-dup")
+        if doc in copies:
+            copies[doc] += 1
+        else:
+            unknown.append(i)
+    return sorted(d for d, c in copies.items() if c == 0), sum(c - 1 for c in copies.values() if c > 1), unknown
 
 
 def _create_topic(bootstrap: str, partitions: int = 2) -> str:
@@ -214,7 +229,7 @@ def disk_full_ingest(bootstrap: str, tmp: Path, *, size: str = "1m") -> FaultRes
             res.alerts.append(alert)
             time.sleep(3)  # a few retries while full
             ids = _stream_ids(root)
-            res.settled_while_full_ok = (_settled(root) == len(first) and sorted(ids) == sorted(keep_a))
+            res.settled_while_full_ok = _settled(root) == len(first) and _count(ids, keep_a) == ([], 0, [])
             res.leftovers = _leftovers(root)
             os.unlink(ballast)
             freed = time.monotonic()
@@ -230,10 +245,9 @@ def disk_full_ingest(bootstrap: str, tmp: Path, *, size: str = "1m") -> FaultRes
                 proc.wait()
             watch.close()
     res.log = err_path.read_text(errors="replace")
-    res.lost = sorted(expected - set(ids))
-    res.duplicates = len(ids) - len(set(ids))
-    if set(ids) - expected:
-        res.notes.append(f"unexpected ids {sorted(set(ids) - expected)[:5]}")
+    res.lost, res.duplicates, unknown = _count(ids, expected)
+    if unknown:
+        res.notes.append(f"unexpected ids {unknown[:5]}")
     return res
 
 
@@ -269,8 +283,9 @@ def _garble(path: str) -> None:
 def corrupt_checkpoint(tmp: Path, *, steps: int = 12, every: int = 4) -> CheckpointResult:
     """Train ``steps`` steps (checkpoint every ``every``); truncate a file of the latest
     checkpoint and remove its manifest (detected by the failed load), garble a file of the one
-    before (same size: only its manifest hash shows it); restart. Expect: both detected and moved aside, resume from the one before them, and the
-    re-trained steps' losses equal to the first run's."""
+    before (same size: only its manifest hash shows it); restart. Expect: both detected and
+    moved aside, resume from the one before them, and the re-trained steps' losses equal to the
+    first run's."""
     from trainer.runs import read_metrics, train_argv
     from trainer.synthetic import write_stream
 
@@ -408,8 +423,9 @@ def broker_pause(broker, tmp: Path, *, pause_s: float = 30.0, train_steps: int =
                 p.kill()
                 p.wait()
     ids = _stream_ids(root)
-    res.lost = sorted(expected - set(ids))
-    res.duplicates = len(ids) - len(set(ids))
+    res.lost, res.duplicates, unknown = _count(ids, expected)
+    if unknown:
+        res.notes.append(f"unexpected ids {unknown[:5]}")
     res.log = ingest_err.read_text(errors="replace")
     res.trainer_log = train_out.read_text(errors="replace")
     res.trainer_steps = sorted(r["step"] for r in read_metrics(run) if "loss" in r)

@@ -106,17 +106,21 @@ def _decoded(record):
 
 def read_events(bootstrap: str, topic: str, since: dict[int, int] | None = None) -> list:
     """Every decodable event on ``topic`` from ``since`` (default: the beginning) to its end now."""
-    ends = topic_ends(bootstrap, topic)
-    tps = [TopicPartition(topic, p) for p in ends]
+    tps = [TopicPartition(topic, p) for p in topic_ends(bootstrap, topic)]
     consumer = make_consumer(KafkaSettings(bootstrap=bootstrap), assign=tps)
     out: list = []
     try:
         for tp in tps:
             consumer.seek(tp, (since or {}).get(tp.partition, 0))
         deadline = time.monotonic() + 120
-        while any(consumer.position(tp) < ends[tp.partition] for tp in tps) and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=200).values():
+        while time.monotonic() < deadline:
+            batches = consumer.poll(timeout_ms=200)
+            for batch in batches.values():
                 out += [e for e in map(_decoded, batch) if e is not None]
+            if not batches:  # done once at the end offsets as of now (they can lag a produce briefly)
+                ends = {tp.partition: off for tp, off in consumer.end_offsets(tps).items()}
+                if all(consumer.position(tp) >= ends[tp.partition] for tp in tps):
+                    break
     finally:
         consumer.close()
     return out
@@ -154,14 +158,16 @@ def fuzz_control(bootstrap: str, work: Path, n: int, *, seed: int = 0) -> list[F
     results = []
     try:
         _produce(bootstrap, "control", _interleave(values, [p.to_bytes() for p in probes]))
-        end = topic_ends(bootstrap, "control")[0]
         state = SourceControl(path=str(work / "ingest-control.json"))
         follower = ControlFollower(bootstrap, state, ControlVerifier.from_env())
         crashed = False
         try:
             deadline = time.monotonic() + 600
-            while state.offsets.get("0", 0) < end and time.monotonic() < deadline:
-                follower.poll(timeout_s=1.0)
+            while time.monotonic() < deadline:  # until a poll reads nothing at the end offsets of now
+                if not follower.poll(timeout_s=1.0) and all(
+                        state.offsets.get(str(tp.partition), 0) >= end
+                        for tp, end in follower.consumer.end_offsets(follower.tps).items()):
+                    break
         except Exception:  # noqa: BLE001 - a crash is the finding this scenario reports
             crashed = True
         finally:
@@ -192,7 +198,7 @@ def fuzz_control(bootstrap: str, work: Path, n: int, *, seed: int = 0) -> list[F
     return results
 
 
-# -- the sentinel: work topics (metrics, evals, alerts) and history (checkpoints, evals, control, shards)
+# -- the sentinel: work topics (metrics.*, evals, alerts) and history (checkpoints, evals, control, shards)
 SENTINEL_RULES = """
 [dispatch]
 default_hooks = ["control"]
@@ -206,7 +212,7 @@ type = "control"
 [[rule]]
 name = "probe_rate_high"
 on = "metrics"
-component = "fuzz-probe"
+component = "ingest"
 metric = "probe_rate"
 kind = "threshold"
 threshold = 0.5
@@ -231,7 +237,7 @@ def fuzz_sentinel(bootstrap: str, work: Path, n: int, *, seed: int = 0) -> list[
         "checkpoints": CheckpointSaved(run_id="fuzz", path="/fuzz/step-1", step=1, tokens=1, vocab_version="v"),
         "evals": EvalReport(run_id="fuzz", step=1, checkpoint_path="/fuzz/step-1", suite="core", vocab_version="v"),
         "control": Control(command="pause_domain", args={"domain": "fuzz"}),
-        "metrics": MetricsEvent(component="fuzz", values={"other_rate": 0.1}),
+        "metrics.ingest": MetricsEvent(component="fuzz", values={"other_rate": 0.1}),
         "alerts": Alert(rule="fuzz.alert", severity="info", message="fuzz", source="fuzz"),
     }
     probes: dict[str, list[bytes]] = {
@@ -245,7 +251,7 @@ def fuzz_sentinel(bootstrap: str, work: Path, n: int, *, seed: int = 0) -> list[
                              vocab_version="v").to_bytes() for i in (3, 4, 5)],
         "control": [sign_control(Control(command="rollback", args={"run_id": f"probe-run-{i}", "target": "last_good"},
                                          reason="fuzz probe"), operator).to_bytes() for i in range(3)],
-        "metrics": [MetricsEvent(component="fuzz-probe", values={"probe_rate": 0.9}, labels={"i": str(i)}).to_bytes()
+        "metrics.ingest": [MetricsEvent(component="fuzz-probe", values={"probe_rate": 0.9}, labels={"i": str(i)}).to_bytes()
                     for i in range(3)],
         "alerts": [Alert(rule="probe.quarantine", severity="critical", message="probe", source="fuzz",
                          evidence={"action": "quarantine_source", "labels": {"source": f"probe-src-{i}"}}).to_bytes()
@@ -277,7 +283,7 @@ def fuzz_sentinel(bootstrap: str, work: Path, n: int, *, seed: int = 0) -> list[
             "checkpoints": sum(any(k[0] == f"/probe/step-{i}" for k in policy.checkpoints) for i in (3, 4, 5)),
             "evals": sum(any(k[0] == f"/probe/step-{i}" for k in policy.reports) for i in (3, 4, 5)),
             "control": sum(f"probe-run-{i}" in policy.issued for i in range(3)),
-            "metrics": sum(any(isinstance(a, Alert) and a.rule == "probe_rate_high"
+            "metrics.ingest": sum(any(isinstance(a, Alert) and a.rule == "probe_rate_high"
                                and a.evidence.get("labels", {}).get("i") == str(i) for a in alerts)
                            for i in range(3)),
             "alerts": sum(any(isinstance(c, Control) and c.command == "quarantine_source"

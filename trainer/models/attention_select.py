@@ -16,6 +16,7 @@ The CPU path (``"cpu"``: SDPA with a dense document mask) is chosen explicitly b
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,19 +73,21 @@ def _torch_varlen() -> Callable | None:
     return run
 
 
+def _load(module: str, name: str) -> Callable | None:
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, OSError, RuntimeError) as e:  # CuTe DSL may fail to load CUDA libs
+        logger.debug(f"attention: {module}.{name} unavailable: {e}")
+        return None
+
+
 def find_flash_kernel(*, include_torch: bool = True) -> FlashKernel | None:
     """flash-attn-4's varlen function if it imports, else flash-attn 2's, else torch's own (CUDA), else None."""
-    try:
-        from flash_attn.cute import flash_attn_varlen_func as fa4
-    except Exception:  # ImportError, or the CuTe DSL failing to load its CUDA libraries
-        pass
-    else:
+    fa4 = _load("flash_attn.cute", "flash_attn_varlen_func")
+    if fa4 is not None:
         return FlashKernel("flash-attn-4", torch.compiler.disable(fa4))  # CuTe JIT: not traceable
-    try:
-        from flash_attn import flash_attn_varlen_func as fa2
-    except Exception:
-        pass
-    else:
+    fa2 = _load("flash_attn", "flash_attn_varlen_func")
+    if fa2 is not None:
         return FlashKernel("flash-attn-2", fa2)
     torch_fn = _torch_varlen() if include_torch else None
     return FlashKernel("torch varlen_attn", torch_fn) if torch_fn is not None else None
@@ -142,7 +145,8 @@ class FlashVarlenAttention(VarlenAttention):
         self.window_size = config.window_size
         kernel = kernel or find_flash_kernel()
         if kernel is None:
-            raise RuntimeError("FlashVarlenAttention needs flash-attn-4 or flash-attn 2 installed")
+            raise RuntimeError("FlashVarlenAttention needs a flash-attention varlen kernel "
+                               "(flash-attn-4, flash-attn 2 or torch's)")
         self.kernel = kernel
 
     def forward(  # type: ignore[override]
@@ -156,8 +160,8 @@ class FlashVarlenAttention(VarlenAttention):
         **kwargs,
     ) -> torch.Tensor:
         if not isinstance(attention_masks, VarlenMetadata):
-            raise TypeError(f"FlashVarlenAttention needs VarlenMetadata, got {type(attention_masks).__name__}")
-        batch, length, _, head_dim = q_BLNH.shape
+            raise TypeError(f"FlashVarlenAttention needs VarlenMetadata, not {type(attention_masks).__name__}")
+        batch, length = q_BLNH.shape[:2]
         tokens = batch * length
         q, k, v = (t.reshape(tokens, -1, t.shape[-1]).to(torch.bfloat16) for t in (q_BLNH, k_BLNH, v_BLNH))
         out = self.kernel.fn(
