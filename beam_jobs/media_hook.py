@@ -3,7 +3,9 @@ discretization health.
 
 Contract (docs/TEAM_CONTRACTS.md, "beam_jobs media hook"): input ``(KafkaCoords, RawRecord)``;
 outputs main ``(coords, sample dict with the MDS columns incl. domain)``, ``dlq`` DeadLetter
-(coordinates set), ``dropped`` ``(coords, "stage:reason")``. Every input yields exactly one output.
+(coordinates set), ``dropped`` ``(coords, "stage:reason", record id)``; image near-dups are
+dropped by ``MediaDedup`` first, with ``record_id`` and ``dup_of`` set on their Outcome. Every
+input yields exactly one output.
 
 Health: the tokenizers' ``CodebookHealth`` deltas are merged per run (bounded) or per pane
 (streaming) and become Beam counters ``codebook/used:<modality>/<level>`` and
@@ -87,23 +89,35 @@ class ReportHealthFn(beam.DoFn):
 
 
 class RouteMedia(beam.PTransform):
-    """(coords, RawRecord) -> Outcome via TokenizeMedia (when it is absent, Validate dead-letters media)."""
+    """(coords, RawRecord) -> Outcome via MediaDedup (image near-dups, keyed state) and
+    TokenizeMedia (when it is absent, Validate dead-letters media)."""
 
-    def __init__(self, media_config=None, *, health: HealthConfig | None = None, streaming: bool = False):
+    def __init__(self, media_config=None, *, health: HealthConfig | None = None, streaming: bool = False,
+                 settled=None):
+        """``settled``: the pinned ``MediaSettledRef`` of the stream root (local runner), None on
+        runners whose Beam state is the index."""
         super().__init__()
         self.media_config = media_config
         self.health = health or HealthConfig()
         self.streaming = streaming
+        self.settled = settled
 
     def expand(self, media):
         from beam_jobs.media import TokenizeMedia
+        from beam_jobs.media.dedup_transform import MediaDedup, MediaDedupConfig
         from beam_jobs.media.process import MediaConfig
         from beam_jobs.media.transform import MergeHealthFn
 
-        out = media | "TokenizeMedia" >> TokenizeMedia(self.media_config or MediaConfig())
+        config = self.media_config or MediaConfig()
+        dedup = media | "MediaDedup" >> MediaDedup(
+            MediaDedupConfig(near=config.dedup.near, uri=config.uri, image_qa=config.image_qa), settled=self.settled)
+        dups = dedup["dropped"] | "DedupDropped" >> beam.Map(
+            lambda d: Outcome(KafkaCoords(*d[0]), dropped=d[1], record_id=d[2], dup_of=d[3]))
+        out = dedup["records"] | "TokenizeMedia" >> TokenizeMedia(config)
         samples = out.samples | "Samples" >> beam.MapTuple(lambda coords, row: Outcome(KafkaCoords(*coords), sample=row))
         dead = out.dlq | "DeadLetters" >> beam.Map(lambda d: Outcome(_coords_of(d), dead=d))
-        dropped = out.dropped | "Dropped" >> beam.MapTuple(lambda coords, why: Outcome(KafkaCoords(*coords), dropped=why))
+        dropped = out.dropped | "Dropped" >> beam.Map(
+            lambda d: Outcome(KafkaCoords(*d[0]), dropped=d[1], record_id=d[2] if len(d) > 2 else None))
         health = out.health
         if self.streaming:
             health = health | "HealthPanes" >> beam.WindowInto(
@@ -114,4 +128,4 @@ class RouteMedia(beam.PTransform):
             | "MergeHealth" >> beam.CombineGlobally(MergeHealthFn()).without_defaults()
             | "ReportHealth" >> beam.ParDo(ReportHealthFn(self.health))
         )
-        return (samples, dead, dropped) | "MediaOutcomes" >> beam.Flatten()
+        return (samples, dead, dropped, dups) | "MediaOutcomes" >> beam.Flatten()

@@ -62,6 +62,16 @@ class IngestText(beam.PTransform):
         super().__init__()
         self.config, self.streaming = config, streaming
 
+    def _media_settled(self):
+        """The image near-dup index's settlement point, like the text one's (local roots only)."""
+        root = self.config.sink.stream_root
+        if "://" in root:
+            return None
+        from beam_jobs.media import MediaConfig
+        from beam_jobs.media.dedup_settled import sync as sync_media
+
+        return sync_media(root, (self.config.media_config or MediaConfig()).dedup.near)
+
     def expand(self, records):
         c = self.config
         c.validate.media_enabled = c.media and media_available()
@@ -81,6 +91,7 @@ class IngestText(beam.PTransform):
         if c.validate.media_enabled:
             media = decoded.media | "GateMediaSources" >> GateMedia(c.blocked_sources)
             branches.append(media.blocked)
-            branches.append(media.active | "Media" >> RouteMedia(c.media_config, health=c.health, streaming=self.streaming))
+            branches.append(media.active | "Media" >> RouteMedia(c.media_config, health=c.health, streaming=self.streaming,
+                                                                 settled=self._media_settled()))
         outcomes = tuple(branches) | "AllOutcomes" >> beam.Flatten()
         return outcomes | "Sink" >> WriteShards(c.sink, c.manifest(), streaming=self.streaming)

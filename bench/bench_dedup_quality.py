@@ -30,18 +30,23 @@ from datatrove.data import Document
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
                                                MinhashDedupFilter, MinhashDedupSignature)
-from datatrove.pipeline.readers import JsonlReader
-from datatrove.pipeline.writers import JsonlWriter
 src, work = sys.argv[1], sys.argv[2]
+rows = [json.loads(line) for line in open(src)]
+def read(data, rank=0, world_size=1):
+    yield from (Document(text=r["text"], id=r["id"]) for r in rows)
+def kept(data, rank=0, world_size=1):
+    with open(f"{work}/kept.txt", "w") as f:
+        f.writelines(doc.id + "\n" for doc in data)
+    yield from ()
 cfg = MinhashConfig()
 t0 = time.perf_counter()
-for steps in ([JsonlReader(src, id_key="id"), MinhashDedupSignature(output_folder=f"{work}/sig", config=cfg)],
-              [MinhashDedupBuckets(input_folder=f"{work}/sig", output_folder=f"{work}/buckets", config=cfg)],
-              [MinhashDedupCluster(input_folder=f"{work}/buckets", output_folder=f"{work}/remove", config=cfg)],
-              [JsonlReader(src, id_key="id"), MinhashDedupFilter(input_folder=f"{work}/remove", exclusion_writer=JsonlWriter(f"{work}/removed")),
-               JsonlWriter(f"{work}/kept")]):
-    tasks = cfg.num_buckets if isinstance(steps[0], MinhashDedupBuckets) else 1
-    LocalPipelineExecutor(pipeline=steps, tasks=tasks, logging_dir=f"{work}/logs/{len(steps)}-{id(steps)}").run()
+stages = [([read, MinhashDedupSignature(output_folder=f"{work}/sig", config=cfg)], 1),
+          ([MinhashDedupBuckets(input_folder=f"{work}/sig", output_folder=f"{work}/buckets", config=cfg)],
+           cfg.num_buckets),
+          ([MinhashDedupCluster(input_folder=f"{work}/buckets", output_folder=f"{work}/remove", config=cfg)], 1),
+          ([read, MinhashDedupFilter(input_folder=f"{work}/remove"), kept], 1)]
+for i, (steps, tasks) in enumerate(stages):
+    LocalPipelineExecutor(pipeline=steps, tasks=tasks, logging_dir=f"{work}/logs/{i}").run()
 print(json.dumps({"seconds": time.perf_counter() - t0}))
 """
 
@@ -102,19 +107,13 @@ def datatrove(docs, variants, python: str):
         f.write(_DATATROVE_WORKER)
     res = subprocess.run([python, worker, src, work], capture_output=True, text=True, check=True)
     secs = json.loads(res.stdout.strip().splitlines()[-1])["seconds"]
-    import gzip
-
-    removed = set()
-    for root, _, files in os.walk(os.path.join(work, "removed")):
-        for name in files:
-            opener = gzip.open if name.endswith(".gz") else open
-            with opener(os.path.join(root, name), "rt") as f:
-                removed.update(json.loads(line)["id"] for line in f)
+    with open(os.path.join(work, "kept.txt")) as f:
+        survivors = {line.strip() for line in f}
+    removed = {d for d, _ in docs} | {v for v, *_ in variants}
+    removed -= survivors
     # datatrove keeps one document per cluster (the first); a removed variant counts as found
     # when its own base survived (the variant's only near-dup in this corpus).
-    kept = {d for d, _ in docs} | {v for v, *_ in variants}
-    kept -= removed
-    return {v: orig for v, _, orig, _ in variants if v in removed and orig in kept}, secs
+    return {v: orig for v, _, orig, _ in variants if v in removed and orig in survivors}, secs
 
 
 def datasketch_lsh(docs, variants, threshold):

@@ -36,6 +36,7 @@ t0 = time.perf_counter()
 from beam_jobs.dedup.index import DedupConfig
 from beam_jobs.dedup.settled import sync
 from beam_jobs.dedup.sketch import id_hash
+import streams.mds  # noqa: F401 - imported by both designs before timing (mosaicml streaming)
 t1 = time.perf_counter()
 root, text = sys.argv[1], sys.argv[2]
 ref = sync(root)

@@ -261,7 +261,8 @@ class Keyring:
 
     @classmethod
     def from_dict(cls, obj: object) -> Keyring:
-        if not isinstance(obj, dict) or obj.get("version") != 1 or not isinstance(obj.get("keys"), dict):
+        if not isinstance(obj, dict) or type(obj.get("version")) is not int or obj["version"] != 1 \
+                or not isinstance(obj.get("keys"), dict):
             raise SigningError('keyring: expected {"version": 1, "keys": {...}}')
         ring = cls()
         for key_id, e in obj["keys"].items():

@@ -9,8 +9,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_jobs.media import MediaConfig, TokenizeMedia, synth
-from beam_jobs.media import dedup_settled
+from beam_jobs.media import MediaConfig, TokenizeMedia, dedup_settled, synth
 from beam_jobs.media.dedup_settled import sync
 from beam_jobs.media.dedup_transform import MediaDedup, MediaDedupConfig
 from beam_jobs.media.lookalikes import distinct_image, generate, near_duplicate, score

@@ -59,7 +59,7 @@ def test_decompression_bomb_rejected_from_header():
 
 
 def test_near_duplicates_caught_and_distinct_kept():
-    dedup = ImageDeduper.Config(hamming_radius=10).build()
+    dedup = ImageDeduper.Config().build()
     originals = [synth.procedural_image(100 + i, (128, 128)) for i in range(40)]
     assert all(dedup.check(im)[0] is None for im in originals), "distinct images must all be kept"
     base = originals[0]

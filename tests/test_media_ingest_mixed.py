@@ -105,6 +105,8 @@ def test_headwater_ingest_mixed_modalities(tmp_path):
     assert art in manifest["discretizer_version"] and "encodec_24khz-1.5kbps" in manifest["discretizer_version"]
     dead = [json.loads(line) for p in (run_dir / "dlq").glob("*.jsonl") for line in p.read_text().splitlines()]
     assert [d["record_id"] for d in dead] == ["bad"]
+    drops = [json.loads(line) for p in (run_dir / "drops").glob("*.jsonl") for line in p.read_text().splitlines()]
+    assert [(d["id"], d["reason"], d["dup_of"]) for d in drops] == [("i1-dup", "dedup:near_duplicate", "i1")]
 
     (snap,) = RunDir(tmp_path / "run").ingest_snapshots()
     assert set(snap["codebook_usage"]) == {f"image/{lv}" for lv in range(4)} | {f"video/{lv}" for lv in range(4)} | {

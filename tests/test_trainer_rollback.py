@@ -14,6 +14,11 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
+from streams.events import Control
+from streams.signing import ControlRejected, ControlVerifier
+from trainer.control_state import ControlState
 from trainer.data.loader import LiveStreamDataLoader
 from trainer.metrics_log import MetricsLog
 from trainer.quarantine import Quarantine
@@ -30,6 +35,17 @@ class FolderCheckpointer:
     def __init__(self, folder: str):
         self.folder = folder
         self.loaded: list[int] = []
+        self.in_flight: int | None = None  # step of an async save not on disk yet
+        self.waited: list[list[str]] = []  # checkpoint dirs present whenever a rollback waited
+
+    def maybe_wait_for_saving(self) -> None:
+        """Like torchtitan: block until the async save in flight is written (here: write it)."""
+        self.waited.append(sorted(os.listdir(self.folder)))
+        if self.in_flight is not None:
+            save(os.path.dirname(self.folder), self.in_flight)
+            with open(os.path.join(self.folder, f"step-{self.in_flight}", ".metadata"), "w") as f:
+                f.write("complete")
+            self.in_flight = None
 
     def load(self, step: int = -1) -> bool:
         self.loaded.append(step)
@@ -46,10 +62,11 @@ def save(run: str, *steps: int) -> None:
 def trainer_at(run: str, step: int, stream: str) -> HeadwaterTrainer:
     """A HeadwaterTrainer with its rollback state (journal, quarantine, shard log) on ``run``."""
     t = HeadwaterTrainer.__new__(HeadwaterTrainer)
-    t.rank, t.step, t.run_dir, t.run_id, t.events = 0, step, run, "run1", None
+    t.rank, t.step, t.run_dir, t.run_id, t.events, t.finisher = 0, step, run, "run1", None, None
     t.checkpointer = FolderCheckpointer(os.path.join(run, "checkpoints"))
     t.rollbacks = RollbackJournal(run, writer=True)
     t.quarantine = Quarantine(run, writer=True)
+    t.control_state = ControlState(run, writer=True)
     t.metrics_log = MetricsLog(MetricsLog.Config(wandb=False), run_dir=run, run_id="run1")
     t.dataloader = LiveStreamDataLoader(LiveStreamDataLoader.Config(stream_roots=[stream], starve_timeout_s=2),
                                         dp_world_size=1, dp_rank=0, seq_len=32, local_batch_size=2, vocab_size=64)
@@ -96,6 +113,41 @@ def test_rollback_is_idempotent_scoped_to_the_regressed_domain_and_never_collide
     assert [e["control_id"] for e in events if e.get("event") == "rollback"] == ["c1", "c3"]
     # the journal survives a restart: c1 and c3 stay applied
     assert RollbackJournal(run, writer=False).is_applied("c3")
+    t.dataloader.close()
+
+
+def test_a_rollback_waits_for_an_async_save_in_flight_before_moving_checkpoints(tmp_path):
+    stream, run = str(tmp_path / "stream"), str(tmp_path / "run")
+    write_stream(stream, domains={"markov": "markov"}, shards=1, per_shard=10, vocab=64)
+    save(run, 10, 20)
+    t = trainer_at(run, 30, stream)
+    os.makedirs(os.path.join(run, "checkpoints", "step-30"))  # DCP is still writing step 30
+    t.checkpointer.in_flight = 30
+    t._rollback({"target": "step", "run_id": "run1", "step": 10, "quarantine": "none"}, reason="r", control_id="a1")
+    assert t.checkpointer.waited and t.checkpointer.in_flight is None
+    moved = os.path.join(run, "checkpoints", "abandoned", "rollback-30-to-10-a1", "step-30")
+    assert os.path.exists(os.path.join(moved, ".metadata"))  # moved only once complete, not written half here
+    assert not os.path.exists(os.path.join(run, "checkpoints", "step-30"))
+    t.dataloader.close()
+
+
+def test_pauses_and_applied_controls_survive_a_trainer_restart(tmp_path):
+    stream, run = str(tmp_path / "stream"), str(tmp_path / "run")
+    write_stream(stream, domains={"markov": "markov"}, shards=1, per_shard=10, vocab=64)
+    t = trainer_at(run, 30, stream)
+    pause = Control(command="pause_domain", args={"domain": "noise", "run_id": "run1"})
+    other = Control(command="pause_domain", args={"domain": "markov", "run_id": "run1"})
+    t._apply_control([pause.to_dict(), other.to_dict()])
+    t._apply_control([Control(command="resume_domain", args={"domain": "markov", "run_id": "run1"}).to_dict()])
+    assert t.dataloader.paused == {"noise"}
+    t.dataloader.close()
+    # restart: a fresh trainer on the same run dir, before its control listener starts
+    t = trainer_at(run, 30, stream)
+    verifier = ControlVerifier(None, insecure=True)
+    t._restore_control_state(verifier)
+    assert t.dataloader.paused == {"noise"}
+    with pytest.raises(ControlRejected, match="replayed"):  # a replay of a control applied before the restart
+        verifier.verify(pause)
     t.dataloader.close()
 
 

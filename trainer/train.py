@@ -42,7 +42,7 @@ from torchtitan.trainer import Trainer
 
 from streams.broker_watch import BrokerWatch
 from streams.events import CheckpointSaved, Control
-from streams.signing import ControlVerifier, SigningError, load_signing_key
+from streams.signing import RUN_ID_PATTERN, ControlVerifier, SigningError, load_signing_key
 from trainer.checkpoint_out import CheckpointFinisher
 from trainer.control import ControlListener
 from trainer.control_state import ControlState
@@ -109,6 +109,8 @@ class HeadwaterTrainer(Trainer):
             manifest_key = load_signing_key("trainer", required=False)  # signs checkpoint manifests
         except SigningError as e:
             raise SystemExit(f"headwater train: {e}") from None
+        if opts.run_id and not RUN_ID_PATTERN.fullmatch(opts.run_id):  # controls could never name it
+            raise SystemExit(f"headwater train: run id {opts.run_id!r} must match {RUN_ID_PATTERN.pattern}")
         from trainer.vocab_info import unified_vocab
 
         self.vocab = unified_vocab()
@@ -132,9 +134,7 @@ class HeadwaterTrainer(Trainer):
         # pauses and applied control ids outlive a restart (RUN/control.json); restored before listening
         self.control_state = ControlState(self.run_dir, writer=self.rank == 0,
                                           window_s=verifier.window_s if verifier is not None else 300.0)
-        self.dataloader.paused |= self.control_state.paused
-        if verifier is not None:
-            verifier.seen.update(self.control_state.applied)
+        self._restore_control_state(verifier)
         self.control = (ControlListener(opts.bootstrap, verifier=verifier, run_id=self.run_id)
                         if verifier is not None and self.rank == 0 else None)
         self.broker_watch = (BrokerWatch(opts.bootstrap, who=f"trainer {self.run_id} (events, control)",
@@ -396,6 +396,13 @@ class HeadwaterTrainer(Trainer):
         if commands:
             self.control_state.record(paused=self.dataloader.paused,
                                       applied={c["control_id"]: float(c["issued_at"]) for c in commands})
+
+    def _restore_control_state(self, verifier: ControlVerifier | None) -> None:
+        """Pauses and applied control ids of RUN/control.json, before the listener starts: a
+        restart keeps the pauses and a replay of a control applied before is still refused."""
+        self.dataloader.paused |= self.control_state.paused
+        if verifier is not None:
+            verifier.seen.update(self.control_state.applied)
 
     def _refuse(self, cmd: Control, why: str) -> None:
         logger.error(f"[control] {cmd.command} refused: {why}")

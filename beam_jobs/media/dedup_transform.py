@@ -100,7 +100,7 @@ def _coords(coords) -> tuple[str, int, int] | None:
         return None
 
 
-class _FingerprintFn(beam.DoFn):
+class _ImageFingerprintFn(beam.DoFn):
     def __init__(self, config: MediaDedupConfig, settled: MediaSettledRef | None):
         self.config, self.settled = config, settled
 
@@ -134,13 +134,13 @@ class _FingerprintFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput("probe", (key, _Probe(reckey, idh, prio, order, text)))
 
 
-class _BucketFn(beam.DoFn):
+class _ImageBucketFn(beam.DoFn):
     """Keyed by bucket: the ids in it (packed uint64, at most ``bucket_cap``)."""
 
-    IDS = ReadModifyWriteStateSpec("ids", BytesCoder())
-    PENDING = BagStateSpec("pending", PickleCoder())
-    NEXT = ReadModifyWriteStateSpec("next", PickleCoder())
-    WAKE = TimerSpec("wake", TimeDomain.WATERMARK)
+    IDS = ReadModifyWriteStateSpec("image_ids", BytesCoder())
+    PENDING = BagStateSpec("image_pending", PickleCoder())
+    NEXT = ReadModifyWriteStateSpec("image_next", PickleCoder())
+    WAKE = TimerSpec("image_wake", TimeDomain.WATERMARK)
 
     def __init__(self, cap: int):
         self.cap = cap
@@ -185,7 +185,7 @@ class _BucketFn(beam.DoFn):
         ids_state.write(np.asarray(ids, dtype=np.uint64).tobytes())
 
 
-class _VerifyFn(beam.DoFn):
+class _ImageVerifyFn(beam.DoFn):
     """Keyed by an image's id hash: its fingerprint; answers queries about it."""
 
     FP = ReadModifyWriteStateSpec("fp", PickleCoder())
@@ -221,7 +221,7 @@ class _VerifyFn(beam.DoFn):
             yield self._answer(held, payload)
 
 
-class _DecideFn(beam.DoFn):
+class _ImageDecideFn(beam.DoFn):
     """Keyed by the record: collects it, one report per probe and one answer per query asked on
     its behalf; decides once all are in."""
 
@@ -260,6 +260,9 @@ class _DecideFn(beam.DoFn):
                 continue
             reason, original, evidence = hit
             Metrics.counter("media_dedup", f"drop_{reason}").inc()
+            # Never reaches TokenizeMedia: counted in the media stage's totals here.
+            Metrics.counter("media", f"in_{record.modality}").inc()
+            Metrics.counter("media", f"drop_dedup_{reason}").inc()
             yield beam.pvalue.TaggedOutput(DROPPED_TAG, (coords, f"dedup:{reason}", record.id, original, evidence))
 
 
@@ -276,14 +279,14 @@ class MediaDedup(beam.PTransform):
 
     def expand(self, records):
         c = self.config
-        fp = records | "Fingerprint" >> beam.ParDo(_FingerprintFn(c, self.settled)).with_outputs(
+        fp = records | "Fingerprint" >> beam.ParDo(_ImageFingerprintFn(c, self.settled)).with_outputs(
             "probe", "verify", "passed", main="rec")
-        buckets = fp.probe | "Buckets" >> beam.ParDo(_BucketFn(c.bucket_cap)).with_input_types(
+        buckets = fp.probe | "ImageBuckets" >> beam.ParDo(_ImageBucketFn(c.bucket_cap)).with_input_types(
             tuple[int, Any]).with_outputs("report", main="query")
         verdicts = ((fp.verify, buckets.query) | "ToVerify" >> beam.Flatten()
-                    | "Verify" >> beam.ParDo(_VerifyFn(c.near)).with_input_types(tuple[int, Any]))
+                    | "ImageVerify" >> beam.ParDo(_ImageVerifyFn(c.near)).with_input_types(tuple[int, Any]))
         decided = ((fp.rec, buckets.report, verdicts) | "ToDecide" >> beam.Flatten()
-                   | "Decide" >> beam.ParDo(_DecideFn()).with_input_types(tuple[tuple[int, int], Any])
+                   | "ImageDecide" >> beam.ParDo(_ImageDecideFn()).with_input_types(tuple[tuple[int, int], Any])
                    .with_outputs(DROPPED_TAG, main="kept"))
         kept = (decided.kept, fp.passed) | "Merge" >> beam.Flatten()
         return {"records": kept, DROPPED_TAG: decided[DROPPED_TAG]}

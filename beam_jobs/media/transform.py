@@ -5,7 +5,7 @@ passed through untouched; a bare RawRecord is accepted with coords None). Output
 
 - main: ``(coords, sample)``, sample a dict with the MDS columns (tokens int32 ndarray)
 - ``dlq``: :class:`streams.events.DeadLetter` (bad/unsafe input, with reason and coordinates)
-- ``dropped``: ``(coords, "stage:reason")`` for QA filter and dedup drops, so offsets still settle
+- ``dropped``: ``(coords, "stage:reason", record id)`` for QA filter and dedup drops, so offsets still settle
 - ``health``: :class:`CodebookHealth` deltas, combined by :class:`MediaHealth`
 
 Models are built once per DoFn in ``setup()``; records are batched with ``BatchElements`` and each
@@ -105,7 +105,7 @@ class _TokenizeMediaFn(beam.DoFn):
                 record_id=record.id, detail=result.detail[:500], **_coords_fields(coords)))
         else:
             Metrics.counter("media", f"drop_{result.reason.replace(':', '_')}").inc()
-            yield beam.pvalue.TaggedOutput(DROPPED_TAG, (coords, result.reason))
+            yield beam.pvalue.TaggedOutput(DROPPED_TAG, (coords, result.reason, record.id))
 
 
 class TokenizeMedia(beam.PTransform):
