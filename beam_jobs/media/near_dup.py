@@ -212,18 +212,24 @@ def compare(fp: MediaFingerprint, kept: MediaFingerprint, config: NearDupConfig)
     dist = hamming(fp.phash, kept.phash)
     if not config.verify:
         return ("near_duplicate", {"hamming": dist}) if dist <= config.hamming_radius else None
-    evidence: dict = {"hamming": dist}
-    s, c = ssim(fp.thumb, kept.thumb), colour_distance(fp.colour, kept.colour)
-    r = coarse_correlation(fp.thumb, kept.thumb, config.flat_std)
-    d = abs(fp.detail - kept.detail)
-    v = max(abs(a - b) - config.spread_rel * max(a, b) for a, b in zip(fp.spread, kept.spread))
-    evidence.update(ssim=round(s, 4), colour=round(c, 2), coarse=round(r, 3), detail=round(d, 2),
-                    spread=round(v, 2))
     far = dist > config.hamming_radius  # met on the colour route only: stricter
     min_ssim, max_colour = (config.far_min_ssim, config.far_max_colour) if far else (config.min_ssim, config.max_colour)
-    if (s < min_ssim or c > max_colour or r < config.min_coarse or v > config.spread_abs
-            or d > config.detail_abs + config.detail_rel * max(fp.detail, kept.detail)):
+    # Cheapest signals first: most candidates fail on colour or spread before SSIM is computed.
+    c = colour_distance(fp.colour, kept.colour)
+    if c > max_colour:
         return None
+    v = max(abs(a - b) - config.spread_rel * max(a, b) for a, b in zip(fp.spread, kept.spread))
+    d = abs(fp.detail - kept.detail)
+    if v > config.spread_abs or d > config.detail_abs + config.detail_rel * max(fp.detail, kept.detail):
+        return None
+    r = coarse_correlation(fp.thumb, kept.thumb, config.flat_std)
+    if r < config.min_coarse:
+        return None
+    s = ssim(fp.thumb, kept.thumb)
+    if s < min_ssim:
+        return None
+    evidence = {"hamming": dist, "ssim": round(s, 4), "colour": round(c, 2), "coarse": round(r, 3),
+                "detail": round(d, 2), "spread": round(v, 2)}
     return "near_duplicate", evidence
 
 
