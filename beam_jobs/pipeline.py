@@ -70,7 +70,8 @@ class IngestText(beam.PTransform):
         from beam_jobs.media import MediaConfig
         from beam_jobs.media.dedup_settled import sync as sync_media
 
-        return sync_media(root, (self.config.media_config or MediaConfig()).dedup.near)
+        dedup = (self.config.media_config or MediaConfig()).dedup
+        return sync_media(root, dedup.near, horizon_images=dedup.horizon_images, horizon_age_s=dedup.horizon_age_s)
 
     def expand(self, records):
         c = self.config

@@ -5,6 +5,11 @@ the shards fully consumed and the position inside the current one, so a reader r
 :meth:`load_state_dict` neither repeats nor skips a sample. Shards are verified against the
 index hashes and read with mosaicml-streaming's own ``MDSReader`` (via ``reader_from_json``);
 a corrupt or missing shard is reported to ``on_corrupt`` and skipped.
+
+Two parts are public for readers that schedule shards themselves (the trainer's per-domain
+feeds): :class:`IndexWatcher` (a non-blocking poll of the published shard list) and
+:class:`ShardOpener` (verify, decompress and read one shard, retrying transient I/O errors,
+raising :class:`CorruptShard`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
@@ -28,10 +34,152 @@ from streaming.base.hashing import get_hash
 from streams import manifest as mf
 from streams.events import ShardPublished
 
-__all__ = ["CURSOR_VERSION", "TailReader"]
+__all__ = ["CURSOR_VERSION", "CorruptShard", "IndexWatcher", "ShardEntry", "ShardOpener", "TailReader"]
 
 CURSOR_VERSION = 1
 log = logging.getLogger(__name__)
+
+
+class CorruptShard(Exception):
+    """A shard failed verification or decoding (it is reported and skipped, never retried)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShardEntry:
+    """One published shard as the index and the sidecar list it."""
+
+    name: str
+    info: dict[str, Any]  # its index.json entry
+    domain: str
+    published_at: float  # sidecar publish time (0.0 if unknown)
+    ordinal: int  # position in index.json (publish order; the same for every reader)
+
+    @property
+    def samples(self) -> int:
+        return int(self.info["samples"])
+
+
+class IndexWatcher:
+    """The published shards of one root: :meth:`poll` never waits, it stats index.json and
+    re-reads it (and the sidecar) only when it changed."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = os.path.abspath(os.fspath(root))
+        self._stat: tuple[int, int, int] | None = None
+        self.entries: dict[str, ShardEntry] = {}
+
+    def poll(self) -> list[ShardEntry]:
+        """Shards published since the last call, in publish order."""
+        try:
+            st = os.stat(os.path.join(self.root, mf.INDEX))
+        except FileNotFoundError:
+            return []
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if stamp == self._stat:
+            return []
+        try:
+            index = mf.read_index(self.root)
+            side = mf.read_sidecar(self.root)  # read after the index: holds every shard listed there
+        except (ValueError, OSError):
+            return []  # a foreign, half-written file: try again at the next poll
+        self._stat = stamp
+        new = []
+        for ordinal, info in enumerate(index["shards"]):
+            name = mf.shard_name_of(info)
+            if name in self.entries:
+                continue
+            meta = side["shards"].get(name) or {}
+            entry = ShardEntry(name=name, info=info, domain=meta.get("domain") or name.split(".", 1)[0],
+                               published_at=float(meta.get("published_at") or 0.0), ordinal=ordinal)
+            self.entries[name] = entry
+            new.append(entry)
+        return new
+
+
+class ShardOpener:
+    """Opens the shards of one root for reading: hash check, decompression into a cache directory,
+    mosaicml-streaming's ``MDSReader``; an ``OSError`` is retried (``read_attempts`` in all, backoff
+    from ``retry_backoff_s``) before the shard counts as corrupt."""
+
+    def __init__(self, root: str | os.PathLike, *, cache_dir: str | None = None, verify_hashes: bool = True,
+                 read_attempts: int = 4, retry_backoff_s: float = 0.1):
+        self.root = os.path.abspath(os.fspath(root))
+        self.verify_hashes = verify_hashes
+        self.read_attempts, self.retry_backoff_s = max(1, read_attempts), retry_backoff_s
+        self.transient_errors = 0  # OSErrors that a retry got past
+        self._own_cache = cache_dir is None
+        self._cache = cache_dir or tempfile.mkdtemp(prefix="headwater-tail-")
+        os.makedirs(self._cache, exist_ok=True)
+
+    def close(self) -> None:
+        if self._own_cache:
+            shutil.rmtree(self._cache, ignore_errors=True)
+
+    def open(self, name: str, info: dict[str, Any]) -> Reader:
+        """A reader of shard ``name`` (its index entry ``info``); raises :class:`CorruptShard`."""
+        raw, zipped = info["raw_data"], info.get("zip_data")
+        data = self._load(zipped or raw)
+        dirname = self.root
+        if zipped:
+            try:
+                data = decompress(info["compression"], data)
+            except Exception as e:
+                raise CorruptShard(f"cannot decompress {zipped['basename']}: {e}") from e
+            self._verify(raw, data)
+            dirname = self._cache
+            with open(os.path.join(dirname, raw["basename"]), "wb") as f:
+                f.write(data)
+        try:
+            return reader_from_json(dirname, "", info)
+        except Exception as e:
+            raise CorruptShard(f"bad index entry: {type(e).__name__}: {e}") from e
+
+    def read(self, reader: Reader, i: int) -> dict[str, Any]:
+        """Sample ``i`` of an opened shard; raises :class:`CorruptShard`."""
+        try:
+            return self._retrying(lambda: reader.get_item(i))
+        except Exception as e:
+            raise CorruptShard(f"sample {i} unreadable: {type(e).__name__}: {e}") from e
+
+    def release(self, name: str) -> None:
+        """Drop the decompressed copy of shard ``name`` (done with it)."""
+        cached = os.path.join(self._cache, f"{name}.mds")
+        if os.path.exists(cached):
+            os.remove(cached)
+
+    def _retrying(self, read: Callable[[], Any]) -> Any:
+        """``read()``, retrying ``OSError`` (a transient I/O failure must not mark a shard corrupt for good)."""
+        for attempt in range(self.read_attempts - 1):
+            try:
+                return read()
+            except OSError as e:
+                self.transient_errors += 1
+                log.warning("read error, retrying (attempt %d/%d): %s", attempt + 1, self.read_attempts, e)
+                time.sleep(self.retry_backoff_s * 2**attempt)
+        return read()
+
+    def _load(self, file_info: dict[str, Any]) -> bytes:
+        path = os.path.join(self.root, file_info["basename"])
+
+        def read() -> bytes:
+            with open(path, "rb") as f:
+                return f.read()
+
+        try:
+            data = self._retrying(read)
+        except OSError as e:
+            raise CorruptShard(f"cannot read {path} after {self.read_attempts} attempts: {e}") from e
+        if len(data) != file_info["bytes"]:
+            raise CorruptShard(f"{file_info['basename']}: {len(data)} bytes, index says {file_info['bytes']}")
+        self._verify(file_info, data)
+        return data
+
+    def _verify(self, file_info: dict[str, Any], data: bytes) -> None:
+        if not self.verify_hashes:
+            return
+        for algo, expected in sorted(file_info.get("hashes", {}).items())[:1]:
+            if get_hash(algo, data) != expected:
+                raise CorruptShard(f"{file_info['basename']}: {algo} hash mismatch")
 
 
 class TailReader:
@@ -67,16 +215,10 @@ class TailReader:
         self.poll_interval_s = poll_interval_s
         self.exclude_shards: set[str] = set(exclude_shards)
         self.on_corrupt = on_corrupt
-        self.verify_hashes = verify_hashes
-        self.read_attempts, self.retry_backoff_s = max(1, read_attempts), retry_backoff_s
-        self.transient_errors = 0  # OSErrors that a retry got past
-        self._own_cache = cache_dir is None
-        self._cache = cache_dir or tempfile.mkdtemp(prefix="headwater-tail-")
-        os.makedirs(self._cache, exist_ok=True)
+        self.opener = ShardOpener(self.root, cache_dir=cache_dir, verify_hashes=verify_hashes,
+                                  read_attempts=read_attempts, retry_backoff_s=retry_backoff_s)
         self._wake = threading.Event()
-        self._index_stat: tuple[int, int, int] | None = None
-        self._infos: dict[str, dict[str, Any]] = {}
-        self._domain_of: dict[str, str] = {}
+        self._watcher = IndexWatcher(self.root)
         self._queue: deque[str] = deque()
         self._done: set[str] = set()
         self._corrupt: set[str] = set()
@@ -92,8 +234,12 @@ class TailReader:
         self.close()
 
     def close(self) -> None:
-        if self._own_cache:
-            shutil.rmtree(self._cache, ignore_errors=True)
+        self.opener.close()
+
+    @property
+    def transient_errors(self) -> int:
+        """OSErrors that a retry got past."""
+        return self.opener.transient_errors
 
     # --- following ---------------------------------------------------------------------------
     def notify(self, event: ShardPublished | None = None) -> None:
@@ -106,29 +252,10 @@ class TailReader:
 
     def poll(self) -> list[str]:
         """Re-read index.json if it changed; return names of newly visible shards (in order)."""
-        path = os.path.join(self.root, mf.INDEX)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return []
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if stamp == self._index_stat:
-            return []
-        try:
-            index = mf.read_index(self.root)
-            side = mf.read_sidecar(self.root)  # read after the index: holds every shard listed there
-        except (ValueError, OSError):
-            return []  # a foreign, half-written file: try again at the next poll
-        self._index_stat = stamp
         new = []
-        for info in index["shards"]:
-            name = mf.shard_name_of(info)
-            if name in self._infos:
-                continue
-            self._infos[name] = info
-            entry = side["shards"].get(name)
-            self._domain_of[name] = entry["domain"] if entry else name.split(".", 1)[0]
-            if self.domains is not None and self._domain_of[name] not in self.domains:
+        for entry in self._watcher.poll():
+            name = entry.name
+            if self.domains is not None and entry.domain not in self.domains:
                 continue
             if name in self._done or name == self._current:
                 continue
@@ -169,29 +296,27 @@ class TailReader:
     def _read_current(self) -> Iterator[dict[str, Any]]:
         name = self._current
         assert name is not None
-        if name not in self._infos:  # restored cursor: wait until the index lists it
+        infos = self._watcher.entries
+        if name not in infos:  # restored cursor: wait until the index lists it
             self.poll()
-            if name not in self._infos:
+            if name not in infos:
                 return
-        info = self._infos[name]
+        info = infos[name].info
         reader = None
         try:
             if name not in self.exclude_shards:
-                reader = self._open(name, info)
+                reader = self.opener.open(name, info)
             while reader is not None and self._current == name and self._position < info["samples"]:
                 if name in self.exclude_shards:
                     break
                 i = self._position
-                try:
-                    sample = self._retrying(lambda i=i: reader.get_item(i))
-                except Exception as e:
-                    raise _Corrupt(f"sample {i} unreadable: {type(e).__name__}: {e}") from e
+                sample = self.opener.read(reader, i)
                 sample["_shard"], sample["_index"] = name, i
                 self._position = i + 1
                 if self._position == info["samples"]:
                     self._finish(name, done=True)
                 yield sample
-        except _Corrupt as e:
+        except CorruptShard as e:
             self._corrupt.add(name)
             self._finish(name, done=True)
             log.warning("skipping corrupt shard %s: %s", name, e)
@@ -205,61 +330,7 @@ class TailReader:
         if done:
             self._done.add(name)
         self._current, self._position = None, 0
-        cached = os.path.join(self._cache, f"{name}.mds")
-        if os.path.exists(cached):
-            os.remove(cached)
-
-    def _open(self, name: str, info: dict[str, Any]) -> Reader:
-        raw, zipped = info["raw_data"], info.get("zip_data")
-        data = self._load(zipped or raw)
-        dirname = self.root
-        if zipped:
-            try:
-                data = decompress(info["compression"], data)
-            except Exception as e:
-                raise _Corrupt(f"cannot decompress {zipped['basename']}: {e}") from e
-            self._verify(raw, data)
-            dirname = self._cache
-            with open(os.path.join(dirname, raw["basename"]), "wb") as f:
-                f.write(data)
-        try:
-            return reader_from_json(dirname, "", info)
-        except Exception as e:
-            raise _Corrupt(f"bad index entry: {type(e).__name__}: {e}") from e
-
-    def _retrying(self, read: Callable[[], Any]) -> Any:
-        """``read()``, retrying ``OSError`` (a transient I/O failure must not mark a shard corrupt for good)."""
-        for attempt in range(self.read_attempts - 1):
-            try:
-                return read()
-            except OSError as e:
-                self.transient_errors += 1
-                log.warning("read error, retrying (attempt %d/%d): %s", attempt + 1, self.read_attempts, e)
-                time.sleep(self.retry_backoff_s * 2**attempt)
-        return read()
-
-    def _load(self, file_info: dict[str, Any]) -> bytes:
-        path = os.path.join(self.root, file_info["basename"])
-
-        def read() -> bytes:
-            with open(path, "rb") as f:
-                return f.read()
-
-        try:
-            data = self._retrying(read)
-        except OSError as e:
-            raise _Corrupt(f"cannot read {path} after {self.read_attempts} attempts: {e}") from e
-        if len(data) != file_info["bytes"]:
-            raise _Corrupt(f"{file_info['basename']}: {len(data)} bytes, index says {file_info['bytes']}")
-        self._verify(file_info, data)
-        return data
-
-    def _verify(self, file_info: dict[str, Any], data: bytes) -> None:
-        if not self.verify_hashes:
-            return
-        for algo, expected in sorted(file_info.get("hashes", {}).items())[:1]:
-            if get_hash(algo, data) != expected:
-                raise _Corrupt(f"{file_info['basename']}: {algo} hash mismatch")
+        self.opener.release(name)
 
     # --- cursor ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -283,10 +354,5 @@ class TailReader:
         self._done = set(state["done"])
         self._corrupt = set(state.get("corrupt", ()))
         self._current, self._position = state["current"], int(state["position"])
-        self._index_stat = None
-        self._infos.clear()
+        self._watcher = IndexWatcher(self.root)
         self._queue.clear()
-
-
-class _Corrupt(Exception):
-    """A shard failed verification or decoding (internal; reported via on_corrupt)."""

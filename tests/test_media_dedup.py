@@ -78,6 +78,48 @@ def test_media_dedup_transform_keeps_one_of_each_cluster_and_names_the_original(
         ]), label="dropped")
 
 
+def test_a_replayed_record_is_never_its_own_duplicate():
+    base = distinct_image("smooth_noise", 7)
+    a = _rec("a", base)
+    elements = [(KafkaCoords("raw.image", 0, 0), a), (KafkaCoords("raw.image", 0, 0), a),  # a retry
+                (KafkaCoords("raw.image", 0, 1), _rec("a", near_duplicate(base, "noise", 2))),  # same id
+                (KafkaCoords("raw.image", 0, 2), _rec("copy", base)),
+                (KafkaCoords("raw.image", 0, 0), _rec("a-renamed", base))]  # same offset, new id
+    with TestPipeline() as p:
+        out = p | beam.Create(elements) | MediaDedup(MediaDedupConfig())
+        assert_that(out["records"] | beam.Map(lambda e: (e[0].offset, e[1].id)),
+                    equal_to([(0, "a"), (0, "a"), (0, "a-renamed")]), label="kept")
+        assert_that(out["dropped"] | beam.Map(lambda d: (d[0].offset, d[1], d[3])),
+                    equal_to([(1, "dedup:near_duplicate", "a-renamed"), (2, "dedup:exact_duplicate", "a")]),
+                    label="dropped")
+
+
+def test_streaming_event_time_decides_and_late_duplicate_is_dropped():
+    """TestStream on the streaming DirectRunner: the earlier event is kept even when it arrives
+    second; a near-dup arriving behind the watermark is the one dropped."""
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+    from apache_beam.testing.test_stream import TestStream
+    from apache_beam.transforms.window import TimestampedValue
+
+    base, other = distinct_image("procedural", 31), distinct_image("stripes", 32)
+    first, second = (KafkaCoords("raw.image", 0, 0), _rec("early", base)), (
+        KafkaCoords("raw.image", 0, 1), _rec("later", near_duplicate(base, "jpeg", 4)))
+    late = (KafkaCoords("raw.image", 0, 2), _rec("late", near_duplicate(base, "resize", 5)))
+    stream = (TestStream().add_elements([TimestampedValue(second, 15)])  # the later event arrives first
+              .add_elements([TimestampedValue(first, 10), TimestampedValue((KafkaCoords("raw.image", 0, 3),
+                                                                           _rec("other", other)), 12)])
+              .advance_watermark_to(20).advance_watermark_to(30)  # nothing in between: an empty pane
+              .add_elements([TimestampedValue(late, 5)])  # behind the watermark
+              .advance_watermark_to_infinity())
+    options = PipelineOptions(runner="BundleBasedDirectRunner")
+    options.view_as(StandardOptions).streaming = True
+    with TestPipeline(options=options) as p:
+        out = p | stream | MediaDedup(MediaDedupConfig())
+        assert_that(out["records"] | beam.Map(lambda e: e[1].id), equal_to(["early", "other"]), label="kept")
+        assert_that(out["dropped"] | beam.Map(lambda d: (d[2], d[3])),
+                    equal_to([("later", "early"), ("late", "early")]), label="dropped")
+
+
 @pytest.fixture(scope="module")
 def codebooks(tmp_path_factory):
     return synth.train_codebooks(tmp_path_factory.mktemp("codebooks"))

@@ -55,6 +55,8 @@ class FolderCheckpointer:
 def save(run: str, *steps: int) -> None:
     for step in steps:
         os.makedirs(os.path.join(run, "checkpoints", f"step-{step}"), exist_ok=True)
+        with open(os.path.join(run, "checkpoints", f"step-{step}", ".metadata"), "w") as f:
+            f.write("complete")  # DCP's last file: a checkpoint without it is not one to roll back to
         with open(os.path.join(run, "checkpoints", f"step-{step}", "headwater.json"), "w") as f:
             json.dump({"step": step, "good": True}, f)
 

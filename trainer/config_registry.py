@@ -9,13 +9,13 @@ uses the CPU attention path so it trains under gloo.
 
 from __future__ import annotations
 
-from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
 from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
 from torchtitan.config.configs import DebugConfig
 from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
 
+from trainer.checkpointer import HeadwaterCheckpointManager
 from trainer.data import LiveStreamDataLoader
 from trainer.loss import ChunkedTokenLoss
 from trainer.models import model_registry
@@ -38,7 +38,7 @@ def _base(name: str, *, attn_backend: str, lr: float, warmup: int) -> HeadwaterT
         lr_scheduler=LRSchedulersContainer.Config(warmup_steps=warmup, decay_ratio=0.8, decay_type="cosine",
                                                   min_lr_factor=0.1),
         metrics=MetricsProcessor.Config(log_freq=10),
-        checkpoint=CheckpointManager.Config(enable=True, folder="checkpoints", interval=500,
+        checkpoint=HeadwaterCheckpointManager.Config(enable=True, folder="checkpoints", interval=500,
                                             last_save_model_only=False, keep_latest_k=5),
         debug=DebugConfig(seed=1234),
         headwater=RunOptions(config_name=name),

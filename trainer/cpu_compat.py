@@ -50,8 +50,9 @@ def install() -> None:
         "reset_peak_memory_stats": lambda _device=None: None,
         "empty_cache": lambda: None,
         "memory_stats": lambda _device=None: {},
-        "current_device": lambda: 0,
     }
     for name, fn in shims.items():
         if not hasattr(torch.cpu, name):
             setattr(torch.cpu, name, fn)
+    # torch's returns "cpu"; torchtitan's set_pg_timeouts passes it to barrier(device_ids=[...]), which needs an int
+    torch.cpu.current_device = lambda: 0

@@ -1,13 +1,22 @@
-"""Per-rank entry point started by torchrun: ``python -m trainer.entry --module trainer --config NAME ...``."""
+"""Per-rank entry point started by torchrun: ``python -m trainer.entry --module trainer --config NAME ...``.
+
+Under torchrun each rank dies with torchrun's agent (trainer/run_guard.py), and global rank 0
+holds RUN/.lock for the whole run: a second trainer on the same run directory exits with
+code 3 and a message naming the holder.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from trainer import cpu_compat
+from trainer.run_guard import EXIT_RUN_DIR_BUSY, RunDirBusy, RunLock, die_with_parent
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "LOCAL_RANK" in os.environ:  # started by torchrun: never outlive its agent
+        die_with_parent()
     cpu_compat.install()  # before torchtitan picks its device type
     import torch.distributed as dist
     from torchtitan.config import ConfigManager
@@ -16,14 +25,25 @@ def main(argv: list[str] | None = None) -> int:
 
     init_logger()
     config = ConfigManager().parse_args(list(sys.argv[1:] if argv is None else argv))
+    lock = None
+    if int(os.environ.get("RANK", "0")) == 0:
+        try:
+            lock = RunLock(config.dump_folder).acquire(wait_s=config.headwater.lock_wait_s)
+        except RunDirBusy as e:
+            print(f"headwater train: {e}", file=sys.stderr, flush=True)
+            return EXIT_RUN_DIR_BUSY
     sl.init_structured_logger(source="training", output_dir=config.dump_folder, enable=False)
-    trainer = config.build()
     try:
-        trainer.train()
+        trainer = config.build()
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+            if dist.is_initialized():
+                dist.destroy_process_group()
     finally:
-        trainer.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if lock is not None:
+            lock.release()
     return 0
 
 

@@ -43,6 +43,27 @@ class LossGuard:
         self.trips_since_checkpoint += 1
         return reason
 
+    def limit(self) -> float:
+        """The highest loss :meth:`check` accepts now (inf until ``min_history`` losses are known):
+        the trainer compares on the device against it, so the host never waits for the loss."""
+        h = self.history
+        if len(h) < self.config.min_history:
+            return math.inf
+        mean = sum(h) / len(h)
+        std = math.sqrt(sum((x - mean) ** 2 for x in h) / len(h))
+        return mean + self.config.z_threshold * max(std, 1e-3 * max(abs(mean), 1e-6))
+
+    def record(self, loss: float, *, accepted: bool) -> str | None:
+        """Book a decision taken on the device against :meth:`limit`; the reason if it was refused."""
+        if accepted:
+            self.history.append(loss)
+            return None
+        reason = (f"non-finite loss or gradient (loss {loss})" if not math.isfinite(loss)
+                  else self._spike(loss) or f"loss {loss:.4f} above the guard limit")
+        self.spikes += 1
+        self.trips_since_checkpoint += 1
+        return reason
+
     def _spike(self, loss: float) -> str | None:
         h = self.history
         if len(h) < self.config.min_history:

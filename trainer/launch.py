@@ -1,8 +1,13 @@
 """``headwater train``: launch the torchtitan trainer on live streams with torchrun.
 
-Re-running the same command resumes from the newest checkpoint in RUN/checkpoints
-(torchtitan's CheckpointManager finds it); the run id is kept in RUN/run.json.
+Re-running the same command resumes from the newest intact checkpoint in RUN/checkpoints
+(rank 0 chooses it: trainer/resume.py); the run id is kept in RUN/run.json.
 Unrecognised ``--section.key value`` flags are passed through to torchtitan's config.
+
+One trainer per run directory: the launcher checks RUN/.lock before starting torchrun (and
+rank 0 holds it for the run, trainer/run_guard.py); if another trainer holds it, this exits
+with code 3 and names the holder. A holder that is still exiting (``kill -9`` of the previous
+launcher: its ranks die with torchrun's agent) is waited for up to ``--lock-wait-s``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import os
 import subprocess
 import sys
 import uuid
+
+from trainer.run_guard import EXIT_RUN_DIR_BUSY, RunDirBusy, RunLock
 
 __all__ = ["build_command", "main"]
 
@@ -30,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mixing", help="static | temperature | odm | learnability")
     p.add_argument("--vocab-size", type=int, help="override the unified vocabulary size (synthetic streams)")
     p.add_argument("--no-wandb", action="store_true", help="disable the wandb logger")
+    p.add_argument("--lock-wait-s", type=float, default=15.0,
+                   help="wait this long for a previous trainer on --run-dir to exit before refusing")
     return p
 
 
@@ -48,13 +57,17 @@ def _run_id(run_dir: str) -> str:
 def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     """The torchrun command line for parsed ``headwater train`` arguments."""
     run_dir = os.path.abspath(args.run_dir)
+    roots = [os.path.abspath(r) for r in args.stream_root]
+    if any("," in r for r in roots):  # torchtitan parses list[str] options as one comma-separated value
+        raise ValueError(f"stream root paths must not contain a comma: {[r for r in roots if ',' in r]}")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
         "-m", "trainer.entry", "--module", "trainer", "--config", args.config,
         "--dump_folder", run_dir,
-        "--dataloader.stream_roots", *[os.path.abspath(r) for r in args.stream_root],
+        "--dataloader.stream_roots", ",".join(roots),
         "--headwater.run_id", _run_id(run_dir),
         "--headwater.config_name", args.config,
+        "--headwater.lock_wait_s", str(args.lock_wait_s),
     ]
     if args.steps is not None:
         cmd += ["--training.steps", str(args.steps)]
@@ -74,8 +87,17 @@ def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, extra = _parser().parse_known_args(argv)
-    cmd = build_command(args, extra)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        cmd = build_command(args, extra)
+    except ValueError as e:
+        parser.error(str(e))
+    try:  # refuse early, before torchrun starts, if another trainer holds the run directory
+        RunLock(os.path.abspath(args.run_dir)).acquire(wait_s=args.lock_wait_s).release()
+    except RunDirBusy as e:
+        print(f"headwater train: {e}", file=sys.stderr)
+        return EXIT_RUN_DIR_BUSY
     env = dict(os.environ)
     env.setdefault("WANDB_MODE", "offline")
     env.setdefault("OMP_NUM_THREADS", "1")

@@ -114,7 +114,7 @@ def load_latest_intact(checkpointer, *, run_id: str, events=None) -> int:
         return -1
     folder = checkpointer.folder
     rank = dist.get_rank() if dist.is_initialized() else 0
-    steps = candidate_steps(folder)
+    steps = _agree(candidate_steps(folder) if rank == 0 else None, src_only=True)  # rank 0 chooses for all
     if not steps:
         checkpointer.load(step=-1)
         return -1

@@ -34,8 +34,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
-from torchtitan.components.loss import IGNORE_INDEX
-from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools import utils
 from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
@@ -44,6 +42,7 @@ from streams.broker_watch import BrokerWatch
 from streams.events import CheckpointSaved, Control
 from streams.signing import RUN_ID_PATTERN, ControlVerifier, SigningError, load_signing_key
 from trainer.checkpoint_out import CheckpointFinisher
+from trainer.checkpointer import HeadwaterCheckpointManager
 from trainer.control import ControlListener
 from trainer.control_state import ControlState
 from trainer.events_out import EventSink
@@ -52,6 +51,7 @@ from trainer.metrics_log import MetricsLog
 from trainer.quarantine import Quarantine
 from trainer.resume import load_latest_intact
 from trainer.rollback_journal import RollbackJournal
+from trainer.step_stats import PendingStep, StepReading, StepStats
 
 __all__ = ["HeadwaterTrainer", "RunOptions"]
 
@@ -69,12 +69,14 @@ class RunOptions:
     """0: the unified vocabulary size (streams.vocab); >0 overrides (synthetic test streams)"""
     bootstrap: str = ""
     """Kafka bootstrap; empty: no topics (files under the run dir only)"""
+    lock_wait_s: float = 15.0
+    """rank 0 waits this long for a previous trainer's lock on the run directory (trainer/run_guard.py)"""
     guard: LossGuard.Config = field(default_factory=LossGuard.Config)
     metrics: MetricsLog.Config = field(default_factory=MetricsLog.Config)
 
 
 class _ExtraState(Stateful):
-    """Guard state and shard log (same on all ranks) and each rank's torch RNG state, in every checkpoint."""
+    """Guard state (same on all ranks), each rank's shard log and torch RNG state, in every checkpoint."""
 
     def __init__(self, trainer: HeadwaterTrainer):
         self.trainer = trainer
@@ -83,15 +85,16 @@ class _ExtraState(Stateful):
         rank = dist.get_rank() if dist.is_initialized() else 0
         return {
             "guard": pickle.dumps(self.trainer.guard.state_dict()),
-            "shard_log": pickle.dumps(self.trainer.shard_log),
+            f"shard_log_rank_{rank}": pickle.dumps(self.trainer.shard_log),
             f"rng_rank_{rank}": pickle.dumps(torch.get_rng_state()),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         rank = dist.get_rank() if dist.is_initialized() else 0
         self.trainer.guard.load_state_dict(pickle.loads(state["guard"]))
-        if "shard_log" in state:
-            entries = pickle.loads(state["shard_log"])  # step -> {shard: domain}; older checkpoints: [shard]
+        key = f"shard_log_rank_{rank}" if f"shard_log_rank_{rank}" in state else "shard_log"  # older: one log
+        if key in state:
+            entries = pickle.loads(state[key])  # step -> {shard: domain}; older checkpoints: [shard]
             self.trainer.shard_log = {st: v if isinstance(v, dict) else dict.fromkeys(v, "") for st, v in entries.items()}
         if f"rng_rank_{rank}" in state:
             torch.set_rng_state(pickle.loads(state[f"rng_rank_{rank}"]))
@@ -143,177 +146,203 @@ class HeadwaterTrainer(Trainer):
         self.metrics_log = (
             MetricsLog(opts.metrics, run_dir=self.run_dir, run_id=self.run_id) if self.rank == 0 else None
         )
+        if not isinstance(self.checkpointer, HeadwaterCheckpointManager):
+            raise TypeError("HeadwaterTrainer needs checkpoint=HeadwaterCheckpointManager.Config(...)")
         self.checkpointer.states["headwater"] = _ExtraState(self)
+        self.checkpointer.before_save = lambda step: self._read_pending()  # the checkpoint has seen its step
+        self.checkpointer.after_save = lambda step: self._on_checkpoint_saved()
+        self.step_stats = StepStats(self.device, tp=self.parallel_dims.tp)
+        for opt in self.optimizers.optimizers:
+            opt.register_step_pre_hook(self._before_optimizer_step)
         self.quarantine = Quarantine(self.run_dir, writer=self.rank == 0)
         self.rollbacks = RollbackJournal(self.run_dir, writer=self.rank == 0)
         self.shard_log: dict[int, dict[str, str]] = {}  # step -> {shard trained: its domain}
         self.skipped_steps: list[int] = []
-        self._meta = None
-        self._step_record: dict[str, Any] = {}
+        self._step_pending: PendingStep | None = None  # this step's reduction, until the optimizer hook
+        self._pending: PendingStep | None = None  # the step whose statistics the host has not read yet
+        self._gated_step = -1
+        self._control_due = False
+        self._step_started = 0.0
+        self._lr: dict[str, float] = {}
+        self._facts: dict[str, Any] = {}
+        self._microbatches = 0
 
-    # -- data plumbing ---------------------------------------------------------------
-    def post_dataloading_process(self, input_dict, labels):
-        self._meta = input_dict.pop("_meta", None)
-        return super().post_dataloading_process(input_dict, labels)
-
-    def _dp_group(self):
-        if not self.parallel_dims.dp_enabled:
-            return None
-        return self.parallel_dims.get_mesh("batch").get_group()
-
-    def _gather(self, obj: Any) -> list[Any]:
-        group = self._dp_group()
-        if group is None:
-            return [obj]
-        out = [None] * dist.get_world_size(group)
-        dist.all_gather_object(out, obj, group=group)
-        return out
-
-    def _domain_stats(self, labels: torch.Tensor) -> dict[str, Any]:
-        meta = self._meta
-        loss_sum, tokens = meta.domain_sums(self.loss_fn.last_token_losses.to("cpu"), labels.to("cpu"))
-        stats: dict[str, Any] = {"loss_sum": loss_sum, "tokens": tokens, "docs": {}}
-        stats["available"] = dict(self.dataloader.buffers.available)
-        stats["trained_docs"] = dict(Counter(meta.doc_domains))
-        stats["sources"] = dict(Counter(meta.doc_sources))
-        stats["wait_s"] = meta.wait_s
-        stats["produced_at"] = [p for p in meta.produced_at if p > 0]
-        stats["shards"] = meta.shards
-        stats["shard_domains"] = meta.shard_domains
-        stats["batch_tokens"] = int(labels.numel())
-        return stats
-
-    # -- one step --------------------------------------------------------------------
-    def train_step(self, data_iterator):
-        if self.gradient_accumulation_steps != 1 or self.parallel_dims.pp_enabled:
-            raise NotImplementedError("HeadwaterTrainer supports one micro-batch per step without PP")
-        t0 = time.perf_counter()
-        self.optimizers.zero_grad(set_to_none=self.config.training.disable_cuda_graphs)
-        lr_metrics = self.lr_schedulers.get_metrics()
-        t_data = time.perf_counter()
-        input_dict, labels = next(data_iterator)
-        data_s = time.perf_counter() - t_data
-        local_valid = (labels != IGNORE_INDEX).sum()
-        global_valid = (
-            dist_utils.dist_sum_tensor(local_valid.to(self.device), self.parallel_dims.get_mesh("batch"))
-            if self.parallel_dims.dp_enabled
-            else local_valid.to(self.device)
-        )
-        input_dict = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in input_dict.items()}
-        self.forward_backward_step(input_dict=input_dict, labels=labels.to(self.device), global_valid_tokens=global_valid)
-
-        gathered = self._gather(self._domain_stats(labels))
-        loss_sum = _sum_dicts(g["loss_sum"] for g in gathered)
-        tokens = _sum_dicts(g["tokens"] for g in gathered)
-        total_tokens = sum(tokens.values())
-        loss = sum(loss_sum.values()) / max(total_tokens, 1)
-
-        grad_norm = dist_utils.clip_grad_norm_(
-            [p for m in self.model_parts for p in m.parameters()],
-            self.config.training.max_norm,
-            foreach=True,
-            pp_mesh=self.parallel_dims.get_optional_mesh("pp"),
-            ep_enabled=self.parallel_dims.ep_enabled,
-        )
-        grad_norm_f = float(grad_norm.item())
-        reason = self.guard.check(loss if math.isfinite(grad_norm_f) else float("nan"))
-        if reason is None:
-            self.checkpointer.maybe_wait_for_staging()
-            self.optimizers.step()
-            self.lr_schedulers.step()
-            available = _sum_dicts(g["available"] for g in gathered)
-            trained = _sum_dicts(g["trained_docs"] for g in gathered)
-            self.dataloader.mixer.observe(loss_sum, tokens, trained, available)
-        else:
-            self.optimizers.zero_grad(set_to_none=True)
-            self.skipped_steps.append(self.step)
-            shards = sorted({s for g in gathered for s in g["shards"]})
-            if self.events is not None:
-                self.events.alert("trainer.loss_guard", f"step {self.step} skipped: {reason}", evidence={
-                    "step": self.step, "loss": loss if math.isfinite(loss) else str(loss), "shards": shards,
-                    "run_id": self.run_id})
-        step_s = time.perf_counter() - t0
-        wait_s = max(g["wait_s"] for g in gathered)
-        now = time.time()
-        produced = [p for g in gathered for p in g["produced_at"]]
-        batch_tokens = sum(g["batch_tokens"] for g in gathered)
-        shards = sorted({s for g in gathered for s in g["shards"]})
-        self.shard_log[self.step] = {s: d for g in gathered for s, d in g["shard_domains"].items()}
-        for old in [s for s in self.shard_log if s <= self.step - SHARD_LOG_STEPS]:
-            del self.shard_log[old]
-        self._step_record = {
-            "step": self.step,
-            "loss": loss if math.isfinite(loss) else None,
-            "domain_loss": {d: loss_sum[d] / tokens[d] for d in sorted(tokens) if tokens[d] > 0},
-            "domain_tokens": {d: tokens[d] for d in sorted(tokens)},
-            "weights": self.dataloader.mixer.weight_dict(),
-            "tokens": batch_tokens,
-            "tokens_seen": self.ntokens_seen * max(len(gathered), 1),
-            "tokens_per_s": batch_tokens / step_s if step_s > 0 else 0.0,
-            "data_stall": min(1.0, max(data_s, wait_s) / step_s) if step_s > 0 else 0.0,
-            "data_wait_s": max(data_s, wait_s),
-            "freshness_s": (now - sum(produced) / len(produced)) if produced else None,
-            "grad_norm": grad_norm_f if math.isfinite(grad_norm_f) else None,
-            "lr": float(next(iter(lr_metrics.values()))) if lr_metrics else None,
-            "skipped": reason is not None,
-            "paused": sorted(self.dataloader.paused),
-            "data_status": self.dataloader.status,
-            "shards": shards,
-            "sources": _sum_dicts(g["sources"] for g in gathered),
-            "wall_time": now,
-        }
-        mfu = self._mfu(batch_tokens / step_s if step_s > 0 else 0.0)
-        if mfu is not None:
-            self._step_record["mfu"] = mfu
-        if self.rank == 0:
-            logger.info(
-                f"step {self.step:5d} loss {loss:.4f} tok/s {self._step_record['tokens_per_s']:.0f} "
-                f"stall {self._step_record['data_stall']:.1%} weights "
-                + " ".join(f"{d}={w:.2f}" for d, w in self._step_record["weights"].items())
-                + (f" SKIPPED ({reason})" if reason else "")
-            )
-
-    def _mfu(self, tokens_per_s: float) -> float | None:
-        if utils.device_type != "cuda":
-            return None
-        peak = utils.get_peak_flops(self.metrics_processor.device_memory_monitor.device_name)
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        return 100.0 * self.metrics_processor.num_flops_per_token * tokens_per_s / (peak * world)
-
-    # -- loop ------------------------------------------------------------------------
+    # -- torchtitan's loop and its hooks -------------------------------------------------
     def train(self):
-        config = self.config
+        """torchtitan's own loop (GC, profiler, process-group timeouts, metrics processor,
+        gradient accumulation, validation), after Headwater's start-up: finish a rollback a
+        crash interrupted, load the checkpoint rank 0 chose, skip what is quarantined."""
         self._complete_rollback()
-        if config.checkpoint.load_step == -1:  # newest intact checkpoint; corrupt ones are moved aside
+        if self.config.checkpoint.load_step == -1:  # newest intact checkpoint; corrupt ones are moved aside
             load_latest_intact(self.checkpointer, run_id=self.run_id, events=self.events)
         else:
-            self.checkpointer.load(step=config.checkpoint.load_step)
+            self.checkpointer.load(step=self.config.checkpoint.load_step)
         self._reapply_quarantine()
-        logger.info(f"Training starts at step {self.step + 1} (run {self.run_id})")
-        data_iterator = self.batch_generator(self.dataloader)
+        self.checkpointer.mark_loaded()  # torchtitan's train() starts with a load: done above
+        logger.info(f"run {self.run_id}: training from step {self.step + 1}")
         try:
-            while self.step < config.training.steps:
-                if self.finisher is not None:
-                    self.finisher.poll()  # async saves completed since the last step
-                self._apply_control(self._collect_commands())
-                self.step += 1
-                self.train_step(data_iterator)
-                self._write_metrics()
-                if self.checkpointer.save(self.step, last_step=self.step == config.training.steps):
-                    self._on_checkpoint_saved()
-                if self.guard.should_roll_back():
-                    self._auto_rollback()
+            super().train()
+            self._read_pending()  # the last step's statistics
             self.checkpointer.maybe_wait_for_saving()
             if self.finisher is not None:
                 self.finisher.flush()
         finally:
             self.dataloader.close()
-        logger.info("Training completed")
 
-    def _write_metrics(self) -> None:
-        if self.rank != 0:
+    def should_continue_training(self) -> bool:
+        """Before every step, on all ranks: announce finished saves, apply control, auto-rollback."""
+        if self.finisher is not None:
+            self.finisher.poll()  # async saves completed since the last step
+        if self._control_due:  # rank 0 had commands one step ago (read from the step vector)
+            self._control_due = False
+            self._read_pending()  # a rollback must not drop the step still in flight
+            self._apply_control(self._collect_commands())
+        if self.guard.should_roll_back():
+            self._read_pending()
+            self._auto_rollback()
+        return super().should_continue_training()
+
+    def train_step(self, data_iterator):
+        """torchtitan's step; :meth:`forward_backward_step` and the optimizer pre-hook add the rest."""
+        if self.control is not None:
+            self.control.check()  # a dead listener fails the run (rank 0 raises, torchrun stops the rest)
+        self._step_started = time.perf_counter()
+        self._lr = self.lr_schedulers.get_metrics()
+        self._microbatches = 0
+        self._facts = {"started": self._step_started, "shards": {}, "sources": Counter(), "produced_at": [],
+                       "wait_s": 0.0, "tokens": 0, "unknown": False}
+        self.step_stats.begin(self.dataloader.mixer.domains)
+        super().train_step(data_iterator)
+
+    def forward_backward_step(self, *, input_dict, labels, global_valid_tokens):
+        """One micro-batch: strip the loader's ``_meta``, run torchtitan's forward/backward, add the
+        per-domain losses on the device; after the last micro-batch enqueue the step's all-reduce.
+
+        Returns the loss for torchtitan's metrics with non-finite values zeroed: the loss guard
+        (not torchtitan's crash-on-NaN check) decides what a non-finite step does."""
+        dicts = input_dict if isinstance(input_dict, list) else [input_dict]
+        label_list = labels if isinstance(labels, list) else [labels]
+        metas = [d.pop("_meta") for d in dicts]
+        loss = super().forward_backward_step(input_dict=input_dict, labels=labels,
+                                             global_valid_tokens=global_valid_tokens)
+        pd = self.parallel_dims
+        # per-token losses of this micro-batch, in the loader's layout (not under PP or CP)
+        token_losses = None if pd.pp_enabled or pd.cp_enabled else self.loss_fn.last_token_losses
+        facts = self._facts
+        for meta, lab in zip(metas, label_list, strict=True):
+            facts["unknown"] |= not self.step_stats.add_microbatch(meta, lab, token_losses)
+            facts["shards"].update(meta.shard_domains)
+            facts["sources"].update(meta.doc_sources)
+            facts["produced_at"] += [p for p in meta.produced_at if p > 0]
+            facts["wait_s"] += meta.wait_s
+            facts["tokens"] += lab.numel()
+        self._microbatches += 1
+        if self._microbatches == self.gradient_accumulation_steps:
+            available = dict(self.dataloader.buffers.available)  # filled by the prefetch thread
+            self._step_pending = self.step_stats.finish(
+                step=self.step, params=[p for m in self.model_parts for p in m.parameters()],
+                available=available,
+                control_pending=self.control is not None and not self.control.queue.empty(),
+                unknown_domains=facts["unknown"] or bool(set(available) - set(self.step_stats.domains)),
+                facts=facts)
+        loss = loss.detach()
+        return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
+
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        """Optimizer pre-hook (once per step): read the previous step, then gate this one on the device.
+
+        The previous step's vector is read here, after this step's forward/backward was queued
+        behind it, so the host waits only for work already done. This step's loss is compared
+        with the guard's limit on the device; a refused step is skipped by the fused optimizer
+        (``found_inf``), with no host sync. A non-fused optimizer needs the decision on the host:
+        one scalar read per step, the only sync left on that path."""
+        if self._gated_step == self.step:
             return
-        rec = self._step_record
+        self._gated_step = self.step
+        current, self._step_pending = self._step_pending, None
+        self._read_pending()
+        self._pending = current
+        if current is None:
+            return
+        ok = current.gate(self.guard.limit())
+        found_inf = (~ok).to(torch.float32)
+        fused = [o for o in self.optimizers.optimizers if o.defaults.get("fused")]
+        for o in fused:
+            o.found_inf = found_inf
+        if len(fused) < len(self.optimizers.optimizers) and not bool(ok):
+            for o in self.optimizers.optimizers:  # a parameter without a gradient is not stepped
+                if not o.defaults.get("fused"):
+                    for group in o.param_groups:
+                        for p in group["params"]:
+                            p.grad = None
+
+    def _read_pending(self) -> None:
+        """Book the pending step on the host (all ranks together): guard, mixer, shard log,
+        control flag, metrics record. Waits only for that step's reduction."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        r = pending.read()
+        if not r.domains_agree or r.new_domains:  # rare: agree on the domain list over ranks
+            names = set(self.dataloader.mixer.domains) | set(self.dataloader.buffers.available)
+            self.dataloader.mixer.add_domains(self._union_over_ranks(names))
+        facts, step = pending.facts, pending.step
+        loss = r.loss
+        reason = self.guard.record(loss if math.isfinite(r.grad_norm) else float("nan"), accepted=r.ok)
+        if reason is None:
+            self.dataloader.mixer.observe(r.loss_sum, r.tokens, r.docs, r.available)
+        else:
+            self.skipped_steps.append(step)
+            shards = sorted(self._union_over_ranks(set(facts["shards"])))
+            logger.warning(f"step {step} skipped by the loss guard: {reason}")
+            if self.events is not None:
+                self.events.alert("trainer.loss_guard", f"step {step} skipped: {reason}", evidence={
+                    "step": step, "loss": loss if math.isfinite(loss) else str(loss), "shards": shards,
+                    "run_id": self.run_id})
+        self._control_due |= r.control_pending
+        self.shard_log[step] = dict(facts["shards"])
+        for old in [s for s in self.shard_log if s <= step - SHARD_LOG_STEPS]:
+            del self.shard_log[old]
+        if self.rank == 0:
+            self._write_metrics(step, r, facts, reason)
+
+    def _write_metrics(self, step: int, r: StepReading, facts: dict[str, Any], reason: str | None) -> None:
+        """Rank 0: the step's record in RUN/metrics.jsonl (+ wandb) and on the metrics topic.
+
+        Losses, tokens and the gradient norm are over all ranks; shards, sources, freshness and
+        data wait are rank 0's own (gathering them every step would cost a host sync)."""
+        now, started = time.time(), facts["started"]
+        step_s = (self._step_started if self._step_started > started else time.perf_counter()) - started
+        dp = self.parallel_dims.dp_shard * self.parallel_dims.dp_replicate
+        batch_tokens = facts["tokens"] * dp
+        loss, produced = r.loss, facts["produced_at"]
+        rec = {
+            "step": step,
+            "loss": loss if math.isfinite(loss) else None,
+            "domain_loss": {d: r.loss_sum[d] / r.tokens[d] for d in sorted(r.tokens) if r.tokens[d] > 0},
+            "domain_tokens": {d: r.tokens[d] for d in sorted(r.tokens)},
+            "weights": self.dataloader.mixer.weight_dict(),
+            "tokens": batch_tokens,
+            "tokens_seen": self.ntokens_seen * dp,
+            "tokens_per_s": batch_tokens / step_s if step_s > 0 else 0.0,
+            "data_stall": min(1.0, facts["wait_s"] / step_s) if step_s > 0 else 0.0,
+            "data_wait_s": facts["wait_s"],
+            "freshness_s": (now - sum(produced) / len(produced)) if produced else None,
+            "grad_norm": r.grad_norm if math.isfinite(r.grad_norm) else None,
+            "lr": float(next(iter(self._lr.values()))) if self._lr else None,
+            "skipped": reason is not None,
+            "paused": sorted(self.dataloader.paused),
+            "data_status": self.dataloader.status,
+            "shards": sorted(facts["shards"]),
+            "sources": dict(facts["sources"]),
+            "wall_time": now,
+        }
+        mfu = self._mfu(rec["tokens_per_s"])
+        if mfu is not None:
+            rec["mfu"] = mfu
+        logger.info(
+            f"step {step:5d} loss {loss:.4f} tok/s {rec['tokens_per_s']:.0f} stall {rec['data_stall']:.1%} weights "
+            + " ".join(f"{d}={w:.2f}" for d, w in rec["weights"].items()) + (f" SKIPPED ({reason})" if reason else ""))
         self.metrics_log.write(rec)
         if self.events is not None:
             flat = {k: rec[k] for k in ("loss", "tokens_per_s", "data_stall", "data_wait_s", "grad_norm",
@@ -321,7 +350,14 @@ class HeadwaterTrainer(Trainer):
             flat["skipped"] = float(rec["skipped"])
             flat.update({f"weight/{d}": w for d, w in rec["weights"].items()})
             flat.update({f"loss/{d}": v for d, v in rec["domain_loss"].items()})
-            self.events.metrics(self.step, flat, labels={"run_id": self.run_id})
+            self.events.metrics(step, flat, labels={"run_id": self.run_id})
+
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        if utils.device_type != "cuda":
+            return None
+        peak = utils.get_peak_flops(self.metrics_processor.device_memory_monitor.device_name)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return 100.0 * self.metrics_processor.num_flops_per_token * tokens_per_s / (peak * world)
 
     # -- checkpoints -----------------------------------------------------------------
     def _step_dir(self, step: int) -> str:
@@ -351,6 +387,8 @@ class HeadwaterTrainer(Trainer):
     def _checkpoint_steps(self, *, good_only: bool) -> list[int]:
         steps = []
         for meta in glob.glob(os.path.join(self.checkpointer.folder, "step-*", "headwater.json")):
+            if not os.path.isfile(os.path.join(os.path.dirname(meta), ".metadata")):
+                continue  # DCP has not finished it (the finisher writes headwater.json after .metadata anyway)
             step = int(re.search(r"step-(\d+)", meta).group(1))
             if good_only:
                 with open(meta) as f:
@@ -456,13 +494,14 @@ class HeadwaterTrainer(Trainer):
             # regressed `domains` named, only the data implicated: those domains' shards and those of
             # domains new since to_step (a new domain can harm another's eval); domains trained before
             # to_step that did not regress keep theirs. A shard of unknown domain counts as implicated.
+            # each rank logged its own shards: the sets are united over ranks
             keep: set[str] = set()
             if args.get("domains"):
                 known = {d for st, names in self.shard_log.items() if st <= to_step for d in names.values()}
-                keep = known - set(map(str, args["domains"])) - {""}
+                keep = self._union_over_ranks(known) - set(map(str, args["domains"])) - {""}
             trained = {s for st, names in self.shard_log.items() if st > to_step
                        for s, d in names.items() if d not in keep}
-            shards = (trained | self._union_over_ranks(self.dataloader.pending_shards(keep))) - {""}
+            shards = self._union_over_ranks(trained | self.dataloader.pending_shards(keep)) - {""}
             scope = (f" of regressed domain(s) {sorted(map(str, args['domains']))} and domains new since"
                      if keep else "")
             reason = f"{reason}; quarantine: shards{scope} trained or read since step {to_step}"
@@ -569,10 +608,3 @@ class HeadwaterTrainer(Trainer):
                 closer.close()
         super().close()
 
-
-def _sum_dicts(dicts) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for d in dicts:
-        for k, v in d.items():
-            out[k] = out.get(k, 0) + v
-    return out

@@ -78,6 +78,7 @@ class _Probe(NamedTuple):
     idh: int
     prio: int  # event time (micros)
     order: tuple[int, int, int]  # ties: (offset, partition, id hash)
+    coords: tuple[str, int, int] | None
     fp: str  # encoded fingerprint (what candidates verify against)
 
 
@@ -131,7 +132,7 @@ class _ImageFingerprintFn(beam.DoFn):
         yield reckey, ("rec", coords, record, text, settled_hit, prio, len(keys))
         yield beam.pvalue.TaggedOutput("verify", (idh, ("reg", (prio, text, c))))
         for key in keys:
-            yield beam.pvalue.TaggedOutput("probe", (key, _Probe(reckey, idh, prio, order, text)))
+            yield beam.pvalue.TaggedOutput("probe", (key, _Probe(reckey, idh, prio, order, c, text)))
 
 
 class _ImageBucketFn(beam.DoFn):
@@ -173,9 +174,8 @@ class _ImageBucketFn(beam.DoFn):
         for p in ready:
             replay = p.idh in ids
             asked = [i for i in ids if i != p.idh]
-            coords = decode(p.fp).coords
             for cand in asked:
-                yield cand, ("q", _Query(p.reckey, coords, p.fp, replay))
+                yield cand, ("q", _Query(p.reckey, p.coords, p.fp, replay))
             yield beam.pvalue.TaggedOutput("report", (p.reckey, ("bucket", len(asked))))
             if not replay:
                 ids.append(p.idh)
@@ -202,7 +202,9 @@ class _ImageVerifyFn(beam.DoFn):
         if hit is None:
             return q.reckey, ("v", None, None, cand.record_id, added, q.replay)
         reason, evidence = hit
-        rank = (reason != "exact_duplicate", evidence.get("hamming", 0), -evidence.get("ssim", 1.0))
+        # Deterministic best: exact first, fewest pHash bits, highest SSIM, then the earliest.
+        rank = (reason != "exact_duplicate", evidence.get("hamming", 0), -evidence.get("ssim", 1.0), added,
+                cand.record_id)
         return q.reckey, ("v", reason, rank, cand.record_id, added, q.replay, evidence)
 
     def process(self, element, fp_state=beam.DoFn.StateParam(FP), waiting=beam.DoFn.StateParam(WAITING)):  # noqa: B008

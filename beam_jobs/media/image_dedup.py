@@ -23,6 +23,10 @@ class ImageDeduper:
     @dataclass(kw_only=True, slots=True)
     class Config:
         near: NearDupConfig = field(default_factory=NearDupConfig)
+        # Settled index (local runner): beyond either, the oldest whole segments are forgotten
+        # and a later near-dup of them is kept (None: no limit).
+        horizon_images: int | None = None
+        horizon_age_s: float | None = None
 
         def build(self) -> ImageDeduper:
             return ImageDeduper(self)

@@ -90,7 +90,9 @@ def _valid(i: int) -> st.SearchStrategy[Labelled]:
 
     meta = st.dictionaries(_SAFE_NAME, st.one_of(st.text(_PRINTABLE, max_size=30), st.integers(-10**6, 10**6),
                                                  st.booleans(), st.none()), max_size=3)
-    return st.builds(build, st.integers(0, 2**62), _SAFE_NAME, st.text(_PRINTABLE, min_size=1, max_size=20), meta)
+    # a few sources: every (source, language) is a domain, and each domain gets its own shard per batch
+    sources = st.sampled_from(["web", "books", "news", "forum-2"])
+    return st.builds(build, st.integers(0, 2**62), sources, st.text(_PRINTABLE, min_size=1, max_size=20), meta)
 
 
 def _surrogate() -> st.SearchStrategy[str]:

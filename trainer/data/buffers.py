@@ -1,14 +1,16 @@
-"""Per-domain sample buffers filled from live stream roots by a background thread.
+"""Per-domain sample buffers over live stream roots: one poll thread per root, one reader per domain.
 
-One :class:`~streams.mds.TailReader` per stream root is drained by a prefetch thread
-into per-domain deques, so a training step finds its documents already decoded.
-Data-parallel sharding: each rank reads every root and keeps the samples whose
-ordinal in the root (publish order, identical for all ranks) is ``≡ dp_rank (mod
-dp_world)``: no sample goes to two ranks. Quarantined shards are skipped by the readers and
-quarantined sources are dropped on arrival (their ordinals still count, so sharding stays
-aligned across ranks); both are also purged from the buffers. A snapshot (:meth:`state_dict`) holds the
-readers' cursors and the buffered-but-untrained samples, taken under the lock that
-also guards each read, so restoring it yields exactly the same future samples.
+Each root has a thread that polls its index.json (a stat; the index is re-read only when it
+changed), so an idle or slow root never delays another. Data-parallel sharding is by shard:
+the k-th shard of a domain in a root's publish order (the same for every rank) belongs to
+rank ``k % dp_world``; a rank reads and decodes only its own shards. Quarantine removes whole
+shards, or samples by source, from every rank's view alike and never changes the assignment,
+so no sample goes to two ranks or is lost to a reassignment.
+
+Each domain's shards of this rank are read by a :class:`~trainer.data.feed.DomainFeed`
+(its own thread, newest shard first, a byte cap with backpressure, a bounded backlog). A
+snapshot (:meth:`state_dict`) holds per domain the consumer's cursor (shards done, the next
+sample of the shard being consumed), never buffered samples; restoring it re-reads from there.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from streams.mds import TailReader
+from streams.mds_reader import IndexWatcher, ShardEntry, ShardOpener
+from trainer.data.feed import DomainFeed, ShardKey
 from trainer.data.packer import Doc
 
 __all__ = ["PrefetchError", "StreamBuffers"]
@@ -31,11 +33,11 @@ log = logging.getLogger(__name__)
 
 
 class PrefetchError(RuntimeError):
-    """The background prefetch thread died; raised to the consumer of the buffers."""
+    """A background reader thread died; raised to the consumer of the buffers."""
 
 
 class StreamBuffers:
-    """Background-filled per-domain buffers over one or more stream roots."""
+    """Background-filled, byte-capped per-domain buffers over one or more stream roots."""
 
     def __init__(
         self,
@@ -43,7 +45,8 @@ class StreamBuffers:
         *,
         dp_rank: int,
         dp_world: int,
-        soft_capacity: int = 4096,
+        domain_buffer_bytes: int = 8 << 20,
+        backlog_shards: int = 0,
         poll_interval_s: float = 0.2,
         vocab_size: int | None = None,
         on_corrupt: Callable[[str, str, str], None] | None = None,
@@ -52,165 +55,191 @@ class StreamBuffers:
             raise ValueError("at least one stream root is required")
         self.roots = list(roots)
         self.dp_rank, self.dp_world = dp_rank, dp_world
-        self.soft_capacity = soft_capacity
+        self.domain_buffer_bytes, self.backlog_shards = domain_buffer_bytes, backlog_shards
+        self.poll_interval_s = poll_interval_s
         self.vocab_size = vocab_size
         self._on_corrupt = on_corrupt
-        self.readers = [
-            TailReader(r, poll_interval_s=poll_interval_s, on_corrupt=self._corrupt_cb(r)) for r in self.roots
-        ]
-        self._ordinals = [0] * len(self.roots)
-        self.buffers: dict[str, deque[Doc]] = {}
-        self.available: dict[str, int] = {}  # samples of each domain this rank has received
+        self.watchers = [IndexWatcher(r) for r in self.roots]
+        self.openers = [ShardOpener(r) for r in self.roots]
+        self._poll_locks = [threading.Lock() for _ in self.roots]
+        self._assigned: dict[tuple[int, str], int] = {}  # (root, domain) -> shards seen (rank assignment)
+        self.feeds: dict[str, DomainFeed] = {}
+        self.available: dict[str, int] = {}  # samples of each domain this rank has read
         self.bad_samples: list[tuple[str, str]] = []
+        self.excluded_shards: set[str] = set()
         self.excluded_sources: set[str] = set()
-        self.domain_sources: dict[str, set[str]] = {}  # every source seen per domain (all ranks' samples)
-        self._read_lock = threading.Lock()
+        self.domain_sources: dict[str, set[str]] = {}  # every source seen per domain (this rank's shards)
         self._cond = threading.Condition()
-        self._wanted: set[str] = set()
+        self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._generation = 0  # bumped by load_state_dict: the fill thread reopens its generators
+        self._pollers: list[threading.Thread] = []
         self.last_sample_at = time.monotonic()
-        self.error: BaseException | None = None  # set when the prefetch thread died; see check()
+        self.error: BaseException | None = None  # set when a reader thread died; see check()
 
-    def _corrupt_cb(self, root: str):
-        def cb(shard: str, reason: str) -> None:
-            if self._on_corrupt is not None:
-                self._on_corrupt(root, shard, reason)
-
-        return cb
-
-    # -- background fill -----------------------------------------------------------
+    # -- threads -------------------------------------------------------------------------------
     def start(self) -> StreamBuffers:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="stream-prefetch", daemon=True)
-            self._thread.start()
+        if not self._pollers:
+            self._stop.clear()
+            for i in range(len(self.roots)):
+                self._poll(i)  # the first catalog synchronously: readers start at once
+            self._pollers = [threading.Thread(target=self._poll_loop, args=(i,), name=f"stream-poll-{i}",
+                                              daemon=True) for i in range(len(self.roots))]
+            for t in self._pollers:
+                t.start()
+            with self._cond:
+                feeds = list(self.feeds.values())
+            for f in feeds:
+                f.start()
         return self
 
     def stop(self) -> None:
+        """Stop the threads (:meth:`start` resumes them where they were)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-        for r in self.readers:
-            r.close()
-
-    def _full(self) -> bool:
+        self._wake.set()
+        for t in self._pollers:
+            t.join(timeout=10)
+        self._pollers = []
         with self._cond:
-            total = sum(len(b) for b in self.buffers.values())
-            starving = any(not self.buffers.get(d) for d in self._wanted)
-        return total >= self.soft_capacity and not starving
+            feeds = list(self.feeds.values())
+        for f in feeds:
+            f.stop()
 
-    def _run(self) -> None:
+    def close(self) -> None:
+        """Stop the threads and remove the decompression caches."""
+        self.stop()
+        for o in self.openers:
+            o.close()
+
+    @property
+    def running(self) -> bool:
+        return bool(self._pollers)
+
+    def notify(self) -> None:
+        """Poll every root now (e.g. on a ShardPublished event) instead of at the next interval."""
+        self._wake.set()
+
+    def _poll_loop(self, i: int) -> None:
         try:
-            self._fill()
-        except BaseException as e:  # surfaced to the training loop by check()
-            log.exception("stream prefetch thread failed")
-            with self._cond:
-                self.error = e
-                self._cond.notify_all()
+            while not self._stop.is_set():
+                self._poll(i)
+                self._wake.wait(self.poll_interval_s)
+                self._wake.clear()
+        except BaseException as e:
+            log.exception("stream poll thread of %s failed", self.roots[i])
+            self._fail(e)
+
+    def _poll(self, i: int) -> None:
+        """New shards of root ``i``: assign each to a rank; this rank's go to their domain's feed."""
+        with self._poll_locks[i]:
+            new = self.watchers[i].poll()
+            for entry in new:
+                k = self._assigned.get((i, entry.domain), 0)
+                self._assigned[(i, entry.domain)] = k + 1
+                if k % self.dp_world == self.dp_rank:
+                    with self._cond:
+                        feed = self._feed(entry.domain)
+                        feed.add(i, entry)
+                        self._cond.notify_all()
+
+    def _feed(self, domain: str) -> DomainFeed:
+        """The feed of ``domain``, created (and started if running) on first sight (cond held)."""
+        feed = self.feeds.get(domain)
+        if feed is None:
+            feed = self.feeds[domain] = DomainFeed(
+                domain, openers=self.openers, cond=self._cond, cap_bytes=self.domain_buffer_bytes,
+                backlog_shards=self.backlog_shards, accept=self._accept, excluded=self._excluded,
+                on_corrupt=self._corrupt, on_error=self._fail)
+            if self._pollers:
+                feed.start()
+        return feed
+
+    def _fail(self, e: BaseException) -> None:
+        with self._cond:
+            self.error = e
+            self._cond.notify_all()
 
     def check(self) -> None:
-        """Raise :class:`PrefetchError` if the prefetch thread died (the training loop must not wait
+        """Raise :class:`PrefetchError` if a reader thread died (the training loop must not wait
         forever on buffers nobody fills)."""
         if self.error is not None:
             raise PrefetchError(f"stream prefetch thread failed: {type(self.error).__name__}: {self.error}") \
                 from self.error
 
-    def _fill(self) -> None:
-        gens: list = [None] * len(self.readers)
-        generation = self._generation
-        while not self._stop.is_set():
-            if self._full():
-                time.sleep(0.01)
-                continue
-            got = False
-            for i, reader in enumerate(self.readers):
-                with self._read_lock:
-                    if generation != self._generation:
-                        gens, generation = [None] * len(self.readers), self._generation
-                    if gens[i] is None:
-                        gens[i] = reader.samples(timeout_s=0.05)
-                    sample = next(gens[i], None)
-                    if sample is None:
-                        gens[i] = None
-                        continue
-                    got = True
-                    self._accept(i, sample)
-            if not got:
-                self._stop.wait(0.05)
+    def _corrupt(self, root: int, shard: str, reason: str) -> None:
+        if self._on_corrupt is not None:
+            self._on_corrupt(self.roots[root], shard, reason)
 
-    def _accept(self, root_i: int, sample: dict[str, Any]) -> None:
-        ordinal = self._ordinals[root_i]
-        self._ordinals[root_i] += 1
+    def _excluded(self, key: ShardKey) -> bool:
+        return key[1] in self.excluded_shards
+
+    def _accept(self, root: int, entry: ShardEntry, sample: dict[str, Any]) -> Doc | None:
+        """The document of a sample read (called by a feed thread), None if it must not be trained."""
         source = str(sample.get("source") or "")
-        self.domain_sources.setdefault(str(sample.get("domain") or "default"), set()).add(source)
-        if ordinal % self.dp_world != self.dp_rank:
-            return
+        with self._cond:
+            self.domain_sources.setdefault(entry.domain, set()).add(source)
+            self.available[entry.domain] = self.available.get(entry.domain, 0) + 1
+            self.last_sample_at = time.monotonic()
         if source in self.excluded_sources:
-            return
+            return None
         tokens = np.asarray(sample["tokens"], dtype=np.int32)
         if self.vocab_size is not None and tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
             self.bad_samples.append((sample["id"], f"token id outside [0, {self.vocab_size})"))
             log.warning("dropping sample %s: token id outside vocab [0, %d)", sample["id"], self.vocab_size)
-            return
-        doc = Doc(
-            id=str(sample["id"]),
-            domain=str(sample.get("domain") or "default"),
-            tokens=tokens,
-            produced_at=float(sample.get("produced_at") or 0.0),
-            shard=str(sample.get("_shard", "")),
-            source=source,
-        )
-        with self._cond:
-            self.buffers.setdefault(doc.domain, deque()).append(doc)
-            self.available[doc.domain] = self.available.get(doc.domain, 0) + 1
-            self.last_sample_at = time.monotonic()
-            self._cond.notify_all()
+            return None
+        return Doc(id=str(sample["id"]), domain=entry.domain, tokens=tokens,
+                   produced_at=float(sample.get("produced_at") or 0.0), shard=entry.name, source=source,
+                   root=root, index=int(sample["_index"]))
 
-    # -- consumer side ---------------------------------------------------------------
+    # -- consumer side -------------------------------------------------------------------------------
     def domains(self) -> list[str]:
+        """Domains with documents buffered now."""
         with self._cond:
-            return sorted(self.buffers)
+            return sorted(d for d, f in self.feeds.items() if f.docs)
 
     def take(self, domain: str, timeout_s: float) -> Doc | None:
         """Pop the next document of ``domain``; wait up to ``timeout_s`` for one (None on timeout)."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            self._wanted.add(domain)
-            try:
-                while not self.buffers.get(domain):
-                    self.check()
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return None
-                    self._cond.wait(min(left, 0.5))
-                return self.buffers[domain].popleft()
-            finally:
-                self._wanted.discard(domain)
+            while True:
+                feed = self.feeds.get(domain)
+                doc = feed.pop() if feed is not None else None
+                if doc is not None:
+                    return doc
+                self.check()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(min(left, 0.5))
 
     def take_nowait(self, domain: str) -> Doc | None:
         """Pop the next document of ``domain`` if one is buffered (the fast path of :meth:`take`)."""
         with self._cond:
-            buf = self.buffers.get(domain)
-            if not buf:
+            feed = self.feeds.get(domain)
+            doc = feed.pop() if feed is not None else None
+            if doc is None:
                 self.check()
-            return buf.popleft() if buf else None
+            return doc
 
     def retired_domains(self) -> set[str]:
         """Domains whose every source seen so far is quarantined: no data will come, never draw them."""
-        # No lock: the fill thread holds _read_lock while it polls; list() of the items is atomic.
-        return {d for d, srcs in list(self.domain_sources.items()) if srcs <= self.excluded_sources}
+        with self._cond:
+            return {d for d, srcs in self.domain_sources.items() if srcs <= self.excluded_sources}
 
     def has_data(self, domain: str) -> bool:
         with self._cond:
-            return bool(self.buffers.get(domain))
+            feed = self.feeds.get(domain)
+            return feed is not None and feed.docs > 0
 
-    def wait_any(self, timeout_s: float, among: set[str] | None = None) -> bool:
-        """Wait until some domain (of ``among``, if given) has data; False on timeout."""
+    def buffered_tokens(self, among: set[str] | None = None) -> int:
+        """Tokens buffered over the domains of ``among`` (all if None)."""
+        with self._cond:
+            return sum(f.tokens for d, f in self.feeds.items() if among is None or d in among)
+
+    def wait_until(self, pred: Callable[[], bool], timeout_s: float) -> bool:
+        """Wait until ``pred()`` (evaluated under the buffers' lock, after each change) holds; False on timeout."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while not any(buf for d, buf in self.buffers.items() if among is None or d in among):
+            while not pred():
                 self.check()
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -218,56 +247,73 @@ class StreamBuffers:
                 self._cond.wait(min(left, 0.5))
             return True
 
+    def wait_any(self, timeout_s: float, among: set[str] | None = None) -> bool:
+        """Wait until some domain (of ``among``, if given) has data; False on timeout."""
+        return self.wait_until(
+            lambda: any(f.docs for d, f in self.feeds.items() if among is None or d in among), timeout_s)
+
     def drop_shards(self, shards: set[str]) -> int:
-        """Quarantine: skip these shards from now on and drop their buffered samples."""
-        with self._read_lock:
-            for r in self.readers:
-                r.exclude(shards)
+        """Quarantine: skip these shards from now on (also mid-shard) and drop their buffered samples."""
+        with self._cond:
+            self.excluded_shards |= shards
         return self._purge(lambda doc: doc.shard in shards)
 
     def drop_sources(self, sources: set[str]) -> int:
         """Quarantine: drop samples of these sources from now on, buffered ones included."""
-        with self._read_lock:
-            self.excluded_sources.update(sources)
+        with self._cond:
+            self.excluded_sources |= sources
         return self._purge(lambda doc: doc.source in sources)
 
     def _purge(self, bad: Callable[[Doc], bool]) -> int:
-        dropped = 0
         with self._cond:
-            for d, buf in self.buffers.items():
-                keep = deque(doc for doc in buf if not bad(doc))
-                dropped += len(buf) - len(keep)
-                self.buffers[d] = keep
-        return dropped
+            return sum(f.purge(bad) for f in self.feeds.values())
 
     def buffered_shards(self, except_domains: set[str] = frozenset()) -> set[str]:
         """Shards with samples waiting in the buffers (read but not trained yet), except ``except_domains``'."""
         with self._cond:
-            return {doc.shard for d, buf in self.buffers.items() if d not in except_domains for doc in buf}
+            return {e.doc.shard for d, f in self.feeds.items() if d not in except_domains
+                    for e in f.buf if e.doc is not None}
 
-    # -- checkpoint -----------------------------------------------------------------------
+    def skipped(self) -> dict[str, dict[str, int]]:
+        """Per domain: shards and samples skipped by the backlog bound (the freshness policy)."""
+        with self._cond:
+            return {d: {"shards": f.skipped_shards, "samples": f.skipped_samples}
+                    for d, f in sorted(self.feeds.items()) if f.skipped_shards}
+
+    def fetch_tokens(self, root: int, shard: str, index: int) -> np.ndarray:
+        """Tokens of one sample, read now (a checkpoint's carried document; quarantine not applied)."""
+        self._poll(root)
+        entry = self.watchers[root].entries.get(shard)
+        if entry is None:
+            raise ValueError(f"checkpoint cursor names shard {shard!r}, not published in {self.roots[root]}")
+        opener = ShardOpener(self.roots[root])
+        try:
+            return np.asarray(opener.read(opener.open(shard, entry.info), index)["tokens"], dtype=np.int32)
+        finally:
+            opener.close()
+
+    # -- checkpoint ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        with self._read_lock, self._cond:
+        """Cursor per domain (shards done, next sample of the shard being consumed); no samples."""
+        with self._cond:
             return {
-                "readers": [r.state_dict() for r in self.readers],
-                "ordinals": list(self._ordinals),
+                "roots": len(self.roots),
+                "feeds": {d: f.state_dict() for d, f in self.feeds.items()},
                 "available": dict(self.available),
-                "buffers": {
-                    d: [(x.id, x.tokens.tolist(), x.produced_at, x.shard, x.source) for x in buf]
-                    for d, buf in self.buffers.items()
-                },
             }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["readers"]) != len(self.readers):
-            raise ValueError(f"checkpoint has {len(state['readers'])} stream roots, run has {len(self.readers)}")
-        with self._read_lock, self._cond:
-            for r, s in zip(self.readers, state["readers"]):
-                r.load_state_dict(s)
-            self._generation += 1
-            self._ordinals = list(state["ordinals"])
+        if state["roots"] != len(self.roots):
+            raise ValueError(f"checkpoint has {state['roots']} stream roots, run has {len(self.roots)}")
+        running = self.running
+        if running:  # a rollback mid-run: readers stop, restart at the restored cursor
+            self.stop()
+        with self._cond:
+            for d, s in state["feeds"].items():
+                self._feed(d).restore(s)
+            for d, f in self.feeds.items():
+                if d not in state["feeds"]:
+                    f.restore({"done": [], "current": None, "skipped_shards": 0, "skipped_samples": 0})
             self.available = dict(state["available"])
-            self.buffers = {
-                d: deque(Doc(i, d, np.asarray(t, dtype=np.int32), *rest) for i, t, *rest in items)
-                for d, items in state["buffers"].items()
-            }
+        if running:
+            self.start()

@@ -6,10 +6,17 @@ cumulative weights), then taken from that domain's prefetched buffer. The
 distribution is computed once per batch over the domains not paused, starved or
 retired, and again whenever that set changes mid-batch (a domain starves, or the
 loader waited for data). If the buffer is empty the loader waits, logging a visible
-status, for up to ``starve_timeout_s``; then the domain counts as starved and is not
-drawn until its buffer has data again (the one path whose outcome depends on timing;
-it is logged). Batches carry a ``_meta`` entry (domains of the label tokens, documents,
-shards, produced_at) that the trainer strips before the forward pass.
+status; all such waits of one batch together last at most ``starve_timeout_s`` (keep it
+below the process group's timeout), after which a drawn empty domain counts as starved
+and is not drawn until its buffer has data again (the one path whose outcome depends on
+timing; it is logged). Batches carry a ``_meta`` entry (domains of the label tokens,
+documents, shards, produced_at) that the trainer strips before the forward pass.
+
+A batch starts only when every rank holds a batch's worth of tokens in domains it may
+draw (:class:`~trainer.data.rendezvous.DataRendezvous`): on an empty or stalled stream all
+ranks wait together, with a heartbeat collective every ``heartbeat_s``, and go on together.
+Reading is per rank and per domain, byte-capped and newest shard first
+(:mod:`trainer.data.buffers`, :mod:`trainer.data.feed`); checkpoints hold cursors only.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ from torchtitan.components.dataloader import BaseDataLoader
 
 from streams import manifest as mf
 from trainer.data.buffers import StreamBuffers
+from trainer.data.feed import DOC_OVERHEAD_BYTES
 from trainer.data.packer import IGNORE_INDEX, Doc, Packer
+from trainer.data.rendezvous import DataRendezvous
 from trainer.mixing import Mixer
 
 __all__ = ["BatchMeta", "LiveStreamDataLoader"]
@@ -72,11 +81,19 @@ class LiveStreamDataLoader(BaseDataLoader):
         domains: list[str] = field(default_factory=list)
         """domains to mix from the start (empty: those published at start-up, then any new ones)"""
         seed: int = 1234
-        soft_capacity: int = 4096
-        """buffered samples per rank before the prefetch thread pauses"""
+        domain_buffer_bytes: int = 0
+        """read-ahead cap per domain and rank; a full domain stops reading (0: 4 batches of tokens)"""
+        backlog_shards: int = 16
+        """unread shards kept per domain and rank, newest first; older ones are skipped and counted
+        (the freshness policy; 0: read every shard, e.g. to replay a finished stream)"""
         poll_interval_s: float = 0.2
         starve_timeout_s: float = 30.0
+        """longest a batch waits in all for drawn domains with no data (then they starve)"""
         status_every_s: float = 5.0
+        heartbeat_s: float = 5.0
+        """while any rank has no data: interval of the collective that keeps all ranks waiting together"""
+        rendezvous_timeout_s: float = 600.0
+        """timeout of the data rendezvous' gloo group (fires only if a rank is gone)"""
         check_vocab: bool = True
         mixing: Mixer.Config = field(default_factory=Mixer.Config)
 
@@ -97,16 +114,19 @@ class LiveStreamDataLoader(BaseDataLoader):
         self.config = config
         self.dp_rank, self.dp_world = dp_rank, dp_world_size
         self.batch_size, self.seq_len = local_batch_size, seq_len
+        self.batch_tokens = local_batch_size * (seq_len + 1)
         self.buffers = StreamBuffers(
             config.stream_roots,
             dp_rank=dp_rank,
             dp_world=dp_world_size,
-            soft_capacity=config.soft_capacity,
+            domain_buffer_bytes=config.domain_buffer_bytes or 4 * self.batch_tokens * 4 + 64 * DOC_OVERHEAD_BYTES,
+            backlog_shards=config.backlog_shards,
             poll_interval_s=config.poll_interval_s,
             vocab_size=vocab_size if config.check_vocab else None,
             on_corrupt=self._corrupt,
         )
         self.on_corrupt = on_corrupt
+        self.rendezvous = DataRendezvous(timeout_s=config.rendezvous_timeout_s)
         self.mixer = config.mixing.build()
         self.mixer.add_domains(config.domains or _published_domains(config.stream_roots))
         self.packer = Packer(seq_len)
@@ -117,6 +137,7 @@ class LiveStreamDataLoader(BaseDataLoader):
         self.trained: dict[str, int] = {}
         self._last_status_log = 0.0
         self._draw: tuple[list[str], list[float]] | None = None  # domains, cumulative weights
+        self._wait_deadline = 0.0  # end of this batch's waiting budget
 
     # -- events ------------------------------------------------------------------------
     def _corrupt(self, root: str, shard: str, reason: str) -> None:
@@ -148,6 +169,8 @@ class LiveStreamDataLoader(BaseDataLoader):
 
     def next_batch(self) -> tuple[dict[str, Any], torch.Tensor]:
         t0 = time.monotonic()
+        self._await_data()
+        self._wait_deadline = time.monotonic() + self.config.starve_timeout_s
         starved: list[str] = []
         self._draw = None
         packed = self.packer.pack_batch(lambda: self._next_doc(starved), self.batch_size)
@@ -177,6 +200,26 @@ class LiveStreamDataLoader(BaseDataLoader):
             "_meta": meta,
         }
         return batch, torch.from_numpy(packed.labels)
+
+    def _drawable(self) -> set[str]:
+        return set(self.mixer.domains) - self.paused - self.buffers.retired_domains()
+
+    def _ready(self) -> bool:
+        """This rank holds a batch's worth of tokens in domains it may draw."""
+        return self.buffers.buffered_tokens(self._drawable()) >= self.batch_tokens
+
+    def _await_data(self) -> None:
+        """Return when every rank is ready (all ranks call this at the same point of every batch)."""
+        waits = 0
+        while not self.rendezvous.all_ready(self._ready()):
+            if not self.mixer.domains:  # nothing was published at start-up: agree on what arrived since
+                self.mixer.add_domains(self.rendezvous.union(self.buffers.domains()))
+            self.status = "waiting for data: some rank has less than a batch in the domains it may draw"
+            if waits:  # the first wait is the usual read-ahead at start-up: not worth a warning
+                self._log_status()
+            waits += 1
+            ready = self._ready if self.mixer.domains else lambda: bool(self.buffers.domains())
+            self.buffers.wait_until(ready, self.config.heartbeat_s)
 
     def _domain_draw(self) -> tuple[list[str], list[float]] | None:
         """Domains that may be drawn now and their cumulative weights (None: none may)."""
@@ -208,7 +251,7 @@ class LiveStreamDataLoader(BaseDataLoader):
                         self.config.starve_timeout_s)
 
     def _wait_for(self, domain: str) -> Doc | None:
-        deadline = time.monotonic() + self.config.starve_timeout_s
+        deadline = self._wait_deadline
         while True:
             self.status = f"waiting for data: domain {domain!r}"
             self._log_status()
@@ -225,8 +268,6 @@ class LiveStreamDataLoader(BaseDataLoader):
         while not self.buffers.wait_any(self.config.status_every_s, among=among):
             self.status = "waiting for data: stream has no samples for any active domain"
             self._log_status()
-        if not known:  # nothing was published at start-up
-            self.mixer.add_domains(self.buffers.domains())
 
     def _log_status(self) -> None:
         now = time.monotonic()
@@ -257,24 +298,25 @@ class LiveStreamDataLoader(BaseDataLoader):
             )
         state = pickle.loads(state_dict[key])
         self.buffers.load_state_dict(state["buffers"])
-        self.packer.load_state_dict(state["packer"])
+        self.packer.load_state_dict(state["packer"], self.buffers.fetch_tokens)
         self.rng.bit_generator.state = state["rng"]
         self.mixer.load_state_dict(state["mixer"])
         self.trained = dict(state["trained"])
 
     def cursor_summary(self) -> dict[str, Any]:
         """Small JSON-able view of the data cursor (for CheckpointSaved and headwater.json)."""
-        readers = self.buffers.state_dict()["readers"]
+        feeds = self.buffers.state_dict()["feeds"]
         return {
             "roots": self.buffers.roots,
-            "shards_done": [len(r["done"]) for r in readers],
-            "current": [[r["current"], r["position"]] for r in readers],
-            "buffered": {d: len(b) for d, b in self.buffers.buffers.items()},
+            "dp_rank": self.dp_rank,
+            "shards_done": {d: len(f["done"]) for d, f in feeds.items()},
+            "current": {d: f["current"] for d, f in feeds.items() if f["current"] is not None},
+            "skipped": self.buffers.skipped(),
             "trained": dict(self.trained),
         }
 
     def close(self) -> None:
-        self.buffers.stop()
+        self.buffers.close()
 
 
 def _published_domains(roots: list[str]) -> list[str]:

@@ -34,6 +34,9 @@ class Doc:
     produced_at: float = 0.0
     shard: str = ""
     source: str = ""
+    root: int = 0  # index of its stream root
+    index: int = -1  # sample index in its shard
+    offset: int = 0  # position of ``tokens[0]`` in the sample (a split document's remainder)
 
 
 @dataclass(slots=True)
@@ -98,7 +101,7 @@ class Packer:
                 at += take
                 if take < n:  # the last placed token opens the next row: no label lost
                     self.carry = Doc(doc.id, doc.domain, doc.tokens[take - 1:], doc.produced_at, doc.shard,
-                                     doc.source)
+                                     doc.source, doc.root, doc.index, doc.offset + take - 1)
         tokens = flat.reshape(rows, need)
         pos = (np.arange(rows * need) - np.repeat(starts, lengths)).reshape(rows, need)
         labels = tokens[:, 1:].copy()
@@ -113,12 +116,20 @@ class Packer:
         )
 
     def state_dict(self) -> dict:
+        """The carried remainder as a reference (root, shard, sample index, offset), not its tokens."""
         c = self.carry
-        return {"carry": None if c is None else (c.id, c.domain, c.tokens.tolist(), c.produced_at, c.shard, c.source)}
+        return {"carry": None if c is None else
+                (c.id, c.domain, c.produced_at, c.shard, c.source, c.root, c.index, c.offset)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, fetch: Callable[[int, str, int], np.ndarray]) -> None:
+        """Restore; ``fetch(root, shard, index)`` re-reads the tokens of the carried sample."""
         c = state.get("carry")
-        self.carry = None if c is None else Doc(c[0], c[1], np.asarray(c[2], dtype=np.int32), *c[3:])
+        if c is None:
+            self.carry = None
+            return
+        doc_id, domain, produced_at, shard, source, root, index, offset = c
+        tokens = fetch(root, shard, index)[offset:]
+        self.carry = Doc(doc_id, domain, tokens, produced_at, shard, source, root, index, offset)
 
     def drop_carry(self, *, shards: set[str] = frozenset(), sources: set[str] = frozenset()) -> bool:
         """Forget the carried remainder if it comes from a quarantined shard or source."""

@@ -1,0 +1,246 @@
+"""DomainFeed: one domain's shards on this rank, read by its own thread into a byte-capped buffer.
+
+Reading order (the freshness policy): the shard being read is finished first; then the
+*newest* pending shard is opened (newest by sidecar publish time, then root, then index
+position), its samples in order. Shards beyond the newest ``backlog_shards`` pending ones
+are skipped when the next shard is chosen: they are marked done in the cursor, counted in
+``skipped_shards``/``skipped_samples`` and never read (0: no bound, every shard is read).
+So a trainer slower than ingest trains recent data and lets a bounded backlog go, instead
+of falling ever further behind.
+
+Backpressure: the thread stops reading while the buffer holds ``cap_bytes`` or more (it
+may exceed it by one document); the consumer wakes it. Memory per domain is bounded
+whatever the mixing weights.
+
+Cursor: every sample read leaves one buffer entry in reading order (a filtered sample or
+the rest of a corrupt or quarantined shard leaves an empty marker), so the consumer's
+position is exact: the shards fully consumed, skipped or corrupt (``done``) and the next
+sample of the one shard partly consumed (``current``). A checkpoint stores that cursor,
+never the buffered samples; :meth:`restore` resumes reading at it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from streaming.base.format.base.reader import Reader
+
+from streams.mds_reader import CorruptShard, ShardEntry, ShardOpener
+from trainer.data.packer import Doc
+
+__all__ = ["DomainFeed", "ShardKey"]
+
+log = logging.getLogger(__name__)
+
+ShardKey = tuple[int, str]
+"""(stream root index, shard name)"""
+DOC_OVERHEAD_BYTES = 256
+"""bytes a buffered document costs beside its tokens (object, strings)"""
+
+
+@dataclass(slots=True)
+class _Entry:
+    doc: Doc | None  # None: a sample read but not to be trained (filtered), or the end of a skipped rest
+    key: ShardKey
+    index: int  # sample index in the shard
+    last: bool  # the shard's last sample (or its end)
+
+    @property
+    def nbytes(self) -> int:
+        return DOC_OVERHEAD_BYTES + (self.doc.tokens.nbytes if self.doc is not None else 0)
+
+
+class DomainFeed:
+    """Reads one domain's shards assigned to this rank; see the module docstring."""
+
+    def __init__(self, domain: str, *, openers: list[ShardOpener], cond: threading.Condition, cap_bytes: int,
+                 backlog_shards: int, accept: Callable[[int, ShardEntry, dict[str, Any]], Doc | None],
+                 excluded: Callable[[ShardKey], bool], on_corrupt: Callable[[int, str, str], None],
+                 on_error: Callable[[BaseException], None]):
+        self.domain = domain
+        self._openers, self._cond = openers, cond
+        self.cap_bytes, self.backlog_shards = cap_bytes, backlog_shards
+        self._accept, self._excluded, self._on_corrupt, self._on_error = accept, excluded, on_corrupt, on_error
+        self.entries: dict[ShardKey, ShardEntry] = {}
+        self._pending: list[tuple[tuple[float, int, int], ShardKey]] = []  # sorted, oldest first
+        # consumer cursor
+        self.done: set[ShardKey] = set()
+        self.current: tuple[ShardKey, int] | None = None
+        self.skipped_shards = self.skipped_samples = 0
+        # buffer (guarded by cond)
+        self.buf: deque[_Entry] = deque()
+        self.bytes = 0
+        self.docs = 0  # trainable documents buffered
+        self.tokens = 0
+        # reader state (the thread's; guarded by cond)
+        self._reading: tuple[ShardKey, int] | None = None
+        self._generation = 0
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # -- catalog (cond held by the caller) ---------------------------------------------------
+    def add(self, root: int, entry: ShardEntry) -> None:
+        """A newly published shard of this domain assigned to this rank."""
+        key = (root, entry.name)
+        self.entries[key] = entry
+        if key not in self.done and (self.current is None or self.current[0] != key):
+            bisect.insort(self._pending, (self._order(key), key))
+
+    def _order(self, key: ShardKey) -> tuple[float, int, int]:
+        e = self.entries[key]
+        return (e.published_at, key[0], e.ordinal)
+
+    # -- thread --------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._run, name=f"feed-{self.domain}", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _run(self) -> None:
+        try:
+            self._fill()
+        except BaseException as e:  # surfaced to the training loop by StreamBuffers.check()
+            log.exception("stream feed of domain %s failed", self.domain)
+            self._on_error(e)
+
+    def _next_shard(self) -> tuple[ShardKey, int] | None:
+        """The shard to read next (cond held): the newest pending; older ones beyond the backlog skipped."""
+        if self.backlog_shards > 0 and len(self._pending) > self.backlog_shards:
+            old, self._pending = self._pending[:-self.backlog_shards], self._pending[-self.backlog_shards:]
+            for _, key in old:
+                self.done.add(key)
+                self.skipped_shards += 1
+                self.skipped_samples += self.entries[key].samples
+            log.warning("domain %s: skipped %d shards beyond the backlog of %d (freshness policy)",
+                        self.domain, len(old), self.backlog_shards)
+        while self._pending:
+            _, key = self._pending.pop()
+            if key not in self.done:
+                return key, 0
+        return None
+
+    def _fill(self) -> None:
+        reader, reader_key = None, None
+        while True:
+            with self._cond:
+                while not self._stop and (self.bytes >= self.cap_bytes or not self._can_read()):
+                    self._cond.wait(1.0)
+                if self._stop:
+                    return
+                if self._reading is None:
+                    self._reading = self._next_shard()
+                    if self._reading is None:
+                        continue
+                key, index = self._reading
+                entry, generation = self.entries[key], self._generation
+            if reader_key != key:
+                reader, reader_key = None, key
+            reader, item = self._read(key[0], entry, index, reader)
+            with self._cond:
+                if generation != self._generation:  # restored meanwhile: this read is void
+                    reader, reader_key = None, None
+                    continue
+                self._push(item)
+                self._reading = None if item.last else (key, index + 1)
+                if item.last:
+                    self._openers[key[0]].release(key[1])
+                    reader, reader_key = None, None
+
+    def _can_read(self) -> bool:
+        if self._reading is None:
+            return bool(self._pending)
+        return self._reading[0] in self.entries  # a restored cursor waits until the catalog lists its shard
+
+    def _read(self, root: int, entry: ShardEntry, index: int, reader: Reader | None) -> tuple[Reader | None, _Entry]:
+        """Read sample ``index`` outside the lock (opening the shard if ``reader`` is None): the reader and
+        the buffer entry, an end-of-shard marker if the shard is quarantined or corrupt."""
+        key, n = (root, entry.name), entry.samples
+        if self._excluded(key) or n == 0:
+            return None, _Entry(None, key, max(index, n - 1), True)
+        opener = self._openers[root]
+        try:
+            if reader is None:
+                reader = opener.open(entry.name, entry.info)
+            sample = opener.read(reader, index)
+        except CorruptShard as e:
+            log.warning("skipping corrupt shard %s: %s", entry.name, e)
+            self._on_corrupt(root, entry.name, str(e))
+            return None, _Entry(None, key, n - 1, True)
+        sample["_shard"], sample["_index"] = entry.name, index
+        return reader, _Entry(self._accept(root, entry, sample), key, index, index == n - 1)
+
+    # -- buffer (cond held by the caller) -----------------------------------------------------------
+    def _push(self, item: _Entry) -> None:
+        self.buf.append(item)
+        self.bytes += item.nbytes
+        if item.doc is not None:
+            self.docs += 1
+            self.tokens += len(item.doc.tokens)
+        self._cond.notify_all()
+
+    def pop(self) -> Doc | None:
+        """The next trainable document (markers before it are consumed), advancing the cursor."""
+        while self.buf:
+            item = self.buf.popleft()
+            self.bytes -= item.nbytes
+            if item.last:
+                self.done.add(item.key)
+                self.current = None
+            else:
+                self.current = (item.key, item.index + 1)
+            if item.doc is not None:
+                self.docs -= 1
+                self.tokens -= len(item.doc.tokens)
+                self._cond.notify_all()  # room for the reader
+                return item.doc
+        return None
+
+    def purge(self, bad: Callable[[Doc], bool]) -> int:
+        """Turn buffered documents matching ``bad`` into markers (the cursor still passes them)."""
+        dropped = 0
+        for item in self.buf:
+            if item.doc is not None and bad(item.doc):
+                self.bytes -= item.doc.tokens.nbytes
+                self.docs -= 1
+                self.tokens -= len(item.doc.tokens)
+                item.doc = None
+                dropped += 1
+        return dropped
+
+    # -- cursor (cond held by the caller; the thread stopped or about to re-read) ---------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "done": sorted(self.done),
+            "current": None if self.current is None else [*self.current[0], self.current[1]],
+            "skipped_shards": self.skipped_shards,
+            "skipped_samples": self.skipped_samples,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Resume at a cursor: drop the buffer, re-read from the consumer's position."""
+        self._generation += 1
+        self.done = {(int(r), str(n)) for r, n in state["done"]}
+        cur = state["current"]
+        self.current = None if cur is None else ((int(cur[0]), str(cur[1])), int(cur[2]))
+        self.skipped_shards, self.skipped_samples = int(state["skipped_shards"]), int(state["skipped_samples"])
+        self.buf.clear()
+        self.bytes = self.docs = self.tokens = 0
+        self._reading = self.current
+        self._pending = sorted((self._order(k), k) for k in self.entries
+                               if k not in self.done and (self.current is None or k != self.current[0]))
+        self._cond.notify_all()
