@@ -52,8 +52,8 @@ def observe(mixer: Mixer, meta, per_token: torch.Tensor, labels: torch.Tensor, a
     mixer.observe(loss_sum, tokens, dict(Counter(meta.doc_domains)), dict(available))
 
 
-def live_loader(root: str, policy: str, **mix) -> LiveStreamDataLoader:
-    cfg = LiveStreamDataLoader.Config(stream_roots=[root], mixing=Mixer.Config(policy=policy, **mix))
+def live_loader(roots: list[str], policy: str, **mix) -> LiveStreamDataLoader:
+    cfg = LiveStreamDataLoader.Config(stream_roots=roots, mixing=Mixer.Config(policy=policy, **mix))
     return LiveStreamDataLoader(cfg, dp_world_size=1, dp_rank=0, seq_len=SEQ, local_batch_size=BATCH,
                                 vocab_size=VOCAB)
 

@@ -1,10 +1,12 @@
 """Live-stream loader + mixer overhead vs a static in-memory loader, same model, same run.
 
-Both arms train the debug_cpu model (vocab 512, seq 128, batch 4) on one process; the
-live arm reads a stream root through TailReader/prefetch/packing and updates the mixer
-(``--policy``, ODM by default) from per-domain losses each step, the static arm iterates pre-built tensors.
-Steps alternate between the arms so machine noise hits both. Prints the step-time ratio
-and the live arm's data stall (time in next() / step time) when the stream is ahead.
+Three arms train the debug_cpu model (vocab 512, seq 128, batch 4) on one process: the
+live arm reads a stream root through the per-domain readers/packing and updates the mixer
+(``--policy``, ODM by default) from per-domain losses each step; the quiet-root arm does the
+same with a second stream root beside it that publishes nothing; the static arm iterates
+pre-built tensors. Steps rotate between the arms so machine noise hits all three. Prints the
+live/static step-time ratio, the quiet-root/live ratio and the data stall (time in next() /
+step time) of both live arms when the stream is ahead.
 
     PYTHONPATH=.:bench .venv/bin/python bench/bench_trainer_loader.py [--steps 150] [--policy learnability]
 """
@@ -12,6 +14,7 @@ and the live arm's data stall (time in next() / step time) when the stream is ah
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from functools import partial
 
@@ -37,30 +40,37 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        write_stream(tmp, domains=DOMAINS, shards=6, per_shard=150, vocab=VOCAB)
-        loader = live_loader(tmp, args.policy)
-        live_it = iter(loader)
-        static = [next(live_it) for _ in range(32)]  # same kind of batches, held in memory
-        model_a, opt_a = make_model()
-        model_b, opt_b = make_model()
-        t_live, t_static, t_wait = [], [], []
+        busy, quiet = os.path.join(tmp, "busy"), os.path.join(tmp, "quiet")
+        write_stream(busy, domains=DOMAINS, shards=6, per_shard=150, vocab=VOCAB)
+        os.makedirs(quiet)
+        loaders = {"live": live_loader([busy], args.policy), "quiet": live_loader([busy, quiet], args.policy)}
+        iters = {k: iter(v) for k, v in loaders.items()}
+        static = [next(iters["live"]) for _ in range(32)]  # same kind of batches, held in memory
+        models = {k: make_model() for k in ("live", "quiet", "static")}
+        t: dict[str, list[float]] = {k: [] for k in ("live", "quiet", "static", "wait_live", "wait_quiet")}
         for step in range(args.steps):
-            def live_step():
-                (batch, labels), wait = timed(lambda: next(live_it))
-                per_token = train_step(model_a, opt_a, batch, labels)
-                observe(loader.mixer, batch["_meta"], per_token, labels, loader.buffers.available)
-                return wait
-            wait, dt = timed(live_step)
+            for arm in ("live", "quiet"):
+                def live_step(arm=arm):
+                    (batch, labels), wait = timed(lambda: next(iters[arm]))
+                    per_token = train_step(*models[arm], batch, labels)
+                    observe(loaders[arm].mixer, batch["_meta"], per_token, labels, loaders[arm].buffers.available)
+                    return wait
+                wait, dt = timed(live_step)
+                if step >= 10:  # skip warm-up
+                    t[arm].append(dt), t[f"wait_{arm}"].append(wait)
             batch, labels = static[step % len(static)]
-            _, ds = timed(partial(train_step, model_b, opt_b, batch, labels))
-            if step >= 10:  # skip warm-up
-                t_live.append(dt), t_static.append(ds), t_wait.append(wait)
-        loader.close()
-    live, stat = median(t_live), median(t_static)
-    print(f"static in-memory loader: {stat * 1e3:.2f} ms/step (median of {len(t_static)})")
+            _, ds = timed(partial(train_step, *models["static"], batch, labels))
+            if step >= 10:
+                t["static"].append(ds)
+        for ld in loaders.values():
+            ld.close()
+    live, quiet_, stat = median(t["live"]), median(t["quiet"]), median(t["static"])
+    print(f"static in-memory loader: {stat * 1e3:.2f} ms/step (median of {len(t['static'])})")
     print(f"live stream loader+mixer: {live * 1e3:.2f} ms/step")
     print(f"overhead ratio live/static = {live / stat:.3f} ({(live / stat - 1) * 100:+.1f}%)")
-    print(f"data stall (next() / step time) = {sum(t_wait) / sum(t_live) * 100:.2f}%")
+    print(f"data stall (next() / step time) = {sum(t['wait_live']) / sum(t['live']) * 100:.2f}%")
+    print(f"busy root + quiet root: {quiet_ * 1e3:.2f} ms/step; ratio to busy root alone = {quiet_ / live:.3f}; "
+          f"data stall {sum(t['wait_quiet']) / sum(t['quiet']) * 100:.2f}%")
 
 
 if __name__ == "__main__":

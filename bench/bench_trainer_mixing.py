@@ -86,7 +86,7 @@ def heldout_loss(model, held) -> float:
 
 def run(root: str, policy: str, mix: dict, steps: int, every: int, held, seed: int, tick) -> dict:
     model, opt = make_model(seed=seed)
-    loader = live_loader(root, policy, **mix)
+    loader = live_loader([root], policy, **mix)
     it = iter(loader)
     evals, weights = [], []
     for step in range(1, steps + 1):

@@ -380,7 +380,7 @@ class DeadLetter(Event):
         """A dead letter keeping at most :attr:`KEEP_BYTES` of ``original`` plus its size and SHA-256."""
         original = bytes(original)
         kept = original[: cls.KEEP_BYTES]
-        clean = lambda s, n: s[:n].encode("utf-8", "backslashreplace").decode()  # noqa: E731 - lone surrogates
+        clean = lambda s, n: s[:n].encode("utf-8", "backslashreplace").decode()  # lone surrogates -> \\udxxx
         return cls(
             original_b64=base64.b64encode(kept).decode(), reason=reason, stage=stage,
             detail=clean(detail, cls.MAX_DETAIL), record_id=None if record_id is None else clean(record_id, cls.MAX_ID),

@@ -112,14 +112,12 @@ def drain(buf: StreamBuffers, domains: list[str], quarantine_after: int | None, 
         buf.drop_shards(shards)
     buf.start()
     ids: list[str] = []
-    while True:
-        got = [buf.take(d, 2.0) for d in domains]
-        ids += [g.id for g in got if g is not None]
-        if quarantine_after is not None and len(ids) >= quarantine_after:
-            buf.drop_shards(shards)
-            quarantine_after = None
-        if all(g is None for g in got):
-            break
+    for d in domains:
+        while (doc := buf.take(d, 1.0)) is not None:
+            ids.append(doc.id)
+            if quarantine_after is not None and len(ids) >= quarantine_after:
+                buf.drop_shards(shards)
+                quarantine_after = None
     buf.close()
     return ids
 
