@@ -41,7 +41,7 @@ from evaluators.alerts.routing import Router
 from evaluators.alerts.rules import AlertEngine, parse_rules
 from evaluators.regression import RegressionConfig, detect_regressions, pick_best, regression_alert
 from evaluators.rollback import CIRCUIT_RULE, RollbackPolicy
-from streams.events import Alert, CheckpointSaved, Control, EvalReport
+from streams.events import Alert, CheckpointSaved, Control, EvalReport, decode_event
 
 DOMAINS = [f"{src}_{lang}" for src in ("wiki", "news", "forum") for lang in ("en", "de", "fr", "es", "it")]
 RULES = ROOT / "infra" / "alerts" / "rules.toml"
@@ -122,7 +122,8 @@ class Pipeline:
             self.wall += 1.0  # the trainer applies it
             self.policy.observe(Alert(rule="trainer.rollback", severity="warning", source="trainer",
                                       message="applied", created_at=self.wall,
-                                      evidence={"run_id": self.run_id, "to_step": rollback.args["step"]}))
+                                      evidence={"run_id": self.run_id, "to_step": rollback.args["step"],
+                                                "control_id": rollback.control_id}))
             self.reports = [r for r in self.reports if r.step <= rollback.args["step"]]  # abandoned branch
         return rollback
 
@@ -210,12 +211,14 @@ def latency(repeats: int) -> tuple[list[float], list[float]]:
                 publish(producer, "evals", report)
                 t0 = time.monotonic()
                 publish(producer, "alerts", regression_alert(report, source="bench"))
-                got_topic = got_trainer = None
+                got_topic = got_trainer = rollback_id = None
                 deadline = t0 + 60
                 while (got_topic is None or got_trainer is None) and time.monotonic() < deadline:
                     for batch in control.poll(timeout_ms=20).values():
-                        if got_topic is None and batch:
-                            got_topic = time.monotonic()
+                        for record in batch:
+                            event = decode_event(record.value)
+                            if got_topic is None and isinstance(event, Control) and event.command == "rollback":
+                                got_topic, rollback_id = time.monotonic(), event.control_id
                     if got_trainer is None and listener.drain():
                         got_trainer = time.monotonic()
                 if got_topic is None or got_trainer is None:
@@ -223,7 +226,8 @@ def latency(repeats: int) -> tuple[list[float], list[float]]:
                 to_topic.append(got_topic - t0)
                 to_trainer.append(got_trainer - t0)
                 publish(producer, "alerts", Alert(rule="trainer.rollback", severity="warning", source="trainer",
-                                                  message="applied", evidence={"run_id": "bench", "to_step": 10}))
+                                                  message="applied", evidence={"run_id": "bench", "to_step": 10,
+                                                                               "control_id": rollback_id}))
                 time.sleep(0.5)
             stop.set()
             th.join(timeout=30)

@@ -119,9 +119,12 @@ def main() -> int:
             publish(producer, "evals", report)
             t0 = time.monotonic()
             publish(producer, "alerts", regression_alert(report, source="bench"))
-            rollback.append(wait_for(control, lambda e: isinstance(e, Control) and e.command == "rollback") - t0)
+            issued: list[Control] = []
+            rollback.append(wait_for(control, lambda e, got=issued: isinstance(e, Control) and e.command == "rollback"
+                                     and not got.append(e)) - t0)
             publish(producer, "alerts", Alert(rule="trainer.rollback", severity="warning", source="trainer",
-                                              message="applied", evidence={"run_id": "bench"}))
+                                              message="applied", evidence={"run_id": "bench",
+                                                                           "control_id": issued[0].control_id}))
             probe = sign_control(Control(command="resume_domain", args={"domain": "probe", "run_id": "bench"}), operator)
             t0 = time.monotonic()
             publish(producer, "control", probe)

@@ -9,17 +9,20 @@ The model is built with ``trainer.models.build_model`` and filled by
 DCP unpickles ``.metadata``: nothing here reads a checkpoint before
 ``streams.checkpoint_manifest.verify_checkpoint`` accepted it (under a configured root, manifest
 signed by a trainer key, every file's hash as listed); otherwise ``CheckpointRejected`` is raised.
+The load unpickles the ``.metadata`` bytes that were hashed, never the file a second time.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from streams.checkpoint_manifest import CheckpointRejected, verify_checkpoint
 from streams.signing import Keyring
@@ -47,6 +50,21 @@ class LoadedCheckpoint:
     meta: dict[str, Any]
 
 
+class _VerifiedReader(dcp.FileSystemReader):
+    """DCP's file reader, but ``.metadata`` comes from the bytes the manifest check hashed."""
+
+    def __init__(self, path: str, metadata: bytes):
+        super().__init__(path)
+        self._metadata = metadata
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        metadata = pickle.loads(self._metadata)  # the verified, trainer-signed bytes
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 def load_checkpoint(path: str | Path, *, trust: CheckpointTrust, run_id: str | None = None,
                     step: int | None = None, device: str = "cpu") -> LoadedCheckpoint:
     """Verify the checkpoint (raises CheckpointRejected), then build its model and load its weights."""
@@ -64,7 +82,7 @@ def load_checkpoint(path: str | Path, *, trust: CheckpointTrust, run_id: str | N
         raise CheckpointError(f"{path}: bad {META}: {type(e).__name__}: {e}") from None
     state = model.state_dict()
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, storage_reader=_VerifiedReader(str(path), verified.dcp_metadata))
         model.load_state_dict(state)
     except Exception as e:  # noqa: BLE001 - any DCP failure becomes an EvalReport error
         raise CheckpointError(f"{path}: DCP load failed: {type(e).__name__}: {e}") from None

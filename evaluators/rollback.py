@@ -38,8 +38,18 @@ with its reason.
 Circuit breaker: when a regression of the same run and metric recurs against the same good
 checkpoint that an earlier rollback for that metric returned to, rolling back again would loop.
 The policy issues no rollback; it pauses the regressed domains (pause_domain for the run) and
-returns a critical ``rollback.circuit_open`` Alert to page a human. Later regressions of that
-(run, metric) are skipped until a ``resume_domain`` for the run's domain closes the circuit.
+returns a critical ``rollback.circuit_open`` Alert to page a human. Only rollbacks the trainer
+applied count: it confirmed the control id (``trainer.rollback`` evidence), or the run saved a
+checkpoint after the rollback at a step it had already passed before (it went back). A rollback
+the trainer never received (e.g. issued while it restarted) does not open the circuit. Later
+regressions of that (run, metric) are skipped until a ``resume_domain`` for the run's domain
+closes the circuit.
+
+A ``trainer.rollback`` alert counts as applied only for a rollback Control the policy saw
+issued (its ``evidence.control_id``), and its time is capped at the policy's clock and at
+``issued_at + pending_s``: anyone who can write ``alerts`` could otherwise make every later
+checkpoint look rolled back with one alert dated in the future. The trainer's own
+loss-spike rollbacks (no Control) are therefore not known to the policy.
 """
 
 from __future__ import annotations
@@ -79,8 +89,10 @@ class RollbackPolicy:
         self.applied: dict[str, float] = {}  # run_id -> time the trainer last reported a rollback
         self.first_shard_at: dict[str, float] = {}  # domain -> publish time of its first shard
         self.rolled_back: dict[str, list[tuple[float, int]]] = {}  # run_id -> (issued_at, to step) per rollback
-        # run_id -> (target checkpoint key, regressed metrics) of every regression rollback issued
-        self.rollbacks: dict[str, list[tuple[CheckpointKey, frozenset[str]]]] = {}
+        # run_id -> (target checkpoint key, regressed metrics, control id, issued_at) per regression rollback
+        self.rollbacks: dict[str, list[tuple[CheckpointKey, frozenset[str], str, float]]] = {}
+        self.confirmed: set[str] = set()  # control ids the trainer reported applied
+        self.issued_ids: dict[str, tuple[str, float]] = {}  # rollback control id -> (run_id, issued_at)
         self.open_circuits: set[tuple[str, str]] = set()  # (run_id, metric) paused by the breaker
 
     def observe(self, event: Event) -> None:
@@ -95,7 +107,8 @@ class RollbackPolicy:
         elif isinstance(event, Control) and event.command == "rollback" and event.args.get("run_id"):
             run = event.args["run_id"]
             self.issued[run] = max(self.issued.get(run, 0.0), event.issued_at)
-            self._remember_rollback(run, event.issued_at, event.args)
+            self._remember_rollback(run, event.issued_at, event.args, event.control_id)
+            self.issued_ids[event.control_id] = (run, event.issued_at)
         elif isinstance(event, Control) and event.command in ("pause_domain", "resume_domain") \
                 and event.args.get("run_id") and event.args.get("domain"):
             circuit = (event.args["run_id"], f"domain/{event.args['domain']}")
@@ -104,8 +117,12 @@ class RollbackPolicy:
             else:
                 self.open_circuits.discard(circuit)
         elif isinstance(event, Alert) and event.rule == "trainer.rollback" and event.evidence.get("run_id"):
-            run = event.evidence["run_id"]
-            self.applied[run] = max(self.applied.get(run, 0.0), event.created_at)
+            run, cid = event.evidence["run_id"], event.evidence.get("control_id")
+            if isinstance(cid, str) and self.issued_ids.get(cid, ("",))[0] == run:
+                issued_at = self.issued_ids[cid][1]  # applied after it was issued, whatever the trainer's clock
+                at = max(issued_at, min(event.created_at, self.clock(), issued_at + self.pending_s))
+                self.applied[run] = max(self.applied.get(run, 0.0), at)
+                self.confirmed.add(cid)
 
     def known_runs(self) -> list[str]:
         """Runs that announced a checkpoint or were evaluated, sorted."""
@@ -168,12 +185,23 @@ class RollbackPolicy:
                   and any(f.get("significant") for f in r.details.get("regression", {}).get("findings", []))]
         return failed[0] if failed else None
 
-    def _remember_rollback(self, run_id: str, issued_at: float, args: dict) -> None:
+    def was_applied(self, run_id: str, control_id: str, issued_at: float) -> bool:
+        """Whether the trainer applied a rollback: it confirmed ``control_id``, or ``run_id`` saved a
+        checkpoint after ``issued_at`` at a step no later than one it had saved before (it went back)."""
+        if control_id in self.confirmed:
+            return True
+        ckpts = [c for c in self.checkpoints.values() if c.run_id == run_id]
+        reached = max((c.step for c in ckpts if c.wall_time < issued_at), default=None)
+        return reached is not None and any(c.wall_time > issued_at and c.step <= reached for c in ckpts)
+
+    def _remember_rollback(self, run_id: str, issued_at: float, args: dict, control_id: str) -> None:
         if isinstance(args.get("step"), int):
             self.rolled_back.setdefault(run_id, []).append((issued_at, args["step"]))
         if args.get("regression") and args.get("checkpoint_wall_time") is not None:
             target = (str(args["checkpoint"]), round(float(args["checkpoint_wall_time"]), 6))
-            self.rollbacks.setdefault(run_id, []).append((target, frozenset(args["regression"])))
+            entry = (target, frozenset(args["regression"]), control_id, issued_at)
+            if entry not in self.rollbacks.setdefault(run_id, []):
+                self.rollbacks[run_id].append(entry)
 
     def _rollback(self, alert: Alert, reason: str) -> Decision:
         report = self.regression_report(alert)
@@ -183,7 +211,10 @@ class RollbackPolicy:
         run_id = report.run_id
         metrics = sorted({f["metric"] for f in report.details["regression"]["findings"] if f.get("significant")})
         issued, applied = self.issued.get(run_id), self.applied.get(run_id, 0.0)
-        if issued is not None and applied < issued and self.clock() - issued < self.pending_s:
+        latest = max((cid for cid, (run, _) in self.issued_ids.items() if run == run_id),
+                     key=lambda cid: self.issued_ids[cid][1], default="")
+        if (issued is not None and applied < issued and self.clock() - issued < self.pending_s
+                and not self.was_applied(run_id, latest, issued)):
             return Decision(skipped=f"a rollback of run {run_id!r} issued at {issued:.3f} is not applied yet")
         saved_at = float(report.details["checkpoint_wall_time"])
         if saved_at <= max(issued or 0.0, applied):
@@ -195,8 +226,8 @@ class RollbackPolicy:
         if all((run_id, m) in self.open_circuits for m in metrics):
             return Decision(skipped=f"circuit open for run {run_id!r} {metrics}: paused, needs a human")
         target = checkpoint_key(good)
-        repeated = sorted({m for t, ms in self.rollbacks.get(run_id, []) if t == target for m in ms}
-                          & set(metrics))
+        repeated = sorted({m for t, ms, cid, at in self.rollbacks.get(run_id, [])
+                           if t == target and self.was_applied(run_id, cid, at) for m in ms} & set(metrics))
         if repeated:
             return self._open_circuit(run_id, good, repeated, alert, reason)
         domains = sorted(m.split("/", 1)[1] for m in metrics if m.startswith("domain/"))
@@ -205,7 +236,8 @@ class RollbackPolicy:
                 "regression": metrics, **({"domains": domains} if domains else {})}
         control = self._control("rollback", args, reason)
         self.issued[run_id] = control.issued_at
-        self._remember_rollback(run_id, control.issued_at, args)
+        self.issued_ids[control.control_id] = (run_id, control.issued_at)
+        self._remember_rollback(run_id, control.issued_at, args, control.control_id)
         return Decision([control])
 
     def _open_circuit(self, run_id: str, good: CheckpointSaved, metrics: list[str], alert: Alert,
@@ -248,7 +280,8 @@ class RollbackPolicy:
                     "quarantine": "none"}
             control = self._control("rollback", args, reason)
             self.issued[run_id] = control.issued_at
-            self._remember_rollback(run_id, control.issued_at, args)
+            self.issued_ids[control.control_id] = (run_id, control.issued_at)
+            self._remember_rollback(run_id, control.issued_at, args, control.control_id)
             controls.append(control)
         return controls, "; ".join(notes)
 

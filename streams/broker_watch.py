@@ -5,8 +5,9 @@ accepts TCP connections, it just never answers): produce flushes and offset look
 their request timeouts, and nothing tells an operator why the job stalled. :class:`BrokerWatch`
 probes the bootstrap broker from a daemon thread with a raw ApiVersions request (no client
 state shared with the job), logs a WARNING once it has not answered for ``warn_after_s`` (and
-again every ``repeat_s``), and calls ``on_restored(seconds)`` when it answers again, where
-the caller publishes an Alert (Kafka is reachable again by then).
+again every ``repeat_s``), and after such a warned-about outage calls ``on_restored(seconds)``
+when it answers again, where the caller publishes an Alert (Kafka is reachable again by then).
+A single slow or lost probe shorter than ``warn_after_s`` (a loaded broker) raises nothing.
 """
 
 from __future__ import annotations
@@ -61,20 +62,21 @@ class BrokerWatch:
     def _run(self) -> None:
         warned_at: float | None = None
         while not self._stop.is_set():
+            started = time.monotonic()
             up = probe(self.bootstrap, timeout_s=self.timeout_s)
             now = time.monotonic()
             if not up:
-                if self.down_since is None:
-                    self.down_since = now - self.timeout_s
+                if self.down_since is None:  # measured from the first unanswered probe's start
+                    self.down_since = started
                 down = now - self.down_since
                 if down >= self.warn_after_s and (warned_at is None or now - warned_at >= self.repeat_s):
                     log.warning("Kafka broker %s unreachable for %.0fs (no answer within %.0fs): %s is stalled "
                                 "until it answers; nothing is lost", self.bootstrap, down, self.timeout_s, self.who)
                     warned_at = now
             elif self.down_since is not None:
-                down = now - self.down_since
+                down, warned = now - self.down_since, warned_at is not None
                 self.down_since, warned_at = None, None
-                if down >= self.warn_after_s:
+                if warned:  # an outage only once it was seen (and warned about): one slow probe is not one
                     self.outages.append(down)
                     log.warning("Kafka broker %s reachable again after %.1fs", self.bootstrap, down)
                     if self.on_restored is not None:

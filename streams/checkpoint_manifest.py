@@ -10,6 +10,11 @@ after :func:`verify_checkpoint` has checked that
 3. the files on disk are exactly the manifest's files, regular files (no symlinks), each with
    the listed size and sha256.
 
+``.metadata`` is the one file DCP unpickles (tensor data goes through ``torch.load(...,
+weights_only=True)``): its bytes are read once, hashed, and returned in
+:class:`VerifiedCheckpoint`, so a loader unpickles exactly what was verified, not whatever a
+writer of the directory swapped in after the check.
+
 The signature covers :data:`MANIFEST_CONTEXT` + the canonical JSON (sorted keys, no whitespace)
 of every field but ``signature``. The manifest is written last, after the DCP save completed
 (``.metadata`` exists) and after ``headwater.json``; it is what makes a checkpoint complete.
@@ -57,11 +62,13 @@ class CheckpointRejected(Exception):
 
 @dataclass(frozen=True, slots=True)
 class VerifiedCheckpoint:
-    """A checkpoint that passed :func:`verify_checkpoint`: its real path and the signer's key id."""
+    """A checkpoint that passed :func:`verify_checkpoint`: its real path, the signer's key id, and
+    the verified bytes of its DCP ``.metadata`` (load those, never the file again)."""
 
     path: str
     key_id: str
     manifest: dict[str, Any]
+    dcp_metadata: bytes = b""
 
 
 def _sha256(path: str) -> str:
@@ -193,6 +200,7 @@ def verify_checkpoint(path: str | os.PathLike, *, roots: list[str], keyring: Key
     if set(on_disk) != set(listed):
         extra, missing = sorted(set(on_disk) - set(listed)), sorted(set(listed) - set(on_disk))
         raise CheckpointRejected("files_differ", f"{path}: unlisted files {extra[:5]}, missing files {missing[:5]}")
+    metadata = b""
     for rel, want in sorted(listed.items()):
         st = on_disk[rel]
         if not stat.S_ISREG(st.st_mode):
@@ -200,6 +208,12 @@ def verify_checkpoint(path: str | os.PathLike, *, roots: list[str], keyring: Key
         if st.st_size != want.get("size"):
             raise CheckpointRejected("size_mismatch", f"{path}/{rel}: {st.st_size} bytes, manifest says "
                                                       f"{want.get('size')}")
-        if _sha256(os.path.join(real, rel)) != want.get("sha256"):
+        if rel == DCP_METADATA:  # kept: what is unpickled must be what was hashed
+            with open(os.path.join(real, rel), "rb") as f:
+                metadata = f.read(int(want["size"]) + 1)
+            digest = hashlib.sha256(metadata).hexdigest()
+        else:
+            digest = _sha256(os.path.join(real, rel))
+        if digest != want.get("sha256"):
             raise CheckpointRejected("hash_mismatch", f"{path}/{rel}: sha256 differs from the manifest")
-    return VerifiedCheckpoint(path=real, key_id=key_id, manifest=body)
+    return VerifiedCheckpoint(path=real, key_id=key_id, manifest=body, dcp_metadata=metadata)

@@ -4,7 +4,8 @@
 ``undecodable_event``, stage ``consume:<component>``, its topic/partition/offset, a capped
 copy of its bytes) and returns ``None``. ``handle(record, fn)`` also runs ``fn(event)`` so an
 unexpected exception in the handler is logged, dead-lettered (reason ``consumer_error``) and
-counted instead of killing the loop; ``KeyboardInterrupt`` and ``SystemExit`` still propagate.
+counted instead of killing the loop (also a ``BaseException`` such as torch DCP's
+``CheckpointException``); ``KeyboardInterrupt``, ``SystemExit`` and ``GeneratorExit`` still propagate.
 Both raise an :class:`Alert` on ``alerts`` (rules ``consumer.undecodable`` and
 ``consumer.handler_error``) and log a warning, at most one per rule and topic every
 ``alert_every_s`` (the rest of a flood is logged at debug level and dead-lettered as usual);
@@ -30,6 +31,10 @@ T = TypeVar("T")
 
 ALERT_UNDECODABLE = "consumer.undecodable"
 ALERT_HANDLER_ERROR = "consumer.handler_error"
+_PROPAGATE = (KeyboardInterrupt, SystemExit, GeneratorExit)
+"""What a handler may raise through the guard. Everything else is the record's failure, including
+non-``Exception`` errors libraries raise on bad data (torch DCP's ``CheckpointException`` is a
+``BaseException``: a checkpoint that fails to load must not crash-loop the evaluator)."""
 
 
 class ConsumerGuard:
@@ -72,7 +77,9 @@ class ConsumerGuard:
             return None
         try:
             return fn(event)
-        except Exception as e:  # a handler bug on one record must not stop the loop
+        except BaseException as e:  # a handler bug on one record must not stop the loop
+            if isinstance(e, _PROPAGATE):
+                raise
             self.counts["handler_errors"] += 1
             log.exception("%s: handler failed on %s %s", self.component, event.KIND, _where(record))
             self._fail(record, reason="consumer_error", rule=ALERT_HANDLER_ERROR, severity="critical",

@@ -65,7 +65,7 @@ def test_a_regression_needs_a_failed_report_on_evals_to_corroborate_it():
 
 
 def test_a_regression_is_not_acted_on_twice():
-    now = [100.0]
+    now = [time.time() + 2]  # the policy clock runs on from when the controls are issued
     policy = RollbackPolicy(clock=lambda: now[0], pending_s=60)
     history(policy)
     (first,) = policy.decide(regression_alert(saved_at=30.0), "rollback").controls
@@ -74,7 +74,8 @@ def test_a_regression_is_not_acted_on_twice():
     saved(policy, 310, 31.0, passed=False)
     assert "not applied yet" in policy.decide(regression_alert(saved_at=31.0, step=310), "rollback").skipped
     policy.observe(Alert(rule="trainer.rollback", severity="warning", message="rolled back", source="trainer",
-                         evidence={"run_id": "run1", "to_step": 200}, created_at=first.issued_at + 1))
+                         evidence={"run_id": "run1", "to_step": 200, "control_id": first.control_id},
+                    created_at=first.issued_at + 1))
     saved(policy, 320, first.issued_at + 0.5, passed=False)
     decision = policy.decide(regression_alert(saved_at=first.issued_at + 0.5, step=320), "rollback")
     assert "already rolled back" in decision.skipped
@@ -96,7 +97,8 @@ def test_circuit_breaker_pauses_the_domain_and_pages_instead_of_rolling_back_aga
     history(policy)
     (first,) = policy.decide(regression_alert(), "rollback").controls
     applied = Alert(rule="trainer.rollback", severity="warning", message="rolled back", source="trainer",
-                    evidence={"run_id": "run1", "to_step": 200}, created_at=first.issued_at + 1)
+                    evidence={"run_id": "run1", "to_step": 200, "control_id": first.control_id},
+                    created_at=first.issued_at + 1)
     policy.observe(first)
     policy.observe(applied)
     # the re-trained step 300 regresses on forum_en again, against the same good step 200
@@ -241,3 +243,98 @@ def test_control_hook_publishes_on_real_broker_and_records_lineage(broker, tmp_p
     finally:
         consumer.close()
         producer.close()
+
+
+def test_a_rollback_the_trainer_never_applied_does_not_open_the_circuit():
+    """Issued while the trainer restarted (its listener starts at the end of `control`): the run
+    trained on from step 300, so its recurrence is a fresh regression, not a loop."""
+    now = [time.time()]
+    policy = RollbackPolicy(clock=lambda: now[0], pending_s=60)
+    history(policy)
+    (first,) = policy.decide(regression_alert(), "rollback").controls
+    policy.observe(first)
+    now[0] += 120
+    saved(policy, 310, first.issued_at + 90, passed=False)  # step 310 > 300: it never went back
+    decision = policy.decide(regression_alert(saved_at=first.issued_at + 90, step=310), "rollback")
+    assert [c.command for c in decision.controls] == ["rollback"] and decision.alerts == []
+    # once it went back (a checkpoint at a step it had passed, saved after the rollback), it counts
+    policy.observe(decision.controls[0])
+    saved(policy, 300, decision.controls[0].issued_at + 5, passed=False)
+    again = policy.decide(regression_alert(saved_at=decision.controls[0].issued_at + 5), "rollback")
+    assert [c.command for c in again.controls] == ["pause_domain"] and again.alerts[0].rule == CIRCUIT_RULE
+
+
+def test_a_forged_trainer_rollback_alert_cannot_suppress_later_rollbacks():
+    now = [time.time()]
+    policy = RollbackPolicy(clock=lambda: now[0], pending_s=60)
+    history(policy)
+    (first,) = policy.decide(regression_alert(), "rollback").controls
+    policy.observe(first)
+    for control_id in ("made-up", first.control_id):  # anyone who can write `alerts`, dated far ahead
+        policy.observe(Alert(rule="trainer.rollback", severity="warning", message="x", source="trainer",
+                             evidence={"run_id": "run1", "control_id": control_id}, created_at=1e12))
+    assert policy.applied["run1"] <= first.issued_at + 60
+    now[0] += 600
+    saved(policy, 300, now[0] - 10, passed=False, regressed=("domain/news_de",))
+    (rollback,) = policy.decide(regression_alert(saved_at=now[0] - 10), "rollback").controls
+    assert rollback.command == "rollback" and rollback.args["domains"] == ["news_de"]
+
+
+def test_a_circuit_page_survives_a_sentinel_that_dies_before_its_pause_is_sent(broker, tmp_path):
+    """The breaker's page is on `alerts` before its pause_domain is on `control`: a sentinel dying
+    in between decides again after a restart (no pause in its history), so the page is never lost."""
+
+    class DiesOnControl:  # the real producer, but the process "dies" when it publishes on `control`
+        def __init__(self, inner):
+            self.inner = inner
+
+        def send(self, topic, **kw):
+            if topic == "control":
+                raise SystemExit("killed")
+            return self.inner.send(topic, **kw)
+
+        def flush(self):
+            self.inner.flush()
+
+    settings = KafkaSettings(bootstrap=broker.bootstrap)
+    producer = make_producer(settings)
+    pages = make_consumer(settings, topics=["alerts"], group_id=f"t-{uuid.uuid4().hex}",
+                          auto_offset_reset="earliest")
+    try:
+        policy = RollbackPolicy(issued_by="test")
+        history(policy)
+        (first,) = policy.decide(regression_alert(), "rollback").controls
+        policy.observe(first)
+        policy.observe(Alert(rule="trainer.rollback", severity="warning", message="rolled back", source="trainer",
+                             evidence={"run_id": "run1", "control_id": first.control_id},
+                             created_at=first.issued_at + 1))
+        saved(policy, 300, first.issued_at + 5, passed=False)  # went back and regressed again
+        alert = regression_alert(saved_at=first.issued_at + 5)
+        hook = ControlHook(producer=DiesOnControl(producer), policy=policy, lineage=LineageLog(tmp_path / "l.jsonl"))
+        try:
+            hook(alert, "rollback")
+        except SystemExit:
+            pass
+        got: list[Alert] = []
+        for record in poll_records(pages, timeout_s=30, until=lambda seen: bool(got)):
+            event = decode_event(record.value)
+            if isinstance(event, Alert) and event.rule == CIRCUIT_RULE and event.evidence["alert_id"] == alert.alert_id:
+                got.append(event)
+        assert len(got) == 1 and got[0].evidence["domains"] == ["forum_en"]
+    finally:
+        pages.close()
+        producer.close()
+
+
+def test_a_restarted_policy_sees_a_rollback_applied_from_the_checkpoints_alone():
+    """`alerts` is not replayed after a sentinel restart, so the trainer's confirmation is gone; a
+    checkpoint saved after the rollback at a step the run had passed shows it went back."""
+    policy = RollbackPolicy(pending_s=300)
+    history(policy)
+    (first,) = policy.decide(regression_alert(), "rollback").controls
+    fresh = RollbackPolicy(pending_s=300)  # the restarted sentinel: checkpoints, evals, control
+    history(fresh)
+    fresh.observe(first)
+    saved(fresh, 300, first.issued_at + 5, passed=False, regressed=("domain/news_de",))
+    (again,) = fresh.decide(regression_alert(saved_at=first.issued_at + 5), "rollback").controls
+    assert again.command == "rollback" and again.args["domains"] == ["news_de"]

@@ -160,3 +160,24 @@ def test_a_hostile_metadata_pickle_never_runs(tmp_path, model, keyring):
         dcp.load(model.state_dict(), checkpoint_id=str(path))
     assert marker.exists()
     os.unlink(marker)
+
+
+def test_a_metadata_swapped_after_the_check_is_never_unpickled(tmp_path, model, keyring, monkeypatch):
+    """Time of check vs time of use: whoever can write the directory swaps `.metadata` right after
+    verification; the load unpickles the bytes that were hashed, not the file on disk."""
+    import evaluators.checkpoint as ec
+
+    root = tmp_path / "checkpoints"
+    path = save(root, 10, model)
+    marker = tmp_path / "pwned"
+
+    def verify_then_swap(*args, **kw):
+        verified = verify_checkpoint(*args, **kw)
+        (path / ".metadata").write_bytes(pickle.dumps(_Marker(str(marker))))  # the race, won
+        return verified
+
+    monkeypatch.setattr(ec, "verify_checkpoint", verify_then_swap)
+    loaded = load_checkpoint(path, trust=CheckpointTrust(roots=[str(root)], keyring=keyring), run_id="r1", step=10)
+    assert not marker.exists()
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v), k

@@ -163,3 +163,78 @@ def test_broker_watch_warns_while_paused_and_reports_the_outage(fresh_broker, ca
     assert any("unreachable for" in r.getMessage() for r in caplog.records)
     assert len(restored) == 1 and 2.5 <= restored[0] < 10
     assert probe(fresh_broker.bootstrap)
+
+
+class _StallableBroker:
+    """A TCP peer answering ApiVersions like a broker (size + correlation id), silent while
+    ``stalled`` is set: a real socket, so the watch's probe runs unchanged."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.stalled = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.bootstrap = f"127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import struct
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn, struct), daemon=True).start()
+
+    def _answer(self, conn, struct) -> None:
+        with conn:
+            try:
+                size = struct.unpack(">i", conn.recv(4))[0]
+                body = conn.recv(size)
+                if self.stalled.is_set():
+                    conn.recv(1)  # hold the connection, never answer (until the prober hangs up)
+                    return
+                conn.sendall(struct.pack(">ii", 4, struct.unpack(">i", body[4:8])[0]))
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_broker_watch_one_slow_probe_is_not_an_outage():
+    """False alarms: a probe left unanswered once (a broker busy for less than ``warn_after_s``)
+    must neither warn nor report a restored outage; a stall longer than that does both, once."""
+    import time
+
+    from streams.broker_watch import BrokerWatch, probe
+
+    peer = _StallableBroker()
+    restored: list[float] = []
+    try:
+        assert probe(peer.bootstrap, timeout_s=0.5)
+        # the defaults' proportions (timeout 3 s + interval 2 s = warn_after 5 s), scaled down
+        watch = BrokerWatch(peer.bootstrap, who="test", on_restored=restored.append, interval_s=0.5,
+                            timeout_s=0.5, warn_after_s=1.0, repeat_s=60)
+        try:
+            for _ in range(5):  # five short blips (0.2 s): each leaves at most one probe unanswered
+                time.sleep(1.2)
+                peer.stalled.set()
+                time.sleep(0.2)
+                peer.stalled.clear()
+            time.sleep(1.5)
+            assert restored == [] and watch.outages == [], "a single slow probe was reported as an outage"
+            peer.stalled.set()  # a real outage: 2.5 s
+            time.sleep(2.5)
+            peer.stalled.clear()
+            deadline = time.monotonic() + 5
+            while not restored and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            watch.close()
+    finally:
+        peer.close()
+    assert len(restored) == 1 and 1.5 <= restored[0] < 4.5, restored

@@ -168,6 +168,25 @@ def test_guard_dead_letters_alerts_and_survives_handler_errors(broker):
     assert {a.evidence["topic"] for a in alerts} == {"fuzz-guard"}
 
 
+def test_guard_catches_base_exception_errors_of_handlers(tmp_path):
+    """torch DCP raises ``CheckpointException`` (a BaseException, not an Exception) for a checkpoint
+    that does not load: through the guard it is that record's failure, not the loop's death (the
+    evaluator would otherwise crash-loop on the same uncommitted CheckpointSaved)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    ckpt = tmp_path / "ckpt"
+    dcp.save({"w": torch.zeros(4)}, checkpoint_id=str(ckpt))
+    guard = ConsumerGuard("guard-base-exception", None)
+    ok = Control(command="rollback", args={"run_id": "r"}).to_bytes()
+    mismatched = lambda e: dcp.load({"w": torch.zeros(8)}, checkpoint_id=str(ckpt))
+    assert guard.handle(_Record(ok, offset=1), mismatched) is None
+    assert guard.counts["handler_errors"] == 1 and guard.counts["dlq_failed"] == 1
+    for stop in (KeyboardInterrupt, SystemExit, GeneratorExit):
+        with pytest.raises(stop):
+            guard.handle(_Record(ok, offset=2), lambda e, s=stop: (_ for _ in ()).throw(s()))
+
+
 def test_guard_send_failures_are_counted_not_raised(broker):
     producer = make_producer(KafkaSettings(bootstrap=broker.bootstrap))
     producer.close()  # a dead producer: every send fails

@@ -118,6 +118,36 @@ def test_linear_email_matcher_matches_the_regex_it_replaces(text):
     assert pii.LinearEmail.sub(lambda m: "<E>", text) == _EMAIL_REGEX.sub("<E>", text)
 
 
+class _Fragile:
+    """A text filter that fails on one document."""
+
+    name = "fragile"
+
+    def filter(self, doc):
+        if "boom" in doc.text:
+            raise ZeroDivisionError("boom")
+        return True
+
+
+def test_a_filter_failing_on_one_document_dead_letters_only_it():
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from beam_jobs.filters import FilterStep
+    from beam_jobs.records import Doc, KafkaCoords
+    from beam_jobs.tokenize import TokenizeText
+
+    docs = [Doc(coords=KafkaCoords("t", 0, i), id=f"d{i}", source="s", license="l", text=t)
+            for i, t in enumerate(["fine words", "boom here", "more fine words"])]
+    with TestPipeline(runner="FnApiRunner") as p:
+        out = p | beam.Create(docs) | FilterStep(_Fragile()) | TokenizeText()
+        summary = out | beam.Map(lambda o: (o.coords.offset, o.sample is not None,
+                                            o.dead and (o.dead.reason, o.dead.stage, o.dead.offset)))
+        assert_that(summary, equal_to([(0, True, None), (1, False, ("filter_error", "filter.fragile", 1)),
+                                       (2, True, None)]))
+
+
 # --- media paths ------------------------------------------------------------------------------
 @pytest.fixture
 def media(tmp_path):

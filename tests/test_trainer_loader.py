@@ -151,10 +151,10 @@ def test_newest_shard_first_and_a_bounded_backlog(tmp_path):
     assert buf.skipped() == {"m": {"shards": 5, "samples": 50}}
 
 
-APPEND_LATER = (
-    "import sys, time; from trainer.synthetic import write_stream; time.sleep(float(sys.argv[2])); "
-    "write_stream(sys.argv[1], domains={'markov': 'markov', 'counting': 'counting'}, shards=2, per_shard=40, "
-    "vocab=512, seed=5)"
+APPEND_LATER = (  # one shard per domain after 5 s (all rank 0's), the next ones 45 s later (rank 1's)
+    "import sys, time; from trainer.synthetic import write_stream; "
+    "kw = dict(domains={'markov': 'markov', 'counting': 'counting'}, shards=1, per_shard=40, vocab=512, seed=5); "
+    "time.sleep(5); write_stream(sys.argv[1], **kw); time.sleep(45); write_stream(sys.argv[1], start_shard=1, **kw)"
 )
 
 
@@ -163,8 +163,9 @@ def test_empty_stream_at_start_all_ranks_wait_then_train(tmp_path):
     stream, run = str(tmp_path / "stream"), str(tmp_path / "run")
     os.makedirs(stream)
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", WANDB_MODE="offline")
-    # data arrives after the process groups' timeouts (15 s) would have aborted a rank stuck waiting alone
-    appender = subprocess.Popen([sys.executable, "-c", APPEND_LATER, stream, "30"], env=env, cwd=ROOT)
+    # rank 0 has data 45 s before rank 1 (~30 s after start-up): longer than the process groups' timeouts (15 s), which
+    # abort a run whose rank 0 trains while rank 1 waits for data alone
+    appender = subprocess.Popen([sys.executable, "-c", APPEND_LATER, stream], env=env, cwd=ROOT)
     try:
         cmd = train_argv([stream], run, "--nproc", "2", "--vocab-size", "512", "--no-wandb", "--steps", "3",
                          "--checkpoint-every", "100", "--dataloader.heartbeat_s", "1",
@@ -176,3 +177,4 @@ def test_empty_stream_at_start_all_ranks_wait_then_train(tmp_path):
     steps = [r for r in read_metrics(run) if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert set(steps[-1]["weights"]) == {"markov", "counting"}
+    assert steps[0]["data_wait_s"] > 15  # step 1 waited longer than the timeouts for rank 1's data, all ranks together

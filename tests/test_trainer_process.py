@@ -166,3 +166,62 @@ def test_a_second_trainer_on_a_busy_run_dir_is_refused(tmp_path):
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
+
+
+def test_step_vector_sums_domains_gates_on_the_device_and_reads_one_step_late():
+    import torch
+
+    from trainer.data.loader import BatchMeta
+    from trainer.step_stats import StepStats
+
+    stats = StepStats(torch.device("cpu"))
+    stats.begin(["a", "b", "c"])
+    labels = torch.tensor([[1, 2, -100, 4]])
+    losses = torch.tensor([[1.0, 2.0, 50.0, 4.0]])
+    meta = BatchMeta(domains=["b", "a"], domain_idx=torch.tensor([[0, 0, 1, 1]]), doc_ids=["x", "y"],
+                     doc_domains=["b", "a"], doc_sources=["s", "s"], shards=[], produced_at=[0, 0], wait_s=0.0,
+                     starved=[])
+    assert stats.add_microbatch(meta, labels, losses)
+    assert stats.add_microbatch(meta, labels, losses)  # a second micro-batch of the same step
+    w = torch.nn.Linear(3, 1, bias=False)
+    w.weight.grad = torch.tensor([[3.0, 4.0, 0.0]])
+    pending = stats.finish(step=7, params=list(w.parameters()), available={"a": 5, "zzz": 1},
+                           control_pending=True, unknown_domains=True, facts={"k": 1})
+    ok = pending.gate(limit=2.0)  # loss (2*(1+2) + 2*4) / 6 = 2.33 > 2.0: refused
+    assert isinstance(ok, torch.Tensor) and not bool(ok)
+    r = pending.read()
+    assert r.loss_sum == {"a": 8.0, "b": 6.0, "c": 0.0} and r.tokens == {"a": 2, "b": 4, "c": 0}
+    assert r.docs == {"a": 2, "b": 2, "c": 0} and r.available == {"a": 5, "b": 0, "c": 0}
+    assert r.grad_norm == pytest.approx(5.0) and not r.ok and r.control_pending and r.new_domains
+    assert r.domains_agree and r.loss == pytest.approx(14 / 6)
+    assert bool(pending.gate(limit=3.0)) and pending.read().ok
+    w.weight.grad = torch.tensor([[float("nan"), 0.0, 0.0]])
+    stats.begin(["a", "b", "c"])
+    stats.add_microbatch(meta, labels, losses)
+    nan_grad = stats.finish(step=8, params=list(w.parameters()), available={}, control_pending=False,
+                            unknown_domains=False, facts={})
+    assert not bool(nan_grad.gate(limit=float("inf")))  # a non-finite gradient is refused whatever the loss
+
+
+def test_an_async_save_is_finished_only_after_its_metadata_even_before_its_directory_exists(tmp_path):
+    from streams.events import CheckpointSaved
+    from trainer.checkpoint_out import CheckpointFinisher
+    from trainer.events_out import EventSink
+
+    run = str(tmp_path)
+    step_dir = os.path.join(run, "checkpoints", "step-2")
+    finisher = CheckpointFinisher(EventSink(run), key=None)
+    finisher.add(step_dir, {"step": 2}, CheckpointSaved(run_id="r1", path=step_dir, step=2, tokens=1,
+                                                         vocab_version="v", tokenizer_version="v", data_cursor={},
+                                                         wall_time=0.0))
+    assert finisher.poll() == [] and finisher.pending  # DCP has not created the directory yet: still pending
+    os.makedirs(step_dir)
+    with open(os.path.join(step_dir, "__0_0.distcp"), "w") as f:
+        f.write("data")
+    assert finisher.poll() == [] and not os.path.exists(os.path.join(step_dir, "headwater.json"))
+    with open(os.path.join(step_dir, ".metadata"), "w") as f:
+        f.write("meta")
+    assert finisher.poll() == [2]
+    assert os.path.exists(os.path.join(step_dir, "headwater.json"))
+    with open(os.path.join(run, "checkpoints.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [2]

@@ -77,7 +77,8 @@ def rank_pids(run_dir: str) -> list[int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if b"trainer.entry" in argv and os.fsencode(os.path.abspath(run_dir)) in argv:
+        if (b"trainer.entry" in argv and b"torch.distributed.run" not in argv  # not torchrun's agent
+                and os.fsencode(os.path.abspath(run_dir)) in argv):
             found.append(int(pid))
     return found
 

@@ -32,6 +32,7 @@ class _Pending:
     path: str
     info: dict[str, Any]
     event: CheckpointSaved
+    seen: bool = False  # its directory existed once (an async save creates it later)
 
 
 class CheckpointFinisher:
@@ -52,12 +53,16 @@ class CheckpointFinisher:
         """Finish every pending checkpoint whose DCP save completed; returns their steps."""
         done, waiting = [], []
         for p in self.pending:
-            if not os.path.isdir(p.path):  # purged (keep_latest_k) or moved aside by a rollback
-                log.warning("checkpoint %s vanished before its save completed; not announced", p.path)
+            if not os.path.isdir(p.path):
+                if p.seen:  # purged (keep_latest_k) or moved aside by a rollback
+                    log.warning("checkpoint %s vanished before its save completed; not announced", p.path)
+                else:  # an async save has not created it yet
+                    waiting.append(p)
             elif dcp_complete(p.path):
                 self._finish(p)
                 done.append(p.event.step)
             else:
+                p.seen = True
                 waiting.append(p)
         self.pending = waiting
         return done

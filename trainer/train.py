@@ -1,18 +1,23 @@
 """HeadwaterTrainer: torchtitan's Trainer on live streams with online mixing, guards and control.
 
-What it adds to ``torchtitan.trainer.Trainer``:
-- per-domain losses each step (reduced over data-parallel ranks) feeding the Mixer;
-- a NaN/spike guard that skips the optimizer step, alerts, and after N spikes rolls back;
+It runs torchtitan's own ``train()``/``train_step()`` (GC, profiler, process-group timeouts,
+metrics processor, gradient accumulation) and adds, through its hooks (docs/ARCHITECTURE.md,
+"The training loop"):
+- per-domain losses each step, reduced with the step's one device all-reduce and read one
+  step late (trainer/step_stats.py: no per-step host sync), feeding the Mixer;
+- a NaN/spike guard decided on the device that skips the optimizer step (fused AdamW's
+  ``found_inf``), alerts, and after N spikes rolls back;
 - control commands (rollback, pause/resume domain, quarantine shards/sources; see
-  trainer/control.py) applied by all ranks at the same step; a rollback quarantines the shards
+  trainer/control.py) applied by all ranks at the same step (broadcast from rank 0 only when a
+  step's vector says it has some); a rollback quarantines the shards
   trained since the restored checkpoint and those read but not trained yet (only the
   regressed ``domains``' when the control names them), moves the abandoned checkpoints to
   ``checkpoints/abandoned/rollback-<from>-to-<to>-<control id>/``; the quarantine persists in
   RUN/quarantine.json, paused domains and applied control ids in RUN/control.json; rollbacks
   are idempotent (by control id) and crash-atomic through RUN/rollbacks.json
   (trainer/rollback_journal.py), and wait for an async checkpoint save in flight first;
-- RUN/metrics.jsonl (with the shards and sources each step trained) + wandb + ``metrics.trainer``
-  topic every step; once a DCP save is complete (async saves finish later): ``headwater.json``,
+- RUN/metrics.jsonl (with the shards and sources rank 0 trained) + wandb + ``metrics.trainer``
+  topic every step, one step late; once a DCP save is complete (async saves finish later): ``headwater.json``,
   a manifest of every file signed with the trainer key (trainer/checkpoint_out.py), then a
   CheckpointSaved event on the ``checkpoints`` topic.
 """
@@ -45,6 +50,7 @@ from trainer.checkpoint_out import CheckpointFinisher
 from trainer.checkpointer import HeadwaterCheckpointManager
 from trainer.control import ControlListener
 from trainer.control_state import ControlState
+from trainer.data import freshness
 from trainer.events_out import EventSink
 from trainer.guard import LossGuard
 from trainer.metrics_log import MetricsLog
@@ -315,7 +321,7 @@ class HeadwaterTrainer(Trainer):
         step_s = (self._step_started if self._step_started > started else time.perf_counter()) - started
         dp = self.parallel_dims.dp_shard * self.parallel_dims.dp_replicate
         batch_tokens = facts["tokens"] * dp
-        loss, produced = r.loss, facts["produced_at"]
+        loss = r.loss
         rec = {
             "step": step,
             "loss": loss if math.isfinite(loss) else None,
@@ -327,7 +333,8 @@ class HeadwaterTrainer(Trainer):
             "tokens_per_s": batch_tokens / step_s if step_s > 0 else 0.0,
             "data_stall": min(1.0, facts["wait_s"] / step_s) if step_s > 0 else 0.0,
             "data_wait_s": facts["wait_s"],
-            "freshness_s": (now - sum(produced) / len(produced)) if produced else None,
+            **freshness(facts["produced_at"], now),  # freshness_s (median age), freshness_p95_s
+            "skipped_stale": self.dataloader.buffers.skipped(),  # rank 0's shards skipped by the backlog bound
             "grad_norm": r.grad_norm if math.isfinite(r.grad_norm) else None,
             "lr": float(next(iter(self._lr.values()))) if self._lr else None,
             "skipped": reason is not None,
@@ -346,7 +353,7 @@ class HeadwaterTrainer(Trainer):
         self.metrics_log.write(rec)
         if self.events is not None:
             flat = {k: rec[k] for k in ("loss", "tokens_per_s", "data_stall", "data_wait_s", "grad_norm",
-                                        "freshness_s") if rec[k] is not None}
+                                        "freshness_s", "freshness_p95_s") if rec[k] is not None}
             flat["skipped"] = float(rec["skipped"])
             flat.update({f"weight/{d}": w for d, w in rec["weights"].items()})
             flat.update({f"loss/{d}": v for d, v in rec["domain_loss"].items()})

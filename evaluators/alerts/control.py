@@ -20,10 +20,10 @@ class ControlHook:
     """Publish the policy's Controls for an alert on ``control`` (each recorded in lineage) and its
     pages on ``alerts``.
 
-    The policy decides once per alert; if a publish fails the hook raises, and calling it again
-    for the same alert publishes what is left of that same decision (same ``control_id``s, which
-    the trainer applies at most once), never a second decision. With a ``key`` every Control is
-    signed (streams/signing.py) when decided.
+    Pages go out before Controls. The policy decides once per alert; if a publish fails the hook
+    raises, and calling it again for the same alert publishes what is left of that same decision
+    (same ``control_id``s, which the trainer applies at most once), never a second decision. With
+    a ``key`` every Control is signed (streams/signing.py) when decided.
     """
 
     producer: KafkaProducer
@@ -43,13 +43,16 @@ class ControlHook:
                 self.lineage.record(action="skipped", reason=decision.skipped, alert=alert)
             self._pending[alert.alert_id] = (decision, [0, 0])
         decision, sent = self._pending[alert.alert_id]
+        # pages first: a sentinel dying before its pause_domain is on `control` decides (and pages)
+        # again after a restart, whereas one dying after the pause would find the circuit open and
+        # never page (a duplicate page carries the same dedup_key; a lost one pages nobody)
+        for page in decision.alerts[sent[1]:]:
+            publish(self.producer, "alerts", page, key=page.rule)
+            sent[1] += 1
         for control in decision.controls[sent[0]:]:
             publish(self.producer, self.topic, control, key=control.command)
             self.lineage.record(action=control.command, reason=control.reason, alert=alert, control=control)
             sent[0] += 1
-        for page in decision.alerts[sent[1]:]:
-            publish(self.producer, "alerts", page, key=page.rule)
-            sent[1] += 1
         del self._pending[alert.alert_id]
         return {"controls": [c.control_id for c in decision.controls],
                 **({"skipped": decision.skipped} if decision.skipped else {})}

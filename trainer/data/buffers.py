@@ -24,12 +24,17 @@ from typing import Any
 import numpy as np
 
 from streams.mds_reader import IndexWatcher, ShardEntry, ShardOpener
-from trainer.data.feed import DomainFeed, ShardKey
+from trainer.data.feed import DOC_OVERHEAD_BYTES, DomainFeed, ShardKey
 from trainer.data.packer import Doc
 
-__all__ = ["PrefetchError", "StreamBuffers"]
+__all__ = ["MIN_CAP_BYTES", "PrefetchError", "StreamBuffers"]
 
 log = logging.getLogger(__name__)
+
+TOKEN_BYTES = 4 * 3 // 2
+"""buffer bytes per token: int32 plus a share of the per-document overhead"""
+MIN_CAP_BYTES = 4 * DOC_OVERHEAD_BYTES
+"""read-ahead of a domain not drawn now (a document or two)"""
 
 
 class PrefetchError(RuntimeError):
@@ -37,7 +42,11 @@ class PrefetchError(RuntimeError):
 
 
 class StreamBuffers:
-    """Background-filled, byte-capped per-domain buffers over one or more stream roots."""
+    """Background-filled, byte-capped per-domain buffers over one or more stream roots.
+
+    Each domain buffers at most ``domain_buffer_bytes`` (plus one document), less once
+    :meth:`set_read_ahead` gave it a share.
+    """
 
     def __init__(
         self,
@@ -45,7 +54,7 @@ class StreamBuffers:
         *,
         dp_rank: int,
         dp_world: int,
-        domain_buffer_bytes: int = 8 << 20,
+        domain_buffer_bytes: int = 64 << 20,
         backlog_shards: int = 0,
         poll_interval_s: float = 0.2,
         vocab_size: int | None = None,
@@ -64,6 +73,7 @@ class StreamBuffers:
         self._poll_locks = [threading.Lock() for _ in self.roots]
         self._assigned: dict[tuple[int, str], int] = {}  # (root, domain) -> shards seen (rank assignment)
         self.feeds: dict[str, DomainFeed] = {}
+        self._caps: dict[str, int] | None = None  # per-domain read-ahead caps (None: domain_buffer_bytes)
         self.available: dict[str, int] = {}  # samples of each domain this rank has read
         self.bad_samples: list[tuple[str, str]] = []
         self.excluded_shards: set[str] = set()
@@ -146,12 +156,31 @@ class StreamBuffers:
         feed = self.feeds.get(domain)
         if feed is None:
             feed = self.feeds[domain] = DomainFeed(
-                domain, openers=self.openers, cond=self._cond, cap_bytes=self.domain_buffer_bytes,
+                domain, openers=self.openers, cond=self._cond, cap_bytes=self._cap(domain),
                 backlog_shards=self.backlog_shards, accept=self._accept, excluded=self._excluded,
                 on_corrupt=self._corrupt, on_error=self._fail)
             if self._pollers:
                 feed.start()
         return feed
+
+    def _cap(self, domain: str) -> int:
+        if self._caps is None:
+            return self.domain_buffer_bytes
+        return self._caps.get(domain, MIN_CAP_BYTES)
+
+    def set_read_ahead(self, token_shares: dict[str, float]) -> None:
+        """Read-ahead per domain in tokens (e.g. a few batches at its draw weight): a domain drawn
+        rarely buffers little, so its samples are as fresh as a busy domain's; capped by
+        ``domain_buffer_bytes``; domains not named buffer :data:`MIN_CAP_BYTES`."""
+        caps = {d: min(self.domain_buffer_bytes, MIN_CAP_BYTES + int(t * TOKEN_BYTES))
+                for d, t in token_shares.items()}
+        with self._cond:
+            if caps == self._caps:
+                return
+            self._caps = caps
+            for d, f in self.feeds.items():
+                f.cap_bytes = self._cap(d)
+            self._cond.notify_all()
 
     def _fail(self, e: BaseException) -> None:
         with self._cond:

@@ -8,9 +8,9 @@ are skipped when the next shard is chosen: they are marked done in the cursor, c
 So a trainer slower than ingest trains recent data and lets a bounded backlog go, instead
 of falling ever further behind.
 
-Backpressure: the thread stops reading while the buffer holds ``cap_bytes`` or more (it
-may exceed it by one document); the consumer wakes it. Memory per domain is bounded
-whatever the mixing weights.
+Backpressure: the thread stops reading once the buffer holds ``cap_bytes`` or more (it may
+exceed it by one document) and resumes when half of it was consumed. Memory per domain is
+bounded whatever the mixing weights.
 
 Cursor: every sample read leaves one buffer entry in reading order (a filtered sample or
 the rest of a corrupt or quarantined shard leaves an empty marker), so the consumer's
@@ -42,6 +42,8 @@ ShardKey = tuple[int, str]
 """(stream root index, shard name)"""
 DOC_OVERHEAD_BYTES = 256
 """bytes a buffered document costs beside its tokens (object, strings)"""
+READ_BATCH = 16
+"""samples read per pass outside the lock"""
 
 
 @dataclass(slots=True)
@@ -138,7 +140,10 @@ class DomainFeed:
         reader, reader_key = None, None
         while True:
             with self._cond:
-                while not self._stop and (self.bytes >= self.cap_bytes or not self._can_read()):
+                if self.bytes >= self.cap_bytes:  # full: refill once half of it was consumed (fewer wake-ups)
+                    while not self._stop and self.bytes > self.cap_bytes // 2:
+                        self._cond.wait(1.0)
+                while not self._stop and not self._can_read():
                     self._cond.wait(1.0)
                 if self._stop:
                     return
@@ -147,17 +152,23 @@ class DomainFeed:
                     if self._reading is None:
                         continue
                 key, index = self._reading
-                entry, generation = self.entries[key], self._generation
+                entry, generation, room = self.entries[key], self._generation, self.cap_bytes - self.bytes
             if reader_key != key:
                 reader, reader_key = None, key
-            reader, item = self._read(key[0], entry, index, reader)
+            items: list[_Entry] = []
+            while room > 0 and len(items) < READ_BATCH and not (items and items[-1].last):
+                reader, item = self._read(key[0], entry, index + len(items), reader)
+                items.append(item)
+                room -= item.nbytes
             with self._cond:
-                if generation != self._generation:  # restored meanwhile: this read is void
+                if generation != self._generation:  # restored meanwhile: these reads are void
                     reader, reader_key = None, None
                     continue
-                self._push(item)
-                self._reading = None if item.last else (key, index + 1)
-                if item.last:
+                for item in items:
+                    self._push(item)
+                self._reading = None if items[-1].last else (key, index + len(items))
+                self._cond.notify_all()
+                if items[-1].last:
                     self._openers[key[0]].release(key[1])
                     reader, reader_key = None, None
 
@@ -191,7 +202,6 @@ class DomainFeed:
         if item.doc is not None:
             self.docs += 1
             self.tokens += len(item.doc.tokens)
-        self._cond.notify_all()
 
     def pop(self) -> Doc | None:
         """The next trainable document (markers before it are consumed), advancing the cursor."""
@@ -206,7 +216,8 @@ class DomainFeed:
             if item.doc is not None:
                 self.docs -= 1
                 self.tokens -= len(item.doc.tokens)
-                self._cond.notify_all()  # room for the reader
+                if self.bytes <= self.cap_bytes // 2:
+                    self._cond.notify_all()  # the reader refills
                 return item.doc
         return None
 

@@ -38,12 +38,11 @@ from torchtitan.components.dataloader import BaseDataLoader
 
 from streams import manifest as mf
 from trainer.data.buffers import StreamBuffers
-from trainer.data.feed import DOC_OVERHEAD_BYTES
 from trainer.data.packer import IGNORE_INDEX, Doc, Packer
 from trainer.data.rendezvous import DataRendezvous
 from trainer.mixing import Mixer
 
-__all__ = ["BatchMeta", "LiveStreamDataLoader"]
+__all__ = ["BatchMeta", "LiveStreamDataLoader", "freshness"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +71,15 @@ class BatchMeta:
         return dict(zip(self.domains, loss[:k].tolist())), dict(zip(self.domains, tokens[:k].tolist()))
 
 
+def freshness(produced_at: list[float], now: float) -> dict[str, float | None]:
+    """Sample age at training over documents produced at ``produced_at`` (epoch s; 0: unknown):
+    ``freshness_s`` (median) and ``freshness_p95_s``."""
+    ages = np.asarray([now - p for p in produced_at if p > 0], dtype=np.float64)
+    if not ages.size:
+        return {"freshness_s": None, "freshness_p95_s": None}
+    return {"freshness_s": float(np.median(ages)), "freshness_p95_s": float(np.percentile(ages, 95))}
+
+
 class LiveStreamDataLoader(BaseDataLoader):
     """Stateful, infinite loader of packed rows from live stream roots."""
 
@@ -81,8 +89,11 @@ class LiveStreamDataLoader(BaseDataLoader):
         domains: list[str] = field(default_factory=list)
         """domains to mix from the start (empty: those published at start-up, then any new ones)"""
         seed: int = 1234
-        domain_buffer_bytes: int = 0
-        """read-ahead cap per domain and rank; a full domain stops reading (0: 4 batches of tokens)"""
+        read_ahead_batches: float = 8.0
+        """read-ahead of each domain, in batches at its current draw weight (smaller: fresher samples,
+        more exposure to read latency)"""
+        domain_buffer_bytes: int = 64 << 20
+        """hard cap of one domain's buffer on one rank; a full domain stops reading"""
         backlog_shards: int = 16
         """unread shards kept per domain and rank, newest first; older ones are skipped and counted
         (the freshness policy; 0: read every shard, e.g. to replay a finished stream)"""
@@ -119,7 +130,7 @@ class LiveStreamDataLoader(BaseDataLoader):
             config.stream_roots,
             dp_rank=dp_rank,
             dp_world=dp_world_size,
-            domain_buffer_bytes=config.domain_buffer_bytes or 4 * self.batch_tokens * 4 + 64 * DOC_OVERHEAD_BYTES,
+            domain_buffer_bytes=config.domain_buffer_bytes,
             backlog_shards=config.backlog_shards,
             poll_interval_s=config.poll_interval_s,
             vocab_size=vocab_size if config.check_vocab else None,
@@ -163,12 +174,14 @@ class LiveStreamDataLoader(BaseDataLoader):
 
     # -- iteration -------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+        self._set_read_ahead()
         self.buffers.start()
         while True:
             yield self.next_batch()
 
     def next_batch(self) -> tuple[dict[str, Any], torch.Tensor]:
         t0 = time.monotonic()
+        self._set_read_ahead()
         self._await_data()
         self._wait_deadline = time.monotonic() + self.config.starve_timeout_s
         starved: list[str] = []
@@ -200,6 +213,13 @@ class LiveStreamDataLoader(BaseDataLoader):
             "_meta": meta,
         }
         return batch, torch.from_numpy(packed.labels)
+
+    def _set_read_ahead(self) -> None:
+        """Each domain reads ahead ``read_ahead_batches`` batches at its draw weight (memory stays
+        bounded and a rarely drawn domain's samples do not sit in its buffer for long)."""
+        weights = self.mixer.sampling_weights(exclude=self.paused | self.buffers.retired_domains())
+        per_batch = self.config.read_ahead_batches * self.batch_tokens
+        self.buffers.set_read_ahead({d: w * per_batch for d, w in weights.items()})
 
     def _drawable(self) -> set[str]:
         return set(self.mixer.domains) - self.paused - self.buffers.retired_domains()
