@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 from beam_jobs.alerts_out import publish_alert
 from streams.events import Alert
 
-__all__ = ["ALERT_RULE", "RESOLVED_RULE", "DiskFullGuard", "is_disk_full"]
+__all__ = ["ALERT_RULE", "RESOLVED_RULE", "DiskFullGuard", "disk_full_error", "is_disk_full"]
 
 log = logging.getLogger("headwater.ingest.disk")
 
@@ -26,17 +28,32 @@ RESOLVED_RULE = "ingest.disk_full_resolved"
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
-def is_disk_full(exc: BaseException | None) -> bool:
-    """True if ``exc`` or an exception in its cause/context chain is ENOSPC or EDQUOT.
+_FULL_TEXT = re.compile("|".join([rf"\[Errno {n}\]" for n in _FULL_ERRNOS]
+                                  + [re.escape(os.strerror(n)) for n in _FULL_ERRNOS]))
 
-    Beam re-raises a DoFn's error as a RuntimeError whose cause is the original."""
+
+def disk_full_error(exc: BaseException | None) -> str | None:
+    """One line naming the ENOSPC/EDQUOT error in ``exc``'s cause/context chain, or None.
+
+    The in-memory DirectRunner re-raises a DoFn's error as a RuntimeError whose cause is the
+    original; the multi-threading/multi-processing and portable runners keep only its text
+    (``OSError: [Errno 28] No space left on device: ...`` inside a worker traceback), so the
+    messages are searched too."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
-            return True
+            return str(exc)[:500]
+        line = next((ln for ln in str(exc).splitlines() if _FULL_TEXT.search(ln)), None)
+        if line is not None:
+            return line.strip()[:500]
         exc = exc.__cause__ or exc.__context__
-    return False
+    return None
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """True if ``exc`` or an exception in its cause/context chain is ENOSPC or EDQUOT."""
+    return disk_full_error(exc) is not None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -68,12 +85,13 @@ class DiskFullGuard:
         usage = shutil.disk_usage(self.path)
         self.free_at_failure = usage.free
         self.failures += 1
+        error = disk_full_error(exc) or f"{type(exc).__name__}: {str(exc)[:500]}"  # not a worker traceback
         if self.started is None:
             self.started = time.monotonic()
             self._alert(ALERT_RULE, "critical",
-                        f"disk full on stream root {self.path} ({usage.free} of {usage.total} bytes free): {exc}; "
+                        f"disk full on stream root {self.path} ({usage.free} of {usage.total} bytes free): {error}; "
                         "ingest is paused and retries until space is freed, nothing settled is lost",
-                        free_bytes=usage.free, total_bytes=usage.total, error=str(exc))
+                        free_bytes=usage.free, total_bytes=usage.total, error=error)
         else:
             log.warning("still no space on %s (attempt %d, %d bytes free)", self.path, self.failures, usage.free)
 

@@ -1,17 +1,22 @@
 """Alert quality of eval-regression rollbacks, measured on the real detector, rules and policy.
 
 A synthetic eval suite (15 text domains x 24 items) is scored at every checkpoint of a
-synthetic training run: each item's log-perplexity decays towards its floor, plus checkpoint
-noise per item and a slow per-domain drift (what online mixing does to a domain it
-down-weights). Every checkpoint goes through what the services do with it: ``pick_best`` +
-``detect_regressions`` (evaluators/regression.py), the rules engine on the report's metrics
+synthetic training run: each item's log-perplexity decays towards its floor (``improving``), or
+sits at it from the start (``plateau``: a run past its learning phase), plus checkpoint noise
+per item and a slow per-domain drift (what online mixing does to a domain it down-weights).
+Every checkpoint goes through what the services do with it: ``assess`` (the evaluator's own
+call: baseline, bootstrap, Holm; evaluators/regression.py) over every report of the run,
+abandoned branches included, the rules engine on the report's metrics
 (infra/alerts/rules.toml), the regression Alert routed by that file's ``[actions]``
 (evaluators/alerts/routing.py) and the :class:`RollbackPolicy`, fed the checkpoints and
-reports, and told when the simulated trainer applied a rollback.
+reports, and told when the simulated trainer applied a rollback. One simulated clock drives
+checkpoint save times, the policy and the Controls it issues, so the policy's view of
+rolled-back branches is the production one.
 
-1. clean runs: N checkpoints, no poison -> rollbacks issued (false alarms);
-2. poisoned runs: from a random checkpoint one domain's log-perplexity rises by ``--poison``
-   (and stays up while it trains on the poison) -> checkpoints until the rollback is issued;
+1. clean runs: N checkpoints, no poison, improving and plateau -> rollbacks issued (false alarms);
+2. poisoned runs, improving and plateau: from a random checkpoint one domain's log-perplexity
+   rises by ``--poison`` (and stays up while it trains on the poison) -> checkpoints until the
+   rollback is issued;
 3. recurring poison: after the rollback the same domain regresses again against the same
    good checkpoint -> rollbacks issued (the circuit breaker must pause the domain instead);
 4. latency on a real broker: regression Alert published -> signed rollback Control on
@@ -39,19 +44,21 @@ sys.path[:0] = [str(ROOT)]
 
 from evaluators.alerts.routing import Router
 from evaluators.alerts.rules import AlertEngine, parse_rules
-from evaluators.regression import RegressionConfig, detect_regressions, pick_best, regression_alert
+from evaluators.regression import RegressionConfig, assess, regression_alert
 from evaluators.rollback import CIRCUIT_RULE, RollbackPolicy
 from streams.events import Alert, CheckpointSaved, Control, EvalReport, decode_event
 
 DOMAINS = [f"{src}_{lang}" for src in ("wiki", "news", "forum") for lang in ("en", "de", "fr", "es", "it")]
 RULES = ROOT / "infra" / "alerts" / "rules.toml"
+PLATEAU = 250
+"""checkpoints of decay already behind a ``plateau`` run (exp(-250/25): at its floor)"""
 
 
 class SyntheticRun:
     """Per-item log-perplexity of a training run's checkpoints on a fixed eval suite."""
 
     def __init__(self, seed: int, *, items_per_domain: int = 24, item_noise: float = 0.03,
-                 drift_sd: float = 0.008):
+                 drift_sd: float = 0.008, plateau: bool = False):
         self.rng = np.random.default_rng(seed)
         n = len(DOMAINS) * items_per_domain
         self.domains = [d for d in DOMAINS for _ in range(items_per_domain)]
@@ -60,6 +67,7 @@ class SyntheticRun:
         self.gap = self.rng.uniform(2.0, 4.0, n)
         self.item_noise, self.drift_sd = item_noise, drift_sd
         self.drift = np.zeros(len(DOMAINS))
+        self.offset = PLATEAU if plateau else 0
 
     def score(self, k: int, poison: dict[str, float]) -> np.ndarray:
         """Per-item mean NLL at checkpoint ``k`` (``poison``: extra log-ppl per domain)."""
@@ -67,7 +75,7 @@ class SyntheticRun:
         self.drift = 0.9 * self.drift + self.rng.normal(0, self.drift_sd, len(DOMAINS))
         offset = np.repeat(self.drift, len(self.domains) // len(DOMAINS))
         extra = np.array([poison.get(d, 0.0) for d in self.domains])
-        decay = np.exp(-k / 25)
+        decay = np.exp(-(k + self.offset) / 25)
         return self.floor + self.gap * decay + offset + extra + self.rng.normal(0, self.item_noise, len(self.domains))
 
 
@@ -78,10 +86,10 @@ class Pipeline:
         doc = tomllib.loads(RULES.read_text())
         self.router = Router(doc, parse_rules(doc), control_hooks={"control"}, declared=set(doc["hooks"]))
         self.engine = AlertEngine(parse_rules(doc), source="bench")
-        self.policy = RollbackPolicy(issued_by="bench")
         self.cfg, self.run_id = cfg, run_id
         self.reports: list[EvalReport] = []
-        self.wall = time.time()  # checkpoints are saved a simulated minute apart from now on
+        self.wall = 1.7e9  # the simulated clock: checkpoints a minute apart, the policy, its Controls
+        self.policy = RollbackPolicy(issued_by="bench", clock=lambda: self.wall)
         self.rollbacks: list[Control] = []
         self.pauses: list[Control] = []
         self.pages: list[Alert] = []
@@ -98,12 +106,7 @@ class Pipeline:
         report = EvalReport(run_id=self.run_id, step=step, checkpoint_path=path, suite="heldout", vocab_version="v",
                             metrics={"text/ppl": float(np.exp(nll_per_token.mean()))},
                             details={"items": items, "suite_version": "s1", "checkpoint_wall_time": self.wall})
-        best = pick_best(self.reports, report)
-        if best is not None:
-            findings = detect_regressions(report, best, self.cfg)
-            report.details["regression"] = {"best_checkpoint": best.checkpoint_path, "best_step": best.step,
-                                            "findings": [f.as_dict() for f in findings]}
-            report.passed = not any(f.significant for f in findings)
+        assess(report, self.reports, self.cfg)
         self.reports.append(report)
         self.policy.observe(report)
         for alert in self.engine.observe_eval(report):
@@ -124,21 +127,22 @@ class Pipeline:
                                       message="applied", created_at=self.wall,
                                       evidence={"run_id": self.run_id, "to_step": rollback.args["step"],
                                                 "control_id": rollback.control_id}))
-            self.reports = [r for r in self.reports if r.step <= rollback.args["step"]]  # abandoned branch
         return rollback
 
 
-def clean_run(seed: int, n: int, cfg: RegressionConfig, drift_sd: float = 0.008) -> int:
-    run, pipe = SyntheticRun(seed, drift_sd=drift_sd), Pipeline(f"clean-{seed}", cfg)
+def clean_run(seed: int, n: int, cfg: RegressionConfig, drift_sd: float = 0.008, *, plateau: bool = False) -> int:
+    """Rollbacks and rule actions in ``n`` clean checkpoints (all false alarms)."""
+    run, pipe = SyntheticRun(seed, drift_sd=drift_sd, plateau=plateau), Pipeline(f"clean-{seed}", cfg)
     for k in range(1, n + 1):
         pipe.checkpoint(10 * k, run.score(k, {}), run)
     return len(pipe.rollbacks) + pipe.engine_actions
 
 
-def poisoned_run(seed: int, n: int, cfg: RegressionConfig, poison: float) -> tuple[int | None, str]:
+def poisoned_run(seed: int, n: int, cfg: RegressionConfig, poison: float, *,
+                 plateau: bool = False) -> tuple[int | None, str]:
     """Checkpoints from the first poisoned one to the rollback (1 = caught at the first; 0 = a false
     alarm came first; None = never caught), and the domain."""
-    run, pipe = SyntheticRun(seed), Pipeline(f"poison-{seed}", cfg)
+    run, pipe = SyntheticRun(seed, plateau=plateau), Pipeline(f"poison-{seed}", cfg)
     rng = np.random.default_rng(10_000 + seed)
     start, domain = int(rng.integers(10, n - 5)), DOMAINS[int(rng.integers(len(DOMAINS)))]
     for k in range(1, n + 1):

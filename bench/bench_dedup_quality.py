@@ -38,16 +38,17 @@ def kept(data, rank=0, world_size=1):
     with open(f"{work}/kept.txt", "w") as f:
         f.writelines(doc.id + "\n" for doc in data)
     yield from ()
-cfg = MinhashConfig()
-t0 = time.perf_counter()
-stages = [([read, MinhashDedupSignature(output_folder=f"{work}/sig", config=cfg)], 1),
-          ([MinhashDedupBuckets(input_folder=f"{work}/sig", output_folder=f"{work}/buckets", config=cfg)],
-           cfg.num_buckets),
-          ([MinhashDedupCluster(input_folder=f"{work}/buckets", output_folder=f"{work}/remove", config=cfg)], 1),
-          ([read, MinhashDedupFilter(input_folder=f"{work}/remove"), kept], 1)]
-for i, (steps, tasks) in enumerate(stages):
-    LocalPipelineExecutor(pipeline=steps, tasks=tasks, logging_dir=f"{work}/logs/{i}").run()
-print(json.dumps({"seconds": time.perf_counter() - t0}))
+if __name__ == "__main__":
+    cfg = MinhashConfig()
+    t0 = time.perf_counter()
+    stages = [([read, MinhashDedupSignature(output_folder=f"{work}/sig", config=cfg)], 1),
+              ([MinhashDedupBuckets(input_folder=f"{work}/sig", output_folder=f"{work}/buckets", config=cfg)],
+               cfg.num_buckets),
+              ([MinhashDedupCluster(input_folder=f"{work}/buckets", output_folder=f"{work}/remove", config=cfg)], 1),
+              ([read, MinhashDedupFilter(input_folder=f"{work}/remove"), kept], 1)]
+    for i, (steps, tasks) in enumerate(stages):
+        LocalPipelineExecutor(pipeline=steps, tasks=tasks, workers=1, logging_dir=f"{work}/logs/{i}").run()
+    print(json.dumps({"seconds": time.perf_counter() - t0}))
 """
 
 

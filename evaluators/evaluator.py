@@ -3,8 +3,9 @@
 One instance per process, in a Kafka consumer group on ``checkpoints`` (instances share the
 topic's partitions). For each checkpoint: skip it if the ledger (the ``evals`` topic) already
 holds its report for this suite; otherwise load it, scan the training streams for leaked eval
-items, score the remaining items, compare with the best previous comparable report, publish
-the EvalReport (and an ``eval_regression`` Alert if it regressed), then commit the offset.
+items, score the remaining items, compare with the latest passed report of the checkpoint's
+branch (evaluators/regression.py), publish the EvalReport (and an ``eval_regression`` Alert if
+it regressed), then commit the offset.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from evaluators.identity import checkpoint_key
 from evaluators.leakage import LeakageDetector
 from evaluators.ledger import EvalLedger
 from evaluators.metrics import item_table, score_items, summarize, text_bytes
-from evaluators.regression import RegressionConfig, detect_regressions, pick_best, regression_alert
+from evaluators.regression import RegressionConfig, assess, regression_alert
 from evaluators.wandb_log import WandbLogger
 from streams.checkpoint_manifest import CheckpointRejected
 from streams.events import Alert, CheckpointSaved, EvalReport, Event
@@ -133,12 +134,7 @@ class Evaluator:
         report.metrics = {**summarize(table), "eval_items": float(len(items)), "leaked_items": float(len(leaked))}
         report.details.update(items=table, leakage=[leak.as_dict() for leak in leaked.values()])
         report.passed = True
-        best = pick_best([r for r in self.ledger.reports if r.run_id == ckpt.run_id], report)
-        if best is not None:
-            findings = detect_regressions(report, best, self.config.regression)
-            report.details["regression"] = {"best_checkpoint": best.checkpoint_path, "best_step": best.step,
-                                            "findings": [f.as_dict() for f in findings]}
-            report.passed = not any(f.significant for f in findings)
+        assess(report, [r for r in self.ledger.reports if r.run_id == ckpt.run_id], self.config.regression)
         report.details["eval_seconds"] = round(time.perf_counter() - t0, 3)
         return report
 

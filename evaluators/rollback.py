@@ -286,4 +286,4 @@ class RollbackPolicy:
         return controls, "; ".join(notes)
 
     def _control(self, command: str, args: dict, reason: str) -> Control:
-        return Control(command=command, args=args, reason=reason, issued_by=self.issued_by)
+        return Control(command=command, args=args, reason=reason, issued_by=self.issued_by, issued_at=self.clock())

@@ -238,3 +238,31 @@ def test_broker_watch_one_slow_probe_is_not_an_outage():
     finally:
         peer.close()
     assert len(restored) == 1 and 1.5 <= restored[0] < 4.5, restored
+
+
+def test_disk_full_is_recognised_from_every_direct_runner_mode(tmp_path):
+    """The multi-threading (and multi-processing/portable) runners re-raise a DoFn's ENOSPC only as
+    text inside a RuntimeError, no ``__cause__``: it must still read as disk full (else streaming
+    ingest crash-loops instead of alerting and waiting), with a one-line error for the alert."""
+    import errno
+
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_jobs.disk_full import disk_full_error
+
+    def write(x, path=str(tmp_path / "x")):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    def fail(x):
+        raise ValueError(f"not a disk problem: {x}")
+
+    for mode in ("in_memory", "multi_threading"):
+        for fn, full in ((write, True), (fail, False)):
+            options = PipelineOptions([f"--direct_running_mode={mode}", "--direct_num_workers=1"])
+            with pytest.raises(Exception) as e, beam.Pipeline(options=options) as p:
+                _ = p | beam.Create([1]) | beam.Map(fn)
+            assert is_disk_full(e.value) is full, (mode, e.value)
+            if full:
+                line = disk_full_error(e.value)
+                assert "[Errno 28]" in line and "\n" not in line and len(line) <= 500

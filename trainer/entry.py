@@ -15,7 +15,7 @@ from trainer.run_guard import EXIT_RUN_DIR_BUSY, RunDirBusy, RunLock, die_with_p
 
 
 def main(argv: list[str] | None = None) -> int:
-    if "LOCAL_RANK" in os.environ:  # started by torchrun: never outlive its agent
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun's agent: never outlive it
         die_with_parent()
     cpu_compat.install()  # before torchtitan picks its device type
     import torch.distributed as dist

@@ -30,14 +30,14 @@ _PR_SET_PDEATHSIG = 1
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
     """Have the kernel send ``sig`` to this process when its parent exits (Linux); exit now if
-    the parent is already gone (re-parented to init or a subreaper before the request landed)."""
+    the parent died before the request landed (this process was re-parented meanwhile)."""
     parent = os.getppid()
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if parent == 1 or os.getppid() != parent:
-        os._exit(1)
+        if os.getppid() != parent:
+            os._exit(1)
 
 
 class RunDirBusy(RuntimeError):

@@ -120,6 +120,30 @@ class _FingerprintFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput("probe", ((band, key), _Probe(dockey, idh, coordh, prio, order, raw)))
 
 
+def _bucket_step(key: tuple[int, int], ids: list[int], ready: list[_Probe], cap: int):
+    """Handle ``ready`` probes (in priority order) against the bucket's ``ids`` (updated in place):
+    queries to Verify (main output) and one report per probe to Decide."""
+    exact = key[0] == EXACT_BAND
+    for p in ready:
+        replay = p.idh in ids
+        others = [i for i in ids if i != p.idh]
+        asked = others[:1] if exact else others  # exact: the first holder is the original
+        for cand in asked:
+            yield cand, ("q", _Query(p.dockey, p.coordh, exact, p.shingles, replay))
+        yield beam.pvalue.TaggedOutput("report", (p.dockey, ("band", len(asked))))
+        if not replay:
+            ids.append(p.idh)
+            if len(ids) > cap:
+                Metrics.counter("dedup", "bucket_evicted").inc(len(ids) - cap)
+                del ids[: len(ids) - cap]
+
+
+def _bucket_batch(element, cap: int):
+    """Bounded input: a bucket's probes all at once (GroupByKey), in priority order."""
+    key, probes = element
+    yield from _bucket_step(key, [], sorted(probes, key=lambda p: (p.prio, p.order)), cap)
+
+
 class _BucketFn(beam.DoFn):
     """Keyed by (band, bucket): the ids in the bucket (packed uint64, at most ``bucket_cap``)."""
 
@@ -155,21 +179,8 @@ class _BucketFn(beam.DoFn):
             due = min(p.prio for p in rest)
             nxt.write(due)
             wake.set(Timestamp(micros=due))
-        raw = ids_state.read() or b""
-        ids = list(np.frombuffer(raw, dtype=np.uint64).tolist())
-        exact = key[0] == EXACT_BAND
-        for p in ready:
-            replay = p.idh in ids
-            others = [i for i in ids if i != p.idh]
-            asked = others[:1] if exact else others  # exact: the first holder is the original
-            for cand in asked:
-                yield cand, ("q", _Query(p.dockey, p.coordh, exact, p.shingles, replay))
-            yield beam.pvalue.TaggedOutput("report", (p.dockey, ("band", len(asked))))
-            if not replay:
-                ids.append(p.idh)
-                if len(ids) > self.cap:
-                    Metrics.counter("dedup", "bucket_evicted").inc(len(ids) - self.cap)
-                    del ids[: len(ids) - self.cap]
+        ids = np.frombuffer(ids_state.read() or b"", dtype=np.uint64).tolist()
+        yield from _bucket_step(key, ids, ready, self.cap)
         ids_state.write(np.asarray(ids, dtype=np.uint64).tobytes())
 
 
@@ -184,7 +195,7 @@ class _VerifyFn(beam.DoFn):
         self.head = len(Sketch(0, 0, 0, 0, 0, b"").to_bytes())
         self.bloom = config.bloom_bytes
 
-    def _answer(self, ident: bytes, q: _Query) -> tuple:
+    def answer(self, ident: bytes, q: _Query) -> tuple:
         """Every query is answered (Decide counts answers); a match carries a kind."""
         sketch = Sketch.from_bytes(ident[: self.head + self.bloom])
         cand_id = ident[self.head + self.bloom :].decode("utf-8", "replace")
@@ -205,12 +216,21 @@ class _VerifyFn(beam.DoFn):
                 return
             sketch_state.write(payload)
             for q in waiting.read():
-                yield self._answer(payload, q)
+                yield self.answer(payload, q)
             waiting.clear()
         elif ident is None:
             waiting.add(payload)
         else:
-            yield self._answer(ident, payload)
+            yield self.answer(ident, payload)
+
+
+def _verify_batch(element, verify: _VerifyFn):
+    """Bounded input: a candidate's registration and every query about it (GroupByKey)."""
+    _, messages = element
+    regs = [payload for kind, payload in messages if kind == "reg"]
+    for kind, q in messages:
+        if kind == "q":
+            yield verify.answer(regs[0], q)
 
 
 class _DecideFn(beam.DoFn):
@@ -223,21 +243,36 @@ class _DecideFn(beam.DoFn):
     def __init__(self, count_kept: bool):
         self.count_kept = count_kept  # False: the semantic stage has the last word
 
+    @staticmethod
+    def tally(t: list, msg: tuple) -> tuple | None:
+        """Fold ``msg`` into the tally ``t``; returns the (doc, record, settled hit) it carries."""
+        if msg[0] == "doc":
+            t[0] += msg[4]
+            return msg[1:4]
+        if msg[0] == "band":
+            t[1] += 1
+            t[2] += msg[1]
+            return None
+        _, kind, j, cand_id, cand_added, replay = msg
+        t[3] += 1
+        rank = (kind == "exact", j)
+        if kind is not None and (t[4] is None or rank > t[4][0]):
+            t[4] = (rank, kind, cand_id, cand_added, replay)
+        return None
+
+    def batch(self, element):
+        """Bounded input: a document's messages all at once (GroupByKey)."""
+        _, messages = element
+        t = [0, 0, 0, 0, None]
+        held = [h for h in (self.tally(t, m) for m in messages) if h is not None]
+        yield from self._decide(held, t[4])
+
     def process(self, element, docs=beam.DoFn.StateParam(DOCS), tally=beam.DoFn.StateParam(TALLY)):  # noqa: B008
         _, msg = element
         t = tally.read() or [0, 0, 0, 0, None]
-        if msg[0] == "doc":
-            docs.add(msg[1:4])
-            t[0] += msg[4]
-        elif msg[0] == "band":
-            t[1] += 1
-            t[2] += msg[1]
-        else:
-            _, kind, j, cand_id, cand_added, replay = msg
-            t[3] += 1
-            rank = (kind == "exact", j)
-            if kind is not None and (t[4] is None or rank > t[4][0]):
-                t[4] = (rank, kind, cand_id, cand_added, replay)
+        carried = self.tally(t, msg)
+        if carried is not None:
+            docs.add(carried)
         held = list(docs.read())
         if not held or t[1] < t[0] or t[3] < t[2]:
             tally.write(t)
@@ -333,12 +368,21 @@ class Dedup(beam.PTransform):
         c = self.config
         fp = docs | "Fingerprint" >> beam.ParDo(_FingerprintFn(c, self.settled)).with_outputs(
             "probe", "verify", "passed", main="doc")
-        buckets = fp.probe | "Buckets" >> beam.ParDo(_BucketFn(c)).with_input_types(
-            tuple[tuple[int, int], Any]).with_outputs("report", main="query")
-        verdicts = ((fp.verify, buckets.query) | "ToVerify" >> beam.Flatten()
-                    | "Verify" >> beam.ParDo(_VerifyFn(c)).with_input_types(tuple[int, Any]))
-        decided = ((fp.doc, buckets.report, verdicts) | "ToDecide" >> beam.Flatten()
-                   | "Decide" >> beam.ParDo(_DecideFn(not c.semantic)).with_input_types(tuple[tuple[int, int], Any]))
+        decide = _DecideFn(not c.semantic)
+        if docs.is_bounded:  # the same per-key logic over GroupByKey: all of a key's input at once
+            buckets = (fp.probe | "GroupBuckets" >> beam.GroupByKey()
+                       | "Buckets" >> beam.FlatMap(_bucket_batch, c.bucket_cap).with_outputs("report", main="query"))
+            verdicts = ((fp.verify, buckets.query) | "ToVerify" >> beam.Flatten()
+                        | "GroupVerify" >> beam.GroupByKey() | "Verify" >> beam.FlatMap(_verify_batch, _VerifyFn(c)))
+            decided = ((fp.doc, buckets.report, verdicts) | "ToDecide" >> beam.Flatten()
+                       | "GroupDecide" >> beam.GroupByKey() | "Decide" >> beam.FlatMap(decide.batch))
+        else:  # streaming: keyed state, probes ordered by event-time timers
+            buckets = fp.probe | "Buckets" >> beam.ParDo(_BucketFn(c)).with_input_types(
+                tuple[tuple[int, int], Any]).with_outputs("report", main="query")
+            verdicts = ((fp.verify, buckets.query) | "ToVerify" >> beam.Flatten()
+                        | "Verify" >> beam.ParDo(_VerifyFn(c)).with_input_types(tuple[int, Any]))
+            decided = ((fp.doc, buckets.report, verdicts) | "ToDecide" >> beam.Flatten()
+                       | "Decide" >> beam.ParDo(decide).with_input_types(tuple[tuple[int, int], Any]))
         if c.semantic:
             decided = (decided | "KeySemantic" >> beam.Map(lambda d, how=c.shard_key: (shard_key(d, how), d))
                        | "Semantic" >> beam.ParDo(_SemanticFn(c)))

@@ -79,7 +79,8 @@ class StreamBuffers:
         self.excluded_shards: set[str] = set()
         self.excluded_sources: set[str] = set()
         self.domain_sources: dict[str, set[str]] = {}  # every source seen per domain (this rank's shards)
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)  # notified when data arrives (each reader has its own)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._pollers: list[threading.Thread] = []
@@ -147,16 +148,14 @@ class StreamBuffers:
                 self._assigned[(i, entry.domain)] = k + 1
                 if k % self.dp_world == self.dp_rank:
                     with self._cond:
-                        feed = self._feed(entry.domain)
-                        feed.add(i, entry)
-                        self._cond.notify_all()
+                        self._feed(entry.domain).add(i, entry)
 
     def _feed(self, domain: str) -> DomainFeed:
         """The feed of ``domain``, created (and started if running) on first sight (cond held)."""
         feed = self.feeds.get(domain)
         if feed is None:
             feed = self.feeds[domain] = DomainFeed(
-                domain, openers=self.openers, cond=self._cond, cap_bytes=self._cap(domain),
+                domain, openers=self.openers, lock=self._lock, cond=self._cond, cap_bytes=self._cap(domain),
                 backlog_shards=self.backlog_shards, accept=self._accept, excluded=self._excluded,
                 on_corrupt=self._corrupt, on_error=self._fail)
             if self._pollers:
@@ -172,15 +171,14 @@ class StreamBuffers:
         """Read-ahead per domain in tokens (e.g. a few batches at its draw weight): a domain drawn
         rarely buffers little, so its samples are as fresh as a busy domain's; capped by
         ``domain_buffer_bytes``; domains not named buffer :data:`MIN_CAP_BYTES`."""
-        caps = {d: min(self.domain_buffer_bytes, MIN_CAP_BYTES + int(t * TOKEN_BYTES))
+        caps = {d: min(self.domain_buffer_bytes, MIN_CAP_BYTES + _round_up(int(t * TOKEN_BYTES)))
                 for d, t in token_shares.items()}
         with self._cond:
             if caps == self._caps:
                 return
             self._caps = caps
             for d, f in self.feeds.items():
-                f.cap_bytes = self._cap(d)
-            self._cond.notify_all()
+                f.set_cap(self._cap(d))
 
     def _fail(self, e: BaseException) -> None:
         with self._cond:
@@ -234,6 +232,8 @@ class StreamBuffers:
                 doc = feed.pop() if feed is not None else None
                 if doc is not None:
                     return doc
+                if feed is not None:
+                    feed.wake(if_low=False)
                 self.check()
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -248,6 +248,12 @@ class StreamBuffers:
             if doc is None:
                 self.check()
             return doc
+
+    def refill(self) -> None:
+        """Wake the readers of buffers a quarter full or less (call between batches)."""
+        with self._cond:
+            for f in self.feeds.values():
+                f.wake()
 
     def retired_domains(self) -> set[str]:
         """Domains whose every source seen so far is quarantined: no data will come, never draw them."""
@@ -268,6 +274,8 @@ class StreamBuffers:
         """Wait until ``pred()`` (evaluated under the buffers' lock, after each change) holds; False on timeout."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
+            for f in self.feeds.values():
+                f.wake(if_low=False)
             while not pred():
                 self.check()
                 left = deadline - time.monotonic()
@@ -346,3 +354,11 @@ class StreamBuffers:
             self.available = dict(state["available"])
         if running:
             self.start()
+
+
+def _round_up(n: int) -> int:
+    """``n`` rounded up to 1/8 of its power of two (caps move in steps, not at every weight update)."""
+    if n <= 8:
+        return n
+    step = 1 << (n.bit_length() - 4)
+    return -(-n // step) * step

@@ -9,8 +9,10 @@ So a trainer slower than ingest trains recent data and lets a bounded backlog go
 of falling ever further behind.
 
 Backpressure: the thread stops reading once the buffer holds ``cap_bytes`` or more (it may
-exceed it by one document) and resumes when half of it was consumed. Memory per domain is
-bounded whatever the mixing weights.
+exceed it by one read pass) and resumes when a quarter of it is left. Memory per domain is
+bounded whatever the mixing weights. The reader waits on its own condition and consumers
+wake it between batches (:meth:`wake`), or at once when they find the buffer empty: each
+wake-up of a thread costs the training thread a GIL hand-over, so not one per document.
 
 Cursor: every sample read leaves one buffer entry in reading order (a filtered sample or
 the rest of a corrupt or quarantined shard leaves an empty marker), so the consumer's
@@ -24,6 +26,7 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,12 +64,14 @@ class _Entry:
 class DomainFeed:
     """Reads one domain's shards assigned to this rank; see the module docstring."""
 
-    def __init__(self, domain: str, *, openers: list[ShardOpener], cond: threading.Condition, cap_bytes: int,
+    def __init__(self, domain: str, *, openers: list[ShardOpener], lock: threading.RLock,
+                 cond: threading.Condition, cap_bytes: int,
                  backlog_shards: int, accept: Callable[[int, ShardEntry, dict[str, Any]], Doc | None],
                  excluded: Callable[[ShardKey], bool], on_corrupt: Callable[[int, str, str], None],
                  on_error: Callable[[BaseException], None]):
         self.domain = domain
-        self._openers, self._cond = openers, cond
+        self._openers, self._cond = openers, cond  # cond (on ``lock``): "data arrived", for consumers
+        self._room = threading.Condition(lock)  # same lock; wakes only this feed's reader
         self.cap_bytes, self.backlog_shards = cap_bytes, backlog_shards
         self._accept, self._excluded, self._on_corrupt, self._on_error = accept, excluded, on_corrupt, on_error
         self.entries: dict[ShardKey, ShardEntry] = {}
@@ -86,13 +91,21 @@ class DomainFeed:
         self._stop = False
         self._thread: threading.Thread | None = None
 
+    def set_cap(self, cap_bytes: int) -> None:
+        """A new read-ahead cap (lock held by the caller); wakes the reader if it may read more now."""
+        grew = cap_bytes > self.cap_bytes
+        self.cap_bytes = cap_bytes
+        if grew and self.bytes <= cap_bytes // 4:
+            self._room.notify()
+
     # -- catalog (cond held by the caller) ---------------------------------------------------
     def add(self, root: int, entry: ShardEntry) -> None:
-        """A newly published shard of this domain assigned to this rank."""
+        """A newly published shard of this domain assigned to this rank (wakes the reader)."""
         key = (root, entry.name)
         self.entries[key] = entry
         if key not in self.done and (self.current is None or self.current[0] != key):
             bisect.insort(self._pending, (self._order(key), key))
+            self._room.notify()
 
     def _order(self, key: ShardKey) -> tuple[float, int, int]:
         e = self.entries[key]
@@ -106,9 +119,9 @@ class DomainFeed:
             self._thread.start()
 
     def stop(self) -> None:
-        with self._cond:
+        with self._room:
             self._stop = True
-            self._cond.notify_all()
+            self._room.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
@@ -139,12 +152,12 @@ class DomainFeed:
     def _fill(self) -> None:
         reader, reader_key = None, None
         while True:
-            with self._cond:
-                if self.bytes >= self.cap_bytes:  # full: refill once half of it was consumed (fewer wake-ups)
-                    while not self._stop and self.bytes > self.cap_bytes // 2:
-                        self._cond.wait(1.0)
+            with self._room:
+                if self.bytes >= self.cap_bytes:  # full: refill once a quarter is left (few wake-ups)
+                    while not self._stop and self.bytes > self.cap_bytes // 4:
+                        self._room.wait(1.0)
                 while not self._stop and not self._can_read():
-                    self._cond.wait(1.0)
+                    self._room.wait(1.0)
                 if self._stop:
                     return
                 if self._reading is None:
@@ -160,7 +173,8 @@ class DomainFeed:
                 reader, item = self._read(key[0], entry, index + len(items), reader)
                 items.append(item)
                 room -= item.nbytes
-            with self._cond:
+                time.sleep(0)  # hand the GIL over if the training thread waits for it (else up to 5 ms)
+            with self._room:
                 if generation != self._generation:  # restored meanwhile: these reads are void
                     reader, reader_key = None, None
                     continue
@@ -216,10 +230,14 @@ class DomainFeed:
             if item.doc is not None:
                 self.docs -= 1
                 self.tokens -= len(item.doc.tokens)
-                if self.bytes <= self.cap_bytes // 2:
-                    self._cond.notify_all()  # the reader refills
                 return item.doc
         return None
+
+    def wake(self, *, if_low: bool = True) -> None:
+        """Let the reader refill (lock held by the caller): if a quarter or less of the cap is left,
+        or at once with ``if_low=False``. Consumers call it between batches, not per document."""
+        if not if_low or self.bytes <= self.cap_bytes // 4:
+            self._room.notify()
 
     def purge(self, bad: Callable[[Doc], bool]) -> int:
         """Turn buffered documents matching ``bad`` into markers (the cursor still passes them)."""
@@ -254,4 +272,4 @@ class DomainFeed:
         self._reading = self.current
         self._pending = sorted((self._order(k), k) for k in self.entries
                                if k not in self.done and (self.current is None or k != self.current[0]))
-        self._cond.notify_all()
+        self._room.notify()

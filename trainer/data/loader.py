@@ -207,6 +207,7 @@ class LiveStreamDataLoader(BaseDataLoader):
             shard_domains={d.shard: d.domain for d in docs},
         )
         self.status = "running"
+        self.buffers.refill()  # readers run while the step computes, not while this batch is drawn
         batch = {
             "input": torch.from_numpy(packed.input),
             "positions": torch.from_numpy(packed.positions),
