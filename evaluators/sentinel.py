@@ -17,17 +17,22 @@ Two consumers:
 
 An alert's offset is committed only once its control hook succeeded: while it fails, the
 consumer seeks back to it and retries with backoff (the page ``sentinel.hook_failed`` goes out
-once). Other hooks that still fail after the dispatcher's retries are given up with a critical
+once). A transient error while handling any record (the broker timing out a publish: the guard's
+``REDELIVER``) is retried the same way. Handling is replay-safe: a redelivered metric or report is
+not observed by the rule engine twice; the alerts it raised stay pending until published, under
+ids derived from (rule, dedup key, window: the triggering record, or the cooldown period of an
+``absent`` alert), so a retry after an unacknowledged publish does not act twice. Other hooks that still fail after the dispatcher's retries are given up with a critical
 log and the same page.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kafka import TopicPartition
@@ -42,7 +47,7 @@ from evaluators.ledger import TopicFollower
 from evaluators.lineage import LineageLog
 from evaluators.rollback import RollbackPolicy
 from streams.events import Alert, Control, EvalReport, Event, MetricsEvent
-from streams.guard import ConsumerGuard
+from streams.guard import REDELIVER, ConsumerGuard, is_transient
 from streams.kafka import KafkaSettings, make_consumer, make_producer, publish
 from streams.signing import ControlRejected, ControlVerifier, brief, load_signing_key
 from streams.topics import metrics_component
@@ -90,6 +95,8 @@ class Sentinel:
         self.handled: list[tuple[Alert, dict]] = []
         self._paged: set[str] = set()  # alert ids whose hook failure was paged
         self._failures = 0  # consecutive dispatches whose control hook failed (retry backoff)
+        self._pending: list[Alert] = []  # raised by the engine, not yet acknowledged by the broker
+        self._observed: dict[tuple[str, int], int] = {}  # (topic, partition) -> last offset observed
 
     def _catch_up_history(self) -> None:
         for record in self.history.catch_up():
@@ -106,31 +113,57 @@ class Sentinel:
                 return
         self.policy.observe(event)
 
-    def _raise(self, alerts: list[Alert]) -> None:
-        """Publish the engine's alerts; their ids and digests are recorded first: only alerts with
-        both get their rule's route."""
-        for alert in alerts:
+    def _raise(self, alerts: list[Alert], *, window: str | None = None) -> None:
+        """Queue the engine's alerts under stable ids, then publish every pending one (ids and
+        digests recorded first: only alerts with both get their rule's route). A failed publish
+        raises with that alert and the rest still pending."""
+        self._pending += [replace(a, alert_id=self._alert_id(a, window)) for a in alerts]
+        while self._pending:
+            alert = self._pending[0]
             self.raised.add(alert.alert_id, rule=alert.rule, digest=alert_digest(alert))
             publish(self.producer, "alerts", alert, key=alert.rule)
+            self._pending.pop(0)
+
+    def _alert_id(self, alert: Alert, window: str | None) -> str:
+        """A deterministic id per (rule, dedup key, window); without a triggering record the
+        window is the rule's cooldown period the alert fell in."""
+        if window is None:
+            rule = next((r for r in self.engine.rules if r.name == alert.rule), None)
+            period = max(rule.cooldown_s if rule else 0.0, 1.0)
+            window = f"period:{int(alert.created_at // period)}"
+        return hashlib.sha256(f"{alert.rule}|{alert.dedup_key}|{window}".encode()).hexdigest()[:32]
 
     def process(self, record) -> bool:
         """Handle one record of the work topics (the guard dead-letters what cannot be handled);
-        False if it must be redelivered because an alert's control hook failed."""
-        return self.guard.handle(record, lambda event: self.on_event(event, topic=record.topic)) is not False
+        False if it must be redelivered: an alert's control hook failed or a transient error."""
+        where = (record.topic, record.partition, record.offset)
+        result = self.guard.handle(record, lambda event: self.on_event(event, topic=record.topic, where=where))
+        return result is not False and result is not REDELIVER
 
-    def on_event(self, event: Event, *, topic: str) -> bool:
-        """Handle one decoded event read from ``topic``; False while an alert's control hook fails."""
+    def on_event(self, event: Event, *, topic: str, where: tuple[str, int, int] | None = None) -> bool:
+        """Handle one decoded event read from ``topic`` (at ``where``: topic, partition, offset);
+        False while an alert's control hook fails."""
         if isinstance(event, MetricsEvent):
             producer = metrics_component(topic)
             if producer is None:
                 log.warning("MetricsEvent on %s ignored: metrics are read only from metrics.<component>", brief(topic))
                 return True
-            self._raise(self.engine.observe_metrics(event, producer=producer))
+            self._observe_once(where, lambda: self.engine.observe_metrics(event, producer=producer))
         elif isinstance(event, EvalReport):
-            self._raise(self.engine.observe_eval(event))
+            self._observe_once(where, lambda: self.engine.observe_eval(event))
         elif isinstance(event, Alert):
             return self._handle_alert(event)
         return True
+
+    def _observe_once(self, where: tuple[str, int, int] | None, observe) -> None:
+        """Run the engine on a record unless it already did (a redelivery), then publish pending alerts."""
+        if where is None or where[2] > self._observed.get(where[:2], -1):
+            if where is not None:
+                self._observed[where[:2]] = where[2]
+            alerts = observe()
+        else:
+            alerts = []
+        self._raise(alerts, window=None if where is None else "record:{}:{}:{}".format(*where))
 
     def _handle_alert(self, alert: Alert) -> bool:
         self._catch_up_history()
@@ -170,8 +203,19 @@ class Sentinel:
             log.critical("could not publish sentinel.hook_failed: %s", e)
 
     def retry_delay_s(self) -> float:
-        """Wait before redelivering an alert whose control hook failed (exponential, capped at 30 s)."""
-        return min(0.5 * 2 ** max(self._failures - 1, 0), 30.0)
+        """Wait before redelivering a record: an alert whose control hook failed or a transient
+        error (exponential, capped at 30 s)."""
+        return max(min(0.5 * 2 ** max(self._failures - 1, 0), 30.0), self.guard.retry_delay_s())
+
+    def _tick(self) -> None:
+        """``absent`` alerts and pending ones; a transient publish failure leaves them pending."""
+        try:
+            self._raise(self.engine.tick())
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            log.warning("%d alert(s) pending, publish failed: %s: %s", len(self._pending), type(e).__name__, e)
+        self.guard.flush()
 
     def run(self, *, stop: threading.Event | None = None, max_idle_s: float | None = None) -> None:
         """Process until ``stop`` is set or ``max_idle_s`` passes without records."""
@@ -182,7 +226,7 @@ class Sentinel:
         try:
             while not stop.is_set():
                 batches = consumer.poll(timeout_ms=200)
-                self._raise(self.engine.tick())
+                self._tick()
                 if not batches:
                     if not consumer.assignment():  # still joining the group: not idle yet
                         idle_since = time.monotonic()
@@ -202,5 +246,6 @@ class Sentinel:
             consumer.close()
 
     def close(self) -> None:
+        self.guard.flush(force=True)
         self.history.close()
         self.producer.close()

@@ -206,3 +206,80 @@ def test_a_failed_control_hook_keeps_the_offset_and_is_retried_with_the_same_con
     assert rollback.command == "rollback" and rollback.args["step"] == 10 and rollback.args["domains"] == ["news_de"]
     pages = [a for a in everything_on(bootstrap, "alerts") if a.rule == "sentinel.hook_failed"]
     assert len(pages) == 1 and pages[0].evidence["alert_id"] == alert.alert_id
+
+
+class FlakyProducer:
+    """A real producer whose first sends fail the way a broker hiccup does (``KafkaTimeoutError``):
+    ``lost`` ones before reaching the broker, then ``unacked`` ones after it (published, ack lost)."""
+
+    def __init__(self, producer, *, lost: int, unacked: int):
+        self.producer, self.lost, self.unacked = producer, lost, unacked
+
+    def send(self, *args, **kwargs):
+        from kafka.errors import KafkaTimeoutError
+
+        if self.lost:
+            self.lost -= 1
+            raise KafkaTimeoutError("injected: no ack within the timeout")
+        future = self.producer.send(*args, **kwargs)
+        if self.unacked:
+            self.unacked -= 1
+            self.producer.flush()
+            raise KafkaTimeoutError("injected: delivered, but the ack was lost")
+        return future
+
+    def __getattr__(self, name):
+        return getattr(self.producer, name)
+
+
+TRANSIENT_RULES = """
+[[rule]]
+name = "pii_high"
+on = "metrics"
+component = "ingest"
+metric = "pii_rate"
+kind = "threshold"
+threshold = 0.2
+group_by = ["source"]
+severity = "warning"
+cooldown_s = 600
+"""
+
+
+def test_a_transient_publish_error_delays_an_alert_but_never_loses_or_doubles_it(fresh_broker, tmp_path):
+    """Issue 14 review finding 1: a KafkaTimeoutError while the sentinel publishes a rule's alert
+    used to dead-letter the metric and commit it: the alert was lost. Now the record is redelivered
+    (not observed twice), the alert published under one stable id, the offset committed after."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    rules = tmp_path / "rules.toml"
+    rules.write_text(TRANSIENT_RULES)
+    bootstrap = fresh_broker.bootstrap
+    producer = make_producer(KafkaSettings(bootstrap=bootstrap))
+    sentinel = Sentinel(Sentinel.Config(bootstrap=bootstrap, rules=str(rules), lineage=str(tmp_path / "lineage.jsonl"),
+                                        group="transient-sentinel"))
+    sentinel.producer = FlakyProducer(sentinel.producer, lost=2, unacked=1)
+    stop = threading.Event()
+    thread = threading.Thread(target=sentinel.run, kwargs={"stop": stop}, daemon=True)
+    thread.start()
+    probe = KafkaConsumer(bootstrap_servers=bootstrap, group_id="transient-sentinel", enable_auto_commit=False)
+    try:
+        publish(producer, "metrics.ingest", MetricsEvent(component="ingest", values={"pii_rate": 0.3},
+                                                         labels={"source": "forum"}))
+        tp = TopicPartition("metrics.ingest", 0)
+        deadline = time.monotonic() + 60
+        while (probe.committed(tp) or 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert probe.committed(tp) == 1
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        probe.close()
+        sentinel.close()
+        producer.close()
+    alerts = [a for a in everything_on(bootstrap, "alerts") if isinstance(a, Alert)]
+    assert [a.rule for a in alerts] == ["pii_high", "pii_high"]  # the unacknowledged send and its retry
+    assert len({a.alert_id for a in alerts}) == 1  # one alert: hooks run once per id
+    # redelivered at least once (the loop's idle tick may have taken one of the failures meanwhile)
+    assert sentinel.guard.counts["redelivered"] >= 1 and sentinel.guard.counts["handler_errors"] == 0
+    assert not [d for d in everything_on(bootstrap, "dlq")]

@@ -101,6 +101,7 @@ def test_loader_memory_is_bounded_with_a_domain_at_the_weight_floor(tmp_path):
     feeds = ld.buffers.feeds
     biggest_doc = 160 * 4 + 256
     assert feeds["junk"].bytes <= cap + biggest_doc and feeds["good"].bytes <= cap + biggest_doc
+    assert feeds["junk"].cap_bytes < feeds["good"].cap_bytes / 10  # read-ahead follows the draw weight
     assert ld.buffers.available["junk"] < 200, "the floor domain kept reading although its buffer was full"
     assert ld.trained.get("junk", 0) < ld.trained["good"]
     assert len(pickle.dumps(ld.state_dict())) < 4096

@@ -139,7 +139,7 @@ def test_quarantine_skips_shards_and_sources_including_buffered_samples(tmp_path
     leaky = write_stream(root, domains={"markov": "markov"}, shards=2, per_shard=20, vocab=64, writer_id="w2",
                          seed=1, source="site:leaky")
     good = write_stream(root, domains={"markov": "markov"}, shards=3, per_shard=20, vocab=64, source="site:good")
-    cfg = LiveStreamDataLoader.Config(stream_roots=[root], starve_timeout_s=2, domain_buffer_bytes=1 << 20)
+    cfg = LiveStreamDataLoader.Config(stream_roots=[root], starve_timeout_s=2, read_ahead_batches=1000)
     loader = LiveStreamDataLoader(cfg, dp_world_size=1, dp_rank=0, seq_len=32, local_batch_size=2, vocab_size=64)
     it = iter(loader)
     first = next(it)[0]["_meta"]

@@ -89,9 +89,11 @@ class LiveStreamDataLoader(BaseDataLoader):
         domains: list[str] = field(default_factory=list)
         """domains to mix from the start (empty: those published at start-up, then any new ones)"""
         seed: int = 1234
-        read_ahead_batches: float = 8.0
-        """read-ahead of each domain, in batches at its current draw weight (smaller: fresher samples,
-        more exposure to read latency)"""
+        read_ahead_s: float = 2.0
+        """read-ahead of each domain: this many seconds of its consumption at the current rate and
+        draw weight (smaller: fresher samples, more exposure to read latency)"""
+        read_ahead_batches: float = 2.0
+        """... and at least this many batches at its draw weight"""
         domain_buffer_bytes: int = 64 << 20
         """hard cap of one domain's buffer on one rank; a full domain stops reading"""
         backlog_shards: int = 16
@@ -149,6 +151,8 @@ class LiveStreamDataLoader(BaseDataLoader):
         self._last_status_log = 0.0
         self._draw: tuple[list[str], list[float]] | None = None  # domains, cumulative weights
         self._wait_deadline = 0.0  # end of this batch's waiting budget
+        self._last_batch_at: float | None = None
+        self._tokens_per_s = 0.0  # consumption rate (EMA over batches)
 
     # -- events ------------------------------------------------------------------------
     def _corrupt(self, root: str, shard: str, reason: str) -> None:
@@ -174,6 +178,7 @@ class LiveStreamDataLoader(BaseDataLoader):
 
     # -- iteration -------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+        self._last_batch_at = None
         self._set_read_ahead()
         self.buffers.start()
         while True:
@@ -216,11 +221,17 @@ class LiveStreamDataLoader(BaseDataLoader):
         return batch, torch.from_numpy(packed.labels)
 
     def _set_read_ahead(self) -> None:
-        """Each domain reads ahead ``read_ahead_batches`` batches at its draw weight (memory stays
-        bounded and a rarely drawn domain's samples do not sit in its buffer for long)."""
+        """Each domain reads ahead ``read_ahead_s`` of its consumption at its draw weight, at least
+        ``read_ahead_batches`` batches: memory stays bounded, a rarely drawn domain's samples do not
+        sit in its buffer for long, and readers wake (and take the GIL) rarely on fast steps."""
+        now = time.monotonic()
+        if self._last_batch_at is not None and now > self._last_batch_at:
+            rate = self.batch_tokens / (now - self._last_batch_at)
+            self._tokens_per_s = rate if not self._tokens_per_s else 0.9 * self._tokens_per_s + 0.1 * rate
+        self._last_batch_at = now
         weights = self.mixer.sampling_weights(exclude=self.paused | self.buffers.retired_domains())
-        per_batch = self.config.read_ahead_batches * self.batch_tokens
-        self.buffers.set_read_ahead({d: w * per_batch for d, w in weights.items()})
+        tokens = max(self.config.read_ahead_batches * self.batch_tokens, self.config.read_ahead_s * self._tokens_per_s)
+        self.buffers.set_read_ahead({d: w * tokens for d, w in weights.items()})
 
     def _drawable(self) -> set[str]:
         return set(self.mixer.domains) - self.paused - self.buffers.retired_domains()
