@@ -34,9 +34,10 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from beam_jobs.records import Doc, Outcome
-from streams.events import Control
-from streams.guard import ConsumerGuard
+from streams.events import Alert, Control
+from streams.guard import REDELIVER, ConsumerGuard
 from streams.signing import ControlRejected, ControlVerifier, RejectionAlerts, brief
+from streams.source_names import canonical_source
 
 __all__ = ["ControlFollower", "GateMedia", "GateText", "SourceControl"]
 
@@ -45,6 +46,8 @@ STAGE = "control"
 REASONS = {"quarantine_source": "source_quarantined", "pause_source": "source_paused"}
 INGEST_COMMANDS = (*REASONS, "resume_source")
 SEEN_MAX = 10_000
+CONTROL_MAX_POLL_RECORDS = 50
+"""records per consumer poll: small, so a flood of (large) bad records never blocks the poll deadline long"""
 
 
 @dataclass(slots=True)
@@ -93,6 +96,7 @@ class SourceControl:
         if not isinstance(source, str) or not source:
             log.warning("control %s (%s) ignored: args.source missing", control.command, brief(control.control_id))
             return False
+        source = canonical_source(source)  # look-alike / zero-width variants block the same source
         if control.control_id in self.seen:
             raise ControlRejected("replayed", f"control_id {brief(control.control_id)} was already applied")
         self._remember(control)
@@ -148,6 +152,7 @@ class ControlFollower:
         self.consumer = make_consumer(settings, assign=[], group_id=None)
         self.producer = make_producer(settings)
         self.guard = ConsumerGuard("ingest-control", self.producer)
+        self._pending: list[Alert] = []  # rejection alerts not yet acknowledged by the broker
         parts = self.consumer.partitions_for_topic(topic) or set()
         self.tps = [TopicPartition(topic, p) for p in sorted(parts)]
         self.consumer.assign(self.tps)
@@ -156,19 +161,29 @@ class ControlFollower:
             self.consumer.seek(tp, max(begins[tp], state.offsets.get(str(tp.partition), 0)))
 
     def poll(self, timeout_s: float = 0.5) -> int:
-        """Apply every Control available now; persists the state; returns how many were read."""
+        """Apply every Control available now (until ``timeout_s``, checked per record); persists the
+        state; returns how many were read. A record's offset is stored only once it was handled:
+        after a transient error (the guard's ``REDELIVER``) the consumer seeks back to it and the
+        next poll retries it."""
         n, deadline = 0, time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            batches = self.consumer.poll(timeout_ms=100)
+            batches = self.consumer.poll(timeout_ms=100, max_records=CONTROL_MAX_POLL_RECORDS)
             if not batches:
                 if n:
                     break
                 continue
             for tp, records in batches.items():
                 for record in records:
+                    if time.monotonic() >= deadline:  # a flood must not hold the pipeline up
+                        self.consumer.seek(tp, record.offset)
+                        break
                     n += 1
+                    if self.guard.handle(record, self._apply) is REDELIVER:
+                        self.consumer.seek(tp, record.offset)
+                        deadline = 0.0  # retried by the next poll
+                        break
                     self.state.offsets[str(tp.partition)] = record.offset + 1
-                    self.guard.handle(record, self._apply)
+        self.guard.flush()
         if n:
             self.state.save()
         return n
@@ -184,10 +199,14 @@ class ControlFollower:
         except ControlRejected as e:
             log.error("control %s %s rejected: %s", event.command, brief(event.control_id), e)
             alert = self.alerts(event, e)
-            if alert is not None:
-                publish(self.producer, "alerts", alert, key=alert.rule)
+            if alert is not None:  # pending until acknowledged: a redelivery's rejection is rate-limited
+                self._pending.append(alert)
+        while self._pending:
+            publish(self.producer, "alerts", self._pending[0], key=self._pending[0].rule)
+            self._pending.pop(0)
 
     def close(self) -> None:
+        self.guard.flush(force=True)
         self.consumer.close()
         self.producer.close()
 
@@ -200,7 +219,7 @@ class _GateTextFn(beam.DoFn):
 
     def process(self, doc: Doc):
         self.n_in.inc()
-        reason = self.blocked.get(doc.source)
+        reason = self.blocked.get(canonical_source(doc.source))
         if reason and doc.dropped is None:
             Metrics.counter(STAGE, f"drop_{reason}").inc()
             doc.drop(STAGE, reason)
@@ -214,7 +233,7 @@ class GateText(beam.PTransform):
 
     def __init__(self, blocked: dict[str, str]):
         super().__init__()
-        self.blocked = dict(blocked)
+        self.blocked = {canonical_source(k): v for k, v in blocked.items()}
 
     def expand(self, docs):
         return docs | beam.ParDo(_GateTextFn(self.blocked))
@@ -227,10 +246,11 @@ class _GateMediaFn(beam.DoFn):
     def process(self, element):
         coords, record = element
         Metrics.counter(STAGE, "in").inc()
-        reason = self.blocked.get(record.source)
+        reason = self.blocked.get(canonical_source(record.source))
         if reason:
             Metrics.counter(STAGE, f"drop_{reason}").inc()
-            yield beam.pvalue.TaggedOutput("blocked", Outcome(coords, dropped=f"{STAGE}:{reason}", record_id=record.id))
+            yield beam.pvalue.TaggedOutput("blocked", Outcome(coords, dropped=f"{STAGE}:{reason}", record_id=record.id,
+                                                                  source=record.source))
         else:
             Metrics.counter(STAGE, "out").inc()
             yield element
@@ -241,7 +261,7 @@ class GateMedia(beam.PTransform):
 
     def __init__(self, blocked: dict[str, str]):
         super().__init__()
-        self.blocked = dict(blocked)
+        self.blocked = {canonical_source(k): v for k, v in blocked.items()}
 
     def expand(self, media):
         return media | beam.ParDo(_GateMediaFn(self.blocked)).with_outputs("blocked", main="active")

@@ -49,9 +49,12 @@ from beam_jobs.sources.kafka import (
     next_ranges,
 )
 from beam_jobs.tokenize import DomainMap
+from beam_jobs.validate import ValidateConfig
 from streams.broker_watch import BrokerWatch
 from streams.events import Alert
+from streams.governance import TAKEDOWN_REASON, denylist
 from streams.signing import ControlVerifier, SigningError
+from streams.source_binding import SourceBinding
 
 __all__ = ["BROKER_RULE", "build_parser", "check_config", "config_from_args", "main", "run"]
 
@@ -104,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--encodec-checkpoint", help="local EnCodec 24 kHz state_dict (default: random init)")
     m.add_argument("--codebook-min-codes", type=int, default=2048, help="judge codebook usage on at least this many codes")
     m.add_argument("--collapse-threshold", type=float, default=0.05, help="codebook usage below this raises an Alert")
+    g = p.add_argument_group("governance")
+    g.add_argument("--license-allow", help="comma-separated allowed licenses, or @FILE (one per line); others are "
+                   "dead-lettered license_not_allowed (default: any license)")
+    g.add_argument("--source-binding", help="JSON file: producer principal -> allowed sources (streams/source_binding.py)")
+    g.add_argument("--no-pii-meta", action="store_true", help="keep meta strings and dead-letter copies unscrubbed")
     p.add_argument("--no-control", action="store_true", help="streaming: do not follow the control topic")
     p.add_argument("--wandb", action="store_true", help="log data metrics to wandb (offline by default)")
     return p
@@ -162,6 +170,8 @@ def config_from_args(a: argparse.Namespace) -> IngestConfig:
             drops_dir=os.path.join(run_dir, "drops"),
             window_s=a.window_s,
         ),
+        validate=ValidateConfig(license_allow=license_allow(a.license_allow), scrub_pii=not a.no_pii_meta,
+                                binding=SourceBinding.load(a.source_binding) if a.source_binding else None),
         filters=filters,
         dedup=DedupConfig(
             jaccard_threshold=a.jaccard, shard_key=a.dedup_shard_key, semantic=a.semantic_dedup,
@@ -172,8 +182,29 @@ def config_from_args(a: argparse.Namespace) -> IngestConfig:
         media_config=media_config_from_args(a),
         health=HealthConfig(stream=os.path.abspath(a.stream_root), bootstrap=a.bootstrap,
                             min_codes_seen=a.codebook_min_codes, min_utilization=a.collapse_threshold),
-        blocked_sources=dict(SourceControl.load(os.path.abspath(a.stream_root)).blocked),
+        blocked_sources=blocked_sources(os.path.abspath(a.stream_root),
+                                        SourceControl.load(os.path.abspath(a.stream_root)).blocked),
     )
+
+
+def license_allow(spec: str | None) -> frozenset[str] | None:
+    """``--license-allow``: ``"cc-by-4.0,mit"`` or ``"@FILE"`` (one license per line, ``#`` comments)."""
+    if not spec:
+        return None
+    if spec.startswith("@"):
+        with open(spec[1:]) as f:
+            items = [line.split("#", 1)[0] for line in f]
+    else:
+        items = spec.split(",")
+    return frozenset(s.strip() for s in items if s.strip())
+
+
+def blocked_sources(stream_root: str, controlled: dict[str, str]) -> dict[str, str]:
+    """Sources whose records are dropped, with the reason: quarantined/paused ones (control topic)
+    and taken-down ones (the stream root's denylist; a takedown wins over any control)."""
+    if "://" in stream_root:  # object-store roots: no denylist yet (issue 12)
+        return dict(controlled)
+    return {**controlled, **dict.fromkeys(denylist(stream_root), TAKEDOWN_REASON)}
 
 
 def _options(beam_args: list[str], *, streaming: bool) -> PipelineOptions:
@@ -294,7 +325,7 @@ def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], run_d
             try:
                 if follower is not None:
                     follower.poll(timeout_s=0.3)
-                    config.blocked_sources = dict(control.blocked)
+                config.blocked_sources = blocked_sources(config.sink.stream_root, control.blocked)
                 plan = ResumePlan.of_stream(config.sink.stream_root)
                 ranges, positions = next_ranges(source, plan, consumer, gaps)
                 _commit_for_lag(consumer, positions)

@@ -57,6 +57,7 @@ class Doc:
     def fail(self, stage: str, reason: str, detail: str = "") -> Doc:
         """A step failed on this document: mark it dropped and carry its dead letter to the sink
         (the record is rebuilt from the document, as it was when the step failed)."""
+        from beam_jobs.filters.pii import scrub_bytes  # imports this module: imported here
         from streams.events import RawRecord
 
         try:
@@ -64,7 +65,7 @@ class Doc:
                                  text=self.text, meta=self.meta).to_bytes()
         except Exception:  # noqa: BLE001 - whatever made the step fail may make this fail too
             original = repr(self.text).encode("utf-8", "backslashreplace")
-        self.dead = DeadLetter.of(original, reason=reason, stage=stage, detail=detail, record_id=self.id,
+        self.dead = DeadLetter.of(original, reason=reason, stage=stage, detail=detail, record_id=self.id, redact=scrub_bytes,
                                   topic=self.coords.topic, partition=self.coords.partition, offset=self.coords.offset)
         return self.drop(stage, reason)
 
@@ -81,3 +82,4 @@ class Outcome(NamedTuple):
     dropped: str | None = None
     record_id: str | None = None
     dup_of: str | None = None
+    source: str | None = None  # of a dropped record (the drop log keeps it, for takedown)

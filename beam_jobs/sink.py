@@ -241,7 +241,8 @@ class _WriteBatchFn(beam.DoFn):
         drops = [o for o in ordered if o.dropped is not None]
         if drops and self.config.drops_dir:
             body = "".join(
-                json.dumps({"id": o.record_id, "coords": list(o.coords), "reason": o.dropped, "dup_of": o.dup_of}) + "\n"
+                json.dumps({"id": o.record_id, "coords": list(o.coords), "reason": o.dropped, "dup_of": o.dup_of,
+                            "source": o.source}) + "\n"
                 for o in drops
             ).encode()
             _atomic_write(os.path.join(self.config.drops_dir, f"{tag}.jsonl"), body)

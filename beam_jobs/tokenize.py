@@ -64,7 +64,8 @@ class _TokenizeFn(beam.DoFn):
         if doc.dropped is not None:
             if doc.dropped.startswith("dedup:"):
                 by_source(doc.source, "dup")
-            yield Outcome(doc.coords, dropped=doc.dropped, record_id=doc.id, dup_of=doc.lineage.get("dup_of"))
+            yield Outcome(doc.coords, dropped=doc.dropped, record_id=doc.id, dup_of=doc.lineage.get("dup_of"),
+                          source=doc.source)
             return
         try:
             tokens = self.vocab.encode(doc.text)

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from beam_jobs.filters.pii import scrub_bytes, scrub_pii, scrub_value
 from beam_jobs.records import Doc, KafkaCoords, SourceRecord
 from streams.events import DeadLetter, EventError, RawRecord
+from streams.source_binding import SourceBinding
 
 __all__ = [
     "DLQ_TAG", "MEDIA_TAG", "SAFE_NAME", "Invalid", "ValidateConfig", "ValidateDecode", "check_fields", "check_name",
-    "dead_letter", "decode_record", "no_duplicate_keys", "text_of",
+    "check_policy", "dead_letter", "decode_record", "no_duplicate_keys", "text_of",
 ]
 
 STAGE = "validate"
@@ -36,6 +38,9 @@ class ValidateConfig:
     max_uri_chars: int = 4096
     max_meta_bytes: int = 64 * 1024  # meta as JSON
     media_enabled: bool = True  # False: media records are dead-lettered as modality_not_enabled
+    scrub_pii: bool = True  # PII scrubbed from meta strings (captions, alt) and from dead letters' kept copies
+    license_allow: frozenset[str] | None = None  # allowed licenses (compared case-folded); None: any
+    binding: SourceBinding | None = None  # producer -> sources it may write; None: not checked
 
 
 class Invalid(Exception):
@@ -118,6 +123,15 @@ def check_fields(record: RawRecord, config: ValidateConfig) -> None:
         raise Invalid("unsafe_domain", f"meta.domain {str(domain)[:80]!r} must match {SAFE_NAME.pattern}")
 
 
+def check_policy(record: RawRecord, coords: KafkaCoords, raw: bytes, config: ValidateConfig) -> None:
+    """Deployment policy: the license allow-list and the producer's source binding; raise :class:`Invalid`."""
+    allow = config.license_allow
+    if allow is not None and record.license.casefold() not in {a.casefold() for a in allow}:
+        raise Invalid("license_not_allowed", f"license {record.license[:80]!r} is not in this deployment's allow-list")
+    if config.binding is not None and (why := config.binding.violation(record.source, topic=coords.topic, value=raw)):
+        raise Invalid("source_not_bound", why)
+
+
 def _reason_of(e: EventError) -> str:
     if e.field == "modality":
         return "unknown_modality"
@@ -189,13 +203,15 @@ def text_of(record: RawRecord, config: ValidateConfig) -> str:
 
 
 def dead_letter(coords: KafkaCoords, raw: bytes, reason: str, *, stage: str, detail: str = "",
-                record_id: str | None = None) -> DeadLetter:
-    """A DeadLetter for the record at ``coords`` (its bytes kept as DeadLetter.of caps them)."""
+                record_id: str | None = None, scrub: bool = True) -> DeadLetter:
+    """A DeadLetter for the record at ``coords`` (its bytes kept as DeadLetter.of caps them; with
+    ``scrub``, PII is scrubbed from the kept copy and the detail, the SHA-256 is the original's)."""
     return DeadLetter.of(
         bytes(raw) if isinstance(raw, (bytes, bytearray)) else repr(raw).encode(),
         reason=reason,
         stage=stage,
-        detail=detail[:500],
+        detail=scrub_pii(detail[:500])[0] if scrub else detail[:500],
+        redact=scrub_bytes if scrub else None,
         record_id=record_id,
         topic=coords.topic,
         partition=coords.partition,
@@ -215,6 +231,9 @@ class _ValidateFn(beam.DoFn):
         try:
             record = decode_record(raw, self.config)
             record_id = record.id
+            check_policy(record, coords, raw, self.config)
+            if self.config.scrub_pii and record.meta:
+                record.meta = scrub_value(record.meta)[0]  # captions/alt/meta reach the stream scrubbed
             if record.modality != "text":
                 if not self.config.media_enabled:
                     raise Invalid("modality_not_enabled", f"modality {record.modality!r}: media tokenizers are not enabled")
@@ -225,13 +244,15 @@ class _ValidateFn(beam.DoFn):
         except Invalid as e:
             Metrics.counter("validate", f"dlq_{e.reason}").inc()
             yield beam.pvalue.TaggedOutput(
-                DLQ_TAG, dead_letter(coords, raw, e.reason, stage=STAGE, detail=e.detail, record_id=record_id)
+                DLQ_TAG, dead_letter(coords, raw, e.reason, stage=STAGE, detail=e.detail, record_id=record_id,
+                                     scrub=self.config.scrub_pii)
             )
             return
         except Exception as e:  # noqa: BLE001 - an unforeseen failure is this record's, never the job's
             Metrics.counter("validate", "dlq_internal_error").inc()
             yield beam.pvalue.TaggedOutput(DLQ_TAG, dead_letter(
-                coords, raw, "internal_error", stage=STAGE, detail=f"{type(e).__name__}: {e}", record_id=record_id))
+                coords, raw, "internal_error", stage=STAGE, detail=f"{type(e).__name__}: {e}", record_id=record_id,
+                scrub=self.config.scrub_pii))
             return
         Metrics.counter("validate", "out_text").inc()
         yield Doc(coords=coords, id=record.id, source=record.source, license=record.license, text=text, meta=record.meta)

@@ -5,7 +5,10 @@ topic's partitions). For each checkpoint: skip it if the ledger (the ``evals`` t
 holds its report for this suite; otherwise load it, scan the training streams for leaked eval
 items, score the remaining items, compare with the latest passed report of the checkpoint's
 branch (evaluators/regression.py), publish the EvalReport (and an ``eval_regression`` Alert if
-it regressed), then commit the offset.
+it regressed), then commit the offset. A transient error (the guard's ``REDELIVER``: e.g. the
+broker timing out a publish) commits nothing: the consumer seeks back and retries with backoff.
+Alerts decided for a published report stay pending until the broker acknowledged them, so a
+redelivered checkpoint (already settled in the ledger) still gets its alerts out.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from evaluators.regression import RegressionConfig, assess, regression_alert
 from evaluators.wandb_log import WandbLogger
 from streams.checkpoint_manifest import CheckpointRejected
 from streams.events import Alert, CheckpointSaved, EvalReport, Event
-from streams.guard import ConsumerGuard
+from streams.guard import REDELIVER, ConsumerGuard
 from streams.kafka import KafkaSettings, make_consumer, make_producer, publish
 from streams.signing import Keyring, SigningError
 from streams.vocab import Vocab
@@ -87,6 +90,7 @@ class Evaluator:
                                        train_roots=c.train_roots,
                                        config=DedupConfig(shard_key="none", semantic=c.semantic_leakage))
         self.wandb = WandbLogger(mode=c.wandb_mode, dir=c.wandb_dir, name=f"{c.instance}-{c.suite}")
+        self._pending: list[tuple[Alert, str]] = []  # alerts of published reports, not yet acknowledged
 
     # --- one checkpoint --------------------------------------------------------------------
     def evaluate(self, ckpt: CheckpointSaved) -> EvalReport:
@@ -148,6 +152,7 @@ class Evaluator:
     def handle(self, ckpt: CheckpointSaved) -> EvalReport | None:
         """Evaluate and publish unless the ledger already settles this (checkpoint, suite)."""
         key = (checkpoint_key(ckpt), self.suite.name)
+        self._publish_pending()
         self.ledger.refresh()
         if key in self.ledger.done:
             return None
@@ -158,12 +163,19 @@ class Evaluator:
         publish(self.producer, "evals", report, key=f"{ckpt.path}|{self.suite.name}")
         self.ledger.add(report)
         if not report.passed and "regression" in report.details:
-            publish(self.producer, "alerts", regression_alert(report, source=self.config.instance),
-                    key="eval_regression")
+            self._pending.append((regression_alert(report, source=self.config.instance), "eval_regression"))
         if report.details.get("rejected") not in (None, "not_a_directory"):  # vanished (purged, rolled back): no page
-            publish(self.producer, "alerts", self._rejected_alert(report), key="evaluator.checkpoint_rejected")
+            self._pending.append((self._rejected_alert(report), "evaluator.checkpoint_rejected"))
         self.wandb.log(report)
+        self._publish_pending()
         return report
+
+    def _publish_pending(self) -> None:
+        """Publish pending alerts in order; one that fails stays pending (with those after it)."""
+        while self._pending:
+            alert, key = self._pending[0]
+            publish(self.producer, "alerts", alert, key=key)
+            self._pending.pop(0)
 
     # --- the service loop ------------------------------------------------------------------
     def run(self, *, stop: threading.Event | None = None, max_idle_s: float | None = None) -> int:
@@ -175,6 +187,7 @@ class Evaluator:
             while not stop.is_set():
                 batches = consumer.poll(timeout_ms=200, max_records=1)
                 if not batches:
+                    self.guard.flush()
                     if not consumer.assignment():  # still joining the group: not idle yet
                         idle_since = time.monotonic()
                     elif max_idle_s is not None and time.monotonic() - idle_since > max_idle_s:
@@ -182,7 +195,12 @@ class Evaluator:
                     continue
                 for tp, records in batches.items():
                     for record in records:
-                        published += self.guard.handle(record, self._process) or 0
+                        result = self.guard.handle(record, self._process)
+                        if result is REDELIVER:  # not done: redeliver it, offset not committed
+                            consumer.seek(tp, record.offset)
+                            stop.wait(self.guard.retry_delay_s())
+                            break
+                        published += result or 0
                         consumer.commit({TopicPartition(tp.topic, tp.partition):
                                          OffsetAndMetadata(record.offset + 1, "", -1)})
                 idle_since = time.monotonic()
@@ -200,6 +218,7 @@ class Evaluator:
         return int(report is not None)
 
     def close(self) -> None:
+        self.guard.flush(force=True)
         self.leakage.close()
         self.ledger.close()
         self.producer.close()

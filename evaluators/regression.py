@@ -18,6 +18,13 @@ normal draw with the metric's extra checkpoint-to-checkpoint variance, estimated
 ``history`` passed reports of the branch: ``max(0, robust var(successive deltas) - item var)``
 (robust var: squared 1.4826 x MAD; none before ``min_history`` deltas exist).
 
+Trend: a metric still improving fast hides a poison behind its own progress (+16% perplexity
+minus 8% learnt looks like +8%); if such a checkpoint passed, it would become the baseline and
+the poison would never be seen. So the test is on ``delta - trend``, where ``trend`` is the
+median of the last ``trend_window`` successive changes, only if negative and at most the
+minimum effect in size. Capping it there means a metric that merely stops improving reaches the
+threshold and never crosses it: only getting worse than where the trend led counts.
+
 Every checkpoint tests many metrics (one per domain and modality), so the test controls the
 family-wise error over them: each metric's one-sided p-value for
 ``H0: delta <= log(1 + min_rel_increase)`` goes through Holm–Bonferroni at level ``alpha``.
@@ -57,7 +64,9 @@ class RegressionConfig:
     history: int = 20
     """passed reports of the branch whose successive changes estimate checkpoint-to-checkpoint variance"""
     min_history: int = 5
-    """successive changes needed before that variance is added to the null (item noise only before)"""
+    """successive changes needed before that variance and the trend are used (item noise only before)"""
+    trend_window: int = 5
+    """the latest successive changes whose median is the trend a still-improving metric is expected to keep"""
     seed: int = 0
 
 
@@ -76,6 +85,8 @@ class Finding:
     significant: bool
     drift_sd: float = 0.0
     """checkpoint-to-checkpoint sd added to the null (0: not enough history)"""
+    trend: float = 0.0
+    """the change expected from the recent trend (<= 0, at least -threshold); the test is on delta - trend"""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -191,17 +202,23 @@ def detect_regressions(new: EvalReport, best: EvalReport, cfg: RegressionConfig 
         idx = rng.integers(0, len(a_n), size=(cfg.n_boot, len(a_n)))
         diffs = a_n[idx].sum(1) / t_n[idx].sum(1) - a_b[idx].sum(1) / t_b[idx].sum(1)
         steps = np.diff(series[metric])
-        drift_var = max(0.0, _robust_var(steps) - float(np.var(diffs))) if len(steps) >= cfg.min_history else 0.0
+        drift_var, trend = 0.0, 0.0
+        if len(steps) >= cfg.min_history:
+            hist_var = _robust_var(steps)
+            recent = steps[-cfg.trend_window:]
+            trend = min(0.0, max(float(np.median(recent)), -threshold))
+            # the checkpoint-to-checkpoint variance the items miss, + the trend estimate's (median: pi/2 var/m)
+            drift_var = max(0.0, hist_var - float(np.var(diffs))) + math.pi / 2 * hist_var / len(recent)
         diffs = diffs + rng.normal(0.0, math.sqrt(drift_var), cfg.n_boot)
         low, high = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
-        p_value = (1 + int(np.count_nonzero(diffs <= threshold))) / (cfg.n_boot + 1)
+        p_value = (1 + int(np.count_nonzero(diffs - trend <= threshold))) / (cfg.n_boot + 1)
         new_lp, best_lp = a_n.sum() / t_n.sum(), a_b.sum() / t_b.sum()
         rows.append((metric, int(mask.sum()), float(best_lp), float(new_lp), float(low), float(high), p_value,
-                     math.sqrt(drift_var)))
+                     math.sqrt(drift_var), trend))
     rejected = holm([r[6] for r in rows], cfg.alpha)
     return [Finding(metric=m, n_items=n, best_logppl=b, new_logppl=v, delta=v - b, ci_low=lo, ci_high=hi,
-                    p_value=p, significant=rej and v - b > threshold, drift_sd=sd)
-            for (m, n, b, v, lo, hi, p, sd), rej in zip(rows, rejected)]
+                    p_value=p, significant=rej and v - b - tr > threshold, drift_sd=sd, trend=tr)
+            for (m, n, b, v, lo, hi, p, sd, tr), rej in zip(rows, rejected)]
 
 
 def holm(p_values: list[float], alpha: float) -> list[bool]:

@@ -259,21 +259,26 @@ class RollbackPolicy:
         return Decision(controls, alerts=[page], skipped="" if controls else why)
 
     def _rollback_before_source(self, source: str, reason: str) -> tuple[list[Control], str]:
-        """Roll every run back to its last good checkpoint from before ``source`` first published.
+        """Roll every run that trained on ``source`` back to its last good checkpoint that did not.
 
-        Only the source's data is quarantined (by quarantine_source), so clean shards read since
-        are trained again. Domains are ``{source}`` or ``{source}_*``."""
-        times = [t for d, t in self.first_shard_at.items() if d == source or d.startswith(f"{source}_")]
-        if not times:
-            return [], f"no shard of source {source!r} was published: nothing to roll back"
-        since = min(times)
+        A checkpoint's lineage (CheckpointSaved.lineage ``tokens_by_source``) says how many tokens
+        of each source its weights were trained on; a run whose checkpoints never saw the source
+        is left alone (the quarantine stops it from training on it from now on). Checkpoints with
+        no lineage (older trainers) count as clean only if saved before a shard of domain
+        ``source`` (exactly) was first published. Only the source's data is quarantined (by
+        quarantine_source), so clean shards read since are trained again."""
         controls, notes = [], []
         for run_id in sorted({c.run_id for c in self.checkpoints.values()}):
             ckpts = [c for c in self.checkpoints.values() if c.run_id == run_id]
-            # Conservative: even with no checkpoint saved since, the live weights may have trained on it.
-            good = [c for c in ckpts if c.wall_time < since and self.is_good(c) and not self.abandoned(c)]
+            seen = [c for c in ckpts if self._source_tokens(c, source)]
+            if not seen:
+                notes.append(f"run {run_id!r}: no checkpoint trained on {source!r}")
+                continue
+            # Lineage survives rollbacks (it is restored with the weights): a 0 count is clean.
+            good = [c for c in ckpts if self._source_tokens(c, source) == 0 and self.is_good(c)
+                    and not self.abandoned(c)]
             if not good:
-                notes.append(f"run {run_id!r} has no good checkpoint from before {source!r} appeared")
+                notes.append(f"run {run_id!r} has no good checkpoint from before it trained on {source!r}")
                 continue
             target = max(good, key=lambda c: (c.step, c.wall_time))
             args = {"target": "step", "run_id": run_id, "checkpoint": target.path, "step": target.step,
@@ -284,6 +289,17 @@ class RollbackPolicy:
             self._remember_rollback(run_id, control.issued_at, args, control.control_id)
             controls.append(control)
         return controls, "; ".join(notes)
+
+    def _source_tokens(self, ckpt: CheckpointSaved, source: str) -> int | None:
+        """Tokens of ``source`` the checkpoint trained on: from its lineage, else (older trainers)
+        1 if saved after a shard of domain ``source`` was published, 0 if before, None if unknown."""
+        by_source = ckpt.lineage.get("tokens_by_source") if isinstance(ckpt.lineage, dict) else None
+        if isinstance(by_source, dict):
+            return int(by_source.get(source, 0))
+        first = self.first_shard_at.get(source)
+        if first is None:
+            return None
+        return int(ckpt.wall_time >= first)
 
     def _control(self, command: str, args: dict, reason: str) -> Control:
         return Control(command=command, args=args, reason=reason, issued_by=self.issued_by, issued_at=self.clock())

@@ -16,6 +16,7 @@ import time
 import types
 import typing
 import uuid
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
@@ -376,16 +377,21 @@ class DeadLetter(Event):
 
     @classmethod
     def of(cls, original: bytes, *, reason: str, stage: str, detail: str = "", record_id: str | None = None,
-           **kw: Any) -> DeadLetter:
-        """A dead letter keeping at most :attr:`KEEP_BYTES` of ``original`` plus its size and SHA-256."""
+           redact: Callable[[bytes], bytes] | None = None, **kw: Any) -> DeadLetter:
+        """A dead letter keeping at most :attr:`KEEP_BYTES` of ``original`` plus its size and SHA-256.
+
+        ``redact`` (e.g. a PII scrubber) rewrites the kept copy before it is stored; size and SHA-256
+        always describe the unredacted original, so a takedown can still match it by hash.
+        """
         original = bytes(original)
-        kept = original[: cls.KEEP_BYTES]
+        stored = redact(original) if redact is not None else original
+        kept = stored[: cls.KEEP_BYTES]
         clean = lambda s, n: s[:n].encode("utf-8", "backslashreplace").decode()  # lone surrogates -> \\udxxx
         return cls(
             original_b64=base64.b64encode(kept).decode(), reason=reason, stage=stage,
             detail=clean(detail, cls.MAX_DETAIL), record_id=None if record_id is None else clean(record_id, cls.MAX_ID),
             original_size=len(original),
-            original_sha256=hashlib.sha256(original).hexdigest(), truncated=len(kept) < len(original), **kw,
+            original_sha256=hashlib.sha256(original).hexdigest(), truncated=len(kept) < len(stored), **kw,
         )
 
     def original(self) -> bytes:
@@ -452,6 +458,8 @@ class CheckpointSaved(Event):
     discretizer_version: str = ""
     data_cursor: dict[str, Any] = field(default_factory=dict)
     wall_time: float = field(default_factory=_now)
+    #: what the weights were trained on so far, e.g. ``{"tokens_by_source": {source: tokens}}``
+    lineage: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True, kw_only=True)

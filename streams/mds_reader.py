@@ -53,6 +53,8 @@ class ShardEntry:
     domain: str
     published_at: float  # sidecar publish time (0.0 if unknown)
     ordinal: int  # position in index.json (publish order; the same for every reader)
+    replaces: str = ""  # a takedown rewrote shard ``replaces`` into this one (streams/mds_rewrite.py)
+    removed: tuple[int, ...] = ()  # sample indices of ``replaces`` that this shard no longer holds
 
     @property
     def samples(self) -> int:
@@ -90,7 +92,9 @@ class IndexWatcher:
                 continue
             meta = side["shards"].get(name) or {}
             entry = ShardEntry(name=name, info=info, domain=meta.get("domain") or name.split(".", 1)[0],
-                               published_at=float(meta.get("published_at") or 0.0), ordinal=ordinal)
+                               published_at=float(meta.get("published_at") or 0.0), ordinal=ordinal,
+                               replaces=str(meta.get("replaces") or ""),
+                               removed=tuple(int(i) for i in meta.get("removed") or ()))
             self.entries[name] = entry
             new.append(entry)
         return new
@@ -259,9 +263,27 @@ class TailReader:
                 continue
             if name in self._done or name == self._current:
                 continue
+            if entry.replaces and self._take_over(entry):
+                continue
             self._queue.append(name)
             new.append(name)
         return new
+
+    def _take_over(self, entry: ShardEntry) -> bool:
+        """A takedown rewrote ``entry.replaces`` into ``entry``: carry this reader's progress over
+        (done stays done; the current shard continues at the same sample). True: do not queue it."""
+        old = entry.replaces
+        if old in self._done:
+            self._done.add(entry.name)
+            return True
+        if old == self._current:
+            self._current = entry.name
+            self._position -= sum(1 for i in entry.removed if i < self._position)
+            return True
+        if old in self._queue:
+            self._queue[self._queue.index(old)] = entry.name
+            return True
+        return False
 
     def samples(self, timeout_s: float | None = None) -> Iterator[dict[str, Any]]:
         """Yield samples (dicts with the MDS columns plus ``_shard`` and ``_index``).

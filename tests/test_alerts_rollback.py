@@ -202,15 +202,41 @@ def test_data_alert_with_rollback_returns_runs_to_before_the_source_appeared():
     history(policy)  # good at wall 10 and 20, failed at 30
     alert = Alert(rule="pii_rate_spike", severity="critical", message="pii", source="alert-rules",
                   evidence={"action": "quarantine_source_and_rollback", "labels": {"source": "forum"}})
-    assert "nothing to roll back" in policy.decide(alert, "quarantine_source_and_rollback").skipped
+    assert "no checkpoint trained on 'forum'" in policy.decide(alert, "quarantine_source_and_rollback").skipped
     for domain, at in (("forum_en", 15.0), ("forum_de", 12.0), ("forumx_en", 5.0), ("wiki_en", 1.0)):
         policy.observe(ShardPublished(stream_root="/s", shard=f"{domain}-{at}", domain=domain, samples=1, bytes=1,
                                       vocab_version="v1", writer_id="w", published_at=at))
-    cmds = [(c.command, c.args) for c in policy.decide(alert, "quarantine_source_and_rollback").controls]
-    assert cmds[:2] == [("quarantine_source", {"source": "forum"}), ("pause_source", {"source": "forum"})]
-    assert cmds[2] == ("rollback", {"target": "step", "run_id": "run1", "checkpoint": "/runs/run1/step-100",
-                                    "step": 100, "quarantine": "none"})
-    assert len(cmds) == 3
+    # domain names say nothing about sources: without lineage, forum_* shards are not forum's
+    assert "no checkpoint trained on 'forum'" in policy.decide(alert, "quarantine_source_and_rollback").skipped
+
+
+def test_source_rollback_uses_checkpoint_lineage_not_domain_names():
+    policy = RollbackPolicy()
+
+    def ckpt(run_id, step, wall, tokens_by_source):
+        path = f"/runs/{run_id}/step-{step}"
+        policy.observe(CheckpointSaved(run_id=run_id, path=path, step=step, tokens=step, vocab_version="v1",
+                                       wall_time=wall, lineage={"tokens_by_source": tokens_by_source}))
+        policy.observe(EvalReport(run_id=run_id, step=step, checkpoint_path=path, suite="core", vocab_version="v1",
+                                  passed=True, details={"checkpoint_wall_time": wall}))
+
+    ckpt("run1", 100, 10.0, {"web_news": 50, "wiki": 10})
+    ckpt("run1", 200, 20.0, {"web_news": 90, "web": 5, "wiki": 20})
+    ckpt("run1", 300, 30.0, {"web_news": 99, "web": 9, "wiki": 30})
+    # run2 trained on media source "cam-uploads" (its domains are "image"/"video": no name match)
+    ckpt("run2", 5, 5.0, {"wiki": 5})
+    ckpt("run2", 9, 9.0, {"wiki": 5, "cam-uploads": 4})
+
+    def decide(source):
+        alert = Alert(rule="pii_rate_spike", severity="critical", message="pii", source="alert-rules",
+                      evidence={"action": "quarantine_source_and_rollback", "labels": {"source": source}})
+        d = policy.decide(alert, "quarantine_source_and_rollback")
+        return {c.args["run_id"]: c.args["step"] for c in d.controls if c.command == "rollback"}, d.skipped
+
+    assert decide("web")[0] == {"run1": 100}  # web_news (trained since step 100) is not web
+    assert decide("cam-uploads")[0] == {"run2": 5}
+    rolled, why = decide("web_news")
+    assert rolled == {} and "run1" in why and "no good checkpoint" in why
 
 
 def test_control_hook_publishes_on_real_broker_and_records_lineage(broker, tmp_path):

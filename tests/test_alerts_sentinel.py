@@ -3,8 +3,10 @@ quarantine Controls; evaluator regression alert -> rollback to last good."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+from pathlib import Path
 
 from test_alerts_hooks import SECRET, Receiver
 from test_eval_service import read_topic
@@ -14,6 +16,9 @@ from evaluators.lineage import LineageLog
 from evaluators.sentinel import Sentinel
 from streams.events import Alert, CheckpointSaved, Control, EvalReport, MetricsEvent, decode_event
 from streams.kafka import KafkaSettings, make_producer, publish
+
+sys.path.append(str(Path(__file__).resolve().parent / "helpers"))
+from flaky import FlakyProducer
 
 
 def everything_on(bootstrap: str, topic: str) -> list:
@@ -208,30 +213,6 @@ def test_a_failed_control_hook_keeps_the_offset_and_is_retried_with_the_same_con
     assert len(pages) == 1 and pages[0].evidence["alert_id"] == alert.alert_id
 
 
-class FlakyProducer:
-    """A real producer whose first sends fail the way a broker hiccup does (``KafkaTimeoutError``):
-    ``lost`` ones before reaching the broker, then ``unacked`` ones after it (published, ack lost)."""
-
-    def __init__(self, producer, *, lost: int, unacked: int):
-        self.producer, self.lost, self.unacked = producer, lost, unacked
-
-    def send(self, *args, **kwargs):
-        from kafka.errors import KafkaTimeoutError
-
-        if self.lost:
-            self.lost -= 1
-            raise KafkaTimeoutError("injected: no ack within the timeout")
-        future = self.producer.send(*args, **kwargs)
-        if self.unacked:
-            self.unacked -= 1
-            self.producer.flush()
-            raise KafkaTimeoutError("injected: delivered, but the ack was lost")
-        return future
-
-    def __getattr__(self, name):
-        return getattr(self.producer, name)
-
-
 TRANSIENT_RULES = """
 [[rule]]
 name = "pii_high"
@@ -258,7 +239,7 @@ def test_a_transient_publish_error_delays_an_alert_but_never_loses_or_doubles_it
     producer = make_producer(KafkaSettings(bootstrap=bootstrap))
     sentinel = Sentinel(Sentinel.Config(bootstrap=bootstrap, rules=str(rules), lineage=str(tmp_path / "lineage.jsonl"),
                                         group="transient-sentinel"))
-    sentinel.producer = FlakyProducer(sentinel.producer, lost=2, unacked=1)
+    sentinel.producer = FlakyProducer(sentinel.producer, lost={1, 2}, unacked={3})
     stop = threading.Event()
     thread = threading.Thread(target=sentinel.run, kwargs={"stop": stop}, daemon=True)
     thread.start()

@@ -190,3 +190,32 @@ def test_restart_mid_stream_evaluates_each_checkpoint_exactly_once(fresh_broker,
     steps = sorted(r.step for r in reports)
     assert steps == [10, 20, 30, 40, 50, 60], steps
     assert {r.details["instance"] for r in reports} >= {"first"}
+
+
+def test_a_transient_publish_error_is_retried_not_dead_lettered(fresh_broker, tmp_path, vocab, base_model):
+    """Issue 14 review finding 1: the evaluator committed a checkpoint whose report or alert the
+    broker timed out (dead-lettered as a handler error: lost). Now nothing is committed, the
+    record is redelivered, and the report and its alert each go out exactly once."""
+    sys.path.append(str(Path(__file__).resolve().parent / "helpers"))
+    from flaky import FlakyProducer
+
+    write_suite(tmp_path / "evals", vocab, n_text=4)
+    outside = save_checkpoint(tmp_path / "elsewhere", 70, base_model, vocab, "r1")  # rejected: report + alert
+    producer = make_producer(KafkaSettings(bootstrap=fresh_broker.bootstrap))
+    publish(producer, "checkpoints", outside)
+    producer.close()
+    ev = Evaluator(Evaluator.Config(bootstrap=fresh_broker.bootstrap, eval_root=str(tmp_path / "evals"), suite="core",
+                                    group="g-transient", checkpoint_roots=[str(tmp_path / "run")]), vocab=vocab)
+    ev.producer = FlakyProducer(ev.producer, lost={1, 3})  # the report's first send, then the alert's
+    try:
+        ev.run(max_idle_s=3)  # 0 published by the last try: the report went out before the alert failed
+    finally:
+        ev.close()
+    assert ev.guard.counts["redelivered"] == 2 and ev.guard.counts["handler_errors"] == 0
+    reports = [r for r in read_topic(fresh_broker.bootstrap, "evals", want=lambda e: len(e) >= 1, timeout_s=20)
+               if isinstance(r, EvalReport)]
+    assert [r.step for r in reports] == [70] and "outside_roots" in reports[0].error
+    alerts = [a for a in read_topic(fresh_broker.bootstrap, "alerts", want=lambda e: len(e) >= 1, timeout_s=20)
+              if isinstance(a, Alert)]
+    assert [a.rule for a in alerts] == ["evaluator.checkpoint_rejected"]
+    assert read_topic(fresh_broker.bootstrap, "dlq", want=lambda e: False, timeout_s=3) == []

@@ -262,3 +262,42 @@ def test_streaming_ingest_refuses_to_start_without_a_keyring(tmp_path, monkeypat
     monkeypatch.delenv("HEADWATER_KEYRING_FILE")
     with pytest.raises(SystemExit, match="HEADWATER_KEYRING_FILE"):
         run(_args("127.0.0.1:1", "raw.text", tmp_path))
+
+
+def test_a_transient_alert_publish_error_keeps_the_offset_and_loses_nothing(broker, tmp_path):
+    """Issue 14 review finding 1: the follower stored a record's offset before handling it, and the
+    guard dead-lettered a broker timeout as the record's error: the rejection alert was lost. Now
+    the record is redelivered and its offset stored only once handled."""
+    import sys
+    from pathlib import Path
+
+    sys.path.append(str(Path(__file__).resolve().parent / "helpers"))
+    from flaky import FlakyProducer
+
+    bootstrap = broker.bootstrap
+    topic = _topic(bootstrap)
+    operator = load_signing_key("operator")
+    forged = Control(command="quarantine_source", args={"source": "web"}, issued_by=operator.key_id)  # unsigned
+    valid = sign_control(Control(command="quarantine_source", args={"source": "spam"}, reason="t"), operator)
+    producer = make_producer(KafkaSettings(bootstrap=bootstrap))
+    try:
+        for c in (forged, valid):
+            publish(producer, topic, c)
+    finally:
+        producer.close()
+    alert_ends = _metrics_ends(bootstrap, "alerts")
+    follower = ControlFollower(bootstrap, SourceControl.load(str(tmp_path)), ControlVerifier.from_env(), topic=topic)
+    follower.producer = FlakyProducer(follower.producer, lost={1})  # the rejection alert's first send
+    try:
+        follower.poll(timeout_s=5.0)
+        assert follower.state.offsets.get("0", 0) == 0  # the forged control was not handled yet
+        while follower.poll(timeout_s=2.0):
+            pass
+    finally:
+        follower.close()
+    assert follower.state.blocked == {"spam": "source_quarantined"}
+    assert follower.state.offsets == {"0": 2}
+    assert follower.guard.counts["redelivered"] == 1 and follower.guard.counts["handler_errors"] == 0
+    rejected = [e for e in _metrics_events(bootstrap, alert_ends, "alerts")
+                if isinstance(e, Alert) and e.rule == "control.rejected"]
+    assert [a.evidence["reason"] for a in rejected] == ["unsigned"]

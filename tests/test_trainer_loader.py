@@ -90,7 +90,7 @@ def test_loader_memory_is_bounded_with_a_domain_at_the_weight_floor(tmp_path):
     root = str(tmp_path / "s")
     write_stream(root, domains={"junk": "noise", "good": "markov"}, shards=6, per_shard=100, vocab=64)
     cap = 32 << 10
-    ld = loader([root], domain_buffer_bytes=cap, backlog_shards=0,
+    ld = loader([root], domain_buffer_bytes=cap, backlog_shards=0, read_ahead_s=0.0, read_ahead_batches=50,
                 mixing=Mixer.Config(policy="static", weights={"good": 1.0, "junk": 0.0}, floor=0.02, smoothing=0.0))
     ld.mixer.observe({}, {}, {}, {})  # the static weights take effect: junk at the floor
     assert ld.mixer.weight_dict()["junk"] == pytest.approx(0.02)
@@ -101,7 +101,7 @@ def test_loader_memory_is_bounded_with_a_domain_at_the_weight_floor(tmp_path):
     feeds = ld.buffers.feeds
     biggest_doc = 160 * 4 + 256
     assert feeds["junk"].bytes <= cap + biggest_doc and feeds["good"].bytes <= cap + biggest_doc
-    assert feeds["junk"].cap_bytes < feeds["good"].cap_bytes / 10  # read-ahead follows the draw weight
+    assert feeds["junk"].cap_bytes < feeds["good"].cap_bytes / 5  # read-ahead follows the draw weight
     assert ld.buffers.available["junk"] < 200, "the floor domain kept reading although its buffer was full"
     assert ld.trained.get("junk", 0) < ld.trained["good"]
     assert len(pickle.dumps(ld.state_dict())) < 4096
@@ -150,6 +150,41 @@ def test_newest_shard_first_and_a_bounded_backlog(tmp_path):
     shards_in_order = list(dict.fromkeys(i.rsplit("-", 1)[0] for i in ids))
     assert shards_in_order == ["m-7", "m-6", "m-5"]  # newest first; 5 older shards beyond the backlog skipped
     assert buf.skipped() == {"m": {"shards": 5, "samples": 50}}
+
+
+def test_shards_lagging_the_newest_by_more_than_max_lag_are_skipped(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from streams import mds_writer
+
+    clock = [1000.0]
+    monkeypatch.setattr(mds_writer, "time", SimpleNamespace(time=lambda: clock[0]))  # publish times
+    root = str(tmp_path / "s")
+    for s in range(5):  # published at 1000, 1100, ..., 1400
+        write_stream(root, domains={"m": "markov"}, shards=1, per_shard=10, vocab=64, start_shard=s)
+        clock[0] += 100
+    buf = StreamBuffers([root], dp_rank=0, dp_world=1, max_lag_s=150)
+    ids = drain(buf, ["m"], None, set())
+    assert list(dict.fromkeys(i.rsplit("-", 1)[0] for i in ids)) == ["m-4", "m-3"]  # 1400, 1300; not <= 1250
+    assert buf.skipped() == {"m": {"shards": 3, "samples": 30}}
+
+    # the unread rest of the shard being read is left once a shard max_lag_s newer is published
+    live = str(tmp_path / "live")
+    write_stream(live, domains={"m": "markov"}, shards=1, per_shard=40, vocab=64)
+    buf = StreamBuffers([live], dp_rank=0, dp_world=1, max_lag_s=150, domain_buffer_bytes=2048)
+    buf.start()
+    first = [buf.take("m", 5.0).id for _ in range(3)]
+    clock[0] += 1000
+    write_stream(live, domains={"m": "markov"}, shards=1, per_shard=10, vocab=64, start_shard=1)
+    rest = []
+    while (doc := buf.take("m", 2.0)) is not None:
+        rest.append(doc.id)
+    buf.close()
+    read = first + rest
+    assert [i for i in read if i.startswith("m-1-")] == [f"m-1-{i}" for i in range(10)]
+    old = [i for i in read if i.startswith("m-0-")]
+    assert old == [f"m-0-{i}" for i in range(len(old))] and len(old) < 40  # read in order, rest skipped
+    assert buf.skipped()["m"]["samples"] == 40 - len(old)
 
 
 APPEND_LATER = (  # one shard per domain after 5 s (all rank 0's), the next ones 45 s later (rank 1's)

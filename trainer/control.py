@@ -24,8 +24,8 @@ import logging
 import queue
 import threading
 
-from streams.events import Control, Event
-from streams.guard import ConsumerGuard
+from streams.events import Alert, Control, Event
+from streams.guard import REDELIVER, ConsumerGuard
 from streams.signing import ControlRejected, ControlVerifier, RejectionAlerts, brief
 
 __all__ = ["TRAINER_COMMANDS", "ControlListener", "addressed_to"]
@@ -58,6 +58,7 @@ class ControlListener:
         self.consumer = make_consumer(settings, assign=[tp])
         self.producer = make_producer(settings)
         self.guard = ConsumerGuard("trainer-control", self.producer)
+        self._pending: list[Alert] = []  # rejection alerts not yet acknowledged by the broker
         self.error: BaseException | None = None
         self.consumer.seek_to_end(tp)
         self.consumer.position(tp)  # resolve the end offset now, before any new command
@@ -68,9 +69,13 @@ class ControlListener:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                for batch in self.consumer.poll(timeout_ms=200).values():
+                for tp, batch in self.consumer.poll(timeout_ms=200).items():
                     for record in batch:
-                        self.guard.handle(record, self._enqueue)
+                        if self.guard.handle(record, self._enqueue) is REDELIVER:  # transient: retry it
+                            self.consumer.seek(tp, record.offset)
+                            self._stop.wait(self.guard.retry_delay_s())
+                            break
+                self.guard.flush()
         except BaseException as e:  # recorded for check(): the trainer stops on its next step
             self.error = e
             log.critical("control listener died: %s: %s", type(e).__name__, e, exc_info=True)
@@ -85,8 +90,11 @@ class ControlListener:
 
             log.error("control %s %s rejected: %s", event.command, brief(event.control_id), e)
             alert = self.alerts(event, e, run_id=self.run_id)
-            if alert is not None:
-                publish(self.producer, "alerts", alert, key=alert.rule)
+            if alert is not None:  # pending until acknowledged: a redelivery's rejection is rate-limited
+                self._pending.append(alert)
+            while self._pending:
+                publish(self.producer, "alerts", self._pending[0], key=self._pending[0].rule)
+                self._pending.pop(0)
             return
         self.queue.put(event)
 

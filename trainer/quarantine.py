@@ -11,6 +11,8 @@ import json
 import os
 import time
 
+from streams.source_names import canonical_source
+
 __all__ = ["Quarantine"]
 
 
@@ -30,6 +32,7 @@ class Quarantine:
     def add(self, *, shards: set[str] = frozenset(), sources: set[str] = frozenset(), reason: str,
             step: int) -> tuple[set[str], set[str]]:
         """Record new entries; returns the (shards, sources) that were not quarantined before."""
+        sources = {canonical_source(s) for s in sources}  # one entry per source, however spelled
         new_shards, new_sources = set(shards) - set(self.shards), set(sources) - set(self.sources)
         entry = {"reason": reason, "step": step, "at": time.time()}
         self.shards.update({s: entry for s in new_shards})

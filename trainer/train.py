@@ -55,6 +55,7 @@ from trainer.events_out import EventSink
 from trainer.guard import LossGuard
 from trainer.metrics_log import MetricsLog
 from trainer.quarantine import Quarantine
+from trainer.lineage import SourceLineage
 from trainer.resume import load_latest_intact
 from trainer.rollback_journal import RollbackJournal
 from trainer.step_stats import PendingStep, StepReading, StepStats
@@ -93,6 +94,7 @@ class _ExtraState(Stateful):
             "guard": pickle.dumps(self.trainer.guard.state_dict()),
             f"shard_log_rank_{rank}": pickle.dumps(self.trainer.shard_log),
             f"rng_rank_{rank}": pickle.dumps(torch.get_rng_state()),
+            **self.trainer.lineage.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -104,6 +106,7 @@ class _ExtraState(Stateful):
             self.trainer.shard_log = {st: v if isinstance(v, dict) else dict.fromkeys(v, "") for st, v in entries.items()}
         if f"rng_rank_{rank}" in state:
             torch.set_rng_state(pickle.loads(state[f"rng_rank_{rank}"]))
+        self.trainer.lineage.load_state_dict(state)
 
 
 class HeadwaterTrainer(Trainer):
@@ -163,6 +166,7 @@ class HeadwaterTrainer(Trainer):
         self.quarantine = Quarantine(self.run_dir, writer=self.rank == 0)
         self.rollbacks = RollbackJournal(self.run_dir, writer=self.rank == 0)
         self.shard_log: dict[int, dict[str, str]] = {}  # step -> {shard trained: its domain}
+        self.lineage = SourceLineage()  # tokens trained per source (in every checkpoint)
         self.skipped_steps: list[int] = []
         self._step_pending: PendingStep | None = None  # this step's reduction, until the optimizer hook
         self._pending: PendingStep | None = None  # the step whose statistics the host has not read yet
@@ -239,12 +243,14 @@ class HeadwaterTrainer(Trainer):
             facts["unknown"] |= not self.step_stats.add_microbatch(meta, lab, token_losses)
             facts["shards"].update(meta.shard_domains)
             facts["sources"].update(meta.doc_sources)
+            self.lineage.add(meta.source_tokens)
             facts["produced_at"] += [p for p in meta.produced_at if p > 0]
             facts["wait_s"] += meta.wait_s
             facts["tokens"] += lab.numel()
         self._microbatches += 1
         if self._microbatches == self.gradient_accumulation_steps:
             available = dict(self.dataloader.buffers.available)  # filled by the prefetch thread
+            facts["tokens_seen"] = self.ntokens_seen  # the record is written a step later
             self._step_pending = self.step_stats.finish(
                 step=self.step, params=[p for m in self.model_parts for p in m.parameters()],
                 available=available,
@@ -329,7 +335,7 @@ class HeadwaterTrainer(Trainer):
             "domain_tokens": {d: r.tokens[d] for d in sorted(r.tokens)},
             "weights": self.dataloader.mixer.weight_dict(),
             "tokens": batch_tokens,
-            "tokens_seen": self.ntokens_seen * dp,
+            "tokens_seen": facts["tokens_seen"] * dp,
             "tokens_per_s": batch_tokens / step_s if step_s > 0 else 0.0,
             "data_stall": min(1.0, facts["wait_s"] / step_s) if step_s > 0 else 0.0,
             "data_wait_s": facts["wait_s"],
@@ -372,6 +378,7 @@ class HeadwaterTrainer(Trainer):
 
     def _on_checkpoint_saved(self) -> None:
         cursor = self.dataloader.cursor_summary()
+        lineage = {"tokens_by_source": self.lineage.total()}  # a collective: before the rank check
         good = self.guard.trips_since_checkpoint == 0
         self.guard.trips_since_checkpoint = 0
         if self.rank != 0:
@@ -381,13 +388,13 @@ class HeadwaterTrainer(Trainer):
             "tokens": self.ntokens_seen * self.parallel_dims.dp_shard * self.parallel_dims.dp_replicate,
             "vocab_size": self.vocab_size, "vocab_version": self.vocab.version,
             "seq_len": self.config.training.seq_len, "good": good, "wall_time": time.time(),
-            "data_cursor": cursor, "weights": self.dataloader.mixer.weight_dict(),
+            "data_cursor": cursor, "weights": self.dataloader.mixer.weight_dict(), "lineage": lineage,
         }
         path = os.path.abspath(self._step_dir(self.step))
         self.finisher.add(path, info, CheckpointSaved(
             run_id=self.run_id, path=path, step=self.step, tokens=info["tokens"],
             vocab_version=self.vocab.version, tokenizer_version=self.vocab.version,
-            data_cursor=cursor, wall_time=info["wall_time"],
+            data_cursor=cursor, wall_time=info["wall_time"], lineage=lineage,
         ))
         self.finisher.poll()  # a synchronous save is complete now
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from streams.mds_reader import IndexWatcher, ShardEntry, ShardOpener
+from streams.source_names import canonical_source
 from trainer.data.feed import DOC_OVERHEAD_BYTES, DomainFeed, ShardKey
 from trainer.data.packer import Doc
 
@@ -56,6 +57,7 @@ class StreamBuffers:
         dp_world: int,
         domain_buffer_bytes: int = 64 << 20,
         backlog_shards: int = 0,
+        max_lag_s: float = 0.0,
         poll_interval_s: float = 0.2,
         vocab_size: int | None = None,
         on_corrupt: Callable[[str, str, str], None] | None = None,
@@ -64,7 +66,7 @@ class StreamBuffers:
             raise ValueError("at least one stream root is required")
         self.roots = list(roots)
         self.dp_rank, self.dp_world = dp_rank, dp_world
-        self.domain_buffer_bytes, self.backlog_shards = domain_buffer_bytes, backlog_shards
+        self.domain_buffer_bytes, self.backlog_shards, self.max_lag_s = domain_buffer_bytes, backlog_shards, max_lag_s
         self.poll_interval_s = poll_interval_s
         self.vocab_size = vocab_size
         self._on_corrupt = on_corrupt
@@ -156,7 +158,8 @@ class StreamBuffers:
         if feed is None:
             feed = self.feeds[domain] = DomainFeed(
                 domain, openers=self.openers, lock=self._lock, cond=self._cond, cap_bytes=self._cap(domain),
-                backlog_shards=self.backlog_shards, accept=self._accept, excluded=self._excluded,
+                backlog_shards=self.backlog_shards, max_lag_s=self.max_lag_s, accept=self._accept,
+                excluded=self._excluded,
                 on_corrupt=self._corrupt, on_error=self._fail)
             if self._pollers:
                 feed.start()
@@ -203,10 +206,10 @@ class StreamBuffers:
         """The document of a sample read (called by a feed thread), None if it must not be trained."""
         source = str(sample.get("source") or "")
         with self._cond:
-            self.domain_sources.setdefault(entry.domain, set()).add(source)
+            self.domain_sources.setdefault(entry.domain, set()).add(canonical_source(source))
             self.available[entry.domain] = self.available.get(entry.domain, 0) + 1
             self.last_sample_at = time.monotonic()
-        if source in self.excluded_sources:
+        if canonical_source(source) in self.excluded_sources:
             return None
         tokens = np.asarray(sample["tokens"], dtype=np.int32)
         if self.vocab_size is not None and tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
@@ -297,9 +300,10 @@ class StreamBuffers:
 
     def drop_sources(self, sources: set[str]) -> int:
         """Quarantine: drop samples of these sources from now on, buffered ones included."""
+        sources = {canonical_source(s) for s in sources}  # look-alike spellings are the same source
         with self._cond:
             self.excluded_sources |= sources
-        return self._purge(lambda doc: doc.source in sources)
+        return self._purge(lambda doc: canonical_source(doc.source) in sources)
 
     def _purge(self, bad: Callable[[Doc], bool]) -> int:
         with self._cond:

@@ -1,12 +1,15 @@
 """DomainFeed: one domain's shards on this rank, read by its own thread into a byte-capped buffer.
 
-Reading order (the freshness policy): the shard being read is finished first; then the
-*newest* pending shard is opened (newest by sidecar publish time, then root, then index
-position), its samples in order. Shards beyond the newest ``backlog_shards`` pending ones
-are skipped when the next shard is chosen: they are marked done in the cursor, counted in
-``skipped_shards``/``skipped_samples`` and never read (0: no bound, every shard is read).
-So a trainer slower than ingest trains recent data and lets a bounded backlog go, instead
-of falling ever further behind.
+Reading order (the freshness policy): the *newest* pending shard is opened next (newest by
+sidecar publish time, then root, then index position), its samples in order. The backlog is
+bounded twice, and what falls outside it is skipped: marked done in the cursor, counted in
+``skipped_shards``/``skipped_samples``, never read:
+- shards beyond the newest ``backlog_shards`` pending ones (0: no bound);
+- shards published more than ``max_lag_s`` before the newest pending one, and the unread rest
+  of the shard being read once a shard that much newer is pending (0: no bound).
+So a trainer slower than ingest, or a domain drawn rarely, trains recent data and lets a
+bounded backlog go instead of falling ever further behind. To replay a finished stream in
+full, set both bounds to 0.
 
 Backpressure: the thread stops reading once the buffer holds ``cap_bytes`` or more (it may
 exceed it by one read pass) and resumes when a quarter of it is left. Memory per domain is
@@ -65,14 +68,13 @@ class DomainFeed:
     """Reads one domain's shards assigned to this rank; see the module docstring."""
 
     def __init__(self, domain: str, *, openers: list[ShardOpener], lock: threading.RLock,
-                 cond: threading.Condition, cap_bytes: int,
-                 backlog_shards: int, accept: Callable[[int, ShardEntry, dict[str, Any]], Doc | None],
+                 cond: threading.Condition, cap_bytes: int, backlog_shards: int, max_lag_s: float, accept: Callable[[int, ShardEntry, dict[str, Any]], Doc | None],
                  excluded: Callable[[ShardKey], bool], on_corrupt: Callable[[int, str, str], None],
                  on_error: Callable[[BaseException], None]):
         self.domain = domain
         self._openers, self._cond = openers, cond  # cond (on ``lock``): "data arrived", for consumers
         self._room = threading.Condition(lock)  # same lock; wakes only this feed's reader
-        self.cap_bytes, self.backlog_shards = cap_bytes, backlog_shards
+        self.cap_bytes, self.backlog_shards, self.max_lag_s = cap_bytes, backlog_shards, max_lag_s
         self._accept, self._excluded, self._on_corrupt, self._on_error = accept, excluded, on_corrupt, on_error
         self.entries: dict[ShardKey, ShardEntry] = {}
         self._pending: list[tuple[tuple[float, int, int], ShardKey]] = []  # sorted, oldest first
@@ -134,15 +136,18 @@ class DomainFeed:
             self._on_error(e)
 
     def _next_shard(self) -> tuple[ShardKey, int] | None:
-        """The shard to read next (cond held): the newest pending; older ones beyond the backlog skipped."""
-        if self.backlog_shards > 0 and len(self._pending) > self.backlog_shards:
-            old, self._pending = self._pending[:-self.backlog_shards], self._pending[-self.backlog_shards:]
+        """The shard to read next (lock held): the newest pending; older ones beyond the backlog skipped."""
+        cut = len(self._pending) - self.backlog_shards if self.backlog_shards > 0 else 0
+        if self.max_lag_s > 0 and self._pending:
+            cut = max(cut, bisect.bisect_left(self._pending, ((self._newest() - self.max_lag_s,),)))
+        if cut > 0:
+            old, self._pending = self._pending[:cut], self._pending[cut:]
             for _, key in old:
                 self.done.add(key)
                 self.skipped_shards += 1
                 self.skipped_samples += self.entries[key].samples
-            log.warning("domain %s: skipped %d shards beyond the backlog of %d (freshness policy)",
-                        self.domain, len(old), self.backlog_shards)
+            log.warning("domain %s: skipped %d shards beyond the backlog (%d shards, %.0fs; freshness policy)",
+                        self.domain, len(old), self.backlog_shards, self.max_lag_s)
         while self._pending:
             _, key = self._pending.pop()
             if key not in self.done:
@@ -166,6 +171,14 @@ class DomainFeed:
                         continue
                 key, index = self._reading
                 entry, generation, room = self.entries[key], self._generation, self.cap_bytes - self.bytes
+                if index > 0 and self._lagging(entry):  # leave the rest of this shard for a newer one
+                    self.skipped_shards += 1
+                    self.skipped_samples += entry.samples - index
+                    self._push(_Entry(None, key, entry.samples - 1, True))
+                    self._reading = None
+                    self._openers[key[0]].release(key[1])
+                    reader, reader_key = None, None
+                    continue
             if reader_key != key:
                 reader, reader_key = None, key
             items: list[_Entry] = []
@@ -185,6 +198,14 @@ class DomainFeed:
                 if items[-1].last:
                     self._openers[key[0]].release(key[1])
                     reader, reader_key = None, None
+
+    def _newest(self) -> float:
+        return self._pending[-1][0][0]
+
+    def _lagging(self, entry: ShardEntry) -> bool:
+        """A newer shard was published ``max_lag_s`` after the one being read (lock held)."""
+        return (self.max_lag_s > 0 and bool(self._pending) and entry.published_at > 0
+                and self._newest() - entry.published_at > self.max_lag_s)
 
     def _can_read(self) -> bool:
         if self._reading is None:

@@ -61,6 +61,7 @@ class BatchMeta:
     wait_s: float  # time this batch waited for data
     starved: list[str]
     shard_domains: dict[str, str] = field(default_factory=dict)  # shard -> its domain (one per shard)
+    source_tokens: dict[str, int] = field(default_factory=dict)  # input tokens per source (lineage)
 
     def domain_sums(self, token_losses: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, float], dict[str, int]]:
         """Per-domain loss sums (float64) and label-token counts of CPU tensors, ``IGNORE_INDEX`` excluded."""
@@ -78,6 +79,14 @@ def freshness(produced_at: list[float], now: float) -> dict[str, float | None]:
     if not ages.size:
         return {"freshness_s": None, "freshness_p95_s": None}
     return {"freshness_s": float(np.median(ages)), "freshness_p95_s": float(np.percentile(ages, 95))}
+
+
+def _source_tokens(docs: list[Doc], doc_index: np.ndarray) -> dict[str, int]:
+    """Input tokens of a packed batch per source of their document."""
+    out: Counter[str] = Counter()
+    for doc, n in zip(docs, np.bincount(doc_index.ravel(), minlength=len(docs)).tolist(), strict=True):
+        out[doc.source] += n
+    return dict(out)
 
 
 class LiveStreamDataLoader(BaseDataLoader):
@@ -98,7 +107,10 @@ class LiveStreamDataLoader(BaseDataLoader):
         """hard cap of one domain's buffer on one rank; a full domain stops reading"""
         backlog_shards: int = 16
         """unread shards kept per domain and rank, newest first; older ones are skipped and counted
-        (the freshness policy; 0: read every shard, e.g. to replay a finished stream)"""
+        (the freshness policy, trainer/data/feed.py; 0: no bound)"""
+        max_lag_s: float = 30.0
+        """skip shards (and the unread rest of one) published this long before the newest pending
+        shard of the domain (0: no bound; set both to 0 to replay a finished stream in full)"""
         poll_interval_s: float = 0.2
         starve_timeout_s: float = 30.0
         """longest a batch waits in all for drawn domains with no data (then they starve)"""
@@ -134,6 +146,7 @@ class LiveStreamDataLoader(BaseDataLoader):
             dp_world=dp_world_size,
             domain_buffer_bytes=config.domain_buffer_bytes,
             backlog_shards=config.backlog_shards,
+            max_lag_s=config.max_lag_s,
             poll_interval_s=config.poll_interval_s,
             vocab_size=vocab_size if config.check_vocab else None,
             on_corrupt=self._corrupt,
@@ -210,6 +223,7 @@ class LiveStreamDataLoader(BaseDataLoader):
             wait_s=time.monotonic() - t0,
             starved=starved,
             shard_domains={d.shard: d.domain for d in docs},
+            source_tokens=_source_tokens(docs, packed.doc_index),
         )
         self.status = "running"
         self.buffers.refill()  # readers run while the step computes, not while this batch is drawn

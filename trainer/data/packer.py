@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from streams.source_names import canonical_source
+
 __all__ = ["IGNORE_INDEX", "Doc", "PackedBatch", "Packer", "Row"]
 
 IGNORE_INDEX = -100
@@ -134,7 +136,7 @@ class Packer:
     def drop_carry(self, *, shards: set[str] = frozenset(), sources: set[str] = frozenset()) -> bool:
         """Forget the carried remainder if it comes from a quarantined shard or source."""
         c = self.carry
-        if c is not None and (c.shard in shards or c.source in sources):
+        if c is not None and (c.shard in shards or canonical_source(c.source) in {canonical_source(s) for s in sources}):
             self.carry = None
             return True
         return False
