@@ -35,7 +35,7 @@ from apache_beam.metrics import Metrics
 
 from beam_jobs.records import Doc, Outcome
 from streams.events import Alert, Control
-from streams.guard import REDELIVER, ConsumerGuard
+from streams.guard import CONTROL_MAX_POLL_RECORDS, REDELIVER, ConsumerGuard
 from streams.signing import ControlRejected, ControlVerifier, RejectionAlerts, brief
 from streams.source_names import canonical_source
 
@@ -46,8 +46,6 @@ STAGE = "control"
 REASONS = {"quarantine_source": "source_quarantined", "pause_source": "source_paused"}
 INGEST_COMMANDS = (*REASONS, "resume_source")
 SEEN_MAX = 10_000
-CONTROL_MAX_POLL_RECORDS = 50
-"""records per consumer poll: small, so a flood of (large) bad records never blocks the poll deadline long"""
 
 
 @dataclass(slots=True)
@@ -151,7 +149,7 @@ class ControlFollower:
         settings = KafkaSettings.load(bootstrap=bootstrap)
         self.consumer = make_consumer(settings, assign=[], group_id=None)
         self.producer = make_producer(settings)
-        self.guard = ConsumerGuard("ingest-control", self.producer)
+        self.guard = ConsumerGuard("ingest-control", self.producer, max_bytes=Control.MAX_BYTES)
         self._pending: list[Alert] = []  # rejection alerts not yet acknowledged by the broker
         parts = self.consumer.partitions_for_topic(topic) or set()
         self.tps = [TopicPartition(topic, p) for p in sorted(parts)]

@@ -7,7 +7,8 @@ values ``dup_rate``, ``pii_rate``: what the ingest rules of infra/alerts/rules.t
 logged to wandb (offline unless WANDB_MODE says otherwise).
 
 Counter groups that are not funnel stages: ``by_source/<source>|<in|docs|dup|pii>`` and
-``codebook/<used|size>:<modality>/<level>`` (media health) and ``language/<lang>``.
+``codebook/<used|size>:<modality>/<level>`` (media health), ``language/<lang>`` and ``license/<license>``
+(records admitted by validate, per license).
 """
 
 from __future__ import annotations
@@ -48,11 +49,13 @@ def summarize(counters: dict[str, int]) -> dict[str, Any]:
     docs = stages.get("tokenize", {}).get("docs", 0)
     langs = stages.get("language", {})
     total_lang = sum(langs.values()) or 1
+    licenses = stages.get("license", {})
     return {
         "stages": stages,
         "dup_rate": dups / dedup["in"] if dedup.get("in") else 0.0,
         "pii_rate": pii.get("docs", 0) / docs if docs else 0.0,
         "language_share": {k: v / total_lang for k, v in sorted(langs.items())},
+        "license_share": {k: v / (sum(licenses.values()) or 1) for k, v in sorted(licenses.items())},
         "records_in": stages.get("validate", {}).get("in", 0),
         "samples_written": stages.get("sink", {}).get("samples", 0),
         "dead_letters": stages.get("sink", {}).get("dead_letters", 0),
@@ -101,12 +104,14 @@ def snapshot(summary: dict[str, Any], *, codebook: dict[str, float], at: float) 
         "dup_rate": summary["dup_rate"],
         "pii_rate": summary["pii_rate"],
         "languages": dict(sorted(summary["stages"].get("language", {}).items())),
+        "licenses": dict(sorted(summary["stages"].get("license", {}).items())),
         "modalities": {k[len("out_"):]: v for k, v in sorted(validate.items()) if k.startswith("out_")},
         "codebook_usage": dict(sorted(codebook.items())),
         "shards_published": summary["stages"].get("sink", {}).get("shards", 0),
         "samples_written": summary["samples_written"],
         "dead_letters": summary["dead_letters"],
         "sources": summary["sources"],
+        "consumer_guard": dict(sorted(summary["stages"].get("consumer_guard", {}).items())),
     }
 
 

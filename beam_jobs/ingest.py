@@ -325,6 +325,7 @@ def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], run_d
             try:
                 if follower is not None:
                     follower.poll(timeout_s=0.3)
+                    totals.update({f"consumer_guard/{k}": v for k, v in follower.guard.counts.items()})
                 config.blocked_sources = blocked_sources(config.sink.stream_root, control.blocked)
                 plan = ResumePlan.of_stream(config.sink.stream_root)
                 ranges, positions = next_ranges(source, plan, consumer, gaps)

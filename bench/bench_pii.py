@@ -202,6 +202,10 @@ GENERATORS = {"email": email, "phone": phone, "ip": ipv4, "ipv6": ipv6, "mac": m
               "iban": iban, "ssn": ssn, "nino": nino, "tax_id_de": tax_id_de}
 
 
+def _luhn_failing(card: str) -> str:
+    return card[:-1] + str((int(card[-1]) + 1) % 10)
+
+
 def hard_negative(rng: random.Random) -> str:
     d = lambda n: _digits(rng, n)
     y, mo, da = rng.randint(1990, 2030), rng.randint(1, 12), rng.randint(1, 28)
@@ -219,7 +223,7 @@ def hard_negative(rng: random.Random) -> str:
         f"{rng.randint(1, 999)} {d(3)} {d(3)} EUR", f"{rng.randint(1, 99)} {d(3)} {d(3)} Einwohner",
         "-".join(["".join(rng.choice("0123456789abcdef") for _ in range(k)) for k in (8, 4, 4, 4, 12)]),
         "".join(rng.choice("0123456789abcdef") for _ in range(40)), f"0x{rng.randint(0, 2**32):08x}",
-        credit_card(rng)[:-1] + str((int(credit_card(rng)[-1]) + 1) % 10),  # mostly Luhn-failing
+        _luhn_failing(credit_card(rng)),
         ssn(rng, valid=False), nino(rng, valid=False), tax_id_de(rng, valid=False), iban(rng, valid=False),
         f"{rng.randint(256, 999)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}",
         "meet me at the station", "look at the results dot by dot", f"{rng.randint(10, 99)}:{rng.randint(10, 59)}",
@@ -308,37 +312,16 @@ def score(snippets: list[dict], predictions: list[list[tuple[int, int, str]]]) -
                 "recall": t["found"] / t["gold"] if t["gold"] else 1.0, **t} for k, t in tally.items()}
 
 
-_OPEN, _CLOSE = "\ue000", "\ue001"
-
-
 def headwater_spans(text: str) -> list[tuple[int, int, str]]:
-    """Spans (in ``text``) that headwater's scrub_pii replaced, from an exact alignment of its output."""
-    from beam_jobs.filters.pii import scrub_pii
+    """Spans headwater's scrubber replaces (``pii_spans``: what ``scrub_pii`` replaces)."""
+    from beam_jobs.filters.pii import pii_spans
 
-    out, _ = scrub_pii(text, placeholder=_OPEN + "{kind}" + _CLOSE)
-    spans, src, i = [], 0, 0
-    pending: str | None = None
-    while i < len(out):
-        j = out.find(_OPEN, i)
-        literal = out[i:] if j == -1 else out[i:j]
-        at = text.find(literal, src) if pending is not None else src
-        if pending is not None:
-            if not literal:  # two placeholders back to back, or one at the end
-                at = src + 1 if j != -1 else len(text)
-            spans.append((src, at, pending.lower()))
-        src = at + len(literal)
-        if j == -1:
-            pending = None
-            break
-        k = out.index(_CLOSE, j)
-        pending, i = out[j + 1:k], k + 1
-    if pending is not None:
-        spans.append((src, len(text), pending.lower()))
-    return spans
+    return pii_spans(text)
 
 
 def diff_spans(text: str, out: str, kind_of) -> list[tuple[int, int, str]]:
-    """Spans of ``text`` changed in ``out`` (fragments closer than 3 characters merged)."""
+    """Spans of ``text`` changed in ``out`` (fragments closer than 3 characters merged), each typed by
+    ``kind_of`` of the original token it falls in (a replacement may share characters with it)."""
     regions: list[list] = []
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, text, out, autojunk=False).get_opcodes():
         if tag == "equal":
@@ -347,7 +330,16 @@ def diff_spans(text: str, out: str, kind_of) -> list[tuple[int, int, str]]:
             regions[-1][1], regions[-1][2] = i2, regions[-1][2] + out[j1:j2]
         else:
             regions.append([i1, i2, out[j1:j2]])
-    return [(a, max(b, a + 1), kind_of(rep)) for a, b, rep in regions]
+    return [(a, max(b, a + 1), kind_of(_token(text, a, b))) for a, b, _ in regions]
+
+
+def _token(text: str, a: int, b: int) -> str:
+    """The whitespace-delimited token(s) of ``text`` around ``[a, b)``: what a changed fragment belonged to."""
+    while a > 0 and not text[a - 1].isspace():
+        a -= 1
+    while b < len(text) and not text[b].isspace():
+        b += 1
+    return text[a:b]
 
 
 _DATATROVE = r"""

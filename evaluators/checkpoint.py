@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from streams.checkpoint_manifest import CheckpointRejected, verify_checkpoint
@@ -84,6 +85,7 @@ def load_checkpoint(path: str | Path, *, trust: CheckpointTrust, run_id: str | N
     try:
         dcp.load(state, storage_reader=_VerifiedReader(str(path), verified.dcp_metadata))
         model.load_state_dict(state)
-    except Exception as e:  # noqa: BLE001 - any DCP failure becomes an EvalReport error
-        raise CheckpointError(f"{path}: DCP load failed: {type(e).__name__}: {e}") from None
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - any DCP failure becomes an EvalReport error
+        # (DCP raises CheckpointException, a BaseException, e.g. when a tensor's shape differs)
+        raise CheckpointError(f"{path}: DCP load failed: {type(e).__name__}: {str(e)[:500]}") from None
     return LoadedCheckpoint(model=model.to(device).eval(), meta=meta)

@@ -16,7 +16,8 @@ Null distribution: item resampling sees only the eval-item noise. Checkpoints al
 each other (online mixing moves weight between domains), so each bootstrap replicate gets a
 normal draw with the metric's extra checkpoint-to-checkpoint variance, estimated from the last
 ``history`` passed reports of the branch: ``max(0, robust var(successive deltas) - item var)``
-(robust var: squared 1.4826 x MAD; none before ``min_history`` deltas exist).
+(robust var: squared 1.4826 x MAD around a fitted line, so a changing learning speed is not
+taken for noise; none before ``min_history`` deltas exist).
 
 Trend: a metric still improving fast hides a poison behind its own progress (+16% perplexity
 minus 8% learnt looks like +8%); if such a checkpoint passed, it would become the baseline and
@@ -204,7 +205,8 @@ def detect_regressions(new: EvalReport, best: EvalReport, cfg: RegressionConfig 
         steps = np.diff(series[metric])
         drift_var, trend = 0.0, 0.0
         if len(steps) >= cfg.min_history:
-            hist_var = _robust_var(steps)
+            hist_var = _robust_var(steps - np.polyval(np.polyfit(np.arange(len(steps)), steps, 1),
+                                                      np.arange(len(steps))))
             recent = steps[-cfg.trend_window:]
             trend = min(0.0, max(float(np.median(recent)), -threshold))
             # the checkpoint-to-checkpoint variance the items miss, + the trend estimate's (median: pi/2 var/m)

@@ -149,15 +149,16 @@ def _rates(d: RunData) -> Section:
 
 def _shares(d: RunData) -> Section:
     groups = {title: {k: float(v) for k, v in d.last_snapshot.get(key, {}).items() if _num(v)}
-              for title, key in (("languages", "languages"), ("modalities", "modalities"))
+              for title, key in (("languages", "languages"), ("modalities", "modalities"), ("licenses", "licenses"))
               if isinstance(d.last_snapshot.get(key), dict)}
     groups = {k: v for k, v in groups.items() if v and sum(v.values()) > 0}
     if not groups:
-        return Section("shares", "Language and modality shares", _no_data("no languages/modalities counts"), False)
+        return Section("shares", "Language, modality and license shares",
+                       _no_data("no languages/modalities/licenses counts"), False)
     rows = [[g, k, int(v), v / sum(c.values())] for g, c in groups.items()
             for k, v in sorted(c.items(), key=lambda kv: -kv[1])]
     body = _img(plots.shares_png(groups), "shares") + _table(["group", "value", "records", "share"], rows)
-    return Section("shares", "Language and modality shares", body, True)
+    return Section("shares", "Language, modality and license shares", body, True)
 
 
 def _codebook(d: RunData) -> Section:

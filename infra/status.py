@@ -48,6 +48,7 @@ class RunView:
     stage_totals: dict[str, dict] = field(default_factory=dict)
     drops: dict[str, int] = field(default_factory=dict)  # "stage/reason" -> records
     shards: int = 0
+    licenses: dict[str, int] = field(default_factory=dict)  # records admitted per license
     trainer: dict = field(default_factory=dict)  # the last metrics.jsonl row
     last_eval: EvalReport | None = None
     open_alerts: list[Alert] = field(default_factory=list)
@@ -92,6 +93,8 @@ def read_run(run: RunDir, *, now: float | None = None, alert_window_s: float = 9
     if snaps:
         last = snaps[-1]
         view.stage_totals = ordered_stages(last["stages"])
+        if isinstance(last.get("licenses"), dict):
+            view.licenses = {str(k): int(v) for k, v in last["licenses"].items() if isinstance(v, (int, float))}
         for stage, s in view.stage_totals.items():
             for reason, n in s.get("drop", {}).items():
                 view.drops[f"{stage}/{reason}"] = int(n)
@@ -151,7 +154,14 @@ def _ingest_panel(r: RunView) -> Panel:
     drops.add_column("records", justify="right")
     for key, n in sorted(r.drops.items(), key=lambda kv: -kv[1])[:8]:
         drops.add_row(key, str(n))
-    return Panel(Group(t, drops, f"shards published: [bold]{r.shards}[/bold]"), title="Ingest")
+    total = sum(r.licenses.values())
+    licenses = Table(box=None)
+    licenses.add_column("license")
+    licenses.add_column("records", justify="right")
+    licenses.add_column("share", justify="right")
+    for name, n in sorted(r.licenses.items(), key=lambda kv: -kv[1])[:8]:
+        licenses.add_row(name, str(n), f"{n / total:.1%}")
+    return Panel(Group(t, drops, licenses, f"shards published: [bold]{r.shards}[/bold]"), title="Ingest")
 
 
 def _trainer_panel(r: RunView) -> Panel:

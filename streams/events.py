@@ -27,6 +27,7 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_EVENT_BYTES",
     "MODALITIES",
+    "SMALL_EVENT_BYTES",
     "Alert",
     "CheckpointSaved",
     "Control",
@@ -49,6 +50,9 @@ E = TypeVar("E", bound="Event")
 
 MAX_EVENT_BYTES = 8 * 1024 * 1024
 """Largest encoded event any decoder accepts (above ingest's 4 MiB raw-record limit)."""
+SMALL_EVENT_BYTES = 256 * 1024
+"""Limit of the command/alert/metrics kinds (``Event.MAX_BYTES``): checking a free-form field costs
+about 1 s per MiB, so a consumer of ``control`` never spends more than ~0.3 s on one record."""
 MAX_DEPTH = 64
 """Deepest nesting of lists/objects accepted inside free-form (``Any``) fields."""
 _INT_LIMIT = 2**63  # integers must fit in int64 (the arrow schemas' type)
@@ -269,6 +273,9 @@ class Event(Nested):
 
     KIND: ClassVar[str]
     VERSION: ClassVar[int] = 1
+    MAX_BYTES: ClassVar[int] = MAX_EVENT_BYTES
+    """Largest encoding of this kind: decoders reject (and ``streams.kafka.publish`` refuses) more,
+    checked after parsing, before the costly field checks."""
 
     def to_dict(self) -> dict:
         return {"kind": self.KIND, "schema_version": self.VERSION, **asdict(self)}  # type: ignore[call-overload]
@@ -301,8 +308,10 @@ class Event(Nested):
 
     @classmethod
     def from_json(cls, data: str | bytes) -> typing.Self:
-        """Decode one encoded event (UTF-8 JSON, at most :data:`MAX_EVENT_BYTES`); raises only EventError."""
-        return cls.from_dict(_loads(cls.KIND, data))
+        """Decode one encoded event (UTF-8 JSON, at most ``MAX_BYTES``); raises only EventError."""
+        obj = _loads(cls.KIND, data)
+        _check_size(cls, data)
+        return cls.from_dict(obj)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -433,6 +442,7 @@ class ShardPublished(Event):
     """A sealed MDS shard became visible in a stream root."""
 
     KIND: ClassVar[str] = "ShardPublished"
+    MAX_BYTES: ClassVar[int] = 1024 * 1024
     stream_root: str
     shard: str
     domain: str
@@ -449,6 +459,7 @@ class CheckpointSaved(Event):
     """The trainer saved a DCP checkpoint."""
 
     KIND: ClassVar[str] = "CheckpointSaved"
+    MAX_BYTES: ClassVar[int] = 1024 * 1024
     run_id: str
     path: str
     step: int
@@ -484,6 +495,7 @@ class Alert(Event):
     """Something an on-call engineer or an automatic hook must act on."""
 
     KIND: ClassVar[str] = "Alert"
+    MAX_BYTES: ClassVar[int] = SMALL_EVENT_BYTES
     rule: str
     severity: str
     message: str
@@ -518,6 +530,7 @@ class Control(Event):
     """
 
     KIND: ClassVar[str] = "Control"
+    MAX_BYTES: ClassVar[int] = SMALL_EVENT_BYTES
     VERSION: ClassVar[int] = 2
     command: str
     args: dict[str, Any] = field(default_factory=dict)
@@ -538,6 +551,7 @@ class MetricsEvent(Event):
     """A batch of named numeric metrics from one component."""
 
     KIND: ClassVar[str] = "MetricsEvent"
+    MAX_BYTES: ClassVar[int] = SMALL_EVENT_BYTES
     component: str
     values: dict[str, float]
     step: int | None = None
@@ -558,6 +572,7 @@ def decode_event(data: str | bytes | dict | None) -> Event:
     integers, NaN, deep nesting, lone surrogates, wrong types), the only exception raised is
     :class:`EventError`, so a consumer loop needs exactly one ``except``.
     """
+    encoded = data
     if not isinstance(data, dict):
         data = _loads("Event", data)
     if not isinstance(data, dict):
@@ -565,7 +580,16 @@ def decode_event(data: str | bytes | dict | None) -> Event:
     kind = data.get("kind")
     if not isinstance(kind, str) or kind not in EVENT_TYPES:
         raise EventError("Event", "kind", f"unknown event kind {_show(kind)}")
+    if not isinstance(encoded, dict):
+        _check_size(EVENT_TYPES[kind], encoded)
     return EVENT_TYPES[kind].from_dict(data)
+
+
+def _check_size(cls: type[Event], data: str | bytes) -> None:
+    """The kind's own limit (``MAX_BYTES``), before its fields are checked."""
+    if len(data) > cls.MAX_BYTES:
+        unit = "chars" if isinstance(data, str) else "bytes"
+        raise EventError(cls.KIND, "<root>", f"{len(data)} {unit} > limit {cls.MAX_BYTES} for {cls.KIND}")
 
 
 def _arrow_type(tp: Any) -> pa.DataType:

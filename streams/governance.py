@@ -20,7 +20,7 @@ from typing import Any
 from streams import manifest as mf
 from streams.events import DeadLetter
 
-__all__ = ["DENYLIST", "GOVERNANCE_DIR", "TAKEDOWN_REASON", "TAKEDOWNS", "append_audit", "dead_letter_source",
+__all__ = ["DENYLIST", "GOVERNANCE_DIR", "TAKEDOWNS", "TAKEDOWN_REASON", "append_audit", "dead_letter_source",
            "deny", "denylist"]
 
 GOVERNANCE_DIR = "_governance"
@@ -43,7 +43,7 @@ def denylist(stream_root: str) -> dict[str, dict[str, Any]]:
         return {}
     sources = obj.get("sources") if isinstance(obj, dict) else None
     if not isinstance(sources, dict):
-        raise ValueError(f"{path}: expected {{'sources': {{...}}}}")
+        raise TypeError(f"{path}: expected {{'sources': {{...}}}}")
     return sources
 
 

@@ -37,7 +37,8 @@ from kafka.errors import KafkaError
 from streams.events import Alert, DeadLetter, Event, EventError, decode_event
 from streams.kafka import publish
 
-__all__ = ["ALERT_HANDLER_ERROR", "ALERT_UNDECODABLE", "REDELIVER", "ConsumerGuard", "is_transient"]
+__all__ = ["ALERT_HANDLER_ERROR", "ALERT_UNDECODABLE", "CONTROL_MAX_POLL_RECORDS", "REDELIVER", "ConsumerGuard",
+           "is_transient"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,6 +49,9 @@ _PROPAGATE = (KeyboardInterrupt, SystemExit, GeneratorExit)
 """What a handler may raise through the guard. Everything else is the record's failure, including
 non-``Exception`` errors libraries raise on bad data (torch DCP's ``CheckpointException`` is a
 ``BaseException``: a checkpoint that fails to load must not crash-loop the evaluator)."""
+CONTROL_MAX_POLL_RECORDS = 50
+"""Records per poll for the ``control`` consumers: with ``Control.MAX_BYTES`` records a flood costs a
+poll loop at most a few seconds before it checks its deadline or stop flag again."""
 TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT,
                               errno.ENOBUFS, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN})
 
@@ -80,16 +84,18 @@ def is_transient(error: BaseException) -> bool:
 class ConsumerGuard:
     """Decode records and run their handlers for one component; failures go to the DLQ + an alert.
 
+    ``max_bytes``: records larger than this are undecodable before any parsing (a consumer that
+    reads only small kinds, e.g. ``Control.MAX_BYTES``, spends no time on a flood of big ones).
     ``producer`` may be ``None`` (no broker to write to): failures are then only logged and
     counted. ``counts`` holds ``decoded``, ``undecodable``, ``handler_errors``, ``redelivered``,
-    ``dead_lettered``, ``dlq_failed``, ``alerts``, ``alert_failed`` and ``suppressed``
-    (:meth:`metrics` exports them for the component's metrics).
+    ``dead_lettered``, ``dlq_failed``, ``alerts``, ``alert_failed`` and ``suppressed`` (ingest exports
+    its control guard's as the ``consumer_guard`` stage of its metrics).
     """
 
     def __init__(self, component: str, producer: Any | None, *, dlq_topic: str = "dlq",
-                 alerts_topic: str = "alerts", alert_every_s: float = 60.0,
+                 alerts_topic: str = "alerts", alert_every_s: float = 60.0, max_bytes: int | None = None,
                  clock: Callable[[], float] = time.monotonic):
-        self.component, self.producer = component, producer
+        self.component, self.producer, self.max_bytes = component, producer, max_bytes
         self.dlq_topic, self.alerts_topic = dlq_topic, alerts_topic
         self.alert_every_s, self.clock = alert_every_s, clock
         self.counts: Counter[str] = Counter()
@@ -104,6 +110,9 @@ class ConsumerGuard:
     def decode(self, record: Any) -> Event | None:
         """The record's event, or ``None`` after dead-lettering an undecodable record."""
         try:
+            size = len(record.value) if isinstance(record.value, (bytes, bytearray, str)) else 0
+            if self.max_bytes is not None and size > self.max_bytes:
+                raise EventError("Event", "<root>", f"{size} bytes > this consumer's limit {self.max_bytes}")
             event = decode_event(record.value)
         except EventError as e:
             self.counts["undecodable"] += 1
@@ -142,12 +151,6 @@ class ConsumerGuard:
         """How long a loop waits before redelivering (exponential in consecutive transient
         failures, 0.2 s to 30 s)."""
         return min(0.2 * 2 ** max(self._transient_streak - 1, 0), 30.0)
-
-    def metrics(self) -> dict[str, float]:
-        """The counters as ``guard_<name>`` metric values (for MetricsEvent / metrics.jsonl / status)."""
-        names = ("decoded", "undecodable", "handler_errors", "redelivered", "dead_lettered", "dlq_failed",
-                 "alerts", "alert_failed", "suppressed")
-        return {f"guard_{n}": float(self.counts[n]) for n in names}
 
     def flush(self, *, force: bool = False) -> int:
         """Report failures a flood suppressed: one summary alert per (rule, topic) whose window has

@@ -18,7 +18,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from streams.events import Event
+from streams.events import Event, EventError
 from streams.topics import TOPICS
 
 __all__ = [
@@ -166,8 +166,12 @@ def make_admin(settings: KafkaSettings) -> KafkaAdminClient:
 
 
 def publish(producer: KafkaProducer, topic_name: str, event: Event, *, key: str | None = None, flush: bool = True):
-    """Send one event as JSON; with ``flush`` wait until the broker acknowledged it."""
-    future = producer.send(topic_name, value=event.to_bytes(), key=key.encode() if key else None)
+    """Send one event as JSON; with ``flush`` wait until the broker acknowledged it. An event over
+    its kind's ``MAX_BYTES`` (which every consumer would dead-letter) raises EventError here."""
+    value = event.to_bytes()
+    if len(value) > event.MAX_BYTES:
+        raise EventError(event.KIND, "<root>", f"{len(value)} bytes > limit {event.MAX_BYTES}: not sent")
+    future = producer.send(topic_name, value=value, key=key.encode() if key else None)
     if flush:
         producer.flush()
         return future.get(timeout=30)

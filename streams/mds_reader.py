@@ -294,8 +294,7 @@ class TailReader:
         idle_since = time.monotonic()
         while True:
             if self._current is None:
-                if not self._queue:
-                    self.poll()
+                self.poll()  # a stat; also maps queued shards a takedown rewrote to their replacements
                 if self._queue:
                     self._current, self._position = self._queue.popleft(), 0
             progressed = False

@@ -106,7 +106,7 @@ def remove_samples(root: str, drop: Callable[[dict[str, Any]], bool], *,
                     s = samples[i]
                     result.removed.append(Removed(
                         shard=name, index=i, id=str(s["id"]), source=str(s["source"]), license=str(s["license"]),
-                        tokens=int(len(s["tokens"])), sha256=hashlib.sha256(s["tokens"].tobytes()).hexdigest()))
+                        tokens=len(s["tokens"]), sha256=hashlib.sha256(s["tokens"].tobytes()).hexdigest()))
                 old_entry = dict(side["shards"].get(name) or {"domain": name.split(".", 1)[0], "settled": []})
                 garbage += _basenames(info)
                 side["shards"].pop(name, None)

@@ -219,3 +219,19 @@ def test_a_transient_publish_error_is_retried_not_dead_lettered(fresh_broker, tm
               if isinstance(a, Alert)]
     assert [a.rule for a in alerts] == ["evaluator.checkpoint_rejected"]
     assert read_topic(fresh_broker.bootstrap, "dlq", want=lambda e: False, timeout_s=3) == []
+
+
+def test_a_checkpoint_dcp_refuses_is_a_checkpoint_error_not_a_crash(tmp_path, vocab):
+    """torch DCP raises ``CheckpointException`` (a BaseException) when a tensor's shape differs
+    from the model headwater.json describes: load_checkpoint turns it into a CheckpointError, which
+    the evaluator publishes as an error EvalReport (before, it escaped ``except Exception``)."""
+    from evaluators.checkpoint import CheckpointError, CheckpointTrust, load_checkpoint
+    from streams.signing import Keyring
+    from trainer.models import build_model
+
+    run = tmp_path / "run"
+    smaller = build_model("debug_cpu", vocab_size=vocab.size // 2)  # headwater.json will say vocab.size
+    ckpt = save_checkpoint(run, 10, smaller, vocab, "r1")
+    trust = CheckpointTrust(roots=[str(run / "checkpoints")], keyring=Keyring.from_env())
+    with pytest.raises(CheckpointError, match="DCP load failed: CheckpointException"):
+        load_checkpoint(ckpt.path, trust=trust, run_id="r1", step=10)

@@ -39,6 +39,7 @@ from streams.events import (
     Alert,
     Control,
     DeadLetter,
+    EvalReport,
     Event,
     EventError,
     RawRecord,
@@ -194,6 +195,108 @@ def test_guard_send_failures_are_counted_not_raised(broker):
     assert guard.decode(_Record(b"garbage")) is None
     assert guard.counts["dlq_failed"] == 1 and guard.counts["alert_failed"] == 1
     assert guard.counts["dead_lettered"] == 0
+
+
+def test_guard_redelivers_transient_handler_errors_without_dead_letters():
+    """Issue 14 review finding 1: a broker timeout inside a handler is not the record's fault."""
+    import errno
+
+    from kafka.errors import KafkaTimeoutError, NodeNotReadyError
+
+    from streams.guard import REDELIVER, is_transient
+
+    guard = ConsumerGuard("guard-transient", None)
+    ok = Control(command="rollback", args={"run_id": "r"}).to_bytes()
+    transient = [KafkaTimeoutError("t"), NodeNotReadyError("n"), ConnectionResetError(), TimeoutError(),
+                 BlockingIOError(errno.EAGAIN, "again"), RuntimeError("wrapped")]
+    transient[-1].__cause__ = KafkaTimeoutError("inner")
+    for i, e in enumerate(transient):
+        assert is_transient(e), e
+        assert guard.handle(_Record(ok, offset=i), lambda ev, e=e: (_ for _ in ()).throw(e)) is REDELIVER
+    assert guard.retry_delay_s() > 0.2 * 2 ** 4 - 1e-9  # backs off while failures continue
+    assert guard.counts["redelivered"] == len(transient) and guard.counts["handler_errors"] == 0
+    assert guard.counts["dlq_failed"] == 0  # nothing was dead-lettered (no producer: it would have failed)
+    for e in (ValueError("bad"), FileNotFoundError(errno.ENOENT, "gone"), OSError(errno.ENOSPC, "full")):
+        assert not is_transient(e)
+        assert guard.handle(_Record(ok, offset=9), lambda ev, e=e: (_ for _ in ()).throw(e)) is None
+    assert guard.counts["handler_errors"] == 3 and guard.retry_delay_s() == 0.2
+
+
+def test_guard_flushes_suppressed_counts_without_waiting_for_the_next_failure(broker):
+    """Issue 14 review finding 5: what a flood suppressed was reported only with the next failure."""
+    since = topic_ends(broker.bootstrap, "alerts")
+    producer = make_producer(KafkaSettings(bootstrap=broker.bootstrap))
+    now = [0.0]
+    component = f"guard-flush-{time.monotonic_ns()}"
+    guard = ConsumerGuard(component, producer, alert_every_s=60, clock=lambda: now[0])
+    try:
+        for i in range(5):
+            guard.decode(_Record(b"{", offset=i))
+        assert guard.counts["alerts"] == 1 and guard.counts["suppressed"] == 4
+        assert guard.flush() == 0  # the window has not passed
+        now[0] = 61.0
+        assert guard.flush() == 1 and guard.flush() == 0
+        guard.decode(_Record(b"{", offset=5))  # inside the new window: suppressed
+        assert guard.flush(force=True) == 1  # at close
+    finally:
+        producer.close()
+    alerts = [a for a in read_events(broker.bootstrap, "alerts", since) if isinstance(a, Alert) and a.source == component]
+    assert [a.evidence["suppressed_since_last_alert"] for a in alerts] == [0, 4, 1]
+
+
+def test_control_consumers_bound_the_cost_of_big_records(broker, tmp_path):
+    """Issue 14 review finding 4: per-kind size limits checked before the costly field checks, a
+    consumer limit before any parsing, and the poll deadline checked per record."""
+    from kafka.admin import NewTopic
+
+    from beam_jobs.control import ControlFollower, SourceControl
+    from streams.events import SMALL_EVENT_BYTES
+    from streams.kafka import make_admin, publish
+    from streams.signing import ControlVerifier, load_signing_key, sign_control
+
+    big_args = {"x": ["y" * 100] * (SMALL_EVENT_BYTES // 100)}
+    big_control = Control(command="rollback", args=big_args).to_bytes()
+    with pytest.raises(EventError, match=f"> limit {SMALL_EVENT_BYTES} for Control"):
+        decode_event(big_control)
+    report = EvalReport(run_id="r", step=1, checkpoint_path="/c", suite="s", vocab_version="v",
+                        details={"items": "z" * (2 * SMALL_EVENT_BYTES)})
+    assert decode_event(report.to_bytes()) == report  # big kinds keep the 8 MiB limit
+    producer = make_producer(KafkaSettings(bootstrap=broker.bootstrap), max_request_size=2 * 1024 * 1024)
+    with pytest.raises(EventError, match="not sent"):
+        publish(producer, "control", Control(command="rollback", args=big_args))  # refused at the sender too
+    topic = f"test.ctl.big.{time.monotonic_ns()}"
+    admin = make_admin(KafkaSettings(bootstrap=broker.bootstrap))
+    admin.create_topics([NewTopic(topic, 1, 1)])
+    admin.close()
+    # just under the kind's limit, decodable (each costs the full field checks), not for ingest
+    slow = json.dumps({"kind": "Control", "schema_version": 2, "command": "rollback",
+                       "args": {"x": [[1]] * ((SMALL_EVENT_BYTES - 200) // 4)}}, separators=(",", ":")).encode()
+    assert len(slow) <= SMALL_EVENT_BYTES
+    valid = sign_control(Control(command="quarantine_source", args={"source": "after-flood"}),
+                         load_signing_key("operator"))
+    try:
+        for _ in range(150):
+            producer.send(topic, value=slow)
+        producer.send(topic, value=big_control)
+        producer.flush()
+        publish(producer, topic, valid)
+    finally:
+        producer.close()
+    follower = ControlFollower(broker.bootstrap, SourceControl.load(str(tmp_path)), ControlVerifier.from_env(),
+                               topic=topic)
+    try:
+        t0 = time.monotonic()
+        follower.poll(timeout_s=0.5)
+        first = time.monotonic() - t0
+        deadline = time.monotonic() + 120
+        while follower.state.offsets.get("0", 0) < 152 and time.monotonic() < deadline:
+            follower.poll(timeout_s=0.5)
+    finally:
+        follower.close()
+    print(f"first poll over a flood of {len(slow)}-byte controls: {first:.2f} s")
+    assert first < 2.0  # the deadline holds, however long the batch
+    assert follower.state.blocked == {"after-flood": "source_quarantined"}
+    assert follower.guard.counts["undecodable"] == 1 and follower.guard.counts["decoded"] == 151
 
 
 def test_control_listener_death_is_loud(broker):

@@ -176,6 +176,8 @@ def test_shards_lagging_the_newest_by_more_than_max_lag_are_skipped(tmp_path, mo
     first = [buf.take("m", 5.0).id for _ in range(3)]
     clock[0] += 1000
     write_stream(live, domains={"m": "markov"}, shards=1, per_shard=10, vocab=64, start_shard=1)
+    buf.notify()
+    time.sleep(0.5)  # the poll thread has seen the new shard
     rest = []
     while (doc := buf.take("m", 2.0)) is not None:
         rest.append(doc.id)

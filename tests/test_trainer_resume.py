@@ -89,3 +89,79 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
     except FileNotFoundError:
         return False
+
+
+# -- which checkpoint to resume from (issue 14 review finding 2), on real DCP files ----------------
+class DcpCheckpointer:
+    """The part of torchtitan's CheckpointManager that trainer/resume.py uses (``enable``,
+    ``folder``, ``load(step=)``), loading real DCP checkpoints into a model of ``width`` weights
+    (another width: the configuration mistake of a changed ``--vocab-size``)."""
+
+    enable = True
+
+    def __init__(self, folder: str, width: int):
+        self.folder, self.width, self.loaded = folder, width, None
+
+    def load(self, step: int) -> None:
+        import torch
+        import torch.distributed.checkpoint as dcp
+
+        if step != -1:
+            dcp.load({"w": torch.zeros(self.width)}, checkpoint_id=os.path.join(self.folder, f"step-{step}"))
+        self.loaded = step
+
+
+def _checkpoints(folder: str, steps: tuple[int, ...], *, signed: bool) -> None:
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from streams.checkpoint_manifest import write_manifest
+    from streams.signing import load_signing_key
+
+    for step in steps:
+        path = os.path.join(folder, f"step-{step}")
+        dcp.save({"w": torch.arange(4.0) + step}, checkpoint_id=path)
+        if signed:
+            write_manifest(path, run_id="r", step=step, key=load_signing_key("trainer"))
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_a_config_mistake_moves_no_checkpoint_and_the_right_config_resumes(tmp_path, signed):
+    """Every checkpoint fails to load under a wrong configuration: none may be moved aside (the
+    old behaviour moved all of them, and the next restart trained from scratch)."""
+    from trainer.resume import NoIntactCheckpoint, load_latest_intact
+
+    folder = str(tmp_path / "checkpoints")
+    _checkpoints(folder, (2, 4), signed=signed)
+    wrong = DcpCheckpointer(folder, width=8)
+    match = "matches its signed manifest" if signed else "Nothing was moved"
+    with pytest.raises(NoIntactCheckpoint, match=match):
+        load_latest_intact(wrong, run_id="r")
+    assert sorted(os.listdir(folder)) == ["step-2", "step-4"]  # nothing set aside
+    right = DcpCheckpointer(folder, width=4)
+    assert load_latest_intact(right, run_id="r") == 4 and right.loaded == 4
+
+
+def test_a_broken_latest_checkpoint_is_set_aside_once_an_older_one_loads(tmp_path):
+    from trainer.resume import load_latest_intact
+
+    folder = str(tmp_path / "checkpoints")
+    _checkpoints(folder, (2, 4), signed=False)
+    latest = os.path.join(folder, "step-4")
+    for name in os.listdir(latest):
+        if name.endswith(".distcp"):
+            with open(os.path.join(latest, name), "r+b") as f:
+                f.truncate(8)
+    assert load_latest_intact(DcpCheckpointer(folder, width=4), run_id="r") == 2
+    assert [n.split(".")[0] for n in os.listdir(os.path.join(folder, "corrupt"))] == ["step-4"]
+
+
+def test_no_fresh_start_over_set_aside_checkpoints_unless_allowed(tmp_path):
+    from trainer.resume import NoIntactCheckpoint, load_latest_intact
+
+    folder = tmp_path / "checkpoints"
+    (folder / "corrupt" / "step-4.1700000000").mkdir(parents=True)
+    with pytest.raises(NoIntactCheckpoint, match="refusing to train from scratch.*--allow-fresh-start"):
+        load_latest_intact(DcpCheckpointer(str(folder), width=4), run_id="r")
+    ckpt = DcpCheckpointer(str(folder), width=4)
+    assert load_latest_intact(ckpt, run_id="r", allow_fresh_start=True) == -1 and ckpt.loaded == -1

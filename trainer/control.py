@@ -25,7 +25,7 @@ import queue
 import threading
 
 from streams.events import Alert, Control, Event
-from streams.guard import REDELIVER, ConsumerGuard
+from streams.guard import CONTROL_MAX_POLL_RECORDS, REDELIVER, ConsumerGuard
 from streams.signing import ControlRejected, ControlVerifier, RejectionAlerts, brief
 
 __all__ = ["TRAINER_COMMANDS", "ControlListener", "addressed_to"]
@@ -57,7 +57,7 @@ class ControlListener:
         settings = KafkaSettings.load(bootstrap=bootstrap, client_id="headwater-trainer-control")
         self.consumer = make_consumer(settings, assign=[tp])
         self.producer = make_producer(settings)
-        self.guard = ConsumerGuard("trainer-control", self.producer)
+        self.guard = ConsumerGuard("trainer-control", self.producer, max_bytes=Control.MAX_BYTES)
         self._pending: list[Alert] = []  # rejection alerts not yet acknowledged by the broker
         self.error: BaseException | None = None
         self.consumer.seek_to_end(tp)
@@ -69,7 +69,7 @@ class ControlListener:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                for tp, batch in self.consumer.poll(timeout_ms=200).items():
+                for tp, batch in self.consumer.poll(timeout_ms=200, max_records=CONTROL_MAX_POLL_RECORDS).items():
                     for record in batch:
                         if self.guard.handle(record, self._enqueue) is REDELIVER:  # transient: retry it
                             self.consumer.seek(tp, record.offset)

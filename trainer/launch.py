@@ -21,7 +21,11 @@ import uuid
 
 from trainer.run_guard import EXIT_RUN_DIR_BUSY, RunDirBusy, RunLock
 
-__all__ = ["build_command", "main"]
+__all__ = ["FRESH_START_ENV", "build_command", "main"]
+
+FRESH_START_ENV = "HEADWATER_ALLOW_FRESH_START"
+"""Set to ``1`` by ``--allow-fresh-start``: trainer/resume.py may then start from scratch although
+checkpoints were set aside in ``checkpoints/corrupt/``."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mixing", help="static | temperature | odm | learnability")
     p.add_argument("--vocab-size", type=int, help="override the unified vocabulary size (synthetic streams)")
     p.add_argument("--no-wandb", action="store_true", help="disable the wandb logger")
+    p.add_argument("--allow-fresh-start", action="store_true",
+                   help="start from scratch even though checkpoints were set aside in checkpoints/corrupt/")
     p.add_argument("--lock-wait-s", type=float, default=15.0,
                    help="wait this long for a previous trainer on --run-dir to exit before refusing")
     return p
@@ -101,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env.setdefault("WANDB_MODE", "offline")
     env.setdefault("OMP_NUM_THREADS", "1")
+    if args.allow_fresh_start:
+        env[FRESH_START_ENV] = "1"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     return subprocess.call(cmd, env=env)

@@ -53,9 +53,9 @@ from trainer.control_state import ControlState
 from trainer.data import freshness
 from trainer.events_out import EventSink
 from trainer.guard import LossGuard
+from trainer.lineage import SourceLineage
 from trainer.metrics_log import MetricsLog
 from trainer.quarantine import Quarantine
-from trainer.lineage import SourceLineage
 from trainer.resume import load_latest_intact
 from trainer.rollback_journal import RollbackJournal
 from trainer.step_stats import PendingStep, StepReading, StepStats

@@ -13,7 +13,8 @@ from beam_jobs.filters.base import FilterResult
 from beam_jobs.records import Doc
 
 __all__ = [
-    "PII_KINDS", "LinearEmail", "ObfuscatedEmail", "PIIScrubber", "iban_ok", "luhn_ok", "scrub_bytes", "scrub_pii",
+    "PII_KINDS", "LinearEmail", "ObfuscatedEmail", "PIIScrubber", "iban_ok", "luhn_ok", "pii_spans", "scrub_bytes",
+    "scrub_pii",
     "scrub_value", "ssn_ok", "steuer_id_ok",
 ]
 
@@ -134,7 +135,15 @@ _DATE = re.compile(r"\b(?:1[89]|20)\d{2}[-./](?:0?[1-9]|1[0-2])[-./](?:0?[1-9]|[
                    r"\b(?:0?[1-9]|1[0-2])/(?:0?[1-9]|[12]\d|3[01])/(?:1[89]|20)\d{2}\b")
 
 
-_SSN_SHAPE = re.compile(r"\d{3}[- ]\d{2}[- ]\d{4}$")  # an SSN that failed its rules is no phone either
+#: Shapes of other identifiers that failed their own checks: no phone numbers either.
+_NOT_PHONE_SHAPE = re.compile(r"\d{3}([- ])\d{2}\1\d{4}$|\d{2} \d{3} \d{3} \d{3}$|\d{1,3}(?:\.\d{1,3}){3}$")
+#: Digits that continue an IBAN-shaped token (its check failed): no card number inside it.
+_IBAN_BEFORE = re.compile(r"\b[A-Za-z]{2}\d{2}(?: ?[A-Za-z0-9]{4}){0,7} ?$")
+
+
+#: A number followed by a currency or unit is an amount (``1 234 567 EUR``), not a phone number.
+_AMOUNT_AFTER = re.compile(r"\s?(?:€|\$|£|eur|usd|gbp|chf|euro|dollars?|units?|stück|einwohner|habitants|habitantes|"
+                           r"inhabitants|abitanti|inwoners|km|kg|t\b|tons?|tonnes?)", re.IGNORECASE)
 
 
 def _before(m: re.Match, n: int = 40) -> str:
@@ -156,26 +165,52 @@ def _ipv6_ok(m: re.Match) -> bool:
     return True
 
 
+def _isbn13_ok(digits: str) -> bool:
+    return (len(digits) == 13 and digits[:3] in ("978", "979")
+            and sum(int(d) * (3 if i % 2 else 1) for i, d in enumerate(digits)) % 10 == 0)
+
+
 def _card_ok(m: re.Match) -> bool:
     digits = re.sub(r"\D", "", m.group(0))
-    return 13 <= len(digits) <= 19 and luhn_ok(digits)
+    return (13 <= len(digits) <= 19 and luhn_ok(digits) and not _isbn13_ok(digits)
+            and _DATE.search(m.group(0)) is None and not _REFERENCE_CONTEXT.search(_before(m))
+            and not _IBAN_BEFORE.search(_before(m)))
+
+
+#: ISO 13616 IBAN lengths by country.
+IBAN_LENGTHS = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22, "BR": 29, "CH": 21,
+    "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DK": 18, "DO": 28, "EE": 20, "EG": 29, "ES": 24, "FI": 18, "FO": 18,
+    "FR": 27, "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27, "GT": 28, "HR": 21, "HU": 28, "IE": 22, "IL": 23,
+    "IS": 26, "IT": 27, "JO": 30, "KW": 30, "KZ": 20, "LB": 28, "LI": 21, "LT": 20, "LU": 20, "LV": 21, "MC": 27,
+    "MD": 24, "ME": 22, "MK": 19, "MR": 27, "MT": 31, "MU": 30, "NL": 18, "NO": 15, "PK": 24, "PL": 28, "PS": 29,
+    "PT": 25, "QA": 29, "RO": 24, "RS": 22, "SA": 24, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "TN": 24, "TR": 26,
+    "UA": 29, "VG": 24, "XK": 20,
+}
 
 
 def _iban_end(m: re.Match) -> int | None:
-    """The end of the longest prefix of the match (at a group boundary) that passes mod 97."""
+    """The end of the IBAN in the match: its country's length (the match may run on into a
+    following word, ``... 0130 00 is``), passing mod 97."""
     s = m.group(0)
-    cuts = [i for i, ch in enumerate(s) if ch == " "] + [len(s)]
-    for cut in reversed(cuts):
-        compact = s[:cut].replace(" ", "").upper()
-        if 15 <= len(compact) <= 34 and iban_ok(compact):
-            return m.start() + cut
-    return None
+    n = IBAN_LENGTHS.get(s[:2].upper())
+    if n is None:
+        return None
+    cut, seen = 0, 0
+    while cut < len(s) and seen < n:
+        seen += s[cut] != " "
+        cut += 1
+    if seen < n or (cut < len(s) and s[cut] != " "):
+        return None
+    return m.start() + cut if iban_ok(s[:cut].replace(" ", "").upper()) else None
 
 
 def _phone_ok(m: re.Match) -> bool:
     s = m.group(0)
-    return (9 <= sum(c.isdigit() for c in s) <= 15 and _DATE.search(s) is None and _SSN_SHAPE.match(s) is None
-            and not _REFERENCE_CONTEXT.search(_before(m)) and not _VERSION_CONTEXT.search(_before(m)))
+    digits = sum(c.isdigit() for c in s)
+    return (9 <= digits <= (15 if s[0] == "+" else 12) and _DATE.search(s) is None and _NOT_PHONE_SHAPE.match(s) is None
+            and not _REFERENCE_CONTEXT.search(_before(m)) and not _VERSION_CONTEXT.search(_before(m))
+            and not _AMOUNT_AFTER.match(m.string, m.end()) and not _IBAN_BEFORE.search(_before(m)))
 
 
 def ssn_ok(area: str, group: str, serial: str) -> bool:
@@ -224,8 +259,8 @@ _PATTERNS: list[tuple[str, type[LinearEmail | ObfuscatedEmail] | re.Pattern, _Ch
     ("ssn", re.compile(r"(?<![\w.+/-])(\d{3})([- ])(\d{2})([- ])(\d{4})(?![\w-]|[.,/]\d)"), _ssn_ok),
     ("nino", re.compile(r"\b[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b"), _nino_ok),
     ("tax_id_de", re.compile(r"(?<![\w.+/-])[1-9]\d(?: ?\d{3}){3}(?![\w-]|[.,/]\d)"), _steuer_id_ok),
-    ("mac", re.compile(rf"(?<![\w:.-]){_HEX}{{2}}([:-]){_HEX}{{2}}(?:\1{_HEX}{{2}}){{4}}(?![\w:.-])|"
-                       rf"(?<![\w.]){_HEX}{{4}}\.{_HEX}{{4}}\.{_HEX}{{4}}(?![\w.])"), None),
+    ("mac", re.compile(rf"(?<![\w:.-]){_HEX}{{2}}([:-]){_HEX}{{2}}(?:\1{_HEX}{{2}}){{4}}(?![\w:-]|\.\w)|"
+                       rf"(?<![\w.]){_HEX}{{4}}\.{_HEX}{{4}}\.{_HEX}{{4}}(?![\w]|\.\w)"), None),
     ("ipv6", re.compile(rf"(?<![\w:.]){_HEX}{{0,4}}(?::{_HEX}{{0,4}}){{2,7}}(?:(?<=:)(?:\d{{1,3}}\.){{3}}\d{{1,3}})?"
                         rf"(?![\w:]|\.\d)"), _ipv6_ok),
     ("ip", re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)"), _ipv4_ok),
@@ -235,9 +270,13 @@ _PATTERNS: list[tuple[str, type[LinearEmail | ObfuscatedEmail] | re.Pattern, _Ch
 PII_KINDS: tuple[str, ...] = tuple(dict.fromkeys(k for k, _, _ in _PATTERNS))
 
 
-def scrub_pii(text: str, placeholder: str = "<{kind}>") -> tuple[str, dict[str, int]]:
-    """Replace PII spans with ``placeholder``; return the new text and counts per kind."""
-    counts: dict[str, int] = {}
+_MASK = "\ue000"  # a private-use, non-word character: masked spans keep every offset
+
+
+def pii_spans(text: str) -> list[tuple[int, int, str]]:
+    """PII spans of ``text`` as sorted ``(start, end, kind)``. Patterns run in order, each on the
+    text with earlier spans masked (same length, so offsets stay those of ``text``)."""
+    spans: list[tuple[int, int, str]] = []
     for kind, pattern, check in _PATTERNS:
         def sub(m: re.Match, kind=kind, check=check) -> str:
             end = m.end() if check is None else check(m)
@@ -245,11 +284,23 @@ def scrub_pii(text: str, placeholder: str = "<{kind}>") -> tuple[str, dict[str, 
                 end = m.end()
             if not end:
                 return m.group(0)
-            counts[kind] = counts.get(kind, 0) + 1
-            return placeholder.format(kind=kind.upper()) + m.string[end:m.end()]
+            spans.append((m.start(), end, kind))
+            return _MASK * (end - m.start()) + m.string[end:m.end()]
 
         text = pattern.sub(sub, text)
-    return text, counts
+    return sorted(spans)
+
+
+def scrub_pii(text: str, placeholder: str = "<{kind}>") -> tuple[str, dict[str, int]]:
+    """Replace PII spans with ``placeholder``; return the new text and counts per kind."""
+    counts: dict[str, int] = {}
+    out, last = [], 0
+    for start, end, kind in pii_spans(text):
+        out += [text[last:start], placeholder.format(kind=kind.upper())]
+        counts[kind] = counts.get(kind, 0) + 1
+        last = end
+    out.append(text[last:])
+    return "".join(out), counts
 
 
 def scrub_value(value: object, placeholder: str = "<{kind}>") -> tuple[object, dict[str, int]]:

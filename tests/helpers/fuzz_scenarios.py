@@ -67,6 +67,11 @@ class FuzzResult:
         return self.probes - self.probes_obeyed
 
 
+def probe_count(n: int) -> int:
+    """Valid probes mixed into ``n`` hostile records: one per ~100 (at least 3), each must be obeyed."""
+    return max(3, n // 100)
+
+
 def _interleave(values: list[Value], probes: list[bytes]) -> list[Value]:
     """``probes`` spread through ``values``: the last one after every hostile record."""
     out = list(values)
@@ -152,7 +157,7 @@ def fuzz_control(bootstrap: str, work: Path, n: int, *, seed: int = 0) -> list[F
                                   seed_value=seed)
     bad = sum(not decodes(v) for v in values)
     probes = [sign_control(Control(command="quarantine_source", args={"source": f"probe-{i}"},
-                                   reason="fuzz probe"), operator) for i in range(3)]
+                                   reason="fuzz probe"), operator) for i in range(probe_count(n))]
     dlq_since = topic_ends(bootstrap, "dlq")
     listener = ControlListener(bootstrap, verifier=ControlVerifier.from_env(), run_id="fuzz-run")
     results = []
@@ -228,8 +233,8 @@ def fuzz_sentinel(bootstrap: str, work: Path, n: int, *, seed: int = 0) -> list[
 
     t0 = time.monotonic()
     operator = load_signing_key("operator")
-    ckpt = CheckpointSaved(run_id="probe-run", path="/probe/step-5", step=5, tokens=5, vocab_version="v",
-                           wall_time=time.time() - 60)
+    k = probe_count(n)
+    steps = range(3, 3 + k)  # probe checkpoints and their reports
     bases = {
         "shards": ShardPublished(stream_root="/s", shard="fuzz.mds", domain="fuzz", samples=1, bytes=1,
                                  vocab_version="v", writer_id="w",
@@ -243,19 +248,18 @@ def fuzz_sentinel(bootstrap: str, work: Path, n: int, *, seed: int = 0) -> list[
     probes: dict[str, list[bytes]] = {
         "shards": [ShardPublished(stream_root="/s", shard=f"probe-{i}.mds", domain=f"probe-domain-{i}", samples=1,
                                   bytes=1, vocab_version="v", writer_id="w", published_at=1000.0 + i).to_bytes()
-                   for i in range(3)],
+                   for i in range(k)],
         "checkpoints": [CheckpointSaved(run_id="probe-run", path=f"/probe/step-{i}", step=i, tokens=i,
-                                        vocab_version="v", wall_time=time.time() - 60).to_bytes() for i in (3, 4)]
-        + [ckpt.to_bytes()],
+                                        vocab_version="v", wall_time=time.time() - 60).to_bytes() for i in steps],
         "evals": [EvalReport(run_id="probe-run", step=i, checkpoint_path=f"/probe/step-{i}", suite="core",
-                             vocab_version="v").to_bytes() for i in (3, 4, 5)],
+                             vocab_version="v").to_bytes() for i in steps],
         "control": [sign_control(Control(command="rollback", args={"run_id": f"probe-run-{i}", "target": "last_good"},
-                                         reason="fuzz probe"), operator).to_bytes() for i in range(3)],
+                                         reason="fuzz probe"), operator).to_bytes() for i in range(k)],
         "metrics.ingest": [MetricsEvent(component="fuzz-probe", values={"probe_rate": 0.9}, labels={"i": str(i)}).to_bytes()
-                    for i in range(3)],
+                    for i in range(k)],
         "alerts": [Alert(rule="probe.quarantine", severity="critical", message="probe", source="fuzz",
                          evidence={"action": "quarantine_source", "labels": {"source": f"probe-src-{i}"}}).to_bytes()
-                   for i in range(3)],
+                   for i in range(k)],
     }
     produced: dict[str, tuple[int, dict[str, int]]] = {}
     since = {t: topic_ends(bootstrap, t) for t in ("dlq", "control", "alerts")}
@@ -279,21 +283,21 @@ def fuzz_sentinel(bootstrap: str, work: Path, n: int, *, seed: int = 0) -> list[
         controls = read_events(bootstrap, "control", since["control"])
         policy = sentinel.policy
         obeyed = {
-            "shards": sum(policy.first_shard_at.get(f"probe-domain-{i}") == 1000.0 + i for i in range(3)),
-            "checkpoints": sum(any(k[0] == f"/probe/step-{i}" for k in policy.checkpoints) for i in (3, 4, 5)),
-            "evals": sum(any(k[0] == f"/probe/step-{i}" for k in policy.reports) for i in (3, 4, 5)),
-            "control": sum(f"probe-run-{i}" in policy.issued for i in range(3)),
+            "shards": sum(policy.first_shard_at.get(f"probe-domain-{i}") == 1000.0 + i for i in range(k)),
+            "checkpoints": sum(any(key[0] == f"/probe/step-{i}" for key in policy.checkpoints) for i in steps),
+            "evals": sum(any(key[0] == f"/probe/step-{i}" for key in policy.reports) for i in steps),
+            "control": sum(f"probe-run-{i}" in policy.issued for i in range(k)),
             "metrics.ingest": sum(any(isinstance(a, Alert) and a.rule == "probe_rate_high"
                                and a.evidence.get("labels", {}).get("i") == str(i) for a in alerts)
-                           for i in range(3)),
+                           for i in range(k)),
             "alerts": sum(any(isinstance(c, Control) and c.command == "quarantine_source"
-                              and c.args.get("source") == f"probe-src-{i}" for c in controls) for i in range(3)),
+                              and c.args.get("source") == f"probe-src-{i}" for c in controls) for i in range(k)),
         }
         results = []
         for topic, (bad, sources) in produced.items():
             # evals is read twice: by the history follower and by the group consumer (rules)
             reads = 2 if topic == "evals" else 1
-            r = FuzzResult("Sentinel", topic, n, sources, bad * reads, 3, obeyed[topic],
+            r = FuzzResult("Sentinel", topic, n, sources, bad * reads, k, obeyed[topic],
                            letters[("consume:sentinel", topic, "undecodable_event")],
                            sentinel.guard.counts["handler_errors"], crashed, time.monotonic() - t0)
             if error is not None:
@@ -316,7 +320,8 @@ def fuzz_evaluator(bootstrap: str, work: Path, n: int, *, seed: int = 0) -> list
     vocab = Vocab.default()
     write_suite(work / "evals", vocab, n_text=4)
     since = topic_ends(bootstrap, "dlq")
-    probe_paths = [str(work / "missing" / f"step-{i}") for i in range(3)]
+    k = probe_count(n)
+    probe_paths = [str(work / "missing" / f"step-{i}") for i in range(k)]
     ck_values, ck_sources = fuzz_values(
         CheckpointSaved(run_id="fuzz", path="/fuzz/step-1", step=1, tokens=1, vocab_version=vocab.version).to_dict(),
         n, seed_value=seed)
@@ -324,7 +329,7 @@ def fuzz_evaluator(bootstrap: str, work: Path, n: int, *, seed: int = 0) -> list
         EvalReport(run_id="fuzz", step=1, checkpoint_path="/fuzz/step-1", suite="other",
                    vocab_version=vocab.version).to_dict(), n, seed_value=seed + 1)
     ev_probes = [EvalReport(run_id="probe-run", step=i, checkpoint_path=f"/probe-evals/step-{i}", suite="core",
-                            vocab_version=vocab.version) for i in range(3)]
+                            vocab_version=vocab.version) for i in range(k)]
     _produce(bootstrap, "evals", _interleave(ev_values, [p.to_bytes() for p in ev_probes]))
     _produce(bootstrap, "checkpoints", _interleave(ck_values, [
         CheckpointSaved(run_id="probe-run", path=p, step=i, tokens=i, vocab_version=vocab.version).to_bytes()
@@ -342,10 +347,10 @@ def fuzz_evaluator(bootstrap: str, work: Path, n: int, *, seed: int = 0) -> list
         reported = {r.checkpoint_path for r in evaluator.ledger.reports}
         counts = evaluator.guard.counts["handler_errors"]
         results = [
-            FuzzResult("Evaluator", "checkpoints", n, ck_sources, sum(not decodes(v) for v in ck_values), 3,
+            FuzzResult("Evaluator", "checkpoints", n, ck_sources, sum(not decodes(v) for v in ck_values), k,
                        sum(p in reported for p in probe_paths),
                        letters[("consume:evaluator", "checkpoints", "undecodable_event")], counts, crashed),
-            FuzzResult("EvalLedger", "evals", n, ev_sources, sum(not decodes(v) for v in ev_values), 3,
+            FuzzResult("EvalLedger", "evals", n, ev_sources, sum(not decodes(v) for v in ev_values), k,
                        sum(p.checkpoint_path in reported for p in ev_probes),
                        letters[("consume:evaluator", "evals", "undecodable_event")], counts, crashed),
         ]
@@ -368,12 +373,13 @@ def fuzz_status(work: Path, n: int, *, seed: int = 0) -> list[FuzzResult]:
     now = time.time()
     run = work / "status-run"
     run.mkdir(parents=True, exist_ok=True)
+    k = probe_count(n)
     bases = {"evals": EvalReport(run_id="fuzz", step=1, checkpoint_path="/c", suite="s", vocab_version="v"),
              "alerts": Alert(rule="fuzz", severity="info", message="m", source="s")}
     probes = {"evals": [EvalReport(run_id="probe", step=i, checkpoint_path=f"/probe/{i}", suite="s",
-                                   vocab_version="v", created_at=now + i) for i in range(3)],
+                                   vocab_version="v", created_at=now + i) for i in range(k)],
               "alerts": [Alert(rule=f"probe.{i}", severity="warning", message="m", source="s", created_at=now)
-                         for i in range(3)]}
+                         for i in range(k)]}
     produced = {}
     for i, (name, base) in enumerate(bases.items()):
         values, sources = fuzz_values(base.to_dict(), n, seed_value=seed + i)
@@ -393,7 +399,7 @@ def fuzz_status(work: Path, n: int, *, seed: int = 0) -> list[FuzzResult]:
               "alerts": sum(any(a.rule == p.rule for a in alerts) for p in probes["alerts"])}
     # a run directory is not a topic: undecodable lines are counted (bad_lines), not dead-lettered;
     # the reader decodes lines with errors="replace", so its count may differ from the oracle's
-    return [FuzzResult("status (run dir)", f"{name}.jsonl", n, sources, bad, 3, obeyed[name],
+    return [FuzzResult("status (run dir)", f"{name}.jsonl", n, sources, bad, k, obeyed[name],
                        rd.bad_lines.get(f"{name}.jsonl", 0) if not crashed else 0, 0, crashed,
                        time.monotonic() - t0, notes) for name, (bad, sources) in produced.items()]
 

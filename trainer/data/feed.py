@@ -158,11 +158,16 @@ class DomainFeed:
         reader, reader_key = None, None
         while True:
             with self._room:
-                if self.bytes >= self.cap_bytes:  # full: refill once a quarter is left (few wake-ups)
-                    while not self._stop and self.bytes > self.cap_bytes // 4:
+                while not self._stop:
+                    if self.bytes >= self.cap_bytes:  # full: refill once a quarter is left (few wake-ups)
+                        while not self._stop and self.bytes > self.cap_bytes // 4:
+                            self._room.wait(1.0)
+                        if self.bytes >= self.cap_bytes:  # a cap of (nearly) 0: wait for a new one
+                            self._room.wait(1.0)
+                    elif not self._can_read():
                         self._room.wait(1.0)
-                while not self._stop and not self._can_read():
-                    self._room.wait(1.0)
+                    else:
+                        break
                 if self._stop:
                     return
                 if self._reading is None:

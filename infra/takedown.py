@@ -1,0 +1,256 @@
+"""`headwater takedown`: remove every trace of one source from a stream root; say which checkpoints saw it.
+
+    headwater takedown --source NAME --stream-root DIR [--run-dir RUN ...] [--reason TEXT]
+                       [--by WHO] [--bootstrap HOST:PORT] [--dlq DIR] [--drops DIR]
+
+In this order:
+
+1. The source goes on the stream root's denylist (``_governance/denylist.json``): from the next
+   micro-batch on, ingest drops its records (reason ``source_taken_down``) before anything is
+   written, dead letters included; re-ingesting it adds nothing.
+2. The lineage report is computed for each ``--run-dir``: every checkpoint's ``headwater.json``
+   names the tokens it trained per source (trainer/lineage.py).
+3. Every shard holding a sample of the source is rewritten without it and published with one
+   index.json rewrite (streams/mds_rewrite.py); the old shard files are deleted. Repeated until a
+   pass finds nothing (an ingest batch that passed the gate before step 1 may publish late).
+4. Its dead letters (DLQ folder) and drop-log lines are removed (files rewritten atomically).
+5. With ``--bootstrap``: a signed ``quarantine_source`` Control (operator key) makes live trainers
+   drop buffered samples of the source and never read it again; the Kafka ``dlq`` topic is
+   scanned and the offsets of the source's dead letters are recorded (Kafka cannot delete single
+   records: they leave with the topic's retention, or by an operator's delete-records up to an
+   offset, which also drops every older record of every source).
+6. An audit record (sha256 of each removed sample/line, counts, who/when/why; never the content)
+   is appended to ``_governance/takedowns.jsonl``; the report goes to
+   ``_governance/takedown-<id>.json`` and ``.txt``.
+
+Exit codes: 0 done; 1 a step failed (the audit says how far it got); 2 bad usage.
+Local stream roots only (object-store roots: issue 12). Source names match exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import glob
+import hashlib
+import json
+import os
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict
+from typing import Any
+
+from streams import governance as gov
+from streams import manifest as mf
+from streams.events import DeadLetter, EventError
+from streams.mds_rewrite import Removed, remove_samples
+
+__all__ = ["build_parser", "checkpoint_lineage", "main", "scrub_jsonl", "takedown"]
+
+MAX_PASSES = 5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="headwater takedown", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", required=True, help="the source name, exactly as in RawRecord.source")
+    p.add_argument("--stream-root", required=True, help="local live MDS stream root")
+    p.add_argument("--run-dir", action="append", default=[], help="trainer run directory to report on (repeatable)")
+    p.add_argument("--reason", default="", help="why (kept in the audit record and the denylist)")
+    p.add_argument("--by", default="", help="who asked (default: the OS user)")
+    p.add_argument("--bootstrap", help="Kafka HOST:PORT: send a signed quarantine_source, scan the dlq topic")
+    p.add_argument("--dlq", help="dead-letter folder (default: <stream-root>/_ingest/dlq)")
+    p.add_argument("--drops", help="drop-log folder (default: <stream-root>/_ingest/drops)")
+    return p
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def checkpoint_lineage(run_dir: str, source: str) -> dict[str, Any]:
+    """For one run: every checkpoint with the tokens it trained from ``source`` (None: no lineage)."""
+    ckpts = []
+    for meta in sorted(glob.glob(os.path.join(run_dir, "**", "step-*", "headwater.json"), recursive=True)):
+        with open(meta) as f:
+            info = json.load(f)
+        by_source = (info.get("lineage") or {}).get("tokens_by_source")
+        ckpts.append({"path": os.path.dirname(meta), "step": info.get("step"), "run_id": info.get("run_id"),
+                      "tokens": info.get("tokens"),
+                      "source_tokens": None if by_source is None else int(by_source.get(source, 0))})
+    ckpts.sort(key=lambda c: (c["step"] is None, c["step"], c["path"]))
+    return {"run_dir": os.path.abspath(run_dir), "checkpoints": ckpts,
+            "saw_source": [c["path"] for c in ckpts if c["source_tokens"]],
+            "unknown": [c["path"] for c in ckpts if c["source_tokens"] is None]}
+
+
+def scrub_jsonl(folder: str, matches) -> list[dict[str, Any]]:
+    """Rewrite every ``*.jsonl`` under ``folder`` without the lines ``matches(obj)`` selects
+    (atomic per file); the audit entries (file, line sha256) of the removed lines."""
+    removed = []
+    for path in sorted(glob.glob(os.path.join(folder, "**", "*.jsonl"), recursive=True)):
+        with open(path, "rb") as f:
+            lines = f.read().splitlines(keepends=True)
+        keep = []
+        for line in lines:
+            try:
+                hit = bool(line.strip()) and matches(json.loads(line))
+            except (ValueError, EventError):
+                hit = False
+            if hit:
+                removed.append({"file": os.path.relpath(path, folder), "sha256": _sha(line.rstrip(b"\n"))})
+            else:
+                keep.append(line)
+        if len(keep) == len(lines):
+            continue
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        with open(tmp, "wb") as f:
+            f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return removed
+
+
+def _dead_letter_of(source: str):
+    def matches(obj: Any) -> bool:
+        return gov.dead_letter_source(DeadLetter.from_dict(obj)) == source
+    return matches
+
+
+def _drop_of(source: str):
+    def matches(obj: Any) -> bool:
+        return isinstance(obj, dict) and obj.get("source") == source
+    return matches
+
+
+def _kafka_dlq_offsets(bootstrap: str, source: str, timeout_s: float = 10.0) -> list[list[int]]:
+    """``[partition, offset]`` of every dead letter of ``source`` now in the ``dlq`` topic."""
+    from kafka import TopicPartition
+
+    from streams.events import decode_event
+    from streams.kafka import KafkaSettings, make_consumer
+
+    consumer = make_consumer(KafkaSettings.load(bootstrap=bootstrap), assign=[], group_id=None)
+    try:
+        tps = [TopicPartition("dlq", p) for p in sorted(consumer.partitions_for_topic("dlq") or ())]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        found, deadline = [], time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(consumer.position(tp) < ends[tp] for tp in tps):
+            for tp, records in consumer.poll(timeout_ms=200).items():
+                for r in records:
+                    try:
+                        ev = decode_event(r.value)
+                    except EventError:
+                        continue
+                    if isinstance(ev, DeadLetter) and gov.dead_letter_source(ev) == source:
+                        found.append([tp.partition, r.offset])
+        return found
+    finally:
+        consumer.close()
+
+
+def _quarantine(bootstrap: str, source: str, reason: str) -> int:
+    from infra import control_cli
+
+    return control_cli.main(["quarantine-source", "--bootstrap", bootstrap, "--source", source,
+                             "--reason", f"takedown: {reason or 'no reason given'}"])
+
+
+def takedown(source: str, stream_root: str, *, run_dirs: list[str] = (), reason: str = "", by: str = "",
+             bootstrap: str | None = None, dlq_dir: str | None = None,
+             drops_dir: str | None = None) -> dict[str, Any]:
+    """Take ``source`` down from local ``stream_root`` (see the module docstring); the report."""
+    if "://" in stream_root:
+        raise ValueError(f"{stream_root}: takedown supports local stream roots only (object stores: issue 12)")
+    root = os.path.abspath(stream_root)
+    if not os.path.isfile(os.path.join(root, mf.INDEX)):
+        raise ValueError(f"{root} is not a stream root (no {mf.INDEX})")
+    tid, started = uuid.uuid4().hex, time.time()
+    by = by or getpass.getuser()
+    audit: dict[str, Any] = {"takedown_id": tid, "source": source, "source_sha256": _sha(source.encode()),
+                             "by": by, "reason": reason, "started_at": started, "stream_root": root}
+    gov.deny(root, source, by=by, reason=reason, takedown_id=tid)
+    report: dict[str, Any] = {"takedown_id": tid, "source": source, "stream_root": root,
+                              "runs": [checkpoint_lineage(r, source) for r in run_dirs]}
+    removed: list[Removed] = []
+    replaced: dict[str, str | None] = {}
+    try:
+        for _ in range(MAX_PASSES):
+            result = remove_samples(root, lambda s: s["source"] == source)
+            removed += result.removed
+            replaced.update(result.replaced)
+            if not result.removed:
+                break
+        dlq = scrub_jsonl(dlq_dir or os.path.join(root, "_ingest", "dlq"), _dead_letter_of(source))
+        drops = scrub_jsonl(drops_dir or os.path.join(root, "_ingest", "drops"), _drop_of(source))
+        kafka: dict[str, Any] = {"quarantine_control": None, "dlq_topic_offsets": None}
+        if bootstrap:
+            kafka["quarantine_control"] = "sent" if _quarantine(bootstrap, source, reason) == 0 else "FAILED"
+            kafka["dlq_topic_offsets"] = _kafka_dlq_offsets(bootstrap, source)
+    except BaseException as e:
+        audit.update(finished_at=time.time(), error=f"{type(e).__name__}: {e}", shards_replaced=replaced,
+                     samples_removed=len(removed))
+        gov.append_audit(root, audit)
+        raise
+    licenses = Counter()
+    for r in removed:
+        licenses[r.license] += r.tokens
+    audit.update(
+        finished_at=time.time(), shards_replaced=replaced, samples_removed=len(removed),
+        tokens_removed=sum(r.tokens for r in removed), tokens_by_license=dict(licenses),
+        sample_sha256=sorted(_sha(f"{r.id}\0{r.sha256}".encode()) for r in removed),
+        dlq_removed=dlq, drops_removed=drops, kafka=kafka,
+    )
+    gov.append_audit(root, audit)
+    report.update(
+        samples_removed=len(removed), tokens_removed=audit["tokens_removed"], tokens_by_license=dict(licenses),
+        shards_replaced=replaced, dlq_lines_removed=len(dlq), drop_lines_removed=len(drops), kafka=kafka,
+        removed=[asdict(r) | {"id": _sha(r.id.encode())} for r in removed],
+    )
+    return report
+
+
+def _text(report: dict[str, Any]) -> str:
+    lines = [f"takedown {report['takedown_id']} of source {report['source']!r} in {report['stream_root']}",
+             (f"  removed {report['samples_removed']} samples ({report['tokens_removed']} tokens) from "
+              f"{len(report['shards_replaced'])} shards; {report['dlq_lines_removed']} dead letters and "
+              f"{report['drop_lines_removed']} drop-log lines"),
+             f"  tokens by license: {report['tokens_by_license'] or '-'}"]
+    k = report["kafka"]
+    if k["quarantine_control"] is not None:
+        lines.append(f"  quarantine_source control: {k['quarantine_control']}; dlq topic records of the source "
+                     f"(left to retention): {len(k['dlq_topic_offsets'] or [])}")
+    for run in report["runs"]:
+        lines.append(f"  run {run['run_dir']}: {len(run['saw_source'])} of {len(run['checkpoints'])} checkpoints "
+                     "trained on it")
+        for c in run["checkpoints"]:
+            if c["source_tokens"]:
+                lines.append(f"    step {c['step']}: {c['source_tokens']} tokens  {c['path']}")
+        if run["unknown"]:
+            lines.append(f"    {len(run['unknown'])} checkpoints record no lineage (older trainer): unknown")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``headwater takedown``."""
+    a = build_parser().parse_args(argv)
+    try:
+        report = takedown(a.source, a.stream_root, run_dirs=a.run_dir, reason=a.reason, by=a.by,
+                          bootstrap=a.bootstrap, dlq_dir=a.dlq, drops_dir=a.drops)
+    except ValueError as e:
+        print(f"headwater takedown: {e}", file=sys.stderr)
+        return 2
+    base = os.path.join(os.path.abspath(a.stream_root), gov.GOVERNANCE_DIR, f"takedown-{report['takedown_id']}")
+    mf.atomic_write_json(f"{base}.json", report)
+    text = _text(report)
+    with open(f"{base}.txt", "w") as f:
+        f.write(text)
+    sys.stdout.write(text + f"  report: {base}.json\n")
+    return 1 if report["kafka"]["quarantine_control"] == "FAILED" else 0
