@@ -18,6 +18,7 @@ from beam_jobs.sink import SinkConfig, WriteShards
 from beam_jobs.tokenize import PIPELINE_VERSION, TOKENIZER_VERSION, DomainMap, TokenizeText
 from beam_jobs.validate import ValidateConfig, ValidateDecode
 from streams.governance import dead_letter_source
+from streams.source_names import canonical_source
 
 __all__ = ["IngestConfig", "IngestText"]
 
@@ -56,8 +57,9 @@ def _dead_outcome(dead, blocked: dict[str, str]) -> Outcome:
     """A dead letter's outcome; one of a blocked source (e.g. taken down) is dropped, not kept."""
     coords = KafkaCoords(dead.topic, dead.partition, dead.offset)
     source = dead_letter_source(dead)
-    if source is not None and source in blocked:
-        return Outcome(coords, dropped=f"control:{blocked[source]}", record_id=dead.record_id, source=source)
+    reason = None if source is None else blocked.get(canonical_source(source))
+    if reason is not None:
+        return Outcome(coords, dropped=f"control:{reason}", record_id=dead.record_id, source=source)
     return Outcome(coords, dead=dead, record_id=dead.record_id)
 
 
@@ -93,7 +95,7 @@ class IngestText(beam.PTransform):
             c.sink.stream_root, horizon_docs=c.dedup.horizon_docs, horizon_age_s=c.dedup.horizon_age_s)
         docs = docs | "Dedup" >> Dedup(c.dedup, settled=settled)
         text = docs | "Tokenize" >> TokenizeText(c.domains)
-        dead = decoded.dlq | "DeadLetters" >> beam.Map(_dead_outcome, dict(c.blocked_sources))
+        dead = decoded.dlq | "DeadLetters" >> beam.Map(_dead_outcome, {canonical_source(k): v for k, v in c.blocked_sources.items()})
         branches = [text, dead]
         if c.validate.media_enabled:
             media = decoded.media | "GateMediaSources" >> GateMedia(c.blocked_sources)

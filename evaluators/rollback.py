@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 
 from evaluators.identity import CheckpointKey, checkpoint_key, report_key
 from streams.events import Alert, CheckpointSaved, Control, EvalReport, Event, ShardPublished
+from streams.source_names import canonical_source
 
 __all__ = ["CIRCUIT_RULE", "Decision", "RollbackPolicy"]
 
@@ -295,7 +296,8 @@ class RollbackPolicy:
         1 if saved after a shard of domain ``source`` was published, 0 if before, None if unknown."""
         by_source = ckpt.lineage.get("tokens_by_source") if isinstance(ckpt.lineage, dict) else None
         if isinstance(by_source, dict):
-            return int(by_source.get(source, 0))
+            name = canonical_source(source)
+            return sum(int(n) for s, n in by_source.items() if canonical_source(s) == name)
         first = self.first_shard_at.get(source)
         if first is None:
             return None

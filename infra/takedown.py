@@ -24,7 +24,8 @@ In this order:
    ``_governance/takedown-<id>.json`` and ``.txt``.
 
 Exit codes: 0 done; 1 a step failed (the audit says how far it got); 2 bad usage.
-Local stream roots only (object-store roots: issue 12). Source names match exactly.
+Local stream roots only (object-store roots: issue 12). Source names match in their canonical
+form (streams/source_names.py), so look-alike and zero-width variants are taken down too.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from streams import governance as gov
 from streams import manifest as mf
 from streams.events import DeadLetter, EventError
 from streams.mds_rewrite import Removed, remove_samples
+from streams.source_names import canonical_source
 
 __all__ = ["build_parser", "checkpoint_lineage", "main", "scrub_jsonl", "takedown"]
 
@@ -72,14 +74,15 @@ def _sha(data: bytes) -> str:
 
 def checkpoint_lineage(run_dir: str, source: str) -> dict[str, Any]:
     """For one run: every checkpoint with the tokens it trained from ``source`` (None: no lineage)."""
-    ckpts = []
+    name, ckpts = canonical_source(source), []
     for meta in sorted(glob.glob(os.path.join(run_dir, "**", "step-*", "headwater.json"), recursive=True)):
         with open(meta) as f:
             info = json.load(f)
         by_source = (info.get("lineage") or {}).get("tokens_by_source")
         ckpts.append({"path": os.path.dirname(meta), "step": info.get("step"), "run_id": info.get("run_id"),
                       "tokens": info.get("tokens"),
-                      "source_tokens": None if by_source is None else int(by_source.get(source, 0))})
+                      "source_tokens": None if by_source is None else sum(
+                          int(n) for s, n in by_source.items() if canonical_source(s) == name)})
     ckpts.sort(key=lambda c: (c["step"] is None, c["step"], c["path"]))
     return {"run_dir": os.path.abspath(run_dir), "checkpoints": ckpts,
             "saw_source": [c["path"] for c in ckpts if c["source_tokens"]],
@@ -114,15 +117,19 @@ def scrub_jsonl(folder: str, matches) -> list[dict[str, Any]]:
     return removed
 
 
+def _is(source: str, value: Any) -> bool:
+    return isinstance(value, str) and canonical_source(value) == canonical_source(source)
+
+
 def _dead_letter_of(source: str):
     def matches(obj: Any) -> bool:
-        return gov.dead_letter_source(DeadLetter.from_dict(obj)) == source
+        return _is(source, gov.dead_letter_source(DeadLetter.from_dict(obj)))
     return matches
 
 
 def _drop_of(source: str):
     def matches(obj: Any) -> bool:
-        return isinstance(obj, dict) and obj.get("source") == source
+        return isinstance(obj, dict) and _is(source, obj.get("source"))
     return matches
 
 
@@ -149,7 +156,7 @@ def _kafka_dlq_offsets(bootstrap: str, source: str, timeout_s: float = 10.0) -> 
                         ev = decode_event(r.value)
                     except EventError:
                         continue
-                    if isinstance(ev, DeadLetter) and gov.dead_letter_source(ev) == source:
+                    if isinstance(ev, DeadLetter) and _is(source, gov.dead_letter_source(ev)):
                         found.append([tp.partition, r.offset])
         return found
     finally:
@@ -183,7 +190,7 @@ def takedown(source: str, stream_root: str, *, run_dirs: list[str] = (), reason:
     replaced: dict[str, str | None] = {}
     try:
         for _ in range(MAX_PASSES):
-            result = remove_samples(root, lambda s: s["source"] == source)
+            result = remove_samples(root, lambda s: _is(source, s["source"]))
             removed += result.removed
             replaced.update(result.replaced)
             if not result.removed:

@@ -7,7 +7,8 @@ Both live under ``<stream-root>/_governance/``:
 * ``takedowns.jsonl``: one audit record per takedown (hashes and counts of what was removed,
   never the removed content itself).
 
-Source names are compared exactly as written (no Unicode folding yet).
+Source names are compared in their canonical form (streams/source_names.py: NFKC, case folded,
+zero-width and look-alike characters folded), so a variant spelling is taken down too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from streams import manifest as mf
 from streams.events import DeadLetter
+from streams.source_names import canonical_source
 
 __all__ = ["DENYLIST", "GOVERNANCE_DIR", "TAKEDOWNS", "TAKEDOWN_REASON", "append_audit", "dead_letter_source",
            "deny", "denylist"]
@@ -34,7 +36,7 @@ def _dir(stream_root: str) -> str:
 
 
 def denylist(stream_root: str) -> dict[str, dict[str, Any]]:
-    """Denylisted sources of ``stream_root`` (name -> who/when/why); empty when there is none."""
+    """Denylisted sources of ``stream_root`` (canonical name -> who/when/why); empty when there is none."""
     path = os.path.join(_dir(stream_root), DENYLIST)
     try:
         with open(path) as f:
@@ -48,10 +50,12 @@ def denylist(stream_root: str) -> dict[str, dict[str, Any]]:
 
 
 def deny(stream_root: str, source: str, *, by: str, reason: str, takedown_id: str) -> None:
-    """Add ``source`` to the denylist (atomic rewrite; an existing entry keeps its first date)."""
+    """Add ``source`` (its canonical form) to the denylist (atomic rewrite; an existing entry keeps
+    its first date)."""
     os.makedirs(_dir(stream_root), exist_ok=True)
     sources = denylist(stream_root)
-    sources.setdefault(source, {"at": time.time(), "by": by, "reason": reason, "takedown_id": takedown_id})
+    sources.setdefault(canonical_source(source), {"at": time.time(), "by": by, "reason": reason,
+                                                  "takedown_id": takedown_id, "as_given": source})
     mf.atomic_write_json(os.path.join(_dir(stream_root), DENYLIST), {"sources": sources})
 
 

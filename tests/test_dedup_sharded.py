@@ -158,3 +158,13 @@ def test_semantic_index_recall_against_flat(kind):
     _, exact = flat.search_many(queries)
     _, found = approx.search_many(queries)
     assert (exact[:, 0] == found[:, 0]).mean() >= 0.95
+
+
+def test_a_document_whose_fingerprint_fails_is_dead_lettered_alone():
+    # A text the hasher cannot take (not a str): that one document fails, its neighbours are decided.
+    docs = [_doc(0, TEXTS[0]), _doc(1, b"\xff not text"), _doc(2, TEXTS[0])]  # type: ignore[arg-type]
+    with TestPipeline() as p:
+        out = p | beam.Create(docs) | Dedup(DedupConfig())
+        rows = out | beam.Map(lambda d: (d.id, d.dropped, d.dead.reason if d.dead else None))
+        assert_that(rows, equal_to([("doc-0", None, None), ("doc-1", "dedup:fingerprint_error", "fingerprint_error"),
+                                    ("doc-2", "dedup:exact", None)]))

@@ -93,11 +93,20 @@ class _FingerprintFn(beam.DoFn):
         self.index = self.settled.open() if self.settled is not None else None
 
     def process(self, doc: Doc, ts=beam.DoFn.TimestampParam):
-        c = self.config
         if doc.dropped is not None:
             yield beam.pvalue.TaggedOutput("passed", doc)
             return
         Metrics.counter("dedup", "in").inc()
+        try:  # all outputs or none: a half-emitted document would leave Decide waiting
+            outputs = list(self._fingerprint(doc, ts))
+        except Exception as e:  # noqa: BLE001 - one record's failure must not stop the pipeline
+            Metrics.counter("dedup", "fingerprint_error").inc()
+            outputs = [beam.pvalue.TaggedOutput("passed", doc.fail("dedup", "fingerprint_error",
+                                                                   f"{type(e).__name__}: {e}"[:500]))]
+        yield from outputs
+
+    def _fingerprint(self, doc: Doc, ts):
+        c = self.config
         idh, coordh = id_hash(doc.id), coords_hash(*doc.coords)
         dockey, prio, order = (idh, coordh), ts.micros, (doc.coords.offset, doc.coords.partition, idh)
         shingles = self.hasher.shingle_hashes(doc.text)
