@@ -172,7 +172,7 @@ class ControlFollower:
                 continue
             for tp, records in batches.items():
                 for record in records:
-                    if time.monotonic() >= deadline:  # a flood must not hold the pipeline up
+                    if n and time.monotonic() >= deadline:  # a flood must not hold the pipeline up
                         self.consumer.seek(tp, record.offset)
                         break
                     n += 1

@@ -112,12 +112,13 @@ class RouteMedia(beam.PTransform):
         dedup = media | "MediaDedup" >> MediaDedup(
             MediaDedupConfig(near=config.dedup.near, uri=config.uri, image_qa=config.image_qa), settled=self.settled)
         dups = dedup["dropped"] | "DedupDropped" >> beam.Map(
-            lambda d: Outcome(KafkaCoords(*d[0]), dropped=d[1], record_id=d[2], dup_of=d[3]))
+            lambda d: Outcome(KafkaCoords(*d[0]), dropped=d[1], record_id=d[2], dup_of=d[3], source=d[5]))
         out = dedup["records"] | "TokenizeMedia" >> TokenizeMedia(config)
         samples = out.samples | "Samples" >> beam.MapTuple(lambda coords, row: Outcome(KafkaCoords(*coords), sample=row))
         dead = out.dlq | "DeadLetters" >> beam.Map(lambda d: Outcome(_coords_of(d), dead=d))
         dropped = out.dropped | "Dropped" >> beam.Map(
-            lambda d: Outcome(KafkaCoords(*d[0]), dropped=d[1], record_id=d[2] if len(d) > 2 else None))
+            lambda d: Outcome(KafkaCoords(*d[0]), dropped=d[1], record_id=d[2] if len(d) > 2 else None,
+                              source=d[3] if len(d) > 3 else None))
         health = out.health
         if self.streaming:
             health = health | "HealthPanes" >> beam.WindowInto(

@@ -232,7 +232,7 @@ class _ValidateFn(beam.DoFn):
             record = decode_record(raw, self.config)
             record_id = record.id
             check_policy(record, coords, raw, self.config)
-            Metrics.counter("license", record.license or "unknown").inc()  # admitted records per license
+            Metrics.counter("license", record.license.casefold() or "unknown").inc()  # admitted records per license
             if self.config.scrub_pii and record.meta:
                 record.meta = scrub_value(record.meta)[0]  # captions/alt/meta reach the stream scrubbed
             if record.modality != "text":

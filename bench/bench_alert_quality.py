@@ -253,20 +253,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-repeats", type=int, default=10)
     args = p.parse_args(argv)
     cfg = RegressionConfig()
-    print(f"detector: Holm over {len(DOMAINS) + 2} metrics per checkpoint, alpha={cfg.alpha}, "
-          f"min effect +{cfg.min_rel_increase:.0%} perplexity, n_boot={cfg.n_boot}")
+    print(f"detector: latest passed baseline, Holm over {len(DOMAINS) + 2} metrics per checkpoint, "
+          f"alpha={cfg.alpha}, min effect +{cfg.min_rel_increase:.0%} perplexity, n_boot={cfg.n_boot}, "
+          f"checkpoint variance + trend from the last {cfg.history} passed reports")
     t0 = time.perf_counter()
-    old = RegressionConfig(min_rel_increase=0.02)
-    for drift in (0.008, 0.012):
-        for label, c in (("default", cfg), ("min effect 2% (old default)", old)):
-            alarms = [clean_run(s, args.checkpoints, c, drift) for s in range(args.seeds)]
-            print(f"clean, mixing drift sd {drift / np.sqrt(0.19):.1%} per domain [{label}]: {args.seeds} runs x "
+    false_alarms = checked = 0
+    for plateau in (False, True):
+        phase = "plateau" if plateau else "improving"
+        for drift in (0.008, 0.012):
+            alarms = [clean_run(s, args.checkpoints, cfg, drift, plateau=plateau) for s in range(args.seeds)]
+            false_alarms, checked = false_alarms + sum(alarms), checked + args.seeds * args.checkpoints
+            print(f"clean {phase}, mixing drift sd {drift / np.sqrt(0.19):.1%} per domain: {args.seeds} runs x "
                   f"{args.checkpoints} checkpoints -> {sum(alarms)} rollbacks/actions (per run {alarms})")
-    delays = [poisoned_run(s, 60, cfg, args.poison)[0] for s in range(args.poisoned)]
-    caught = sorted(d for d in delays if d)
-    print(f"poisoned (+{args.poison} log-ppl = +{np.expm1(args.poison):.0%} ppl on one of 15 domains): "
-          f"{len(caught)}/{args.poisoned} caught, {sum(d <= 2 for d in caught)} within 2 checkpoints; "
-          f"delays {caught}; false alarm first {delays.count(0)}; never caught {delays.count(None)}")
+        delays = [poisoned_run(s, 60, cfg, args.poison, plateau=plateau)[0] for s in range(args.poisoned)]
+        caught = sorted(d for d in delays if d)
+        false_alarms += delays.count(0)
+        print(f"poisoned {phase} (+{args.poison} log-ppl = +{np.expm1(args.poison):.0%} ppl on one of 15 domains): "
+              f"{len(caught)}/{args.poisoned} caught, {sum(d <= 2 for d in caught)} within 2 checkpoints; "
+              f"delays {caught}; false alarm first {delays.count(0)}; never caught {delays.count(None)}")
+    print(f"false alarms, all scenarios: {false_alarms} ({checked} clean checkpoints + the clean stretches "
+          f"of {2 * args.poisoned} poisoned runs)")
     recur = [recurring_run(s, cfg, args.poison) for s in range(5)]
     print(f"recurring poison (5 runs): (rollbacks, pauses, pages) per run {recur}")
     print(f"statistics part: {time.perf_counter() - t0:.1f} s")

@@ -17,7 +17,7 @@ Control commands it issues (args; the full list is in docs/TEAM_CONTRACTS.md)::
     rollback           {"target": "last_good", "run_id", "checkpoint": <path>, "checkpoint_wall_time",
                         "step", "quarantine": "since", "domains": [...], "regression": [metrics]}
                        (the trainer quarantines only the shards of ``domains`` read since ``step``;
-                        all domains' when the regression names none, e.g. only ``overall``)
+                        ``domains`` is explicit, see :func:`implicated_domains`)
     rollback           {"target": "step", "run_id", "checkpoint", "step", "quarantine": "none"}
                        (data alerts with action quarantine_source_and_rollback: the last good
                        checkpoint saved before the source's first published shard)
@@ -31,9 +31,12 @@ reads them) is issued once per run the policy knows of (runs with a CheckpointSa
 EvalReport seen); a run that has announced nothing yet is not paused, and the alert's page says
 which runs were.
 
-A regression alert is not acted on twice: while a rollback of the run is issued but not yet
-applied by the trainer, and for checkpoints saved before the last rollback, it is skipped
-with its reason.
+A regression alert is not acted on twice: for checkpoints saved before the last rollback it is
+skipped with its reason. While a rollback of the run is issued but not yet applied by the
+trainer (at most ``pending_s``), the decision is ``pending``: the control hook raises
+:class:`~evaluators.alerts.dispatch.HookPending` and the sentinel redelivers the alert later,
+so a regression of a checkpoint saved after that rollback is not lost (its alert may be read
+before the trainer's confirmation, e.g. from another partition of ``alerts``).
 
 Circuit breaker: when a regression of the same run and metric recurs against the same good
 checkpoint that an earlier rollback for that metric returned to, rolling back again would loop.
@@ -62,7 +65,7 @@ from evaluators.identity import CheckpointKey, checkpoint_key, report_key
 from streams.events import Alert, CheckpointSaved, Control, EvalReport, Event, ShardPublished
 from streams.source_names import canonical_source
 
-__all__ = ["CIRCUIT_RULE", "Decision", "RollbackPolicy"]
+__all__ = ["CIRCUIT_RULE", "Decision", "RollbackPolicy", "implicated_domains"]
 
 CIRCUIT_RULE = "rollback.circuit_open"
 
@@ -74,6 +77,27 @@ class Decision:
     controls: list[Control] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)  # pages to publish (circuit breaker)
     skipped: str = ""
+    pending: bool = False
+    """not decided yet (a rollback of the run is in flight): the alert must be decided again later"""
+
+
+def implicated_domains(report: EvalReport, metrics: list[str]) -> list[str]:
+    """The domains a regression implicates, from its report: ``domain/<d>`` names ``d``;
+    ``modality/<m>`` every domain of that modality in the report's item table; ``overall`` alone
+    the domains whose own log-perplexity rose (all of the table's if none did). [] without an
+    item table (the trainer then quarantines every domain's shards)."""
+    items = report.details.get("items") or {}
+    rows = list(zip(items.get("modality", []), items.get("domain", [])))
+    domains = {m.split("/", 1)[1] for m in metrics if m.startswith("domain/")}
+    for metric in metrics:
+        if metric.startswith("modality/"):
+            domains |= {d for mod, d in rows if mod == metric.split("/", 1)[1]}
+    if not domains and "overall" in metrics:
+        findings = report.details.get("regression", {}).get("findings", [])
+        domains = {f["metric"].split("/", 1)[1] for f in findings
+                   if f.get("metric", "").startswith("domain/") and f.get("delta", 0.0) > 0}
+        domains = domains or {d for _, d in rows}
+    return sorted(str(d) for d in domains if d)
 
 
 class RollbackPolicy:
@@ -216,7 +240,8 @@ class RollbackPolicy:
                      key=lambda cid: self.issued_ids[cid][1], default="")
         if (issued is not None and applied < issued and self.clock() - issued < self.pending_s
                 and not self.was_applied(run_id, latest, issued)):
-            return Decision(skipped=f"a rollback of run {run_id!r} issued at {issued:.3f} is not applied yet")
+            return Decision(skipped=f"a rollback of run {run_id!r} issued at {issued:.3f} is not applied yet",
+                            pending=True)
         saved_at = float(report.details["checkpoint_wall_time"])
         if saved_at <= max(issued or 0.0, applied):
             return Decision(skipped=f"checkpoint saved at {saved_at:.3f} predates the last rollback of run "
@@ -230,8 +255,8 @@ class RollbackPolicy:
         repeated = sorted({m for t, ms, cid, at in self.rollbacks.get(run_id, [])
                            if t == target and self.was_applied(run_id, cid, at) for m in ms} & set(metrics))
         if repeated:
-            return self._open_circuit(run_id, good, repeated, alert, reason)
-        domains = sorted(m.split("/", 1)[1] for m in metrics if m.startswith("domain/"))
+            return self._open_circuit(run_id, good, repeated, implicated_domains(report, repeated), alert, reason)
+        domains = implicated_domains(report, metrics)
         args = {"target": "last_good", "run_id": run_id, "checkpoint": good.path,
                 "checkpoint_wall_time": target[1], "step": good.step, "quarantine": "since",
                 "regression": metrics, **({"domains": domains} if domains else {})}
@@ -241,10 +266,9 @@ class RollbackPolicy:
         self._remember_rollback(run_id, control.issued_at, args, control.control_id)
         return Decision([control])
 
-    def _open_circuit(self, run_id: str, good: CheckpointSaved, metrics: list[str], alert: Alert,
-                      reason: str) -> Decision:
+    def _open_circuit(self, run_id: str, good: CheckpointSaved, metrics: list[str], domains: list[str],
+                      alert: Alert, reason: str) -> Decision:
         """The same regression came back after a rollback to ``good``: pause its domains and page."""
-        domains = sorted(m.split("/", 1)[1] for m in metrics if m.startswith("domain/"))
         self.open_circuits.update((run_id, m) for m in metrics)
         why = (f"{CIRCUIT_RULE}: {metrics} of run {run_id!r} regressed again after a rollback to step "
                f"{good.step}; no further automatic rollback")

@@ -17,7 +17,8 @@ Two consumers:
 
 An alert's offset is committed only once its control hook succeeded: while it fails, the
 consumer seeks back to it and retries with backoff (the page ``sentinel.hook_failed`` goes out
-once). A transient error while handling any record (the broker timing out a publish: the guard's
+once); while it is pending (a rollback of the run is in flight, evaluators/rollback.py) the same,
+without a page. A transient error while handling any record (the broker timing out a publish: the guard's
 ``REDELIVER``) is retried the same way. Handling is replay-safe: a redelivered metric or report is
 not observed by the rule engine twice; the alerts it raised stay pending until published, under
 ids derived from (rule, dedup key, window: the triggering record, or the cooldown period of an
@@ -173,10 +174,11 @@ class Sentinel:
         if results:
             log.info("alert %s (%s) action=%s: %s", alert.rule, alert.alert_id, route.action, results)
             self.handled.append((alert, results))
-        failed = sorted(name for name, r in results.items() if not r["ok"])
+        pending = sorted(name for name, r in results.items() if r.get("pending"))
+        failed = sorted(name for name, r in results.items() if not r["ok"] and name not in pending)
         if failed:
             self._page_failure(alert, failed, results)
-        if any(name in self.control_hooks for name in failed):
+        if any(name in self.control_hooks for name in failed + pending):
             self._failures += 1
             return False
         if failed:

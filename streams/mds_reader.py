@@ -299,10 +299,11 @@ class TailReader:
                     self._current, self._position = self._queue.popleft(), 0
             progressed = False
             if self._current is not None:
+                current = self._current
                 for sample in self._read_current():
                     progressed = True
                     yield sample
-                progressed = progressed or self._current is None
+                progressed = progressed or self._current != current  # finished, or moved to a replacement
             if progressed:
                 idle_since = time.monotonic()
                 continue

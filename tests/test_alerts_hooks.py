@@ -112,6 +112,27 @@ def test_receiver_rejects_a_replayed_post_and_the_hook_takes_409_as_delivered(re
     assert len(receiver.received) == 1 and receiver.rejected == ["replay", "replay"]
 
 
+def test_command_hook_refuses_alert_text_where_it_could_become_an_option(tmp_path):
+    for argv in (["prog", "{rule}"], ["prog", "--rule", "{rule}", "--"], ["prog", "{source}x"]):
+        with pytest.raises(ValueError, match="option"):
+            CommandHook(argv=argv)
+    out = tmp_path / "out.json"
+    script = "import json,sys; json.dump(sys.argv[1:], open(sys.argv[1], 'w'))"
+    CommandHook(argv=[sys.executable, "-c", script, str(out), "--", "{rule}"])(make_alert(rule="--config=/etc/x"))
+    assert json.loads(out.read_text()) == [str(out), "--", "--config=/etc/x"]  # a positional after '--'
+
+
+def test_replay_guard_remembers_accepted_ids_across_a_restart(tmp_path):
+    body = make_alert().to_bytes()
+    ts = f"{time.time():.3f}"
+    first = ReplayGuard(SECRET, journal_path=tmp_path / "seen.jsonl")
+    assert first.check(ts, body, sign(SECRET, ts, body)) == "ok"
+    restarted = ReplayGuard(SECRET, journal_path=tmp_path / "seen.jsonl")  # the receiver restarted
+    ts2 = f"{time.time():.3f}"
+    assert restarted.check(ts2, body, sign(SECRET, ts2, body)) == "replay"
+    assert ReplayGuard(SECRET).check(ts2, body, sign(SECRET, ts2, body)) == "ok"  # memory only: replay accepted
+
+
 def test_replay_guard_window_and_bad_bodies():
     guard = ReplayGuard(SECRET, max_age_s=10)
     body = make_alert().to_bytes()
@@ -138,10 +159,10 @@ def test_command_hook_gets_alert_on_stdin_and_fields_stay_single_arguments(tmp_p
     script = ("import json,os,sys; json.dump({'argv': sys.argv[1:], 'stdin': json.load(sys.stdin), "
               "'env': os.environ['HEADWATER_ALERT_RULE']}, open(sys.argv[1], 'w'))")
     evil = "x; touch " + str(tmp_path / "pwned") + " $(id) {severity}"
-    hook = CommandHook(argv=[sys.executable, "-c", script, str(out), "--rule={rule}", "{severity}"])
+    hook = CommandHook(argv=[sys.executable, "-c", script, str(out), "--rule={rule}", "--", "{severity}"])
     hook(make_alert(rule=evil))
     got = json.loads(out.read_text())
-    assert got["argv"] == [str(out), f"--rule={evil}", "critical"]
+    assert got["argv"] == [str(out), f"--rule={evil}", "--", "critical"]
     assert got["stdin"]["rule"] == evil and got["env"] == evil
     assert not (tmp_path / "pwned").exists()
 

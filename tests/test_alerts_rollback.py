@@ -65,11 +65,12 @@ def test_a_regression_needs_a_failed_report_on_evals_to_corroborate_it():
 
 
 def test_a_regression_is_not_acted_on_twice():
-    now = [time.time() + 2]  # the policy clock runs on from when the controls are issued
+    now = [time.time()]
     policy = RollbackPolicy(clock=lambda: now[0], pending_s=60)
     history(policy)
     (first,) = policy.decide(regression_alert(saved_at=30.0), "rollback").controls
     policy.observe(first)
+    now[0] += 2  # the policy clock runs on from when the controls are issued
     # a later checkpoint of the abandoned branch regresses while the trainer has not applied it yet
     saved(policy, 310, 31.0, passed=False)
     assert "not applied yet" in policy.decide(regression_alert(saved_at=31.0, step=310), "rollback").skipped
@@ -86,8 +87,9 @@ def test_a_regression_is_not_acted_on_twice():
     # a pending rollback that the trainer never applies stops blocking after pending_s
     other = RollbackPolicy(clock=lambda: now[0], pending_s=60)
     history(other)
-    other.observe(other.decide(regression_alert(), "rollback").controls[0])
-    now[0], later = time.time() + 61, time.time() + 1
+    (in_flight,) = other.decide(regression_alert(), "rollback").controls
+    other.observe(in_flight)
+    now[0], later = in_flight.issued_at + 61, in_flight.issued_at + 1
     saved(other, 300, later, passed=False, regressed=("domain/code",))
     assert other.decide(regression_alert(saved_at=later), "rollback").controls
 
@@ -364,3 +366,61 @@ def test_a_restarted_policy_sees_a_rollback_applied_from_the_checkpoints_alone()
     saved(fresh, 300, first.issued_at + 5, passed=False, regressed=("domain/news_de",))
     (again,) = fresh.decide(regression_alert(saved_at=first.issued_at + 5), "rollback").controls
     assert again.command == "rollback" and again.args["domains"] == ["news_de"]
+
+
+def failed_report(policy: RollbackPolicy, step: int, wall: float, findings: list[dict]) -> None:
+    """A checkpoint whose failed report carries an item table: text (wiki_en, forum_en), audio (speech, music)."""
+    path = f"/runs/run1/step-{step}"
+    policy.observe(CheckpointSaved(run_id="run1", path=path, step=step, tokens=step, vocab_version="v1",
+                                   wall_time=wall))
+    items = {"id": ["a", "b", "c", "d", "e"], "nll": [1.0] * 5, "tokens": [1] * 5,
+             "modality": ["text", "text", "audio", "audio", "audio"],
+             "domain": ["wiki_en", "forum_en", "speech", "music", "speech"]}
+    policy.observe(EvalReport(run_id="run1", step=step, checkpoint_path=path, suite="core", vocab_version="v1",
+                              passed=False, details={"checkpoint_wall_time": wall, "items": items,
+                                                     "regression": {"findings": findings}}))
+
+
+def test_a_modality_or_overall_regression_quarantines_only_the_implicated_domains():
+    policy = RollbackPolicy()
+    for step, wall in ((100, 10.0), (200, 20.0)):
+        saved(policy, step, wall, passed=True)
+    failed_report(policy, 300, 30.0, [{"metric": "modality/audio", "significant": True, "delta": 0.2},
+                                      {"metric": "domain/speech", "significant": False, "delta": 0.1}])
+    (rollback,) = policy.decide(regression_alert(), "rollback").controls
+    assert rollback.args["domains"] == ["music", "speech"]  # the audio domains of the item table, not all
+    failed_report(policy, 310, 31.0, [{"metric": "overall", "significant": True, "delta": 0.1},
+                                      {"metric": "domain/forum_en", "significant": False, "delta": 0.3},
+                                      {"metric": "domain/wiki_en", "significant": False, "delta": -0.01}])
+    other = RollbackPolicy()
+    for event in [*policy.checkpoints.values(), *(r for rs in policy.reports.values() for r in rs)]:
+        other.observe(event)
+    (overall,) = other.decide(regression_alert(saved_at=31.0, step=310), "rollback").controls
+    assert overall.args["domains"] == ["forum_en"]  # overall only: the domains that got worse
+
+
+def test_a_regression_met_while_a_rollback_is_in_flight_is_retried_not_dropped(broker, tmp_path):
+    """Rollback 1 is never applied (the trainer was down); meanwhile checkpoint 310 of the same branch
+    regresses on another domain. Its alert is pending, not done, and acted on once rollback 1 expires."""
+    from evaluators.alerts.dispatch import Dispatcher
+    from evaluators.alerts.routing import Route
+
+    now = [time.time() + 2]
+    policy = RollbackPolicy(clock=lambda: now[0], pending_s=60)
+    history(policy)
+    producer = make_producer(KafkaSettings(bootstrap=broker.bootstrap))
+    try:
+        hook = ControlHook(producer=producer, policy=policy, lineage=LineageLog(tmp_path / "lineage.jsonl"))
+        dispatcher = Dispatcher({"control": hook}, sleep=lambda s: None)
+        route = Route(hooks=["control"], action="rollback")
+        assert dispatcher.dispatch(regression_alert(), route)["control"]["ok"]
+        saved(policy, 310, now[0] + 1, passed=False, regressed=("domain/news_de",))
+        alert = regression_alert(saved_at=now[0] + 1, step=310)
+        result = dispatcher.dispatch(alert, route)["control"]
+        assert result == {"ok": False, "pending": True, "error": result["error"]} and "not applied" in result["error"]
+        assert not dispatcher.is_done(alert.alert_id)
+        now[0] += 61  # rollback 1 never confirmed: no longer blocks
+        again = dispatcher.dispatch(alert, route)["control"]
+        assert again["ok"] and len(again["controls"]) == 1 and dispatcher.is_done(alert.alert_id)
+    finally:
+        producer.close()

@@ -275,7 +275,7 @@ def test_control_consumers_bound_the_cost_of_big_records(broker, tmp_path):
     valid = sign_control(Control(command="quarantine_source", args={"source": "after-flood"}),
                          load_signing_key("operator"))
     try:
-        for _ in range(150):
+        for _ in range(40):  # ~0.13 s each: ~5 s in one poll without a per-record deadline
             producer.send(topic, value=slow)
         producer.send(topic, value=big_control)
         producer.flush()
@@ -289,14 +289,14 @@ def test_control_consumers_bound_the_cost_of_big_records(broker, tmp_path):
         follower.poll(timeout_s=0.5)
         first = time.monotonic() - t0
         deadline = time.monotonic() + 120
-        while follower.state.offsets.get("0", 0) < 152 and time.monotonic() < deadline:
+        while follower.state.offsets.get("0", 0) < 42 and time.monotonic() < deadline:
             follower.poll(timeout_s=0.5)
     finally:
         follower.close()
     print(f"first poll over a flood of {len(slow)}-byte controls: {first:.2f} s")
     assert first < 2.0  # the deadline holds, however long the batch
     assert follower.state.blocked == {"after-flood": "source_quarantined"}
-    assert follower.guard.counts["undecodable"] == 1 and follower.guard.counts["decoded"] == 151
+    assert follower.guard.counts["undecodable"] == 1 and follower.guard.counts["decoded"] == 41
 
 
 def test_control_listener_death_is_loud(broker):
@@ -311,6 +311,7 @@ def test_control_listener_death_is_loud(broker):
         time.sleep(0.1)
     with pytest.raises(RuntimeError, match="control listener thread died"):
         listener.check()
+    assert listener.pending()  # set in the step vector: every rank collects, and stops, at the next step
     listener.close()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import apache_beam as beam
@@ -198,3 +199,56 @@ def test_license_shares_reach_status_and_report(tmp_path):
     assert "cc-by-4.0" in text and "75.0%" in text
     shares = next(s for s in build_sections(RunData.load(run)) if s.key == "shares")
     assert "cc-by-4.0" in shares.body and "licenses" in shares.body
+
+
+def test_trainer_quarantine_drops_buffered_samples_of_a_look_alike_spelling(tmp_path):
+    from trainer.data.loader import LiveStreamDataLoader
+    from trainer.synthetic import write_stream
+
+    root = str(tmp_path / "s")
+    write_stream(root, domains={"markov": "markov"}, shards=2, per_shard=20, vocab=64, writer_id="w2", seed=1,
+                 source="Site:Leaky")
+    write_stream(root, domains={"markov": "markov"}, shards=3, per_shard=20, vocab=64, source="site:good")
+    cfg = LiveStreamDataLoader.Config(stream_roots=[root], starve_timeout_s=2, read_ahead_batches=1000)
+    loader = LiveStreamDataLoader(cfg, dp_world_size=1, dp_rank=0, seq_len=32, local_batch_size=2, vocab_size=64)
+    it = iter(loader)
+    next(it)
+    deadline = time.monotonic() + 10
+    while loader.buffers.available.get("markov", 0) < 100 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert loader.quarantine(sources={"site:l\u0435aky\u200b"}) >= 30  # Cyrillic e, zero-width space
+    seen: set[str] = set()
+    for _ in range(6):
+        seen |= set(next(it)[0]["_meta"].doc_sources)
+    loader.close()
+    assert seen == {"site:good"}
+
+
+def test_bounded_ingest_enforces_license_and_binding_and_scrubs_dead_letters(tmp_path):
+    """The real `headwater ingest` path (bounded, files): policy dead letters, scrubbed DLQ copies."""
+    from beam_jobs.ingest import run
+    from beam_jobs.synthetic import english_doc
+
+    rng = __import__("random").Random(3)
+    rows = [RawRecord(id=f"d{i}", modality="text", source=src, license=lic,
+                      text=english_doc(rng) + f" Contact {i}: jo{i}@example.com.").to_bytes()
+            for i, (src, lic) in enumerate([("forum", "cc-by-4.0"), ("forum", "MIT"), ("forum", "proprietary"),
+                                            ("news", "mit"), ("f\u043erum", "mit")])]
+    rows.append(b'{"id": "bad", "text": "call +49 30 1234567 or mail x@example.org"')  # malformed: dead letter
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"\n".join(rows) + b"\n")
+    binding = tmp_path / "binding.json"
+    binding.write_text(json.dumps({"mode": "enforce", "principals": {"crawler": ["forum"]},
+                                   "topics": {str(src): "crawler"}}))
+    summary = run(["--input", str(src), "--stream-root", str(tmp_path / "s"), "--dlq", str(tmp_path / "dlq"),
+                   "--min-doc-words", "5", "--license-allow", "cc-by-4.0,mit", "--source-binding", str(binding)])
+    dead = {d["record_id"] or d["reason"]: d for f in (tmp_path / "dlq").iterdir()
+            for d in map(json.loads, f.read_text().splitlines())}
+    assert {k: d["reason"] for k, d in dead.items()} == {
+        "d2": "license_not_allowed", "d3": "source_not_bound", "malformed_json": "malformed_json"}
+    from streams.events import DeadLetter
+    letters = {k: DeadLetter.from_dict(d) for k, d in dead.items()}
+    assert b"jo2@example.com" not in letters["d2"].original() and b"<EMAIL>" in letters["d2"].original()
+    assert letters["d2"].original_sha256 == hashlib.sha256(rows[2]).hexdigest()
+    assert b"+49 30" not in letters["malformed_json"].original()
+    assert summary["license_share"] == {"mit": 2 / 3, "cc-by-4.0": 1 / 3}  # d0, d1, d4 admitted (case-folded)

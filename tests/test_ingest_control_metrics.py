@@ -219,7 +219,7 @@ def test_ingest_applies_in_offset_order_within_the_clock_skew_allowance():
     assert state.apply(Control(command="quarantine_source", args={"source": "S"}, issued_at=t + 25))  # clock +25 s
     assert state.apply(Control(command="resume_source", args={"source": "S"}, issued_at=t + 10))  # sent later
     assert state.blocked == {}
-    assert state.since["S"][0] == t + 25  # the latest issue time applied is kept for the superseded check
+    assert state.since["s"][0] == t + 25  # kept (by canonical name) for the superseded check
     old = Control(command="quarantine_source", args={"source": "S"}, issued_at=t - 100)
     assert not state.apply(old) and state.blocked == {}
     assert state.history[-1]["superseded_by"] and not state.history[-1]["changed"]

@@ -102,8 +102,7 @@ ADVERSARIAL = {
     "AB12 ": lambda n: "AB12 " * (n // 5), "a@": lambda n: "a@" * (n // 2), "x..x@": lambda n: "x" * n + "@",
     "a@b.": lambda n: "a@" + "b." * (n // 2), "+1 ": lambda n: "+1 " * (n // 3),
     "a at ": lambda n: "a at " * (n // 5), "a [at] b [dot] ": lambda n: "a [at] b [dot] " * (n // 15),
-    "1:1:": lambda n: "1:" * (n // 2), "aa:aa:": lambda n: "aa:" * (n // 3), "ab12 ": lambda n: "ab12 " * (n // 5),
-    "12 345 ": lambda n: "12 345 " * (n // 7), "a.b ": lambda n: "a.b dot " * (n // 8),
+    "1:1:": lambda n: "1:" * (n // 2), "ab12 ": lambda n: "ab12 " * (n // 5),
 }
 
 

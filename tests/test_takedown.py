@@ -193,3 +193,62 @@ def test_a_real_training_run_records_lineage_and_takedown_names_its_checkpoints(
     assert [c["source_tokens"] for c in run["checkpoints"]] == [
         infos[s]["lineage"]["tokens_by_source"][GONE] for s in (2, 4)]
     assert report["samples_removed"] == 80 and {s["source"] for s in stock_samples(tmp_path)} == {KEPT}
+
+
+def test_takedown_with_a_broker_quarantines_live_consumers_and_finds_dlq_topic_records(broker, tmp_path):
+    """With --bootstrap: a signed quarantine_source reaches the control topic (what live trainers and
+    ingest follow); the source's dead letters still in the Kafka ``dlq`` topic are located."""
+    from streams.events import Control, DeadLetter, decode_event
+    from streams.kafka import KafkaSettings, make_consumer, make_producer, poll_records, publish
+    from streams.signing import ControlVerifier
+
+    gone = f"src-{uuid.uuid4().hex[:8]}"
+    stream = str(tmp_path / "s")
+    write_stream(stream, domains={"noise": "noise"}, shards=1, per_shard=5, vocab=512, source=gone)
+    write_stream(stream, domains={"markov": "markov"}, shards=1, per_shard=5, vocab=512, source=KEPT,
+                 writer_id="other")
+    settings = KafkaSettings(bootstrap=broker.bootstrap)
+    producer = make_producer(settings)
+    sent = {}
+    for source in (gone, KEPT, gone):
+        dead = DeadLetter.of(raw_record(f"{source}-{uuid.uuid4().hex[:4]}", "x", source=source),
+                             reason="test", stage="test")
+        meta = publish(producer, "dlq", dead)
+        sent.setdefault(source, []).append([meta.partition, meta.offset])
+    producer.close()
+    control_consumer = make_consumer(settings, topics=["control"], group_id=f"t-{uuid.uuid4().hex}")
+    poll_records(control_consumer, timeout_s=2)  # joined, at the end
+
+    report = takedown(gone, stream, reason="court order", by="tester", bootstrap=broker.bootstrap)
+    assert report["kafka"]["quarantine_control"] == "sent"
+    assert report["kafka"]["dlq_topic_offsets"] == sent[gone]
+    assert report["samples_removed"] == 5 and {s["source"] for s in stock_samples(tmp_path)} == {KEPT}
+    got = []
+    for rec in poll_records(control_consumer, timeout_s=30, until=lambda seen: bool(got)):
+        ev = decode_event(rec.value)
+        if isinstance(ev, Control) and ev.args.get("source") == gone:
+            got.append(ev)
+    control_consumer.close()
+    (control,) = got
+    assert control.command == "quarantine_source" and "court order" in control.reason
+    assert ControlVerifier.from_env().verify(control).role == "operator"
+
+
+def test_a_restored_cursor_inside_a_rewritten_shard_continues_at_the_same_sample(tmp_path):
+    from streams.mds_rewrite import remove_samples
+
+    stream = str(tmp_path / "s")
+    write_stream(stream, domains={"noise": "noise"}, shards=2, per_shard=5, vocab=512, source=KEPT)
+    reader = TailReader(stream)
+    first = [s["id"] for _, s in zip(range(2), reader.samples(timeout_s=0), strict=False)]
+    cursor = reader.state_dict()
+    reader.close()
+    assert first == ["noise-0-0", "noise-0-1"] and cursor["position"] == 2
+    gone = {"noise-0-0", "noise-0-3", "noise-1-1"}
+    result = remove_samples(stream, lambda s: s["id"] in gone)
+    assert len(result.replaced) == 2 and result.kept == 7
+    resumed = TailReader(stream)
+    resumed.load_state_dict(cursor)
+    rest = [s["id"] for s in resumed.samples(timeout_s=0)]
+    resumed.close()
+    assert rest == ["noise-0-2", "noise-0-4", "noise-1-0", "noise-1-2", "noise-1-3", "noise-1-4"]

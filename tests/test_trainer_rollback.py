@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 
@@ -192,3 +193,32 @@ def test_a_rollback_killed_halfway_is_completed_when_the_run_restarts(tmp_path):
     t._rollback({"target": "step", "run_id": "run1", "step": 10}, reason="r", control_id="k1")
     assert t.checkpointer.loaded == []  # the redelivered control stays a no-op after the restart
     t.dataloader.close()
+
+
+def test_a_rollback_is_recorded_applied_only_after_its_renames_are_synced(tmp_path, monkeypatch):
+    """Renames are durable only once their directory is fsynced: the checkpoint folder, abandoned/ and
+    the rollback's folder before "applied" is written, and the run dir after the journal's own rename."""
+    stream, run = str(tmp_path / "stream"), str(tmp_path / "run")
+    write_stream(stream, domains={"markov": "markov"}, shards=1, per_shard=10, vocab=64)
+    save(run, 10, 20, 30)
+    t = trainer_at(run, 30, stream)
+    journal = os.path.join(run, "rollbacks.json")
+    synced: list[tuple[int, bool]] = []  # (inode of a directory fsynced, journal says applied at that moment)
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            with open(journal) if os.path.exists(journal) else open(os.devnull) as f:
+                applied = "c1" in (json.loads(f.read() or "{}").get("applied") or {})
+            synced.append((st.st_ino, applied))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    t._rollback({"target": "last_good", "run_id": "run1", "step": 10, "quarantine": "none"},
+                reason="eval_regression", control_id="c1")
+    ino = {p: os.stat(os.path.join(run, p)).st_ino for p in
+           ("checkpoints", "checkpoints/abandoned", "checkpoints/abandoned/rollback-30-to-10-c1", ".")}
+    before = {i for i, applied in synced if not applied}
+    assert {ino["checkpoints"], ino["checkpoints/abandoned"], ino["checkpoints/abandoned/rollback-30-to-10-c1"]} <= before
+    assert (ino["."], True) in synced  # the journal's rename that recorded it applied

@@ -11,7 +11,12 @@ A command whose ``args.run_id`` names another run is ignored; the trainer-only c
 replayed); a refused one is dropped and raises a critical ``control.rejected`` Alert on
 ``alerts`` (at most one per reason per cooldown). The ids of applied controls and the paused
 domains survive a restart (trainer/control_state.py). Rank 0 consumes the topic
-in a background thread (from its end at start-up, so old commands are not replayed); each
+in a background thread. At start-up it begins at the first record written within the verifier's
+freshness window (``offsets_for_times(now - window_s)``), so a command sent while the trainer
+was down (a restart, a crash) is still obeyed; older commands would be refused as stale anyway,
+and those it applied before the restart are refused as replays (their ids are restored from
+RUN/control.json into the verifier). Stale and replayed commands met during that catch-up are
+expected and dropped with a log line, not an alert. Each
 step the trainer drains the queue on rank 0 and broadcasts the commands so every rank
 applies them at the same step. Undecodable records are dead-lettered with an alert by a
 :class:`ConsumerGuard`; if the thread dies anyway, :meth:`ControlListener.check` re-raises its
@@ -23,6 +28,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 
 from streams.events import Alert, Control, Event
 from streams.guard import CONTROL_MAX_POLL_RECORDS, REDELIVER, ConsumerGuard
@@ -61,7 +67,10 @@ class ControlListener:
         self._pending: list[Alert] = []  # rejection alerts not yet acknowledged by the broker
         self.error: BaseException | None = None
         self.consumer.seek_to_end(tp)
-        self.consumer.position(tp)  # resolve the end offset now, before any new command
+        self.catch_up_end = self.consumer.position(tp)  # records before it were written before we started
+        since = self.consumer.offsets_for_times({tp: int((time.time() - verifier.window_s) * 1000)}).get(tp)
+        if since is not None:
+            self.consumer.seek(tp, since.offset)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="control-listener", daemon=True)
         self._thread.start()
@@ -71,7 +80,9 @@ class ControlListener:
             while not self._stop.is_set():
                 for tp, batch in self.consumer.poll(timeout_ms=200, max_records=CONTROL_MAX_POLL_RECORDS).items():
                     for record in batch:
-                        if self.guard.handle(record, self._enqueue) is REDELIVER:  # transient: retry it
+                        catching_up = record.offset < self.catch_up_end
+                        if self.guard.handle(record, lambda e, c=catching_up: self._enqueue(e, catching_up=c)) \
+                                is REDELIVER:  # transient: retry it
                             self.consumer.seek(tp, record.offset)
                             self._stop.wait(self.guard.retry_delay_s())
                             break
@@ -80,7 +91,7 @@ class ControlListener:
             self.error = e
             log.critical("control listener died: %s: %s", type(e).__name__, e, exc_info=True)
 
-    def _enqueue(self, event: Event) -> None:
+    def _enqueue(self, event: Event, *, catching_up: bool = False) -> None:
         if not (isinstance(event, Control) and addressed_to(event, self.run_id)):
             return
         try:
@@ -88,6 +99,9 @@ class ControlListener:
         except ControlRejected as e:
             from streams.kafka import publish
 
+            if catching_up and e.reason in ("stale", "replayed"):  # sent before the window / applied before
+                log.info("control %s %s from before start-up skipped: %s", event.command, brief(event.control_id), e)
+                return
             log.error("control %s %s rejected: %s", event.command, brief(event.control_id), e)
             alert = self.alerts(event, e, run_id=self.run_id)
             if alert is not None:  # pending until acknowledged: a redelivery's rejection is rate-limited
@@ -97,6 +111,11 @@ class ControlListener:
                 self._pending.pop(0)
             return
         self.queue.put(event)
+
+    def pending(self) -> bool:
+        """True if commands wait or the thread died: the trainer's ranks then collect at the next
+        step together (and, if it died, all stop there)."""
+        return self.error is not None or not self.queue.empty()
 
     def check(self) -> None:
         """Raise if the listener thread died: a trainer must not run on deaf to control."""

@@ -6,6 +6,11 @@ killed in between finds the intent at start-up and completes it (quarantine and 
 idempotent) before it loads a checkpoint, so it resumes on the rolled-back branch. Control ids
 of applied rollbacks make a redelivered control a no-op. Like the quarantine, it lives beside
 the checkpoints, not inside them: a checkpoint load must not forget what was applied.
+
+Durability: the journal is replaced atomically and its directory fsynced after each rename (a
+power loss must not bring back an older journal); before a rollback is recorded as applied, the
+directories its checkpoint moves renamed entries in (the checkpoint folder, ``abandoned/`` and
+the intent's ``dest``) are fsynced, so "applied" never survives a crash that the moves did not.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import json
 import os
 import time
 from typing import Any
+
+from streams.manifest import atomic_write_json, fsync_dir
 
 __all__ = ["RollbackJournal"]
 
@@ -41,7 +48,12 @@ class RollbackJournal:
         self._save()
 
     def finish(self) -> dict[str, Any]:
-        """Mark the intent applied; returns it."""
+        """Mark the intent applied (after syncing the directories its moves renamed in); returns it."""
+        if self.writer and self.intent.get("dest"):
+            abandoned = os.path.dirname(self.intent["dest"])
+            for folder in (self.intent["dest"], abandoned, os.path.dirname(abandoned)):
+                if os.path.isdir(folder):
+                    fsync_dir(folder)
         done = {**self.intent, "applied_at": time.time()}
         self.applied[done["control_id"]] = {k: done[k] for k in ("from_step", "to_step", "applied_at")}
         self.intent, self.last = None, done
@@ -57,10 +69,4 @@ class RollbackJournal:
     def _save(self) -> None:
         if not self.writer:
             return
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"applied": self.applied, "intent": self.intent, "last": self.last}, f, indent=1,
-                      sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write_json(self.path, {"applied": self.applied, "intent": self.intent, "last": self.last})

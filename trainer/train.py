@@ -214,8 +214,6 @@ class HeadwaterTrainer(Trainer):
 
     def train_step(self, data_iterator):
         """torchtitan's step; :meth:`forward_backward_step` and the optimizer pre-hook add the rest."""
-        if self.control is not None:
-            self.control.check()  # a dead listener fails the run (rank 0 raises, torchrun stops the rest)
         self._step_started = time.perf_counter()
         self._lr = self.lr_schedulers.get_metrics()
         self._microbatches = 0
@@ -254,7 +252,7 @@ class HeadwaterTrainer(Trainer):
             self._step_pending = self.step_stats.finish(
                 step=self.step, params=[p for m in self.model_parts for p in m.parameters()],
                 available=available,
-                control_pending=self.control is not None and not self.control.queue.empty(),
+                control_pending=self.control is not None and self.control.pending(),
                 unknown_domains=facts["unknown"] or bool(set(available) - set(self.step_stats.domains)),
                 facts=facts)
         loss = loss.detach()
@@ -415,12 +413,18 @@ class HeadwaterTrainer(Trainer):
     def _collect_commands(self) -> list[dict[str, Any]]:
         if not self.config.headwater.bootstrap:
             return []
-        if self.control is not None:
-            self.control.check()  # a dead listener fails the run (rank 0 raises, torchrun stops the rest)
-        box = [[e.to_dict() for e in self.control.drain()] if self.control is not None else []]
+        # rank 0's listener state goes with the commands: if it died, every rank stops at this
+        # step (raising on rank 0 alone would leave the others waiting in the next collective)
+        dead = self.control is not None and self.control.error is not None
+        box = [(dead, [e.to_dict() for e in self.control.drain()] if self.control is not None else [])]
         if dist.is_initialized():
             dist.broadcast_object_list(box, src=0)
-        return box[0]
+        dead, commands = box[0]
+        if dead:
+            if self.control is not None:
+                self.control.check()  # rank 0: raises with the listener thread's error
+            raise RuntimeError("the control listener on rank 0 died; every rank stops at this step")
+        return commands
 
     def _apply_control(self, commands: list[dict[str, Any]]) -> None:
         # quarantines first: a rollback arriving in the same drain then restores around them

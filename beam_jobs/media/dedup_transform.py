@@ -265,7 +265,8 @@ class _ImageDecideFn(beam.DoFn):
             # Never reaches TokenizeMedia: counted in the media stage's totals here.
             Metrics.counter("media", f"in_{record.modality}").inc()
             Metrics.counter("media", f"drop_dedup_{reason}").inc()
-            yield beam.pvalue.TaggedOutput(DROPPED_TAG, (coords, f"dedup:{reason}", record.id, original, evidence))
+            yield beam.pvalue.TaggedOutput(DROPPED_TAG, (coords, f"dedup:{reason}", record.id, original, evidence,
+                                                            record.source))
 
 
 class MediaDedup(beam.PTransform):

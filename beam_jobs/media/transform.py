@@ -105,7 +105,7 @@ class _TokenizeMediaFn(beam.DoFn):
                 record_id=record.id, detail=result.detail[:500], **_coords_fields(coords)))
         else:
             Metrics.counter("media", f"drop_{result.reason.replace(':', '_')}").inc()
-            yield beam.pvalue.TaggedOutput(DROPPED_TAG, (coords, result.reason, record.id))
+            yield beam.pvalue.TaggedOutput(DROPPED_TAG, (coords, result.reason, record.id, record.source))
 
 
 class TokenizeMedia(beam.PTransform):

@@ -3,7 +3,11 @@
 No shell is ever involved. Argument elements may hold placeholders
 ``{rule} {severity} {alert_id} {dedup_key} {source}``, each replaced in one pass inside
 its own element only (other braces stay literal), so alert text can never become extra
-arguments or shell syntax.
+arguments or shell syntax. Whoever can write to ``alerts`` chooses that text, so it must not
+become an *option* either: an element that starts with a placeholder is refused unless it comes
+after a ``--`` element (end of options). Write ``"--rule={rule}"`` or ``"--", "{rule}"``, never
+``"--rule", "{rule}"`` or a bare ``"{rule}"`` before ``--`` (a rule named ``--config=/x`` would
+be parsed as an option).
 The same values are exported as ``HEADWATER_ALERT_<NAME>`` environment variables.
 
 The command runs with a minimal environment: ``PATH`` and ``LANG``, the alert variables, and
@@ -46,6 +50,11 @@ class CommandHook:
             raise ValueError("command hook: argv must be a non-empty list of strings")
         if not isinstance(self.env, list) or not all(isinstance(v, str) for v in self.env):
             raise ValueError("command hook: env must be a list of variable names")
+        end = self.argv.index("--") if "--" in self.argv else len(self.argv)
+        for arg in self.argv[1:end]:
+            if _PLACEHOLDER.match(arg):
+                raise ValueError(f"command hook: argument {arg!r} starts with alert text, which could become "
+                                 f"an option; put it after a '--' element or inside one ('--name={{...}}')")
 
     def __call__(self, alert: Alert, action: str = "none") -> dict:
         values = {k: str(getattr(alert, k)) for k in PLACEHOLDERS}

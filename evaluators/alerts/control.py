@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from kafka import KafkaProducer
 
+from evaluators.alerts.dispatch import HookPending
 from evaluators.lineage import LineageLog
 from evaluators.rollback import Decision, RollbackPolicy
 from streams.events import Alert
@@ -22,7 +23,8 @@ class ControlHook:
 
     Pages go out before Controls. The policy decides once per alert; if a publish fails the hook
     raises, and calling it again for the same alert publishes what is left of that same decision
-    (same ``control_id``s, which the trainer applies at most once), never a second decision. With
+    (same ``control_id``s, which the trainer applies at most once), never a second decision. A
+    ``pending`` decision is no decision: it raises :class:`HookPending` and keeps nothing. With
     a ``key`` every Control is signed (streams/signing.py) when decided.
     """
 
@@ -37,6 +39,8 @@ class ControlHook:
     def __call__(self, alert: Alert, action: str = "none") -> dict:
         if alert.alert_id not in self._pending:
             decision = self.policy.decide(alert, action)
+            if decision.pending:  # not decided: decided afresh when the alert comes again
+                raise HookPending(decision.skipped)
             if self.key is not None:
                 decision.controls = [sign_control(c, self.key) for c in decision.controls]
             if decision.skipped:

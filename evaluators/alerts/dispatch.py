@@ -18,7 +18,7 @@ declared there too::
 
     [hooks.page]
     type = "command"
-    argv = ["/usr/local/bin/page-oncall", "--rule", "{rule}"]
+    argv = ["/usr/local/bin/page-oncall", "--rule={rule}"]   # or "--", "{rule}": never an option
     env = ["PAGER_TOKEN"]    # passed through besides PATH and LANG; nothing else is inherited
 
     [hooks.control]
@@ -42,7 +42,7 @@ from evaluators.alerts.routing import Route
 from evaluators.alerts.webhook import WebhookHook, load_secret
 from streams.events import Alert
 
-__all__ = ["Dispatcher", "HookError", "build_hooks"]
+__all__ = ["Dispatcher", "HookError", "HookPending", "build_hooks"]
 
 log = logging.getLogger(__name__)
 Hook = Callable[[Alert, str], dict]
@@ -51,6 +51,11 @@ Hook = Callable[[Alert, str], dict]
 
 class HookError(ValueError):
     """A hook declaration is invalid."""
+
+
+class HookPending(Exception):
+    """A hook cannot act on an alert yet (not a failure): the alert stays not done, the hook is
+    not retried within this dispatch and nothing is paged; the caller dispatches it again later."""
 
 
 def build_hooks(doc: dict[str, Any], *, control: Hook | None = None) -> dict[str, Hook]:
@@ -79,7 +84,7 @@ class Dispatcher:
     A failing hook is retried ``retries`` times with exponential backoff within one
     :meth:`dispatch`; hooks that already succeeded for an alert are not called again when it is
     dispatched again. The caller decides what an alert that is still not done means
-    (the sentinel keeps its offset uncommitted while a control hook fails) or gives up on it
+    (the sentinel keeps its offset uncommitted while a control hook fails or is pending) or gives up on it
     with :meth:`give_up`. With a ``journal`` the alerts done survive a restart (an alert
     redelivered because its offset was not committed yet runs no hook twice).
     """
@@ -128,6 +133,9 @@ class Dispatcher:
                 self.sleep(min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s))
             try:
                 return {"ok": True, **hook(alert, action)}
+            except HookPending as e:
+                log.info("hook %s defers alert %s: %s", name, alert.alert_id, e)
+                return {"ok": False, "pending": True, "error": str(e)}
             except Exception as e:  # noqa: BLE001 - a broken hook must not silence the others
                 error = f"{type(e).__name__}: {e}"
                 log.error("hook %s failed for alert %s (attempt %d/%d): %s", name, alert.alert_id,

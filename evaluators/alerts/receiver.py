@@ -23,11 +23,11 @@ class SignedWebhookReceiver:
     """HTTP server verifying alert signatures; the first ``fail_first`` posts get ``status_on_fail``."""
 
     def __init__(self, secret: bytes, *, fail_first: int = 0, status_on_fail: int = 503,
-                 log_path: Path | None = None):
+                 log_path: Path | None = None, seen_path: Path | None = None):
         self.received: list[dict] = []
         self.attempts: list[float] = []
         self.rejected: list[str] = []  # "invalid" | "replay", one per rejected post
-        guard = ReplayGuard(secret)
+        guard = ReplayGuard(secret, journal_path=seen_path)  # seen_path: replays refused across restarts
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):

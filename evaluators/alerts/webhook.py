@@ -6,8 +6,10 @@ Headers sent::
     X-Headwater-Signature: sha256=<hex HMAC-SHA256(secret, timestamp + "." + body)>
 
 Receivers verify with :func:`verify_signature` (constant-time compare, finite timestamp within
-``max_age_s``) and reject replays with :class:`ReplayGuard` (alert ids seen within the window);
-a replay is answered 409, which the hook takes as "delivered before".
+``max_age_s``) and reject replays with :class:`ReplayGuard` (alert ids seen within the window,
+kept in an :class:`~evaluators.alerts.journal.IdJournal` file when given one, so a restarted
+receiver still refuses a replay of a post it accepted before); a replay is answered 409, which
+the hook takes as "delivered before".
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from evaluators.alerts.journal import IdJournal
 from streams.events import Alert
 
 __all__ = ["ReplayGuard", "WebhookError", "WebhookHook", "load_secret", "sign", "verify_signature"]
@@ -57,12 +60,16 @@ def verify_signature(secret: bytes, timestamp: str, body: bytes, signature: str,
 
 
 class ReplayGuard:
-    """Signature + freshness check, and each alert id accepted once within the freshness window."""
+    """Signature + freshness check, and each alert id accepted once within the freshness window.
 
-    def __init__(self, secret: bytes, *, max_age_s: float = 300.0):
+    With ``journal_path`` the accepted ids are also appended to that file (kept twice the window)
+    and read back at start-up: a restart does not reopen the window for a captured post."""
+
+    def __init__(self, secret: bytes, *, max_age_s: float = 300.0, journal_path: str | Path | None = None):
         self.secret, self.max_age_s = secret, max_age_s
         self._seen: dict[str, float] = {}  # alert_id -> when accepted
         self._lock = threading.Lock()
+        self.journal = None if journal_path is None else IdJournal(journal_path, max_age_s=2 * max_age_s)
 
     def check(self, timestamp: str, body: bytes, signature: str, *, now: float | None = None) -> str:
         """``"ok"``, ``"invalid"`` (signature, timestamp or body) or ``"replay"`` (id seen in the window)."""
@@ -78,9 +85,11 @@ class ReplayGuard:
         with self._lock:
             # a timestamp older than the window is rejected above, so older ids can be forgotten
             self._seen = {k: t for k, t in self._seen.items() if now - t <= 2 * self.max_age_s}
-            if alert_id in self._seen:
+            if alert_id in self._seen or (self.journal is not None and alert_id in self.journal):
                 return "replay"
             self._seen[alert_id] = now
+            if self.journal is not None:
+                self.journal.add(alert_id)
         return "ok"
 
 

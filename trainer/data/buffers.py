@@ -268,10 +268,19 @@ class StreamBuffers:
             feed = self.feeds.get(domain)
             return feed is not None and feed.docs > 0
 
-    def buffered_tokens(self, among: set[str] | None = None) -> int:
-        """Tokens buffered over the domains of ``among`` (all if None)."""
+    def can_fill(self, among: set[str], tokens: int) -> bool:
+        """``tokens`` are buffered in the domains of ``among``, or some are and none of their readers
+        can add more now (each buffer at its read-ahead cap or its domain read to the end)."""
         with self._cond:
-            return sum(f.tokens for d, f in self.feeds.items() if among is None or d in among)
+            feeds = [f for d, f in self.feeds.items() if d in among]
+            have = sum(f.tokens for f in feeds)
+            return have >= tokens or (have > 0 and all(f.settled for f in feeds))
+
+    def expecting(self, domain: str) -> bool:
+        """``domain`` has documents buffered or its reader has something to read."""
+        with self._cond:
+            feed = self.feeds.get(domain)
+            return feed is not None and feed.expecting
 
     def wait_until(self, pred: Callable[[], bool], timeout_s: float) -> bool:
         """Wait until ``pred()`` (evaluated under the buffers' lock, after each change) holds; False on timeout."""

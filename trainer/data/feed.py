@@ -212,6 +212,16 @@ class DomainFeed:
         return (self.max_lag_s > 0 and bool(self._pending) and entry.published_at > 0
                 and self._newest() - entry.published_at > self.max_lag_s)
 
+    @property
+    def settled(self) -> bool:
+        """The reader cannot add anything now: its buffer is at the cap, or it has nothing to read."""
+        return self.bytes >= self.cap_bytes or not self._can_read()
+
+    @property
+    def expecting(self) -> bool:
+        """Documents are buffered or the reader has something to read."""
+        return self.docs > 0 or self._can_read()
+
     def _can_read(self) -> bool:
         if self._reading is None:
             return bool(self._pending)

@@ -251,8 +251,8 @@ class LiveStreamDataLoader(BaseDataLoader):
         return set(self.mixer.domains) - self.paused - self.buffers.retired_domains()
 
     def _ready(self) -> bool:
-        """This rank holds a batch's worth of tokens in domains it may draw."""
-        return self.buffers.buffered_tokens(self._drawable()) >= self.batch_tokens
+        """This rank holds a batch's worth of tokens in domains it may draw, or all it can hold now."""
+        return self.buffers.can_fill(self._drawable(), self.batch_tokens)
 
     def _await_data(self) -> None:
         """Return when every rank is ready (all ranks call this at the same point of every batch)."""
@@ -288,13 +288,14 @@ class LiveStreamDataLoader(BaseDataLoader):
             doc = self.buffers.take_nowait(domain)
             if doc is None:
                 self._draw = None  # waiting may change what is drawable
-                doc = self._wait_for(domain)
+                # a domain with nothing to read on this rank (e.g. its shards are other ranks') starves at once
+                doc = self._wait_for(domain) if self.buffers.expecting(domain) else None
             if doc is not None:
                 return doc
             self.starved.add(domain)
             starved.append(domain)
-            log.warning("domain %s starved for %.0fs: not drawn until it has data", domain,
-                        self.config.starve_timeout_s)
+            log.warning("domain %s starved (no data on this rank within the batch's wait budget of %.0fs): "
+                        "not drawn until it has data", domain, self.config.starve_timeout_s)
 
     def _wait_for(self, domain: str) -> Doc | None:
         deadline = self._wait_deadline
