@@ -304,7 +304,9 @@ def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], run_d
         verifier = None if a.no_control else ControlVerifier.from_env()
     except SigningError as e:
         raise SystemExit(f"headwater ingest: {e}; or pass --no-control") from None
-    source = KafkaSourceConfig(bootstrap=a.bootstrap, topics=[t for t in a.topics.split(",") if t], group=a.group)
+    binding = config.validate.binding
+    source = KafkaSourceConfig(bootstrap=a.bootstrap, topics=[t for t in a.topics.split(",") if t], group=a.group,
+                               headers=binding is not None and bool(binding.producer_keys))
     options = _options(beam_args, streaming=False)
     deadline = time.monotonic() + a.duration if a.duration else None
     initial = ResumePlan.of_stream(config.sink.stream_root).count()

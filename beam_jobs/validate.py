@@ -123,12 +123,15 @@ def check_fields(record: RawRecord, config: ValidateConfig) -> None:
         raise Invalid("unsafe_domain", f"meta.domain {str(domain)[:80]!r} must match {SAFE_NAME.pattern}")
 
 
-def check_policy(record: RawRecord, coords: KafkaCoords, raw: bytes, config: ValidateConfig) -> None:
-    """Deployment policy: the license allow-list and the producer's source binding; raise :class:`Invalid`."""
+def check_policy(record: RawRecord, coords: KafkaCoords, raw: bytes, config: ValidateConfig,
+                 headers: tuple[tuple[str, bytes], ...] = ()) -> None:
+    """Deployment policy: the license allow-list and the producer's source binding (by topic, or by
+    the signed producer headers the Kafka source passes on); raise :class:`Invalid`."""
     allow = config.license_allow
     if allow is not None and record.license.casefold() not in {a.casefold() for a in allow}:
         raise Invalid("license_not_allowed", f"license {record.license[:80]!r} is not in this deployment's allow-list")
-    if config.binding is not None and (why := config.binding.violation(record.source, topic=coords.topic, value=raw)):
+    if config.binding is not None and (why := config.binding.violation(record.source, topic=coords.topic,
+                                                                         headers=headers, value=raw)):
         raise Invalid("source_not_bound", why)
 
 
@@ -225,13 +228,14 @@ class _ValidateFn(beam.DoFn):
         self.seen = Metrics.counter("validate", "in")
 
     def process(self, element: SourceRecord):
-        coords, raw = element
+        coords, raw, *rest = element  # (coords, value[, headers]): headers when binding checks need them
+        headers = rest[0] if rest else ()
         self.seen.inc()
         record_id = None
         try:
             record = decode_record(raw, self.config)
             record_id = record.id
-            check_policy(record, coords, raw, self.config)
+            check_policy(record, coords, raw, self.config, headers)
             Metrics.counter("license", record.license.casefold() or "unknown").inc()  # admitted records per license
             if self.config.scrub_pii and record.meta:
                 record.meta = scrub_value(record.meta)[0]  # captions/alt/meta reach the stream scrubbed

@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from itertools import groupby
 
 import numpy as np
 
@@ -114,13 +115,16 @@ def branch_history(previous: list[EvalReport], current: EvalReport) -> list[Eval
                 and r.details.get("suite_version") == current.details.get("suite_version")
                 and bool(r.details.get("items")))
 
-    def abandoned(r: EvalReport) -> bool:
-        at = _wall(r)
-        if at is None or now is None:
-            return False
-        return any(q.step <= r.step and at < w < now for q in previous if (w := _wall(q)) is not None)
-
-    return sorted((r for r in previous if comparable(r) and not abandoned(r)),
+    abandoned: set[int] = set()  # ids of reports a later-saved, lower-or-equal step supersedes
+    if now is not None:
+        timed = sorted(((w, r) for r in previous if (w := _wall(r)) is not None and w < now),
+                       key=lambda x: x[0], reverse=True)
+        lowest_later = math.inf  # lowest step saved after the group at hand (and before ``current``)
+        for _, group in groupby(timed, key=lambda x: x[0]):
+            reports = [r for _, r in group]
+            abandoned.update(id(r) for r in reports if lowest_later <= r.step)
+            lowest_later = min(lowest_later, *(r.step for r in reports))
+    return sorted((r for r in previous if comparable(r) and id(r) not in abandoned),
                   key=lambda r: (r.step, _wall(r) or 0.0))
 
 

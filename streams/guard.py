@@ -164,8 +164,9 @@ class ConsumerGuard:
             self._last_alert[key] = now
             log.warning("%s: %d more %s on %s since the last alert", self.component, n, rule, topic)
             alert = Alert(rule=rule, severity="critical" if rule == ALERT_HANDLER_ERROR else "warning",
-                          source=self.component, message=f"{self.component}: {n} more {rule} failure(s) on {topic} dead-lettered "
-                                  f"since the last alert",
+                          source=self.component,
+                          message=f"{self.component}: {n} more {rule} failure(s) on {topic} dead-lettered since "
+                                  "the last alert",
                           dedup_key=f"{rule}:{self.component}:{topic}",
                           evidence={"component": self.component, "topic": topic,
                                     "suppressed_since_last_alert": n, "dlq_topic": self.dlq_topic})

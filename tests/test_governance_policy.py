@@ -252,3 +252,50 @@ def test_bounded_ingest_enforces_license_and_binding_and_scrubs_dead_letters(tmp
     assert letters["d2"].original_sha256 == hashlib.sha256(rows[2]).hexdigest()
     assert b"+49 30" not in letters["malformed_json"].original()
     assert summary["license_share"] == {"mit": 2 / 3, "cc-by-4.0": 1 / 3}  # d0, d1, d4 admitted (case-folded)
+
+
+def test_streaming_ingest_binds_sources_by_signed_producer_headers(broker, tmp_path):
+    """Kafka without SASL: the producer's Ed25519-signed headers decide which sources it may write."""
+    import uuid
+
+    from kafka.admin import NewTopic
+
+    from beam_jobs.ingest import run
+    from beam_jobs.synthetic import english_doc
+    from streams.kafka import KafkaSettings, make_admin, make_producer
+
+    topic = f"test.binding.{uuid.uuid4().hex[:8]}"
+    admin = make_admin(KafkaSettings(bootstrap=broker.bootstrap))
+    try:
+        admin.create_topics([NewTopic(topic, 1, 1)])
+    finally:
+        admin.close()
+    key = SigningKey("partner-1", "producer", Ed25519PrivateKey.generate())
+    other = SigningKey("partner-1", "producer", Ed25519PrivateKey.generate())  # same id, wrong key
+    rng = __import__("random").Random(5)
+    values = [RawRecord(id=f"r{i}", modality="text", source=src, license="mit", text=english_doc(rng)).to_bytes()
+              for i, src in enumerate(["partner", "partner", "forum", "partner"])]
+    headers = [sign_record(key, values[0]), sign_record(key, values[1]), sign_record(key, values[2]),
+               sign_record(other, values[3])]
+    producer = make_producer(KafkaSettings(bootstrap=broker.bootstrap))
+    try:
+        for v, h in zip(values, headers, strict=True):
+            producer.send(topic, value=v, headers=h)
+        producer.send(topic, value=_raw("partner", rid="unsigned"))  # no headers, topic not bound
+        producer.flush()
+    finally:
+        producer.close()
+    binding = tmp_path / "binding.json"
+    binding.write_text(json.dumps({"mode": "enforce", "principals": {"partner-x": ["partner"]},
+                                   "producer_keys": {"partner-1": {"public_key": key.public_key,
+                                                                   "principal": "partner-x"}}}))
+    run(["--bootstrap", broker.bootstrap, "--topics", topic, "--stream-root", str(tmp_path / "s"),
+         "--dlq", str(tmp_path / "dlq"), "--until-caught-up", "--window-s", "1", "--min-doc-words", "5",
+         "--no-control", "--source-binding", str(binding)])
+    dead = {d["record_id"]: d["reason"] for f in (tmp_path / "dlq").iterdir()
+            for d in map(json.loads, f.read_text().splitlines())}
+    assert dead == {"r2": "source_not_bound", "r3": "source_not_bound", "unsigned": "source_not_bound"}
+    from streaming import StreamingDataset
+
+    ds = StreamingDataset(local=str(tmp_path / "s"), batch_size=1, shuffle=False)
+    assert sorted(ds[i]["id"] for i in range(len(ds))) == ["r0", "r1"]

@@ -149,6 +149,10 @@ def test_streaming_source_metrics_and_control(fresh_broker, tmp_path):
     assert last["stages"]["validate"]["in"] == 13 and last["shards_published"] >= 1
     assert last["dup_rate"] > 0 and last["pii_rate"] > 0 and last["languages"] == {"en": 7}
     assert last["modalities"] == {"text": 13} and isinstance(last["time"], float)
+    # the control consumer's guard counters are exported (review finding 5): at least our 6 controls
+    assert last["consumer_guard"].get("decoded", 0) >= 6 and last["consumer_guard"].get("handler_errors", 0) == 0
+    job = next(e for e in events if "source" not in e.labels and "records_in" in e.values)
+    assert job.values["consumer_guard.decoded"] >= 6
 
     # restart: state persisted; resume books, quarantine of spam still holds
     state = SourceControl.load(str(tmp_path / "stream"))

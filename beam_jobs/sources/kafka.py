@@ -47,6 +47,7 @@ class KafkaSourceConfig:
     max_poll_records: int = 500
     max_batch_per_partition: int = 20_000
     idle_ms: int = 600  # a range ends when its partition yields nothing for this long
+    headers: bool = False  # yield (coords, value, headers): signed producer headers for source binding
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +179,11 @@ class _ReadRangeFn(beam.DoFn):
                     Metrics.counter("source", "offset_gaps").inc(record.offset - last - 1)
                 last = record.offset
                 if not self.plan.is_settled(tp.topic, tp.partition, record.offset):
-                    yield KafkaCoords(tp.topic, tp.partition, record.offset), record.value
+                    coords = KafkaCoords(tp.topic, tp.partition, record.offset)
+                    if self.config.headers:
+                        yield coords, record.value, tuple((k, bytes(v or b"")) for k, v in record.headers or ())
+                    else:
+                        yield coords, record.value
 
 
 class ReadKafkaRanges(beam.PTransform):
