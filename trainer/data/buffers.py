@@ -36,6 +36,9 @@ TOKEN_BYTES = 4 * 3 // 2
 """buffer bytes per token: int32 plus a share of the per-document overhead"""
 MIN_CAP_BYTES = 4 * DOC_OVERHEAD_BYTES
 """read-ahead of a domain not drawn now (a document or two)"""
+IDLE_POLL_FACTOR = 5
+"""a root with nothing new is polled ever less often, down to once per this many poll intervals
+(each poll wakes a thread, which costs the training thread a GIL hand-over; notify() polls at once)"""
 
 
 class PrefetchError(RuntimeError):
@@ -133,16 +136,19 @@ class StreamBuffers:
 
     def _poll_loop(self, i: int) -> None:
         try:
+            interval = self.poll_interval_s
             while not self._stop.is_set():
-                self._poll(i)
-                self._wake.wait(self.poll_interval_s)
+                quiet = not self._poll(i)  # an idle root is polled less often, down to IDLE_POLL_FACTOR x
+                interval = min(2 * interval, IDLE_POLL_FACTOR * self.poll_interval_s) if quiet else self.poll_interval_s
+                self._wake.wait(interval)
                 self._wake.clear()
         except BaseException as e:
             log.exception("stream poll thread of %s failed", self.roots[i])
             self._fail(e)
 
-    def _poll(self, i: int) -> None:
-        """New shards of root ``i``: assign each to a rank; this rank's go to their domain's feed."""
+    def _poll(self, i: int) -> bool:
+        """New shards of root ``i`` (True if any): assign each to a rank; this rank's go to their
+        domain's feed."""
         with self._poll_locks[i]:
             new = self.watchers[i].poll()
             for entry in new:
@@ -151,6 +157,7 @@ class StreamBuffers:
                 if k % self.dp_world == self.dp_rank:
                     with self._cond:
                         self._feed(entry.domain).add(i, entry)
+            return bool(new)
 
     def _feed(self, domain: str) -> DomainFeed:
         """The feed of ``domain``, created (and started if running) on first sight (cond held)."""
