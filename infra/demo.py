@@ -46,6 +46,7 @@ class DemoConfig:
     corpus: DemoCorpus = field(default_factory=lambda: DemoCorpus(texts=200, audios=3, images=12, videos=1))
     heldout_texts: int = 60
     records_per_s: float = 8.0
+    max_backlog: int = 160  # records produced but not yet validated by ingest: the producer waits above it
     steps: int = 60
     checkpoint_every: int = 10
     nproc: int = 2
@@ -134,12 +135,23 @@ class Recorder(threading.Thread):
             f.write(json.dumps(event.to_dict()) + "\n")
 
 
-class Producer(threading.Thread):
-    """Produces the corpus at a steady rate; the poison burst is sent when ``poison`` is set."""
+def ingested(run: Path) -> int:
+    """Records ingest has validated so far (its cumulative funnel count; 0 before its first batch)."""
+    try:
+        last = (run / "ingest" / "metrics.jsonl").read_text().splitlines()[-1]
+        return int(json.loads(last)["stages"]["validate"]["in"])
+    except (OSError, IndexError, KeyError, ValueError, TypeError):
+        return 0
 
-    def __init__(self, broker: EmbeddedBroker, cfg: DemoConfig):
+
+class Producer(threading.Thread):
+    """Produces the corpus at a steady rate, never more than ``max_backlog`` records ahead of ingest
+    (so the planted incident is ingested while the trainer runs, on a loaded machine too); the
+    poison burst is sent when ``poison`` is set."""
+
+    def __init__(self, broker: EmbeddedBroker, cfg: DemoConfig, run: Path):
         super().__init__(daemon=True, name="producer")
-        self.broker, self.cfg = broker, cfg
+        self.broker, self.cfg, self.run_dir = broker, cfg, run
         self.poison, self.stop_event = threading.Event(), threading.Event()
         self.sent = 0
         self.poisoned = 0
@@ -156,6 +168,8 @@ class Producer(threading.Thread):
             for rec in corpus.records():
                 if self.stop_event.is_set():
                     break
+                while self.sent + self.poisoned - ingested(self.run_dir) > self.cfg.max_backlog and not self.stop_event.is_set():
+                    time.sleep(0.5)
                 producer.send(raw_topic(rec.modality), rec.to_bytes(), key=rec.id.encode())
                 self.sent += 1
                 if self.poison.is_set() and poison:
@@ -253,7 +267,7 @@ def run_demo(cfg: DemoConfig, console: Console) -> int:
                                          "--stream-root", str(run / "stream"), "--run-dir", str(run / "ingest"),
                                          "--duration", str(cfg.time_limit_s), "--image-codebooks", str(codebooks)),
                     env=ring)
-        producer = Producer(broker, cfg)
+        producer = Producer(broker, cfg, run)
         producer.start()
 
         trainer_started = poison_sent = False

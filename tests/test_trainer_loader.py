@@ -108,6 +108,17 @@ def test_loader_memory_is_bounded_with_a_domain_at_the_weight_floor(tmp_path):
     ld.close()
 
 
+@pytest.mark.timeout(120)
+def test_a_domain_new_since_start_up_is_drawn_when_the_known_ones_run_dry(tmp_path):
+    root = str(tmp_path / "s")
+    write_stream(root, domains={"old": "markov"}, shards=1, per_shard=4, vocab=64)
+    write_stream(root, domains={"new": "counting"}, shards=2, per_shard=40, vocab=64, writer_id="w2", seed=1)
+    ld = loader([root], domains=["old"], starve_timeout_s=1)  # the mixer knows only "old" at start
+    seen = {d for x in batches(ld, 6) for d in x["_meta"].doc_domains}
+    ld.close()
+    assert seen == {"old", "new"} and "new" in ld.mixer.domains
+
+
 def drain(buf: StreamBuffers, domains: list[str], quarantine_after: int | None, shards: set[str]) -> list[str]:
     if quarantine_after == 0:
         buf.drop_shards(shards)

@@ -258,14 +258,16 @@ class LiveStreamDataLoader(BaseDataLoader):
         """Return when every rank is ready (all ranks call this at the same point of every batch)."""
         waits = 0
         while not self.rendezvous.all_ready(self._ready()):
-            if not self.mixer.domains:  # nothing was published at start-up: agree on what arrived since
-                self.mixer.add_domains(self.rendezvous.union(self.buffers.domains()))
+            # domains that arrived since start-up (or since the stream went dry) join the mixer on
+            # every rank at once: otherwise a stream whose only data is in a new domain waits forever
+            self.mixer.add_domains(self.rendezvous.union(self.buffers.domains()))
             self.status = "waiting for data: some rank has less than a batch in the domains it may draw"
             if waits:  # the first wait is the usual read-ahead at start-up: not worth a warning
                 self._log_status()
             waits += 1
-            ready = self._ready if self.mixer.domains else lambda: bool(self.buffers.domains())
-            self.buffers.wait_until(ready, self.config.heartbeat_s)
+            self.buffers.wait_until(
+                lambda: self._ready() or not set(self.buffers.domains()) <= set(self.mixer.domains),
+                self.config.heartbeat_s)
 
     def _domain_draw(self) -> tuple[list[str], list[float]] | None:
         """Domains that may be drawn now and their cumulative weights (None: none may)."""
