@@ -15,9 +15,9 @@ baseline, so a poisoned checkpoint missed once is compared with the clean one ag
 Null distribution: item resampling sees only the eval-item noise. Checkpoints also differ from
 each other (online mixing moves weight between domains), so each bootstrap replicate gets a
 normal draw with the metric's extra checkpoint-to-checkpoint variance, estimated from the last
-``history`` passed reports of the branch: ``max(0, robust var(successive deltas) - item var)``
-(robust var: squared 1.4826 x MAD around a fitted line, so a changing learning speed is not
-taken for noise; none before ``min_history`` deltas exist).
+``history`` passed reports of the branch: ``max(0, var(successive deltas) - item var)``, the
+variance taken around a running median of three (:func:`_wander_var`), so a learning curve is
+not taken for noise; none before ``min_history`` deltas exist.
 
 Trend: a metric still improving fast hides a poison behind its own progress (+16% perplexity
 minus 8% learnt looks like +8%); if such a checkpoint passed, it would become the baseline and
@@ -171,8 +171,12 @@ def _metric_series(history: Sequence[EvalReport], metrics: list[str],
     return series
 
 
-def _robust_var(x: np.ndarray) -> float:
-    return float((1.4826 * np.median(np.abs(x - np.median(x)))) ** 2)
+def _wander_var(steps: np.ndarray) -> float:
+    """Variance of successive changes around their local course: each interior change minus the
+    median of it and its two neighbours (a learning curve, however steep, is monotone and leaves
+    nothing), mean square scaled by 1 / 0.78 (the factor for independent changes)."""
+    resid = steps[1:-1] - np.median(np.stack([steps[:-2], steps[1:-1], steps[2:]]), axis=0)
+    return float(np.mean(resid ** 2) / 0.78)
 
 
 def _paired(new: dict, best: dict) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -209,8 +213,7 @@ def detect_regressions(new: EvalReport, best: EvalReport, cfg: RegressionConfig 
         steps = np.diff(series[metric])
         drift_var, trend = 0.0, 0.0
         if len(steps) >= cfg.min_history:
-            hist_var = _robust_var(steps - np.polyval(np.polyfit(np.arange(len(steps)), steps, 1),
-                                                      np.arange(len(steps))))
+            hist_var = _wander_var(steps)
             recent = steps[-cfg.trend_window:]
             trend = min(0.0, max(float(np.median(recent)), -threshold))
             # the checkpoint-to-checkpoint variance the items miss, + the trend estimate's (median: pi/2 var/m)

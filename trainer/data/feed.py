@@ -54,7 +54,7 @@ READ_BATCH = 16
 
 @dataclass(slots=True)
 class _Entry:
-    doc: Doc | None  # None: a sample read but not to be trained (filtered), or the end of a skipped rest
+    doc: Doc | None  # None: a sample read but not trained (filtered), or a skipped rest's end
     key: ShardKey
     index: int  # sample index in the shard
     last: bool  # the shard's last sample (or its end)
@@ -68,14 +68,17 @@ class DomainFeed:
     """Reads one domain's shards assigned to this rank; see the module docstring."""
 
     def __init__(self, domain: str, *, openers: list[ShardOpener], lock: threading.RLock,
-                 cond: threading.Condition, cap_bytes: int, backlog_shards: int, max_lag_s: float, accept: Callable[[int, ShardEntry, dict[str, Any]], Doc | None],
+                 cond: threading.Condition, cap_bytes: int, backlog_shards: int, max_lag_s: float,
+                 accept: Callable[[int, ShardEntry, dict[str, Any]], Doc | None],
                  excluded: Callable[[ShardKey], bool], on_corrupt: Callable[[int, str, str], None],
                  on_error: Callable[[BaseException], None]):
         self.domain = domain
-        self._openers, self._cond = openers, cond  # cond (on ``lock``): "data arrived", for consumers
+        self._openers = openers
+        self._cond = cond  # on ``lock``: "data arrived", for consumers
         self._room = threading.Condition(lock)  # same lock; wakes only this feed's reader
         self.cap_bytes, self.backlog_shards, self.max_lag_s = cap_bytes, backlog_shards, max_lag_s
-        self._accept, self._excluded, self._on_corrupt, self._on_error = accept, excluded, on_corrupt, on_error
+        self._accept, self._excluded = accept, excluded
+        self._on_corrupt, self._on_error = on_corrupt, on_error
         self.entries: dict[ShardKey, ShardEntry] = {}
         self._pending: list[tuple[tuple[float, int, int], ShardKey]] = []  # sorted, oldest first
         # consumer cursor
@@ -94,7 +97,7 @@ class DomainFeed:
         self._thread: threading.Thread | None = None
 
     def set_cap(self, cap_bytes: int) -> None:
-        """A new read-ahead cap (lock held by the caller); wakes the reader if it may read more now."""
+        """A new read-ahead cap (lock held by the caller); wakes the reader if it may read now."""
         grew = cap_bytes > self.cap_bytes
         self.cap_bytes = cap_bytes
         if grew and self.bytes <= cap_bytes // 4:
@@ -117,7 +120,8 @@ class DomainFeed:
     def start(self) -> None:
         if self._thread is None:
             self._stop = False
-            self._thread = threading.Thread(target=self._run, name=f"feed-{self.domain}", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=f"feed-{self.domain}",
+                                            daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
@@ -136,7 +140,7 @@ class DomainFeed:
             self._on_error(e)
 
     def _next_shard(self) -> tuple[ShardKey, int] | None:
-        """The shard to read next (lock held): the newest pending; older ones beyond the backlog skipped."""
+        """The shard to read next (lock held): the newest pending; those past the backlog skipped."""
         cut = len(self._pending) - self.backlog_shards if self.backlog_shards > 0 else 0
         if self.max_lag_s > 0 and self._pending:
             cut = max(cut, bisect.bisect_left(self._pending, ((self._newest() - self.max_lag_s,),)))
@@ -146,7 +150,8 @@ class DomainFeed:
                 self.done.add(key)
                 self.skipped_shards += 1
                 self.skipped_samples += self.entries[key].samples
-            log.warning("domain %s: skipped %d shards beyond the backlog (%d shards, %.0fs; freshness policy)",
+            log.warning("domain %s: skipped %d shards beyond the backlog (%d shards, %.0fs; "
+                        "freshness policy)",
                         self.domain, len(old), self.backlog_shards, self.max_lag_s)
         while self._pending:
             _, key = self._pending.pop()
@@ -159,7 +164,7 @@ class DomainFeed:
         while True:
             with self._room:
                 while not self._stop:
-                    if self.bytes >= self.cap_bytes:  # full: refill once a quarter is left (few wake-ups)
+                    if self.bytes >= self.cap_bytes:  # full: refill when a quarter is left
                         while not self._stop and self.bytes > self.cap_bytes // 4:
                             self._room.wait(1.0)
                         if self.bytes >= self.cap_bytes:  # a cap of (nearly) 0: wait for a new one
@@ -175,8 +180,9 @@ class DomainFeed:
                     if self._reading is None:
                         continue
                 key, index = self._reading
-                entry, generation, room = self.entries[key], self._generation, self.cap_bytes - self.bytes
-                if index > 0 and self._lagging(entry):  # leave the rest of this shard for a newer one
+                entry, generation = self.entries[key], self._generation
+                room = self.cap_bytes - self.bytes
+                if index > 0 and self._lagging(entry):  # leave this shard's rest for a newer one
                     self.skipped_shards += 1
                     self.skipped_samples += entry.samples - index
                     self._push(_Entry(None, key, entry.samples - 1, True))
@@ -191,7 +197,7 @@ class DomainFeed:
                 reader, item = self._read(key[0], entry, index + len(items), reader)
                 items.append(item)
                 room -= item.nbytes
-                time.sleep(0)  # hand the GIL over if the training thread waits for it (else up to 5 ms)
+                time.sleep(0)  # hand the GIL over if the training thread waits (else up to 5 ms)
             with self._room:
                 if generation != self._generation:  # restored meanwhile: these reads are void
                     reader, reader_key = None, None
@@ -214,7 +220,7 @@ class DomainFeed:
 
     @property
     def settled(self) -> bool:
-        """The reader cannot add anything now: its buffer is at the cap, or it has nothing to read."""
+        """The reader cannot add anything now: its buffer is at the cap, or nothing to read."""
         return self.bytes >= self.cap_bytes or not self._can_read()
 
     @property
@@ -225,11 +231,13 @@ class DomainFeed:
     def _can_read(self) -> bool:
         if self._reading is None:
             return bool(self._pending)
-        return self._reading[0] in self.entries  # a restored cursor waits until the catalog lists its shard
+        return self._reading[0] in self.entries  # a restored cursor waits for its shard's listing
 
-    def _read(self, root: int, entry: ShardEntry, index: int, reader: Reader | None) -> tuple[Reader | None, _Entry]:
-        """Read sample ``index`` outside the lock (opening the shard if ``reader`` is None): the reader and
-        the buffer entry, an end-of-shard marker if the shard is quarantined or corrupt."""
+    def _read(self, root: int, entry: ShardEntry, index: int,
+              reader: Reader | None) -> tuple[Reader | None, _Entry]:
+        """Read sample ``index`` outside the lock (opening the shard if ``reader`` is None): the
+        reader and the buffer entry (an end-of-shard marker if the shard is quarantined or
+        corrupt)."""
         key, n = (root, entry.name), entry.samples
         if self._excluded(key) or n == 0:
             return None, _Entry(None, key, max(index, n - 1), True)
@@ -245,7 +253,7 @@ class DomainFeed:
         sample["_shard"], sample["_index"] = entry.name, index
         return reader, _Entry(self._accept(root, entry, sample), key, index, index == n - 1)
 
-    # -- buffer (cond held by the caller) -----------------------------------------------------------
+    # -- buffer (cond held by the caller) ------------------------------------------------------
     def _push(self, item: _Entry) -> None:
         self.buf.append(item)
         self.bytes += item.nbytes
@@ -287,7 +295,7 @@ class DomainFeed:
                 dropped += 1
         return dropped
 
-    # -- cursor (cond held by the caller; the thread stopped or about to re-read) ---------------------
+    # -- cursor (cond held by the caller; the thread stopped or about to re-read) --------------
     def state_dict(self) -> dict[str, Any]:
         return {
             "done": sorted(self.done),
@@ -302,10 +310,12 @@ class DomainFeed:
         self.done = {(int(r), str(n)) for r, n in state["done"]}
         cur = state["current"]
         self.current = None if cur is None else ((int(cur[0]), str(cur[1])), int(cur[2]))
-        self.skipped_shards, self.skipped_samples = int(state["skipped_shards"]), int(state["skipped_samples"])
+        self.skipped_shards = int(state["skipped_shards"])
+        self.skipped_samples = int(state["skipped_samples"])
         self.buf.clear()
         self.bytes = self.docs = self.tokens = 0
         self._reading = self.current
+        current = None if self.current is None else self.current[0]
         self._pending = sorted((self._order(k), k) for k in self.entries
-                               if k not in self.done and (self.current is None or k != self.current[0]))
+                               if k not in self.done and k != current)
         self._room.notify()

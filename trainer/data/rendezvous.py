@@ -23,7 +23,8 @@ class DataRendezvous:
 
     def __init__(self, *, timeout_s: float):
         self.group = None
-        if dist.is_initialized() and dist.get_world_size() > 1:  # called by every rank, in the same order
+        # called by every rank, in the same order
+        if dist.is_initialized() and dist.get_world_size() > 1:
             self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
     def all_ready(self, ready: bool) -> bool:
