@@ -288,7 +288,9 @@ class RollbackPolicy:
 
         A checkpoint's lineage (CheckpointSaved.lineage ``tokens_by_source``) says how many tokens
         of each source its weights were trained on; a run whose checkpoints never saw the source
-        is left alone (the quarantine stops it from training on it from now on). Checkpoints with
+        is rolled back to its latest good checkpoint only if its live weights trained on the source
+        since (args ``only_if_trained_on``: the trainer checks its own live lineage after applying
+        the quarantine that is sent first, and skips the rollback when it never saw the source). Checkpoints with
         no lineage (older trainers) count as clean only if saved before a shard of domain
         ``source`` (exactly) was first published. Only the source's data is quarantined (by
         quarantine_source), so clean shards read since are trained again."""
@@ -296,18 +298,20 @@ class RollbackPolicy:
         for run_id in sorted({c.run_id for c in self.checkpoints.values()}):
             ckpts = [c for c in self.checkpoints.values() if c.run_id == run_id]
             seen = [c for c in ckpts if self._source_tokens(c, source)]
-            if not seen:
-                notes.append(f"run {run_id!r}: no checkpoint trained on {source!r}")
-                continue
             # Lineage survives rollbacks (it is restored with the weights): a 0 count is clean.
             good = [c for c in ckpts if self._source_tokens(c, source) == 0 and self.is_good(c)
                     and not self.abandoned(c)]
+            if not seen and not good:
+                notes.append(f"run {run_id!r}: no checkpoint trained on {source!r}")
+                continue
             if not good:
                 notes.append(f"run {run_id!r} has no good checkpoint from before it trained on {source!r}")
                 continue
             target = max(good, key=lambda c: (c.step, c.wall_time))
             args = {"target": "step", "run_id": run_id, "checkpoint": target.path, "step": target.step,
                     "quarantine": "none"}
+            if not seen:  # no checkpoint saw it: only the live weights may have; the trainer knows
+                args["only_if_trained_on"] = source
             control = self._control("rollback", args, reason)
             self.issued[run_id] = control.issued_at
             self.issued_ids[control.control_id] = (run_id, control.issued_at)

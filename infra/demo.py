@@ -51,7 +51,8 @@ class DemoConfig:
     checkpoint_every: int = 10
     nproc: int = 2
     poison_docs: int = 60
-    poison_after_checkpoints: int = 2
+    join_after_checkpoints: int = 1  # the source 'leakyforum' starts sending clean documents ...
+    poison_after_checkpoints: int = 3  # ... and later starts leaking PII (so the model trained on it)
     time_limit_s: float = 540.0
     webhook_secret: str = field(default_factory=lambda: secrets.token_hex(16))
 
@@ -60,10 +61,11 @@ def _headwater(*args: str) -> list[str]:
     return [sys.executable, "-m", "infra.cli", *args]
 
 
-def _poison(n: int) -> list[RawRecord]:
-    """Clean-looking documents from one source, each leaking personal data."""
-    docs = text_records(n, seed=777, dup_rate=0.0, pii_rate=1.0)
-    return [RawRecord(id=f"leak-{i}", modality="text", source="leakyforum", license="unknown", text=d.text)
+def _leakyforum(n: int, *, leaking: bool) -> list[RawRecord]:
+    """Documents of the source 'leakyforum': clean ones, or clean-looking ones each leaking personal data."""
+    docs = text_records(n, seed=777 if leaking else 778, dup_rate=0.0, pii_rate=1.0 if leaking else 0.0)
+    kind = "leak" if leaking else "lf"
+    return [RawRecord(id=f"{kind}-{i}", modality="text", source="leakyforum", license="unknown", text=d.text)
             for i, d in enumerate(docs)]
 
 
@@ -152,7 +154,7 @@ class Producer(threading.Thread):
     def __init__(self, broker: EmbeddedBroker, cfg: DemoConfig, run: Path):
         super().__init__(daemon=True, name="producer")
         self.broker, self.cfg, self.run_dir = broker, cfg, run
-        self.poison, self.stop_event = threading.Event(), threading.Event()
+        self.join, self.poison, self.stop_event = threading.Event(), threading.Event(), threading.Event()
         self.sent = 0
         self.poisoned = 0
 
@@ -160,7 +162,8 @@ class Producer(threading.Thread):
         producer = make_producer(self.broker.settings)
         for payload in junk_payloads():
             producer.send("raw.text", payload)
-        poison = _poison(self.cfg.poison_docs)
+        poison = _leakyforum(self.cfg.poison_docs, leaking=True)
+        clean = _leakyforum(self.cfg.poison_docs, leaking=False)
         gap = 1.0 / self.cfg.records_per_s
         generation = 0
         while not self.stop_event.is_set():  # a firehose: a fresh corpus generation after another
@@ -172,6 +175,10 @@ class Producer(threading.Thread):
                     time.sleep(0.5)
                 producer.send(raw_topic(rec.modality), rec.to_bytes(), key=rec.id.encode())
                 self.sent += 1
+                if self.join.is_set() and not self.poison.is_set() and clean and self.sent % 3 == 0:
+                    lf = clean.pop(0)
+                    producer.send("raw.text", lf.to_bytes(), key=lf.id.encode())
+                    self.sent += 1
                 if self.poison.is_set() and poison:
                     burst, poison = poison[:5], poison[5:]
                     for p in burst:
@@ -288,6 +295,9 @@ def run_demo(cfg: DemoConfig, console: Console) -> int:
                         "--bootstrap", broker.bootstrap, "--mixing", "learnability", "--dataloader.mixing.learn_min_obs", "6",
                         "--checkpoint.keep_latest_k", "0"), env=own_key["trainer"])
                     trainer_started = True
+                if trainer_started and not producer.join.is_set() and len(_checkpoints(run)) >= cfg.join_after_checkpoints:
+                    producer.join.set()
+                    live.console.print("source 'leakyforum' joins the stream (clean documents)")
                 if trainer_started and not poison_sent and len(_checkpoints(run)) >= cfg.poison_after_checkpoints:
                     producer.poison.set()
                     poison_sent = True

@@ -233,7 +233,8 @@ def test_source_rollback_uses_checkpoint_lineage_not_domain_names():
         alert = Alert(rule="pii_rate_spike", severity="critical", message="pii", source="alert-rules",
                       evidence={"action": "quarantine_source_and_rollback", "labels": {"source": source}})
         d = policy.decide(alert, "quarantine_source_and_rollback")
-        return {c.args["run_id"]: c.args["step"] for c in d.controls if c.command == "rollback"}, d.skipped
+        return {c.args["run_id"]: c.args["step"] for c in d.controls if c.command == "rollback"
+                and "only_if_trained_on" not in c.args}, d.skipped
 
     assert decide("web")[0] == {"run1": 100}  # web_news (trained since step 100) is not web
     assert decide("cam-uploads")[0] == {"run2": 5}
@@ -424,3 +425,18 @@ def test_a_regression_met_while_a_rollback_is_in_flight_is_retried_not_dropped(b
         assert again["ok"] and len(again["controls"]) == 1 and dispatcher.is_done(alert.alert_id)
     finally:
         producer.close()
+
+
+def test_a_source_no_checkpoint_saw_gets_a_rollback_only_if_the_live_weights_trained_on_it():
+    policy = RollbackPolicy()
+    path = "/runs/run1/step-10"
+    policy.observe(CheckpointSaved(run_id="run1", path=path, step=10, tokens=10, vocab_version="v1", wall_time=10.0,
+                                   lineage={"tokens_by_source": {"wiki": 10}}))
+    policy.observe(EvalReport(run_id="run1", step=10, checkpoint_path=path, suite="core", vocab_version="v1",
+                              passed=True, details={"checkpoint_wall_time": 10.0}))
+    alert = Alert(rule="pii_rate_spike", severity="critical", message="pii", source="alert-rules",
+                  evidence={"labels": {"source": "leaky"}})
+    controls = policy.decide(alert, "quarantine_source_and_rollback").controls
+    assert [c.command for c in controls] == ["quarantine_source", "pause_source", "rollback"]  # quarantine first
+    assert controls[-1].args == {"target": "step", "run_id": "run1", "checkpoint": path, "step": 10,
+                                 "quarantine": "none", "only_if_trained_on": "leaky"}

@@ -46,6 +46,7 @@ from torchtitan.trainer import Trainer
 from streams.broker_watch import BrokerWatch
 from streams.events import CheckpointSaved, Control
 from streams.signing import RUN_ID_PATTERN, ControlVerifier, SigningError, load_signing_key
+from streams.source_names import canonical_source
 from trainer.checkpoint_out import CheckpointFinisher
 from trainer.checkpointer import HeadwaterCheckpointManager
 from trainer.control import ControlListener
@@ -500,6 +501,14 @@ class HeadwaterTrainer(Trainer):
             return
         to_step, from_step = steps[-1], self.step
         control_id = control_id or f"auto-{uuid.uuid4().hex[:12]}"
+        source = args.get("only_if_trained_on")
+        if isinstance(source, str) and source:  # every rank applies controls at the same step: a collective is safe
+            name = canonical_source(source)
+            trained = sum(n for s, n in self.lineage.total().items() if canonical_source(s) == name)
+            if not trained:
+                self.rollbacks.skip(control_id, to_step=to_step, from_step=from_step)
+                logger.warning(f"[rollback] {control_id}: this run never trained on source {source!r}: no rollback")
+                return
         last = self.rollbacks.last
         if to_step == from_step and last is not None and last["to_step"] == to_step:
             self.rollbacks.skip(control_id, to_step=to_step, from_step=from_step)
