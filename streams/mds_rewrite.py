@@ -22,15 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from streaming.base.format.mds.writer import MDSWriter
-
 from streams import manifest as mf
 from streams.mds_reader import ShardOpener
-from streams.mds_writer import COLUMNS
+from streams.mds_writer import COLUMNS, seal_rows
 
 __all__ = ["Removed", "RewriteResult", "remove_samples"]
-
-_MAX_SHARD_BYTES = 2**32 - 1
 
 
 @dataclass(slots=True)
@@ -61,17 +57,10 @@ def _row(sample: dict[str, Any]) -> dict[str, Any]:
 
 def _seal(stage: str, rows: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
     hashes = sorted(info["raw_data"].get("hashes", {}))
-    w = MDSWriter(columns=COLUMNS, out=stage, compression=info.get("compression"), hashes=hashes,
-                  size_limit=_MAX_SHARD_BYTES)
-    try:
-        for row in rows:
-            w.write(row)
-        w.flush_shard()
-    finally:
-        w.executor.shutdown(wait=True)
-    if w.event.is_set() or len(w.shards) != 1:
+    shards = seal_rows(stage, rows, compression=info.get("compression"), hashes=hashes)
+    if len(shards) != 1:
         raise RuntimeError(f"could not seal a replacement shard in {stage}")
-    return json.loads(json.dumps(w.shards[0]))
+    return json.loads(json.dumps(shards[0]))
 
 
 def _basenames(info: dict[str, Any]) -> list[str]:

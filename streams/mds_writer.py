@@ -27,7 +27,7 @@ from streaming.base.format.mds.writer import MDSWriter
 from streams import manifest as mf
 from streams.events import OffsetRange, ShardPublished, TokenizedSample
 
-__all__ = ["COLUMNS", "LiveStreamWriter", "OverlapError", "sample_from_event"]
+__all__ = ["COLUMNS", "LiveStreamWriter", "OverlapError", "sample_from_event", "seal_rows"]
 
 #: MDS column encodings of every live-stream sample (trainer and evaluators import this).
 COLUMNS: dict[str, str] = {
@@ -66,6 +66,22 @@ def sample_from_event(ev: TokenizedSample) -> dict[str, Any]:
         "pipeline_version": ev.pipeline_version, "language": ev.language,
         "produced_at": ev.produced_at, "lineage": lineage,
     }
+
+
+def seal_rows(stage: str, rows: Sequence[dict[str, Any]], *, compression: str | None,
+              hashes: Sequence[str]) -> list[dict[str, Any]]:
+    """Encode, compress, hash and write ``rows`` as MDS shard(s) in ``stage``; their index entries."""
+    w = MDSWriter(columns=COLUMNS, out=stage, compression=compression, hashes=list(hashes),
+                  size_limit=_MAX_SHARD_BYTES)
+    try:
+        for row in rows:
+            w.write(row)
+        w.flush_shard()
+    finally:
+        w.executor.shutdown(wait=True)
+    if w.event.is_set():
+        raise RuntimeError(f"MDSWriter failed while sealing a shard in {stage}")
+    return w.shards
 
 
 def _check_name(kind: str, value: str) -> str:
@@ -164,17 +180,7 @@ class LiveStreamWriter:
         Calls ``MDSWriter.flush_shard`` rather than ``finish``: finish writes a staging index we
         do not need and, for each call, may sleep a whole second waiting on its upload queue.
         """
-        w = MDSWriter(columns=COLUMNS, out=stage, compression=self.compression, hashes=self.hashes,
-                      size_limit=_MAX_SHARD_BYTES)
-        try:
-            for row in rows:
-                w.write(row)
-            w.flush_shard()
-        finally:
-            w.executor.shutdown(wait=True)
-        if w.event.is_set():
-            raise RuntimeError(f"MDSWriter failed while sealing a shard in {stage}")
-        return w.shards
+        return seal_rows(stage, rows, compression=self.compression, hashes=self.hashes)
 
     def _row(self, i: int, sample: dict[str, Any], domain: str) -> dict[str, Any]:
         if not _COLUMN_SET.issuperset(sample):

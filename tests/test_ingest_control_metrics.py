@@ -7,11 +7,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import uuid
+import sys
+from pathlib import Path
 
 import pytest
 from kafka import TopicPartition
-from kafka.admin import NewTopic
 
 from beam_jobs.control import ControlFollower, SourceControl
 from beam_jobs.ingest import run
@@ -22,7 +22,6 @@ from infra.run_dir import RunDir
 from streams.events import Alert, Control, MetricsEvent, decode_event
 from streams.kafka import (
     KafkaSettings,
-    make_admin,
     make_consumer,
     make_producer,
     poll_records,
@@ -36,6 +35,9 @@ from streams.signing import (
     sign_control,
 )
 
+sys.path.append(str(Path(__file__).resolve().parent / "helpers"))
+from kafka_topics import create_topic
+
 RULES = "infra/alerts/rules.toml"
 
 
@@ -44,16 +46,6 @@ def stream_samples(root: str) -> list[dict]:
 
     ds = StreamingDataset(local=root, batch_size=1, shuffle=False)
     return [ds[i] for i in range(len(ds))]
-
-
-def _topic(bootstrap: str) -> str:
-    name = f"test.ctl.{uuid.uuid4().hex[:8]}"
-    admin = make_admin(KafkaSettings(bootstrap=bootstrap))
-    try:
-        admin.create_topics([NewTopic(name, 1, 1)])
-    finally:
-        admin.close()
-    return name
 
 
 def _produce(bootstrap: str, topic: str, values: list[bytes], controls: list[Control] = ()) -> None:
@@ -97,7 +89,7 @@ def _args(bootstrap: str, topic: str, tmp_path) -> list[str]:
 def test_streaming_source_metrics_and_control(fresh_broker, tmp_path):
     rng = random.Random(7)
     bootstrap = fresh_broker.bootstrap
-    topic = _topic(bootstrap)
+    topic = create_topic(bootstrap, "test.ctl", 1)
     web = [english_doc(rng) for _ in range(4)]
     batch1 = (
         [raw_record(f"w{i}", t, source="web") for i, t in enumerate(web)]
@@ -231,7 +223,7 @@ def test_ingest_applies_in_offset_order_within_the_clock_skew_allowance():
 
 def test_a_flood_of_forged_controls_raises_one_alert_per_reason_and_short_log_lines(broker, tmp_path, caplog):
     bootstrap = broker.bootstrap
-    topic = _topic(bootstrap)
+    topic = create_topic(bootstrap, "test.ctl", 1)
     operator = load_signing_key("operator")
     evil = "x\nERROR forged log line " + "y" * 5000
     forged = [Control(command="quarantine_source", args={"source": "web"}, control_id=f"{evil}-{i}",
@@ -272,14 +264,10 @@ def test_a_transient_alert_publish_error_keeps_the_offset_and_loses_nothing(brok
     """Issue 14 review finding 1: the follower stored a record's offset before handling it, and the
     guard dead-lettered a broker timeout as the record's error: the rejection alert was lost. Now
     the record is redelivered and its offset stored only once handled."""
-    import sys
-    from pathlib import Path
-
-    sys.path.append(str(Path(__file__).resolve().parent / "helpers"))
     from flaky import FlakyProducer
 
     bootstrap = broker.bootstrap
-    topic = _topic(bootstrap)
+    topic = create_topic(bootstrap, "test.ctl", 1)
     operator = load_signing_key("operator")
     forged = Control(command="quarantine_source", args={"source": "web"}, issued_by=operator.key_id)  # unsigned
     valid = sign_control(Control(command="quarantine_source", args={"source": "spam"}, reason="t"), operator)

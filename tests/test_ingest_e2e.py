@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,8 @@ from beam_jobs.synthetic import edit_words, english_doc, raw_record
 from beam_jobs.validate import Invalid, ValidateConfig, decode_record
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.append(str(ROOT / "tests" / "helpers"))
+from kafka_topics import create_topic
 
 
 def corpus(n_unique: int, seed: int = 0) -> tuple[list[tuple[str, bytes]], set[str], dict[str, str]]:
@@ -106,20 +107,6 @@ def test_bounded_reads_parquet(tmp_path):
     assert json.loads(dlq.read_text())["reason"] == "payload_fields"
 
 
-def _create_topic(bootstrap: str, partitions: int = 2) -> str:
-    from kafka.admin import NewTopic
-
-    from streams.kafka import KafkaSettings, make_admin
-
-    name = f"test.ingest.{uuid.uuid4().hex[:8]}"
-    admin = make_admin(KafkaSettings(bootstrap=bootstrap))
-    try:
-        admin.create_topics([NewTopic(name, partitions, 1)])
-    finally:
-        admin.close()
-    return name
-
-
 def _produce_aiokafka(bootstrap: str, topic: str, records: list[tuple[str, bytes]]) -> None:
     from aiokafka import AIOKafkaProducer
 
@@ -138,7 +125,7 @@ def _produce_aiokafka(bootstrap: str, topic: str, records: list[tuple[str, bytes
 
 def test_streaming_ingest_matches_bounded(broker, tmp_path):
     records, expected_ids, texts = corpus(30, seed=1)
-    topic = _create_topic(broker.bootstrap)
+    topic = create_topic(broker.bootstrap, "test.ingest")
     _produce_aiokafka(broker.bootstrap, topic, records)
     summary = run(_args("--bootstrap", broker.bootstrap, "--topics", topic, "--stream-root", str(tmp_path / "live"),
                         "--until-caught-up", "--window-s", "1"))
@@ -176,7 +163,7 @@ def _kill_trial(bootstrap: str, tmp_path: Path, seed: int) -> tuple[str, Path, d
     Returns the topic, the stream root and the kept texts."""
     rng = random.Random(seed)
     records, expected_ids, texts = corpus(60, seed=seed)
-    topic = _create_topic(bootstrap)
+    topic = create_topic(bootstrap, "test.ingest")
     _produce_aiokafka(bootstrap, topic, records)
     root = tmp_path / f"live{seed}"
     cmd = [sys.executable, "-m", "infra.cli", "ingest", *_args("--bootstrap", bootstrap, "--topics", topic,

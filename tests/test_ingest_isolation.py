@@ -14,7 +14,6 @@ import re
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from beam_jobs.validate import Invalid, ValidateConfig, decode_record
 from streams.events import DeadLetter, OffsetRange, RawRecord, decode_event
 
 sys.path.append(str(Path(__file__).resolve().parent / "helpers"))
+from kafka_topics import create_topic
 from raw_fuzz import Labelled, fuzz_records, hostile_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,7 +217,7 @@ def test_transient_media_read_errors_are_retried_then_get_their_own_reason(media
 def test_undeliverable_dead_letters_stop_the_job(broker):
     from streams.kafka import KafkaSettings, make_producer
 
-    topic = _topic(broker.bootstrap)  # not the shared dlq topic: other tests read it
+    topic = create_topic(broker.bootstrap, "test.raw", 1)  # not the shared dlq topic: other tests read it
     producer = make_producer(KafkaSettings(bootstrap=broker.bootstrap), max_request_size=2048)
     try:
         send_checked(producer, topic, [(b"x" * 100, b"k")], attempts=2, backoff_s=0.01)  # fits: delivered
@@ -352,20 +352,6 @@ def test_bounded_ingest_isolates_every_hostile_record(tmp_path):
     assert ResumePlan.of_stream(str(tmp_path / "s")).count() == len(records)  # every offset settled
 
 
-def _topic(bootstrap: str) -> str:
-    from kafka.admin import NewTopic
-
-    from streams.kafka import KafkaSettings, make_admin
-
-    name = f"test.raw.{uuid.uuid4().hex[:8]}"
-    admin = make_admin(KafkaSettings(bootstrap=bootstrap))
-    try:
-        admin.create_topics([NewTopic(name, 1, 1)])
-    finally:
-        admin.close()
-    return name
-
-
 def _produce(bootstrap: str, topic: str, values: list[bytes | None]) -> None:
     from streams.kafka import KafkaSettings, make_producer
 
@@ -403,7 +389,7 @@ def _dlq_of(bootstrap: str, topic: str, n: int, timeout_s: float = 30) -> dict[i
 
 def test_streaming_ingest_isolates_every_hostile_record(broker, tmp_path):
     records = _corpus(4, 10) + [Labelled(None, "wrong_type", "tombstone")]
-    topic = _topic(broker.bootstrap)
+    topic = create_topic(broker.bootstrap, "test.raw", 1)
     _produce(broker.bootstrap, topic, [r.value for r in records])
     summary = run(["--bootstrap", broker.bootstrap, "--topics", topic, "--stream-root", str(tmp_path / "s"),
                    "--run-dir", str(tmp_path / "run"), "--until-caught-up", "--window-s", "1",
@@ -419,7 +405,7 @@ def test_streaming_ingest_isolates_every_hostile_record(broker, tmp_path):
 def test_ten_thousand_fuzzed_raw_records_through_streaming_ingest(broker, tmp_path):
     n = int(os.environ.get("HEADWATER_FUZZ_RECORDS", "10000"))
     records = fuzz_records(n, seed_value=14, valid_share=0.2)
-    topic = _topic(broker.bootstrap)
+    topic = create_topic(broker.bootstrap, "test.raw", 1)
     _produce(broker.bootstrap, topic, [r.value for r in records])
     t0 = time.monotonic()
     summary = run(["--bootstrap", broker.bootstrap, "--topics", topic, "--stream-root", str(tmp_path / "s"),

@@ -15,10 +15,8 @@ are held, the oldest whole segments are forgotten (a later near-dup of them is k
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -27,12 +25,21 @@ import numpy as np
 
 from beam_jobs.dedup.record import DedupRecord, decode_record
 from beam_jobs.dedup.sketch import Sketch, estimate_jaccard
+from beam_jobs.dedup.snapshot import (
+    ColumnSegment,
+    SegmentSet,
+    apply_horizon,
+    read_segment,
+    read_snapshot,
+    read_tail,
+    write_segment,
+    write_snapshot,
+)
 
 __all__ = ["ID_BYTES", "Segment", "SettledIndex", "SettledRef", "sync"]
 
 log = logging.getLogger(__name__)
 ID_BYTES = 16  # ids are kept (for ``dup_of``) truncated to this many bytes
-SNAPSHOT = "snapshot.json"
 _LOCK = threading.Lock()
 _OPEN: dict[tuple[str, int], SettledIndex] = {}  # (stream root, generation) -> index, set when complete
 
@@ -58,15 +65,10 @@ class SettledRef:
             return _OPEN[key]
 
 
-class Segment:
+class Segment(ColumnSegment):
     """An immutable, memory-mapped set of settled documents."""
 
     FIELDS = ("idh", "coordh", "n", "log2_q", "bloom", "ids", "exact", "exact_slot", "band_keys", "band_slots")
-
-    def __init__(self, path: str, arrays: dict[str, np.ndarray], created: float):
-        self.path, self.created = path, created
-        for name in self.FIELDS:
-            setattr(self, name, arrays[name])
 
     def __len__(self) -> int:
         return len(self.idh)
@@ -92,26 +94,13 @@ class Segment:
             "band_keys": np.take_along_axis(keys, order.astype(np.int64), axis=1),
             "band_slots": order,
         }
-        tmp = f"{path}.tmp-{os.getpid()}"
-        os.makedirs(tmp, exist_ok=True)
-        for name, arr in arrays.items():
-            np.save(os.path.join(tmp, f"{name}.npy"), np.ascontiguousarray(arr))
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"created": created, "docs": n}, f)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        write_segment(path, arrays, {"created": created, "docs": n})
         return cls.open(path)
 
     @classmethod
     def open(cls, path: str) -> Segment:
-        with open(os.path.join(path, "meta.json")) as f:
-            meta = json.load(f)
-        arrays = {name: np.load(os.path.join(path, f"{name}.npy"), mmap_mode="r") for name in cls.FIELDS}
+        arrays, meta = read_segment(path, cls.FIELDS)
         return cls(path, arrays, meta["created"])
-
-    def nbytes(self) -> int:
-        return sum(getattr(self, name).nbytes for name in self.FIELDS)
 
     def sketch(self, slot: int) -> Sketch:
         return Sketch(int(self.idh[slot]), int(self.coordh[slot]), 0, int(self.n[slot]), int(self.log2_q[slot]),
@@ -131,7 +120,7 @@ class Segment:
 
 
 @dataclass(slots=True)
-class SettledIndex:
+class SettledIndex(SegmentSet):
     """Segments of one snapshot generation, newest last; read-only once built."""
 
     root: str
@@ -139,20 +128,12 @@ class SettledIndex:
     segments: tuple[Segment, ...] = ()
     shards: frozenset[str] = frozenset()
 
-    def __len__(self) -> int:
-        return sum(len(s) for s in self.segments)
-
-    def nbytes(self) -> int:
-        return sum(s.nbytes() for s in self.segments)
-
     @classmethod
     def load(cls, root: str) -> SettledIndex:
         """The snapshot as last written (empty if none)."""
-        path = os.path.join(root, "_dedup", SNAPSHOT)
-        if not os.path.exists(path):
+        snap = read_snapshot(os.path.join(root, "_dedup"))
+        if snap is None:
             return cls(root)
-        with open(path) as f:
-            snap = json.load(f)
         segs = tuple(Segment.open(os.path.join(root, "_dedup", name)) for name in snap["segments"])
         return cls(root, snap["generation"], segs, frozenset(snap["shards"]))
 
@@ -178,22 +159,8 @@ class SettledIndex:
 
 def _tail(root: str, covered: frozenset[str]) -> tuple[list[tuple[str, DedupRecord]], set[str]]:
     """Records of kept text samples in published shards not yet covered, and those shards."""
-    from streams.mds import TailReader
-
-    records: list[tuple[str, DedupRecord]] = []
-    shards: set[str] = set()
-    if not os.path.exists(os.path.join(root, "index.json")):
-        return records, shards
-    with TailReader(root, exclude_shards=covered) as reader:
-        shards.update(reader.poll())
-        for s in reader.samples(timeout_s=0):
-            shards.add(s["_shard"])
-            lineage = s.get("lineage") or {}
-            if isinstance(lineage, str):
-                lineage = json.loads(lineage)
-            if s.get("modality") == "text" and "dedup" in lineage:
-                records.append((s["id"], decode_record(lineage["dedup"])))
-    return records, shards
+    found, shards = read_tail(root, covered, "text", "dedup")
+    return [(doc_id, decode_record(rec)) for doc_id, rec in found], shards
 
 
 def sync(root: str, *, horizon_docs: int | None = None, horizon_age_s: float | None = None,
@@ -221,24 +188,9 @@ def sync(root: str, *, horizon_docs: int | None = None, horizon_age_s: float | N
         merged = [rec for seg in segs[:half] for rec in _records(seg)]
         segs = [Segment.build(os.path.join(ddir, f"seg-{gen:08d}-m"), merged, segs[half - 1].created),
                 *segs[half:]]
-    while segs and horizon_age_s is not None and now - segs[0].created > horizon_age_s:
-        log.info("dedup horizon (age): forgetting %d documents of %s", len(segs[0]), segs[0].path)
-        segs.pop(0)
-    while len(segs) > 1 and horizon_docs is not None and sum(len(s) for s in segs) - len(segs[0]) >= horizon_docs:
-        log.info("dedup horizon (count): forgetting %d documents of %s", len(segs[0]), segs[0].path)
-        segs.pop(0)
-    snap = {"version": 1, "generation": gen, "segments": [os.path.basename(s.path) for s in segs],
-            "shards": sorted(index.shards | shards), "written_at": now}
-    tmp = os.path.join(ddir, f"{SNAPSHOT}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(snap, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(ddir, SNAPSHOT))
-    keep = set(snap["segments"]) | {SNAPSHOT}
-    for name in os.listdir(ddir):
-        if name not in keep and not name.startswith(f"{SNAPSHOT}.tmp"):
-            shutil.rmtree(os.path.join(ddir, name), ignore_errors=True)
+    apply_horizon(segs, now=now, horizon_age_s=horizon_age_s, horizon_count=horizon_docs,
+                  log=log, what="dedup", unit="documents")
+    snap = write_snapshot(ddir, gen, segs, index.shards | shards, now)
     built = SettledIndex(root, gen, tuple(segs), frozenset(snap["shards"]))
     with _LOCK:
         _OPEN[(root, gen)] = built

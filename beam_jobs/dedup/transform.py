@@ -39,9 +39,9 @@ from apache_beam.transforms.userstate import (
     TimerSpec,
     on_timer,
 )
-from apache_beam.utils.timestamp import Timestamp
 
 from beam_jobs.dedup.index import DedupConfig
+from beam_jobs.dedup.keyed import admit, hold_probe, register_or_answer, take_due
 from beam_jobs.dedup.minhash import exact_key
 from beam_jobs.dedup.record import DedupRecord, encode_record
 from beam_jobs.dedup.settled import ID_BYTES, SettledRef
@@ -141,10 +141,7 @@ def _bucket_step(key: tuple[int, int], ids: list[int], ready: list[_Probe], cap:
             yield cand, ("q", _Query(p.dockey, p.coordh, exact, p.shingles, replay))
         yield beam.pvalue.TaggedOutput("report", (p.dockey, ("band", len(asked))))
         if not replay:
-            ids.append(p.idh)
-            if len(ids) > cap:
-                Metrics.counter("dedup", "bucket_evicted").inc(len(ids) - cap)
-                del ids[: len(ids) - cap]
+            admit(ids, p.idh, cap, "dedup")
 
 
 def _bucket_batch(element, cap: int):
@@ -166,28 +163,13 @@ class _BucketFn(beam.DoFn):
 
     def process(self, element, pending=beam.DoFn.StateParam(PENDING), nxt=beam.DoFn.StateParam(NEXT),  # noqa: B008
                 wake=beam.DoFn.TimerParam(WAKE)):  # noqa: B008
-        _, probe = element
-        pending.add(probe)
-        due = nxt.read()
-        if due is None or probe.prio < due:
-            nxt.write(probe.prio)
-            wake.set(Timestamp(micros=probe.prio))
+        hold_probe(element[1], pending, nxt, wake)
 
     @on_timer(WAKE)
     def handle(self, key=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam,
                ids_state=beam.DoFn.StateParam(IDS), pending=beam.DoFn.StateParam(PENDING),  # noqa: B008
                nxt=beam.DoFn.StateParam(NEXT), wake=beam.DoFn.TimerParam(WAKE)):  # noqa: B008
-        probes = list(pending.read())
-        ready = sorted((p for p in probes if p.prio <= fired.micros), key=lambda p: (p.prio, p.order))
-        rest = [p for p in probes if p.prio > fired.micros]
-        pending.clear()
-        nxt.clear()
-        for p in rest:
-            pending.add(p)
-        if rest:
-            due = min(p.prio for p in rest)
-            nxt.write(due)
-            wake.set(Timestamp(micros=due))
+        ready = take_due(fired.micros, pending, nxt, wake)
         ids = np.frombuffer(ids_state.read() or b"", dtype=np.uint64).tolist()
         yield from _bucket_step(key, ids, ready, self.cap)
         ids_state.write(np.asarray(ids, dtype=np.uint64).tobytes())
@@ -219,18 +201,7 @@ class _VerifyFn(beam.DoFn):
     def process(self, element, sketch_state=beam.DoFn.StateParam(SKETCH),  # noqa: B008
                 waiting=beam.DoFn.StateParam(WAITING)):  # noqa: B008
         _, (kind, payload) = element
-        ident = sketch_state.read()
-        if kind == "reg":
-            if ident is not None:  # the same id again (a replay): the first registration stands
-                return
-            sketch_state.write(payload)
-            for q in waiting.read():
-                yield self.answer(payload, q)
-            waiting.clear()
-        elif ident is None:
-            waiting.add(payload)
-        else:
-            yield self.answer(ident, payload)
+        yield from register_or_answer(kind, payload, sketch_state, waiting, self.answer)
 
 
 def _verify_batch(element, verify: _VerifyFn):

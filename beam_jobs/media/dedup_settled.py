@@ -16,15 +16,24 @@ sorted ``(key, slot)`` table. Horizon: beyond ``horizon_images`` images or segme
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from beam_jobs.dedup.snapshot import (
+    ColumnSegment,
+    SegmentSet,
+    apply_horizon,
+    read_segment,
+    read_snapshot,
+    read_tail,
+    write_segment,
+    write_snapshot,
+)
 
 from .near_dup import (
     COLOUR,
@@ -41,7 +50,6 @@ __all__ = ["DIRNAME", "MediaSegment", "MediaSettledIndex", "MediaSettledRef", "s
 
 log = logging.getLogger(__name__)
 DIRNAME = "_media_dedup"
-SNAPSHOT = "snapshot.json"
 _LOCK = threading.Lock()
 _OPEN: dict[tuple[str, int], MediaSettledIndex] = {}
 
@@ -67,15 +75,10 @@ class MediaSettledRef:
             return _OPEN[key]
 
 
-class MediaSegment:
+class MediaSegment(ColumnSegment):
     """An immutable, memory-mapped set of settled image fingerprints."""
 
     FIELDS = ("ids", "digest", "phash", "thumb", "colour", "detail", "spread", "keys", "slots")
-
-    def __init__(self, path: str, arrays: dict[str, np.ndarray], created: float):
-        self.path, self.created = path, created
-        for name in self.FIELDS:
-            setattr(self, name, arrays[name])
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -95,29 +98,16 @@ class MediaSegment:
             "keys": np.take_along_axis(keys, order, axis=1),
             "slots": order.astype(np.uint32),
         }
-        tmp = f"{path}.tmp-{os.getpid()}"
-        os.makedirs(tmp, exist_ok=True)
-        for name, arr in arrays.items():
-            np.save(os.path.join(tmp, f"{name}.npy"), np.ascontiguousarray(arr))
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"created": created, "images": len(fps), "radius": config.hamming_radius,
-                       "colour_cell": config.colour_cell}, f)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        write_segment(path, arrays, {"created": created, "images": len(fps), "radius": config.hamming_radius,
+                                     "colour_cell": config.colour_cell})
         return cls.open(path)
 
     @classmethod
     def open(cls, path: str) -> MediaSegment:
-        with open(os.path.join(path, "meta.json")) as f:
-            meta = json.load(f)
-        arrays = {name: np.load(os.path.join(path, f"{name}.npy"), mmap_mode="r") for name in cls.FIELDS}
+        arrays, meta = read_segment(path, cls.FIELDS)
         seg = cls(path, arrays, meta["created"])
         seg.key_config = (meta["radius"], meta["colour_cell"])
         return seg
-
-    def nbytes(self) -> int:
-        return sum(getattr(self, name).nbytes for name in self.FIELDS)
 
     def fingerprint(self, slot: int) -> MediaFingerprint:
         return MediaFingerprint(self.ids[slot].decode("utf-8", "replace"), None, bytes(self.digest[slot]).ljust(16, b"\0"),
@@ -131,7 +121,7 @@ class MediaSegment:
 
 
 @dataclass(slots=True)
-class MediaSettledIndex:
+class MediaSettledIndex(SegmentSet):
     """Segments of one snapshot generation, newest last; read-only once built."""
 
     root: str
@@ -140,19 +130,11 @@ class MediaSettledIndex:
     segments: tuple[MediaSegment, ...] = ()
     shards: frozenset[str] = frozenset()
 
-    def __len__(self) -> int:
-        return sum(len(s) for s in self.segments)
-
-    def nbytes(self) -> int:
-        return sum(s.nbytes() for s in self.segments)
-
     @classmethod
     def load(cls, root: str, config: NearDupConfig) -> MediaSettledIndex:
-        path = os.path.join(root, DIRNAME, SNAPSHOT)
-        if not os.path.exists(path):
+        snap = read_snapshot(os.path.join(root, DIRNAME))
+        if snap is None:
             return cls(root, config)
-        with open(path) as f:
-            snap = json.load(f)
         segs = tuple(MediaSegment.open(os.path.join(root, DIRNAME, name)) for name in snap["segments"])
         return cls(root, config, snap["generation"], segs, frozenset(snap["shards"]))
 
@@ -175,24 +157,8 @@ class MediaSettledIndex:
 
 def _tail(root: str, covered: frozenset[str]) -> tuple[list[MediaFingerprint], set[str]]:
     """Fingerprints of kept images in published shards not yet covered, and those shards."""
-    from streams.mds import TailReader
-
-    fps: list[MediaFingerprint] = []
-    shards: set[str] = set()
-    if not os.path.exists(os.path.join(root, "index.json")):
-        return fps, shards
-    with TailReader(root, exclude_shards=covered) as reader:
-        shards.update(reader.poll())
-        for s in reader.samples(timeout_s=0):
-            shards.add(s["_shard"])
-            if s.get("modality") != "image":
-                continue
-            lineage = s.get("lineage") or {}
-            if isinstance(lineage, str):
-                lineage = json.loads(lineage)
-            if "media_dedup" in lineage:
-                fps.append(decode(lineage["media_dedup"]))
-    return fps, shards
+    found, shards = read_tail(root, covered, "image", "media_dedup")
+    return [decode(text) for _, text in found], shards
 
 
 def sync(root: str, config: NearDupConfig, *, horizon_images: int | None = None, horizon_age_s: float | None = None,
@@ -216,24 +182,9 @@ def sync(root: str, config: NearDupConfig, *, horizon_images: int | None = None,
         merged = [seg.fingerprint(i) for seg in segs[:half] for i in range(len(seg))]
         segs = [MediaSegment.build(os.path.join(ddir, f"seg-{gen:08d}-m"), merged, config, segs[half - 1].created),
                 *segs[half:]]
-    while segs and horizon_age_s is not None and now - segs[0].created > horizon_age_s:
-        log.info("media dedup horizon (age): forgetting %d images of %s", len(segs[0]), segs[0].path)
-        segs.pop(0)
-    while len(segs) > 1 and horizon_images is not None and sum(len(s) for s in segs) - len(segs[0]) >= horizon_images:
-        log.info("media dedup horizon (count): forgetting %d images of %s", len(segs[0]), segs[0].path)
-        segs.pop(0)
-    snap = {"version": 1, "generation": gen, "segments": [os.path.basename(s.path) for s in segs],
-            "shards": sorted(index.shards | shards), "written_at": now}
-    tmp = os.path.join(ddir, f"{SNAPSHOT}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(snap, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(ddir, SNAPSHOT))
-    keep = set(snap["segments"]) | {SNAPSHOT}
-    for name in os.listdir(ddir):
-        if name not in keep and not name.startswith(f"{SNAPSHOT}.tmp"):
-            shutil.rmtree(os.path.join(ddir, name), ignore_errors=True)
+    apply_horizon(segs, now=now, horizon_age_s=horizon_age_s, horizon_count=horizon_images,
+                  log=log, what="media dedup", unit="images")
+    snap = write_snapshot(ddir, gen, segs, index.shards | shards, now)
     built = MediaSettledIndex(root, config, gen, tuple(segs), frozenset(snap["shards"]))
     with _LOCK:
         _OPEN[(root, gen)] = built

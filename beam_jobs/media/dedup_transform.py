@@ -43,7 +43,8 @@ from apache_beam.transforms.userstate import (
     TimerSpec,
     on_timer,
 )
-from apache_beam.utils.timestamp import Timestamp
+
+from beam_jobs.dedup.keyed import admit, hold_probe, register_or_answer, take_due
 
 from .dedup_settled import MediaSettledRef
 from .image_decode import ImageQA, decode_image
@@ -148,28 +149,13 @@ class _ImageBucketFn(beam.DoFn):
 
     def process(self, element, pending=beam.DoFn.StateParam(PENDING), nxt=beam.DoFn.StateParam(NEXT),  # noqa: B008
                 wake=beam.DoFn.TimerParam(WAKE)):  # noqa: B008
-        _, probe = element
-        pending.add(probe)
-        due = nxt.read()
-        if due is None or probe.prio < due:
-            nxt.write(probe.prio)
-            wake.set(Timestamp(micros=probe.prio))
+        hold_probe(element[1], pending, nxt, wake)
 
     @on_timer(WAKE)
     def handle(self, fired=beam.DoFn.TimestampParam, ids_state=beam.DoFn.StateParam(IDS),  # noqa: B008
                pending=beam.DoFn.StateParam(PENDING), nxt=beam.DoFn.StateParam(NEXT),  # noqa: B008
                wake=beam.DoFn.TimerParam(WAKE)):  # noqa: B008
-        probes = list(pending.read())
-        ready = sorted((p for p in probes if p.prio <= fired.micros), key=lambda p: (p.prio, p.order))
-        rest = [p for p in probes if p.prio > fired.micros]
-        pending.clear()
-        nxt.clear()
-        for p in rest:
-            pending.add(p)
-        if rest:
-            due = min(p.prio for p in rest)
-            nxt.write(due)
-            wake.set(Timestamp(micros=due))
+        ready = take_due(fired.micros, pending, nxt, wake)
         ids = np.frombuffer(ids_state.read() or b"", dtype=np.uint64).tolist()
         for p in ready:
             replay = p.idh in ids
@@ -178,10 +164,7 @@ class _ImageBucketFn(beam.DoFn):
                 yield cand, ("q", _Query(p.reckey, p.coords, p.fp, replay))
             yield beam.pvalue.TaggedOutput("report", (p.reckey, ("bucket", len(asked))))
             if not replay:
-                ids.append(p.idh)
-                if len(ids) > self.cap:
-                    Metrics.counter("media_dedup", "bucket_evicted").inc(len(ids) - self.cap)
-                    del ids[: len(ids) - self.cap]
+                admit(ids, p.idh, self.cap, "media_dedup")
         ids_state.write(np.asarray(ids, dtype=np.uint64).tobytes())
 
 
@@ -209,18 +192,7 @@ class _ImageVerifyFn(beam.DoFn):
 
     def process(self, element, fp_state=beam.DoFn.StateParam(FP), waiting=beam.DoFn.StateParam(WAITING)):  # noqa: B008
         _, (kind, payload) = element
-        held = fp_state.read()
-        if kind == "reg":
-            if held is not None:  # the same id again (a replay): the first registration stands
-                return
-            fp_state.write(payload)
-            for q in waiting.read():
-                yield self._answer(payload, q)
-            waiting.clear()
-        elif held is None:
-            waiting.add(payload)
-        else:
-            yield self._answer(held, payload)
+        yield from register_or_answer(kind, payload, fp_state, waiting, self._answer)
 
 
 class _ImageDecideFn(beam.DoFn):

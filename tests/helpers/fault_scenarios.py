@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tmpfs
+from kafka_topics import create_topic
 
 from beam_jobs.synthetic import english_doc, raw_record
 
@@ -81,20 +81,6 @@ def _count(ids: list[str], expected: set[str]) -> tuple[list[str], int, list[str
         else:
             unknown.append(i)
     return sorted(d for d, c in copies.items() if c == 0), sum(c - 1 for c in copies.values() if c > 1), unknown
-
-
-def _create_topic(bootstrap: str, partitions: int = 2) -> str:
-    from kafka.admin import NewTopic
-
-    from streams.kafka import KafkaSettings, make_admin
-
-    name = f"fault.{uuid.uuid4().hex[:8]}"
-    admin = make_admin(KafkaSettings(bootstrap=bootstrap))
-    try:
-        admin.create_topics([NewTopic(name, partitions, 1)])
-    finally:
-        admin.close()
-    return name
 
 
 def _produce(bootstrap: str, topic: str, records: list[tuple[str, bytes]], *, interval_s: float = 0.0) -> None:
@@ -208,7 +194,7 @@ def disk_full_ingest(bootstrap: str, tmp: Path, *, size: str = "1m") -> FaultRes
     first, keep_a = _records(12, seed=11, prefix="dfa")
     second, keep_b = _records(12, seed=12, prefix="dfb")
     expected = keep_a | keep_b
-    topic = _create_topic(bootstrap)
+    topic = create_topic(bootstrap, "fault")
     res = FaultResult(fault="disk full (tmpfs)", records=len(expected))
     watch = AlertWatch(bootstrap)
     err_path = tmp / "ingest.stderr"
@@ -378,7 +364,7 @@ def broker_pause(broker, tmp: Path, *, pause_s: float = 30.0, train_steps: int =
     second, keep_b = _records(20, seed=22, prefix="bpb")
     expected = keep_a | keep_b
     res = PauseResult(fault=f"broker paused {pause_s:.0f}s (SIGSTOP)", records=len(expected))
-    topic = _create_topic(broker.bootstrap)
+    topic = create_topic(broker.bootstrap, "fault")
     root, run, stream = str(tmp / "live"), str(tmp / "run"), str(tmp / "synthetic")
     write_stream(stream, domains={"noise": "noise", "markov": "markov", "counting": "counting"}, shards=8,
                  per_shard=60, vocab=512, seed=4)

@@ -1,0 +1,137 @@
+"""On-disk steps shared by the settled indexes (text :mod:`beam_jobs.dedup.settled`, images
+:mod:`beam_jobs.media.dedup_settled`): segment folders of ``.npy`` columns, the horizon, the
+atomically rewritten ``snapshot.json`` and reading a stream root's unindexed tail."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+__all__ = ["SNAPSHOT", "ColumnSegment", "SegmentSet", "apply_horizon", "read_segment", "read_snapshot", "read_tail",
+           "write_segment", "write_snapshot"]
+
+SNAPSHOT = "snapshot.json"
+
+
+class _Aged(Protocol):
+    path: str
+    created: float
+
+    def __len__(self) -> int: ...
+
+
+class ColumnSegment:
+    """A segment whose columns ``FIELDS`` are attributes (arrays, usually memory-mapped)."""
+
+    FIELDS: tuple[str, ...] = ()
+
+    def __init__(self, path: str, arrays: dict[str, np.ndarray], created: float):
+        self.path, self.created = path, created
+        for name in self.FIELDS:
+            setattr(self, name, arrays[name])
+
+    def nbytes(self) -> int:
+        return sum(getattr(self, name).nbytes for name in self.FIELDS)
+
+
+class SegmentSet:
+    """Size of an index over ``self.segments`` (a mixin for slotted dataclasses)."""
+
+    __slots__ = ()
+    segments: tuple[Any, ...]
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.segments)
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.segments)
+
+
+def read_snapshot(ddir: str) -> dict[str, Any] | None:
+    """``ddir/snapshot.json`` as last written, ``None`` if there is none."""
+    path = os.path.join(ddir, SNAPSHOT)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_segment(path: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """Write ``arrays`` (one ``.npy`` each) and ``meta.json`` as the folder ``path``, replaced whole."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    for name, arr in arrays.items():
+        np.save(os.path.join(tmp, f"{name}.npy"), np.ascontiguousarray(arr))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def read_segment(path: str, fields: Iterable[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A segment folder's columns ``fields`` (memory-mapped) and its meta."""
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    return {name: np.load(os.path.join(path, f"{name}.npy"), mmap_mode="r") for name in fields}, meta
+
+
+def apply_horizon(segs: list[_Aged], *, now: float, horizon_age_s: float | None, horizon_count: int | None,
+                  log: logging.Logger, what: str, unit: str) -> None:
+    """Forget (in place) the oldest whole segments older than ``horizon_age_s``, then while the
+    others still hold ``horizon_count`` items; logged to ``log`` as ``"<what> horizon"`` in ``unit``."""
+    while segs and horizon_age_s is not None and now - segs[0].created > horizon_age_s:
+        log.info("%s horizon (age): forgetting %d %s of %s", what, len(segs[0]), unit, segs[0].path)
+        segs.pop(0)
+    while len(segs) > 1 and horizon_count is not None and sum(len(s) for s in segs) - len(segs[0]) >= horizon_count:
+        log.info("%s horizon (count): forgetting %d %s of %s", what, len(segs[0]), unit, segs[0].path)
+        segs.pop(0)
+
+
+def write_snapshot(ddir: str, generation: int, segs: Sequence[_Aged], shards: Iterable[str],
+                   now: float) -> dict[str, Any]:
+    """Atomically (re)write ``ddir/snapshot.json`` naming ``segs`` and the covered ``shards``,
+    then remove every other segment folder in ``ddir``; returns the snapshot written."""
+    snap = {"version": 1, "generation": generation, "segments": [os.path.basename(s.path) for s in segs],
+            "shards": sorted(shards), "written_at": now}
+    tmp = os.path.join(ddir, f"{SNAPSHOT}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(snap, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(ddir, SNAPSHOT))
+    keep = set(snap["segments"]) | {SNAPSHOT}
+    for name in os.listdir(ddir):
+        if name not in keep and not name.startswith(f"{SNAPSHOT}.tmp"):
+            shutil.rmtree(os.path.join(ddir, name), ignore_errors=True)
+    return snap
+
+
+def read_tail(root: str, covered: frozenset[str], modality: str,
+              key: str) -> tuple[list[tuple[str, Any]], set[str]]:
+    """``(sample id, lineage[key])`` of the ``modality`` samples carrying ``key`` in the shards
+    of ``root`` published but not in ``covered``, and those shards."""
+    from streams.mds import TailReader
+
+    found: list[tuple[str, Any]] = []
+    shards: set[str] = set()
+    if not os.path.exists(os.path.join(root, "index.json")):
+        return found, shards
+    with TailReader(root, exclude_shards=covered) as reader:
+        shards.update(reader.poll())
+        for s in reader.samples(timeout_s=0):
+            shards.add(s["_shard"])
+            if s.get("modality") != modality:
+                continue
+            lineage = s.get("lineage") or {}
+            if isinstance(lineage, str):
+                lineage = json.loads(lineage)
+            if key in lineage:
+                found.append((s["id"], lineage[key]))
+    return found, shards
