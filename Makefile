@@ -4,7 +4,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE = 1
 export PYTHONUNBUFFERED = 1
 
-.PHONY: bootstrap demo test test-fast test-matrix lint bench
+.PHONY: bootstrap demo test test-fast test-soak test-matrix lint bench
 
 # Python versions for test-matrix (pyenv interpreters); CI runs 3.11 only (.ci/run -> make test).
 MATRIX ?= 3.12 3.13
@@ -17,6 +17,10 @@ demo: bootstrap
 
 test: bootstrap
 	$(VENV)/bin/pytest -ra --durations=15 tests
+
+# The fuzz suite at issue 14's full size: >= 10,000 records per topic through the real consumers.
+test-soak: bootstrap
+	HEADWATER_FUZZ_RECORDS=10000 $(VENV)/bin/pytest -ra -m slow tests/test_fuzz_consumers.py tests/test_ingest_isolation.py
 
 test-fast: bootstrap
 	$(VENV)/bin/pytest -ra -m "not slow" tests

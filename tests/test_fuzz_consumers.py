@@ -9,6 +9,7 @@ figures recorded in docs/RELIABILITY.md.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -350,9 +351,10 @@ def test_fuzz_status(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)
+@pytest.mark.timeout(1200)
 def test_fuzz_every_consumer_10k_per_topic(tmp_path):
-    n = 10_000
+    # `make test` runs 2,000 per topic (CI budget); `make test-soak` runs the 10,000 of issue 14.
+    n = int(os.environ.get("HEADWATER_FUZZ_RECORDS", "2000"))
     results = fuzz_all(tmp_path, n, seed=100)
     _assert_survived([r for r in results if r.consumer != "status (run dir)"])
     _assert_survived([r for r in results if r.consumer == "status (run dir)"], exact_dlq=False)

@@ -401,9 +401,10 @@ def test_streaming_ingest_isolates_every_hostile_record(broker, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)
+@pytest.mark.timeout(1200)
 def test_ten_thousand_fuzzed_raw_records_through_streaming_ingest(broker, tmp_path):
-    n = int(os.environ.get("HEADWATER_FUZZ_RECORDS", "10000"))
+    # `make test` runs 1,000 records (CI budget); `make test-soak` runs the 10,000 of issue 14.
+    n = int(os.environ.get("HEADWATER_FUZZ_RECORDS", "1000"))
     records = fuzz_records(n, seed_value=14, valid_share=0.2)
     topic = create_topic(broker.bootstrap, "test.raw", 1)
     _produce(broker.bootstrap, topic, [r.value for r in records])
