@@ -326,10 +326,11 @@ class StreamBuffers:
             return sum(f.purge(bad) for f in self.feeds.values())
 
     def buffered_shards(self, except_domains: set[str] = frozenset()) -> set[str]:
-        """Shards with samples waiting in the buffers (read but not trained yet), except ``except_domains``'."""
+        """Shards not fully trained yet (buffered, being read, or published and still unread: a
+        rollback quarantines them all, so no shard of an implicated domain is trained after it),
+        except those of ``except_domains``."""
         with self._cond:
-            return {e.doc.shard for d, f in self.feeds.items() if d not in except_domains
-                    for e in f.buf if e.doc is not None}
+            return {name for d, f in self.feeds.items() if d not in except_domains for name in f.unfinished_shards()}
 
     def skipped(self) -> dict[str, dict[str, int]]:
         """Per domain: shards and samples skipped by the backlog bound (the freshness policy)."""

@@ -96,6 +96,15 @@ class DomainFeed:
         self._stop = False
         self._thread: threading.Thread | None = None
 
+    def unfinished_shards(self) -> set[str]:
+        """Names of shards published here and not fully trained: being read, buffered, or pending
+        (lock held by the caller)."""
+        names = {key[1] for _, key in self._pending} | {e.doc.shard for e in self.buf if e.doc is not None}
+        for cursor in (self.current, self._reading):
+            if cursor is not None:
+                names.add(cursor[0][1])
+        return names
+
     def set_cap(self, cap_bytes: int) -> None:
         """A new read-ahead cap (lock held by the caller); wakes the reader if it may read now."""
         grew = cap_bytes > self.cap_bytes

@@ -183,7 +183,7 @@ class LiveStreamDataLoader(BaseDataLoader):
         return dropped + int(self.packer.drop_carry(shards=set(shards), sources=set(sources)))
 
     def pending_shards(self, except_domains: set[str] = frozenset()) -> set[str]:
-        """Shards read into this rank's buffers (or carried by the packer) but not fully trained,
+        """Shards of this rank not fully trained (read, buffered, carried by the packer, or still unread),
         except those of ``except_domains``."""
         carry = self.packer.carry
         carried = {carry.shard} if carry is not None and carry.domain not in except_domains else set()
