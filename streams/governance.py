@@ -73,9 +73,9 @@ def dead_letter_source(dead: DeadLetter) -> str | None:
 
     A truncated, non-JSON (e.g. Parquet row bytes) or source-less original has none: such dead
     letters cannot be attributed to a source and are not removed by a takedown."""
-    try:
+    try:  # the bytes are hostile by definition: any parse failure means "no source"
         obj = json.loads(dead.original())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError, TypeError):
         return None
     source = obj.get("source") if isinstance(obj, dict) else None
     return source if isinstance(source, str) else None

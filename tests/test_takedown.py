@@ -252,3 +252,12 @@ def test_a_restored_cursor_inside_a_rewritten_shard_continues_at_the_same_sample
     rest = [s["id"] for s in resumed.samples(timeout_s=0)]
     resumed.close()
     assert rest == ["noise-0-2", "noise-0-4", "noise-1-0", "noise-1-2", "noise-1-3", "noise-1-4"]
+
+
+def test_a_dead_letter_of_hostile_bytes_has_no_source_and_does_not_crash():
+    from streams.events import DeadLetter
+    from streams.governance import dead_letter_source
+
+    for original in (b"[" * 100_000, b'{"source": ' + b"[" * 50_000, b"\xff\xfe", b'{"source": "web"}'):
+        dead = DeadLetter.of(original, reason="malformed_json", stage="validate")
+        assert dead_letter_source(dead) in (None, "web")
