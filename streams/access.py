@@ -65,8 +65,8 @@ ACCESS: dict[str, Access] = {
         code=("evaluators/sentinel.py", "evaluators/alerts"),
         purpose="alert sentinel: rules over metrics/evals, hooks, signed automatic controls"),
     "operator": Access(
-        writes=("control",), code=("infra/control_cli.py",),
-        purpose="people: signed `headwater control ...` commands"),
+        reads=("dlq",), writes=("control",), code=("infra/control_cli.py", "infra/takedown.py"),
+        purpose="people: signed `headwater control ...` commands; `headwater takedown` (dlq scan)"),
     "monitor": Access(describe_all=True, code=("infra/status.py",),
                       purpose="`headwater status`: end offsets and consumer lag"),
 }
