@@ -114,7 +114,11 @@ def test_a_domain_new_since_start_up_is_drawn_when_the_known_ones_run_dry(tmp_pa
     write_stream(root, domains={"old": "markov"}, shards=1, per_shard=4, vocab=64)
     write_stream(root, domains={"new": "counting"}, shards=2, per_shard=40, vocab=64, writer_id="w2", seed=1)
     ld = loader([root], domains=["old"], starve_timeout_s=1)  # the mixer knows only "old" at start
-    seen = {d for x in batches(ld, 6) for d in x["_meta"].doc_domains}
+    it, seen = iter(ld), set()
+    for _ in range(40):  # "old" (4 documents of ~150 tokens) runs dry within ~10 batches of 64 tokens
+        seen |= set(next(it)[0]["_meta"].doc_domains)
+        if "new" in seen:
+            break
     ld.close()
     assert seen == {"old", "new"} and "new" in ld.mixer.domains
 
