@@ -200,7 +200,7 @@ def _checkpoints(run: Path) -> list[Path]:
 
 
 def _summary(run: Path, producer: Producer, console: Console) -> int:
-    """Print what happened; non-zero if the bad-data episode did not go alert -> rollback."""
+    """Print what happened; non-zero unless the bad-data episode went alert -> quarantine -> rollback exactly once."""
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rollbacks = [r for r in steps if r.get("event") == "rollback"]
     lineage = [json.loads(line) for line in (run / "lineage.jsonl").read_text().splitlines()] if (
@@ -215,8 +215,21 @@ def _summary(run: Path, producer: Producer, console: Console) -> int:
         console.print(f"  lineage: {row.get('action')} {row.get('args', {})} ({row.get('reason', '')})")
     for r in rollbacks:
         console.print(f"  trainer rolled back from step {r.get('from_step')} to {r.get('to_step')}: {r.get('reason')}")
-    if producer.poisoned and not rollbacks:
+    quarantines = [r for r in steps if r.get("event") == "quarantine"]
+    for r in quarantines:
+        console.print(f"  trainer quarantined {r.get('sources') or r.get('shards')} at step {r.get('step')}")
+    if not producer.poisoned:
+        console.print("[red]the bad-data episode never started (the trainer saved too few checkpoints)[/red]")
+        return 1
+    if not rollbacks:
         console.print("[red]the bad-data episode did not lead to a rollback[/red]")
+        return 1
+    if len(rollbacks) > 1 or len(quarantines) > 1:
+        console.print(f"[red]the bad-data episode was acted on more than once: {len(rollbacks)} rollbacks, "
+                      f"{len(quarantines)} quarantines[/red]")
+        return 1
+    if not quarantines:
+        console.print("[red]the leaking source was never quarantined[/red]")
         return 1
     return 0
 
