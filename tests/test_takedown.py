@@ -21,7 +21,7 @@ from infra.cli import main as cli
 from infra.takedown import takedown
 from streams.governance import denylist
 from streams.mds import TailReader, read_index, read_sidecar
-from trainer.data.loader import _source_tokens
+from trainer.data.loader import batch_tokens_by
 from trainer.data.packer import Doc
 from trainer.lineage import SourceLineage
 from trainer.runs import train_argv
@@ -79,7 +79,7 @@ def test_batch_source_tokens_count_every_input_position_by_source():
             Doc(id="b", domain="d", tokens=np.arange(3), source="web_news"),
             Doc(id="c", domain="d", tokens=np.arange(4), source="web")]
     doc_index = np.array([[0, 0, 0, 0, 0, 1], [1, 1, 2, 2, 2, 2]])
-    assert _source_tokens(docs, doc_index) == {"web": 9, "web_news": 3}
+    assert batch_tokens_by(docs, doc_index, lambda d: d.source) == {"web": 9, "web_news": 3}
     lineage = SourceLineage()
     lineage.add({"web": 9, "web_news": 3})
     lineage.add({"web": 1})
@@ -181,6 +181,8 @@ def test_a_real_training_run_records_lineage_and_takedown_names_its_checkpoints(
     for info in infos.values():
         by_source = info["lineage"]["tokens_by_source"]
         assert set(by_source) <= {KEPT, GONE} and by_source.get(GONE, 0) > 0
+        # per license too (the synthetic stream is all cc0): the same tokens, counted by license
+        assert info["lineage"]["tokens_by_license"] == {"cc0": sum(by_source.values())}
     assert sum(infos[4]["lineage"]["tokens_by_source"].values()) == 2 * sum(
         infos[2]["lineage"]["tokens_by_source"].values())  # same tokens per step
     with open(os.path.join(run_dir, "checkpoints.jsonl")) as f:

@@ -242,7 +242,7 @@ class HeadwaterTrainer(Trainer):
             facts["unknown"] |= not self.step_stats.add_microbatch(meta, lab, token_losses)
             facts["shards"].update(meta.shard_domains)
             facts["sources"].update(meta.doc_sources)
-            self.lineage.add(meta.source_tokens)
+            self.lineage.add(meta.source_tokens, meta.license_tokens)
             facts["produced_at"] += [p for p in meta.produced_at if p > 0]
             facts["wait_s"] += meta.wait_s
             facts["tokens"] += lab.numel()
@@ -377,7 +377,7 @@ class HeadwaterTrainer(Trainer):
 
     def _on_checkpoint_saved(self) -> None:
         cursor = self.dataloader.cursor_summary()
-        lineage = {"tokens_by_source": self.lineage.total()}  # a collective: before the rank check
+        lineage = self.lineage.totals()  # a collective: before the rank check
         good = self.guard.trips_since_checkpoint == 0
         self.guard.trips_since_checkpoint = 0
         if self.rank != 0:

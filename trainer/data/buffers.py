@@ -225,7 +225,7 @@ class StreamBuffers:
             return None
         return Doc(id=str(sample["id"]), domain=entry.domain, tokens=tokens,
                    produced_at=float(sample.get("produced_at") or 0.0), shard=entry.name, source=source,
-                   root=root, index=int(sample["_index"]))
+                   root=root, index=int(sample["_index"]), license=str(sample.get("license") or ""))
 
     # -- consumer side -------------------------------------------------------------------------------
     def domains(self) -> list[str]:

@@ -42,7 +42,7 @@ from trainer.data.packer import IGNORE_INDEX, Doc, Packer
 from trainer.data.rendezvous import DataRendezvous
 from trainer.mixing import Mixer
 
-__all__ = ["BatchMeta", "LiveStreamDataLoader", "freshness"]
+__all__ = ["BatchMeta", "LiveStreamDataLoader", "batch_tokens_by", "freshness"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class BatchMeta:
     starved: list[str]
     shard_domains: dict[str, str] = field(default_factory=dict)  # shard -> its domain (one per shard)
     source_tokens: dict[str, int] = field(default_factory=dict)  # input tokens per source (lineage)
+    license_tokens: dict[str, int] = field(default_factory=dict)  # input tokens per license (lineage)
 
     def domain_sums(self, token_losses: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, float], dict[str, int]]:
         """Per-domain loss sums (float64) and label-token counts of CPU tensors, ``IGNORE_INDEX`` excluded."""
@@ -81,11 +82,11 @@ def freshness(produced_at: list[float], now: float) -> dict[str, float | None]:
     return {"freshness_s": float(np.median(ages)), "freshness_p95_s": float(np.percentile(ages, 95))}
 
 
-def _source_tokens(docs: list[Doc], doc_index: np.ndarray) -> dict[str, int]:
-    """Input tokens of a packed batch per source of their document."""
+def batch_tokens_by(docs: list[Doc], doc_index: np.ndarray, key: Callable[[Doc], str]) -> dict[str, int]:
+    """Input tokens of a packed batch per ``key`` (source, license) of their document."""
     out: Counter[str] = Counter()
     for doc, n in zip(docs, np.bincount(doc_index.ravel(), minlength=len(docs)).tolist(), strict=True):
-        out[doc.source] += n
+        out[key(doc)] += n
     return dict(out)
 
 
@@ -223,7 +224,8 @@ class LiveStreamDataLoader(BaseDataLoader):
             wait_s=time.monotonic() - t0,
             starved=starved,
             shard_domains={d.shard: d.domain for d in docs},
-            source_tokens=_source_tokens(docs, packed.doc_index),
+            source_tokens=batch_tokens_by(docs, packed.doc_index, lambda d: d.source),
+            license_tokens=batch_tokens_by(docs, packed.doc_index, lambda d: d.license),
         )
         self.status = "running"
         self.buffers.refill()  # readers run while the step computes, not while this batch is drawn

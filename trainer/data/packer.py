@@ -39,6 +39,7 @@ class Doc:
     root: int = 0  # index of its stream root
     index: int = -1  # sample index in its shard
     offset: int = 0  # position of ``tokens[0]`` in the sample (a split document's remainder)
+    license: str = ""
 
 
 @dataclass(slots=True)
@@ -103,7 +104,7 @@ class Packer:
                 at += take
                 if take < n:  # the last placed token opens the next row: no label lost
                     self.carry = Doc(doc.id, doc.domain, doc.tokens[take - 1:], doc.produced_at, doc.shard,
-                                     doc.source, doc.root, doc.index, doc.offset + take - 1)
+                                     doc.source, doc.root, doc.index, doc.offset + take - 1, doc.license)
         tokens = flat.reshape(rows, need)
         pos = (np.arange(rows * need) - np.repeat(starts, lengths)).reshape(rows, need)
         labels = tokens[:, 1:].copy()
@@ -121,7 +122,7 @@ class Packer:
         """The carried remainder as a reference (root, shard, sample index, offset), not its tokens."""
         c = self.carry
         return {"carry": None if c is None else
-                (c.id, c.domain, c.produced_at, c.shard, c.source, c.root, c.index, c.offset)}
+                (c.id, c.domain, c.produced_at, c.shard, c.source, c.root, c.index, c.offset, c.license)}
 
     def load_state_dict(self, state: dict, fetch: Callable[[int, str, int], np.ndarray]) -> None:
         """Restore; ``fetch(root, shard, index)`` re-reads the tokens of the carried sample."""
@@ -129,9 +130,10 @@ class Packer:
         if c is None:
             self.carry = None
             return
-        doc_id, domain, produced_at, shard, source, root, index, offset = c
+        doc_id, domain, produced_at, shard, source, root, index, offset, *rest = c  # rest: license (newer)
         tokens = fetch(root, shard, index)[offset:]
-        self.carry = Doc(doc_id, domain, tokens, produced_at, shard, source, root, index, offset)
+        self.carry = Doc(doc_id, domain, tokens, produced_at, shard, source, root, index, offset,
+                         rest[0] if rest else "")
 
     def drop_carry(self, *, shards: set[str] = frozenset(), sources: set[str] = frozenset()) -> bool:
         """Forget the carried remainder if it comes from a quarantined shard or source."""
