@@ -104,9 +104,12 @@ class RollbackPolicy:
     """Turns alerts into Control commands from the checkpoint/eval/rollback history it observes."""
 
     def __init__(self, *, issued_by: str = "headwater-evaluate", pending_s: float = 300.0,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, confirm_checkpoints: int = 1):
+        if confirm_checkpoints < 1:
+            raise ValueError(f"confirm_checkpoints must be >= 1, got {confirm_checkpoints}")
         self.issued_by = issued_by
         self.pending_s = pending_s
+        self.confirm_checkpoints = confirm_checkpoints
         self.clock = clock
         self.checkpoints: dict[CheckpointKey, CheckpointSaved] = {}
         self.reports: dict[CheckpointKey, list[EvalReport]] = {}
@@ -210,6 +213,27 @@ class RollbackPolicy:
                   and any(f.get("significant") for f in r.details.get("regression", {}).get("findings", []))]
         return failed[0] if failed else None
 
+    def failing_streak(self, report: EvalReport) -> int:
+        """How many consecutive evaluated checkpoints of the report's branch, ending with its own,
+        failed on significant findings (an unevaluated checkpoint between them does not break the
+        streak; a passing one does). With ``confirm_checkpoints`` > 1 a transient bump of the loss
+        curve that the next checkpoint recovers from rolls nothing back."""
+        branch: dict[CheckpointKey, list[EvalReport]] = {}
+        for key, reports in self.reports.items():
+            wall = key[1]
+            for r in reports:
+                if r.run_id != report.run_id or r.step > report.step or r.error is not None or wall is None:
+                    continue
+                if any(wall < at and r.step > step for at, step in self.rolled_back.get(r.run_id, [])):
+                    continue  # on a branch a rollback abandoned
+                branch.setdefault(key, []).append(r)
+        streak = 0
+        for key, reports in sorted(branch.items(), key=lambda kv: (kv[1][0].step, kv[0][1]), reverse=True):
+            if all(r.passed for r in reports):
+                break
+            streak += 1
+        return streak
+
     def was_applied(self, run_id: str, control_id: str, issued_at: float) -> bool:
         """Whether the trainer applied a rollback: it confirmed ``control_id``, or ``run_id`` saved a
         checkpoint after ``issued_at`` at a step no later than one it had saved before (it went back)."""
@@ -251,6 +275,10 @@ class RollbackPolicy:
             return Decision(skipped=f"no checkpoint of run {run_id!r} has passed evaluation; rollback needs a human")
         if all((run_id, m) in self.open_circuits for m in metrics):
             return Decision(skipped=f"circuit open for run {run_id!r} {metrics}: paused, needs a human")
+        streak = self.failing_streak(report)
+        if streak < self.confirm_checkpoints:
+            return Decision(skipped=f"regression at step {report.step} not confirmed yet: {streak} of "
+                                    f"{self.confirm_checkpoints} consecutive checkpoints failed")
         target = checkpoint_key(good)
         repeated = sorted({m for t, ms, cid, at in self.rollbacks.get(run_id, [])
                            if t == target and self.was_applied(run_id, cid, at) for m in ms} & set(metrics))

@@ -76,7 +76,9 @@ class Sentinel:
         self.settings = KafkaSettings.load(bootstrap=config.bootstrap, client_id=f"headwater-{config.instance}")
         rules = parse_rules(doc)
         self.engine = AlertEngine(rules, source=config.instance)
-        self.policy = RollbackPolicy(issued_by=config.instance)
+        rollback = doc.get("rollback", {})
+        self.policy = RollbackPolicy(issued_by=config.instance,
+                                     confirm_checkpoints=int(rollback.get("confirm_checkpoints", 1)))
         self.lineage = LineageLog(config.lineage)
         self.producer = make_producer(self.settings)
         self.guard = ConsumerGuard(config.instance, self.producer)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 import uuid
 
+import pytest
+
 from evaluators.alerts.control import ControlHook
 from evaluators.lineage import LineageLog
 from evaluators.rollback import CIRCUIT_RULE, RollbackPolicy
@@ -48,6 +50,24 @@ def test_regression_rolls_back_to_last_good_and_quarantines_only_the_regressed_d
                              "checkpoint_wall_time": 20.0, "step": 200, "quarantine": "since",
                              "regression": ["domain/forum_en"], "domains": ["forum_en"]}
     assert "eval_regression" in rollback.reason
+
+
+def test_with_confirm_checkpoints_2_a_transient_regression_rolls_nothing_back():
+    policy = RollbackPolicy(confirm_checkpoints=2)
+    history(policy)  # 100 and 200 passed, 300 failed
+    decision = policy.decide(regression_alert(), "rollback")
+    assert decision.controls == [] and "1 of 2 consecutive" in decision.skipped
+    saved(policy, 400, 40.0, passed=True)  # the next checkpoint recovered: the bump was transient
+    saved(policy, 500, 50.0, passed=False)  # a new failure starts a new streak
+    assert "1 of 2" in policy.decide(regression_alert(saved_at=50.0, step=500), "rollback").skipped
+    saved(policy, 600, 60.0, passed=False)  # two in a row: confirmed, back to the last good (400)
+    (rollback,) = policy.decide(regression_alert(saved_at=60.0, step=600), "rollback").controls
+    assert rollback.args["step"] == 400 and rollback.args["target"] == "last_good"
+
+
+def test_confirm_checkpoints_below_1_is_a_config_error():
+    with pytest.raises(ValueError, match="confirm_checkpoints"):
+        RollbackPolicy(confirm_checkpoints=0)
 
 
 def test_a_regression_needs_a_failed_report_on_evals_to_corroborate_it():
