@@ -12,6 +12,10 @@ processes never lose each other's entries (the gap mosaicml/streaming#646 leaves
 Publish order is sidecar first, then index; so a shard is *published* iff its name is in
 index.json, and :func:`settled_ranges` counts only published shards (plus empty "settled
 only" windows, which have no shard at all).
+
+Object-store roots (``s3://…``) have no lock and no rename: their per-writer layout and lock-free
+commit live in :mod:`streams.storage`; the readers here (:func:`read_index`, :func:`read_sidecar`,
+:func:`published_entries`, :func:`settled_ranges`) accept both kinds of root.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from streams import storage
 from streams.events import OffsetRange
 
 __all__ = [
@@ -33,12 +38,17 @@ __all__ = [
     "SIDECAR",
     "StreamManifest",
     "atomic_write_json",
+    "check_sidecar",
+    "empty_sidecar",
     "merge_ranges",
+    "published_entries",
     "read_index",
     "read_sidecar",
+    "read_writer_sidecar",
     "root_lock",
     "settled_ranges",
     "shard_name_of",
+    "writer_published",
 ]
 
 INDEX = "index.json"
@@ -81,7 +91,7 @@ def atomic_write_json(path: str, obj: Any, *, durable: bool = True, sync_dir: bo
     tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(tmp, "w") as f:
-            json.dump(obj, f, sort_keys=True)
+            f.write(json.dumps(obj, sort_keys=True))  # one-shot: the C encoder (json.dump is pure Python)
             f.flush()
             if durable:
                 os.fdatasync(f.fileno())
@@ -125,27 +135,56 @@ def _read_json(path: str, default: Any) -> Any:
 
 
 def read_index(root: str) -> dict[str, Any]:
-    """The MDS index of ``root`` (an empty one if none was published yet)."""
+    """The MDS index of ``root`` (an empty one if none was published yet; for an object-store
+    root, the merged index of all writers)."""
+    if storage.is_remote(root):
+        return storage.object_root(storage.normalize_root(root)).root_index()[0]
     obj = _read_json(os.path.join(root, INDEX), {"version": 2, "shards": []})
     if obj.get("version") != 2 or not isinstance(obj.get("shards"), list):
         raise ValueError(f"{root}/{INDEX}: not an MDS version-2 index")
     return obj
 
 
-def read_sidecar(root: str) -> dict[str, Any]:
-    """The headwater.json sidecar of ``root`` (an empty one if missing)."""
-    empty = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "vocab_version": None,
-             "shards": {}, "settled_only": {}}
-    obj = _read_json(os.path.join(root, SIDECAR), empty)
+def empty_sidecar() -> dict[str, Any]:
+    return {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "vocab_version": None,
+            "shards": {}, "settled_only": {}}
+
+
+def check_sidecar(where: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` if it is a sidecar this version understands (else ``ValueError``)."""
     if obj.get("format") != SIDECAR_FORMAT or obj.get("version") != SIDECAR_VERSION:
-        raise ValueError(f"{root}/{SIDECAR}: unsupported sidecar {obj.get('format')!r} v{obj.get('version')!r}")
+        raise ValueError(f"{where}: unsupported sidecar {obj.get('format')!r} v{obj.get('version')!r}")
     return obj
+
+
+def read_sidecar(root: str) -> dict[str, Any]:
+    """The headwater.json sidecar of ``root`` (an empty one if missing; for an object-store root,
+    the union of all writers' sidecars)."""
+    if storage.is_remote(root):
+        return _merged_sidecar(storage.object_root(storage.normalize_root(root)))
+    return check_sidecar(f"{root}/{SIDECAR}", _read_json(os.path.join(root, SIDECAR), empty_sidecar()))
+
+
+def read_writer_sidecar(store: storage.ObjectRoot, writer_id: str) -> tuple[dict[str, Any], str | None]:
+    """One writer's sidecar in an object-store root and its version."""
+    side, version = store.writer_sidecar(writer_id, empty_sidecar())
+    return check_sidecar(f"{store.url}/{store.writer_dir(writer_id)}/{SIDECAR}", side), version
+
+
+def _merged_sidecar(store: storage.ObjectRoot) -> dict[str, Any]:
+    out = empty_sidecar()
+    for writer_id in store.writers():
+        side = read_writer_sidecar(store, writer_id)[0]
+        out["vocab_version"] = out["vocab_version"] or side["vocab_version"]
+        out["shards"].update(side["shards"])
+        out["settled_only"].update(side["settled_only"])
+    return out
 
 
 def shard_name_of(info: dict[str, Any]) -> str:
     """A shard's name: its index entry's data basename without the ``.mds[.ext]`` suffix."""
     basename = info["raw_data"]["basename"]
-    return basename.removesuffix(".mds")
+    return basename.rsplit("/", 1)[-1].removesuffix(".mds")  # merged object-store index: writers/<id>/
 
 
 def ranges_to_json(ranges: Iterable[OffsetRange]) -> list[dict[str, Any]]:
@@ -170,6 +209,9 @@ def merge_ranges(ranges: Iterable[OffsetRange]) -> list[OffsetRange]:
 
 def published_entries(root: str) -> dict[str, dict[str, Any]]:
     """Sidecar entries of published shards and settled-only windows, by name."""
+    if storage.is_remote(root):
+        store = storage.object_root(storage.normalize_root(root))
+        return {n: e for w in store.writers() for n, e in writer_published(store, w).items()}
     names = {shard_name_of(info) for info in read_index(root)["shards"]}
     side = read_sidecar(root)
     out = {n: e for n, e in side["shards"].items() if n in names}
@@ -181,3 +223,13 @@ def settled_ranges(root: str, *, merge: bool = True) -> list[OffsetRange]:
     """Kafka offset ranges settled by everything published in ``root`` (all writers)."""
     ranges = [r for e in published_entries(root).values() for r in ranges_from_json(e["settled"])]
     return merge_ranges(ranges) if merge else ranges
+
+
+def writer_published(store: storage.ObjectRoot, writer_id: str) -> dict[str, dict[str, Any]]:
+    """Published entries of one writer of an object-store root: its committed index is the truth
+    (the sidecar, put before it, may hold an entry whose index put never happened)."""
+    names = {shard_name_of(info) for info in store.writer_index(writer_id)[0]["shards"]}
+    side = read_writer_sidecar(store, writer_id)[0]
+    out = {n: e for n, e in side["shards"].items() if n in names}
+    out.update(side["settled_only"])
+    return out

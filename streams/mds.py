@@ -7,6 +7,10 @@ A stream root is a stock MDS dataset directory (every snapshot loads in
 Readers: :class:`TailReader` follows the root live with a resumable cursor. A stock
 ``StreamingDataset(local=root)`` reads a snapshot but decompresses shards into the root;
 ``StreamingDataset(remote=root, local=<own cache>)`` reads the same snapshot without writing there.
+
+A root may also be an object-store URL (``s3://bucket/prefix``): the same classes and functions
+work on it, with a lock-free per-writer layout whose merged ``index.json`` is what
+``StreamingDataset(remote=root)`` reads (:mod:`streams.storage`).
 """
 
 from streams.manifest import StreamManifest, merge_ranges, read_index, read_sidecar, settled_ranges

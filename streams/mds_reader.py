@@ -10,6 +10,9 @@ Two parts are public for readers that schedule shards themselves (the trainer's 
 feeds): :class:`IndexWatcher` (a non-blocking poll of the published shard list) and
 :class:`ShardOpener` (verify, decompress and read one shard, retrying transient I/O errors,
 raising :class:`CorruptShard`).
+
+An object-store root (``s3://…``) is read through :mod:`streams.storage`: the watcher polls the
+merged index's version tag instead of a stat, and shards are downloaded into the cache directory.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
+from botocore.exceptions import BotoCoreError
 from streaming.base.compression import decompress
 from streaming.base.format import reader_from_json
 from streaming.base.format.base.reader import Reader
 from streaming.base.hashing import get_hash
 
 from streams import manifest as mf
+from streams import storage
 from streams.events import ShardPublished
 
 __all__ = ["CURSOR_VERSION", "CorruptShard", "IndexWatcher", "ShardEntry", "ShardOpener", "TailReader"]
@@ -66,24 +71,34 @@ class IndexWatcher:
     re-reads it (and the sidecar) only when it changed."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = os.path.abspath(os.fspath(root))
-        self._stat: tuple[int, int, int] | None = None
+        self.root = storage.normalize_root(root)
+        self._store = storage.object_root(self.root) if storage.is_remote(self.root) else None
+        self._stat: tuple[int, int, int] | str | None = None
         self.entries: dict[str, ShardEntry] = {}
 
-    def poll(self) -> list[ShardEntry]:
-        """Shards published since the last call, in publish order."""
+    def _stamp(self) -> tuple[int, int, int] | str | None:
+        if self._store is not None:
+            try:
+                return self._store.version(mf.INDEX)
+            except (OSError, BotoCoreError) as e:
+                log.warning("cannot poll %s, retrying at the next poll: %s", self.root, e)
+                return None  # store unreachable: try again at the next poll
         try:
             st = os.stat(os.path.join(self.root, mf.INDEX))
         except FileNotFoundError:
-            return []
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if stamp == self._stat:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def poll(self) -> list[ShardEntry]:
+        """Shards published since the last call, in publish order."""
+        stamp = self._stamp()
+        if stamp is None or stamp == self._stat:
             return []
         try:
             index = mf.read_index(self.root)
             side = mf.read_sidecar(self.root)  # read after the index: holds every shard listed there
-        except (ValueError, OSError):
-            return []  # a foreign, half-written file: try again at the next poll
+        except (ValueError, OSError, BotoCoreError):
+            return []  # a foreign, half-written file or a network error: try again at the next poll
         self._stat = stamp
         new = []
         for ordinal, info in enumerate(index["shards"]):
@@ -107,12 +122,14 @@ class ShardOpener:
 
     def __init__(self, root: str | os.PathLike, *, cache_dir: str | None = None, verify_hashes: bool = True,
                  read_attempts: int = 4, retry_backoff_s: float = 0.1):
-        self.root = os.path.abspath(os.fspath(root))
+        self.root = storage.normalize_root(root)
+        self._store = storage.object_root(self.root) if storage.is_remote(self.root) else None
         self.verify_hashes = verify_hashes
         self.read_attempts, self.retry_backoff_s = max(1, read_attempts), retry_backoff_s
         self.transient_errors = 0  # OSErrors that a retry got past
         self._own_cache = cache_dir is None
         self._cache = cache_dir or tempfile.mkdtemp(prefix="headwater-tail-")
+        self._cached: dict[str, str] = {}  # shard name -> its decompressed/downloaded copy
         os.makedirs(self._cache, exist_ok=True)
 
     def close(self) -> None:
@@ -130,8 +147,11 @@ class ShardOpener:
             except Exception as e:
                 raise CorruptShard(f"cannot decompress {zipped['basename']}: {e}") from e
             self._verify(raw, data)
+        if zipped or self._store is not None:
             dirname = self._cache
-            with open(os.path.join(dirname, raw["basename"]), "wb") as f:
+            path = self._cached[name] = os.path.join(dirname, raw["basename"])
+            os.makedirs(os.path.dirname(path), exist_ok=True)  # object roots: writers/<id>/ basenames
+            with open(path, "wb") as f:
                 f.write(data)
         try:
             return reader_from_json(dirname, "", info)
@@ -147,27 +167,40 @@ class ShardOpener:
 
     def release(self, name: str) -> None:
         """Drop the decompressed copy of shard ``name`` (done with it)."""
-        cached = os.path.join(self._cache, f"{name}.mds")
-        if os.path.exists(cached):
+        cached = self._cached.pop(name, None)
+        if cached is not None and os.path.exists(cached):
             os.remove(cached)
 
     def _retrying(self, read: Callable[[], Any]) -> Any:
-        """``read()``, retrying ``OSError`` (a transient I/O failure must not mark a shard corrupt for good)."""
+        """``read()``, retrying ``OSError`` and botocore's network errors (a transient I/O failure
+        must not mark a shard corrupt for good); the last failure is raised as an ``OSError``."""
         for attempt in range(self.read_attempts - 1):
             try:
                 return read()
-            except OSError as e:
+            except (OSError, BotoCoreError) as e:
                 self.transient_errors += 1
                 log.warning("read error, retrying (attempt %d/%d): %s", attempt + 1, self.read_attempts, e)
                 time.sleep(self.retry_backoff_s * 2**attempt)
-        return read()
+        try:
+            return read()
+        except BotoCoreError as e:
+            raise OSError(str(e)) from e
 
     def _load(self, file_info: dict[str, Any]) -> bytes:
-        path = os.path.join(self.root, file_info["basename"])
+        if self._store is not None:
+            store, path = self._store, f"{self.root}/{file_info['basename']}"
 
-        def read() -> bytes:
-            with open(path, "rb") as f:
-                return f.read()
+            def read() -> bytes:
+                data = store.read(file_info["basename"])
+                if data is None:
+                    raise FileNotFoundError(path)
+                return data
+        else:
+            path = os.path.join(self.root, file_info["basename"])
+
+            def read() -> bytes:
+                with open(path, "rb") as f:
+                    return f.read()
 
         try:
             data = self._retrying(read)
@@ -214,7 +247,7 @@ class TailReader:
         read_attempts: int = 4,
         retry_backoff_s: float = 0.1,
     ):
-        self.root = os.path.abspath(os.fspath(root))
+        self.root = storage.normalize_root(root)
         self.domains = None if domains is None else frozenset(domains)
         self.poll_interval_s = poll_interval_s
         self.exclude_shards: set[str] = set(exclude_shards)

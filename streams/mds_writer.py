@@ -5,6 +5,11 @@ Each :meth:`LiveStreamWriter.write_shard` call writes ONE shard with mosaicml-st
 deterministic name, records it in the sidecar and atomically rewrites ``index.json``. A replay
 of the same settled offset ranges (or, without ranges, the same content) is a no-op that
 returns the original :class:`ShardPublished`.
+
+An object-store root (``s3://…``) has no lock and no rename: the writer first claims its id (an
+owner token, see :mod:`streams.storage`); each shard is sealed in a local temp directory, uploaded
+as an immutable object under a fresh key in this writer's own prefix, then this writer's sidecar
+and index are put conditionally. An in-process lock per writer id serialises threads.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -25,6 +31,7 @@ import numpy as np
 from streaming.base.format.mds.writer import MDSWriter
 
 from streams import manifest as mf
+from streams import storage
 from streams.events import OffsetRange, ShardPublished, TokenizedSample
 
 __all__ = ["COLUMNS", "LiveStreamWriter", "OverlapError", "sample_from_event", "seal_rows"]
@@ -94,7 +101,8 @@ class LiveStreamWriter:
     """Appends sealed shards to a stream root; safe with other writers (threads or processes).
 
     Args:
-        root: local stream root directory (created if missing).
+        root: local stream root directory (created if missing), or an object-store URL
+            (``s3://bucket/prefix``; see :mod:`streams.storage`).
         writer_id: stable id of this writer (part of shard names); ``[A-Za-z0-9_-]``.
         manifest: :class:`StreamManifest` or dict with vocab/tokenizer/discretizer/pipeline versions.
         compression: MDS compression (``"zstd"``, ``"zstd:3"``, ... or ``None``).
@@ -102,6 +110,8 @@ class LiveStreamWriter:
         publisher: called with each :class:`ShardPublished` after it is visible (e.g. to Kafka).
         vocab_size: if set, token ids outside ``[0, vocab_size)`` are rejected.
         durable: fsync shard files and JSON before publishing.
+        orphan_grace_s: object-store roots: at start, unlisted shard objects of this writer's
+            prefix older than this are deleted (uploads of publishes that never committed).
     """
 
     def __init__(
@@ -115,8 +125,9 @@ class LiveStreamWriter:
         publisher: Callable[[ShardPublished], None] | None = None,
         vocab_size: int | None = None,
         durable: bool = True,
+        orphan_grace_s: float = 900.0,
     ):
-        self.root = os.path.abspath(os.fspath(root))
+        self.root = storage.normalize_root(root)
         self.writer_id = _check_name("writer_id", writer_id)
         self.manifest = mf.StreamManifest.of(manifest)
         self.compression = compression or None
@@ -125,8 +136,18 @@ class LiveStreamWriter:
         self.vocab_size = vocab_size
         self._token_limit = vocab_size if vocab_size is not None else 2**31 - 1
         self.durable = durable
-        self._staging = os.path.join(self.root, mf.STAGING)
-        os.makedirs(self._staging, exist_ok=True)
+        self.orphan_grace_s = orphan_grace_s
+        self._store = storage.object_root(self.root) if storage.is_remote(self.root) else None
+        if self._store is None:
+            self._staging = os.path.join(self.root, mf.STAGING)
+            os.makedirs(self._staging, exist_ok=True)
+        else:
+            self._lock = storage.writer_lock(self.root, self.writer_id)
+            with self._lock:
+                self._owner = self._claim()  # fences any older process with this writer id
+                self._remove_orphans()
+                self._store.refresh_index()  # merge what a crash after a commit left unmerged
+            self._staging = tempfile.mkdtemp(prefix=f"headwater-stage-{self.writer_id}-")
         self._clean_own_staging()
 
     def __enter__(self) -> Self:
@@ -135,6 +156,8 @@ class LiveStreamWriter:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self._clean_own_staging()
+        if self._store is not None:  # object-store root: the staging dir is this writer's temp dir
+            shutil.rmtree(self._staging, ignore_errors=True)
 
     def settled(self, *, merge: bool = True) -> list[OffsetRange]:
         """All offset ranges settled by published shards in the root (every writer)."""
@@ -282,6 +305,11 @@ class LiveStreamWriter:
         info["raw_data"]["basename"] = f"{name}.mds"
         if info.get("zip_data"):
             info["zip_data"]["basename"] = f"{name}.mds.{info['zip_data']['basename'].rsplit('.', 1)[1]}"
+        if self._store is not None:
+            event = self._publish_remote(src, info, name, domain, settled)
+            if self.publisher is not None:
+                self.publisher(event)
+            return event
         if self.durable:
             with open(src, "rb+") as f:
                 os.fdatasync(f.fileno())
@@ -327,6 +355,8 @@ class LiveStreamWriter:
                          sort_keys=True).encode()
         name = _check_name("name", name) if name else (
             f"{domain}.{self.writer_id}.{hashlib.sha256(key).hexdigest()[:16]}")
+        if self._store is not None:
+            return self._settle_only_remote(domain, settled, name)
         with mf.root_lock(self.root):
             side = mf.read_sidecar(self.root)
             names = {mf.shard_name_of(i) for i in mf.read_index(self.root)["shards"]}
@@ -339,6 +369,138 @@ class LiveStreamWriter:
             side["settled_only"][name] = entry
             mf.atomic_write_json(os.path.join(self.root, mf.SIDECAR), side, durable=self.durable)
         return self._event(name, entry)
+
+    # --- object-store roots (streams/storage.py) --------------------------------------------------
+    def _remote_state(self) -> tuple[dict[str, Any], str | None, dict[str, Any], str | None,
+                                     dict[str, dict[str, Any]], dict[str, Any]]:
+        """This writer's index and sidecar (with versions), the published entries of every writer
+        (own last) and a sidecar-like view whose vocab_version is the root's."""
+        store = self._store
+        assert store is not None
+        index, index_v = store.writer_index(self.writer_id)
+        side, side_v = mf.read_writer_sidecar(store, self.writer_id)
+        for kind, obj in ((mf.INDEX, index), (mf.SIDECAR, side)):
+            if obj.get("owner") != self._owner:
+                raise self._fenced(f"{store.url}/{store.writer_dir(self.writer_id)}/{kind}", obj)
+        published: dict[str, dict[str, Any]] = {}
+        vocab = side["vocab_version"]
+        for other in store.writers():
+            if other != self.writer_id:
+                published.update(mf.writer_published(store, other))
+                vocab = vocab or mf.read_writer_sidecar(store, other)[0]["vocab_version"]
+        names = {mf.shard_name_of(i) for i in index["shards"]}
+        published.update({n: e for n, e in side["shards"].items() if n in names})
+        published.update(side["settled_only"])
+        return index, index_v, side, side_v, published, {"vocab_version": vocab}
+
+    def _fenced(self, where: str, current: dict[str, Any] | None) -> storage.WriterFenced:
+        owner = (current or {}).get("owner")
+        return storage.WriterFenced(
+            f"{where} changed under this writer: writer id {self.writer_id!r} of {self.root} is now "
+            f"owned by {owner!r}, not by this writer ({self._owner!r}); another process started with "
+            "this writer id, so this one may not commit (writer ids must be unique per live process)")
+
+    def _claim(self) -> str:
+        """Put a fresh owner token into this writer's index and sidecar (both conditional, retried
+        on conflict). Their versions change, so an older process with the same id fails its next
+        conditional put and then sees a foreign owner on every publish."""
+        store = self._store
+        assert store is not None
+        wdir = store.writer_dir(self.writer_id)
+        token = uuid.uuid4().hex
+        for attempt in range(storage.CAS_ATTEMPTS):
+            index, index_v = store.writer_index(self.writer_id)
+            side, side_v = mf.read_writer_sidecar(store, self.writer_id)
+            try:
+                store.put(f"{wdir}/{mf.SIDECAR}", storage.json_bytes({**side, "owner": token}), if_version=side_v)
+                store.put(f"{wdir}/{mf.INDEX}", storage.json_bytes({**index, "owner": token}), if_version=index_v)
+                return token
+            except storage.PreconditionFailed:  # a publish of the previous owner landed: re-read
+                storage.backoff(attempt)
+        raise storage.PreconditionFailed(f"{self.root}: could not claim writer id {self.writer_id!r} in "
+                                         f"{storage.CAS_ATTEMPTS} attempts")
+
+    def _put_own(self, kind: str, obj: dict[str, Any], version: str | None) -> None:
+        """Conditional put of this writer's own index or sidecar. A lost precondition whose object
+        now holds exactly ``obj`` is our own earlier attempt (its response was lost): success. A
+        409 conflict that left the object unchanged is retried; anything else means fenced."""
+        store = self._store
+        assert store is not None
+        rel = f"{store.writer_dir(self.writer_id)}/{kind}"
+        data = storage.json_bytes(obj)
+        for attempt in range(storage.CAS_ATTEMPTS):
+            try:
+                store.put(rel, data, if_version=version)
+                return
+            except storage.PreconditionFailed as e:
+                current, current_v = store.read_json(rel, None)
+                if current is not None and storage.json_bytes(current) == data:
+                    return
+                if isinstance(e, storage.ConditionalConflict) and current_v == version:
+                    storage.backoff(attempt)
+                    continue
+                raise self._fenced(f"{store.url}/{rel}", current) from e
+        raise storage.PreconditionFailed(f"{store.url}/{rel}: {storage.CAS_ATTEMPTS} puts lost to 409 conflicts")
+
+    def _publish_remote(self, src: str, info: dict[str, Any], name: str, domain: str,
+                        settled: list[OffsetRange]) -> ShardPublished:
+        """Upload the shard object under a fresh key, then put this writer's sidecar and (the
+        commit) its index, each conditional on the version read; then merge into the root index.
+        A failed publish deletes nothing: its upload's fate may be unknown, the start-up GC takes it."""
+        store = self._store
+        assert store is not None
+        wdir = store.writer_dir(self.writer_id)
+        with self._lock:
+            index, index_v, side, side_v, published, view = self._remote_state()
+            names = {mf.shard_name_of(i) for i in index["shards"]}
+            replay = name if name in names else self._check_root(view, published, settled)
+            if replay is not None:
+                store.refresh_index()  # the original publish may have died before its merge
+                return self._event(replay, published[replay])
+            info = storage.prefixed(info, f"{uuid.uuid4().hex[:16]}/")  # a key no attempt reuses
+            data_key = f"{wdir}/{self._data_basename(info)}"
+            with open(src, "rb") as f:
+                data = f.read()
+            try:
+                store.put(data_key, data, if_version=None)  # If-None-Match: never overwrite an object
+            except storage.PreconditionFailed:
+                if store.read(data_key) != data:  # not our own retried upload: should never happen
+                    raise
+            entry = self._entry(domain, settled, info["samples"], len(data))
+            side["shards"][name] = entry
+            side["vocab_version"] = self.manifest.vocab_version
+            index["shards"].append(info)
+            self._put_own(mf.SIDECAR, side, side_v)
+            self._put_own(mf.INDEX, index, index_v)  # the commit
+            store.refresh_index()
+        return self._event(name, entry)
+
+    def _settle_only_remote(self, domain: str, settled: list[OffsetRange], name: str) -> ShardPublished:
+        with self._lock:
+            _, _, side, side_v, published, view = self._remote_state()
+            replay = name if name in published else self._check_root(view, published, settled)
+            if replay is not None:
+                return self._event(replay, published[replay])
+            entry = self._entry(domain, settled, 0, 0)
+            side["settled_only"][name] = entry
+            self._put_own(mf.SIDECAR, side, side_v)
+        return self._event(name, entry)
+
+    def _remove_orphans(self) -> None:
+        """Delete shard objects of this writer's prefix that its index does not list and that are
+        older than ``orphan_grace_s`` (uploads of publishes that never committed). Runs after the
+        claim, so no older process with this id can commit them any more."""
+        store = self._store
+        assert store is not None
+        wdir = store.writer_dir(self.writer_id)
+        listed = set()
+        for info in store.writer_index(self.writer_id)[0]["shards"]:
+            listed.update(f"{wdir}/{info[k]['basename']}" for k in ("raw_data", "zip_data") if info.get(k))
+        cutoff = time.time() - self.orphan_grace_s
+        for obj in store.find(wdir):
+            if (".mds" in obj["name"].rsplit("/", 1)[-1] and obj["name"] not in listed
+                    and obj["LastModified"].timestamp() <= cutoff):
+                store.delete(obj["name"])
 
     def _clean_own_staging(self) -> None:
         for d in os.listdir(self._staging):

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import uuid
 
+from streams import storage
 from trainer.run_guard import EXIT_RUN_DIR_BUSY, RunDirBusy, RunLock
 
 __all__ = ["FRESH_START_ENV", "build_command", "main"]
@@ -63,7 +64,7 @@ def _run_id(run_dir: str) -> str:
 def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     """The torchrun command line for parsed ``headwater train`` arguments."""
     run_dir = os.path.abspath(args.run_dir)
-    roots = [os.path.abspath(r) for r in args.stream_root]
+    roots = [storage.normalize_root(r) for r in args.stream_root]  # keeps s3://… URLs as URLs
     if any("," in r for r in roots):  # torchtitan parses list[str] options as one comma-separated value
         raise ValueError(f"stream root paths must not contain a comma: {[r for r in roots if ',' in r]}")
     cmd = [

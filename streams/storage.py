@@ -1,0 +1,301 @@
+"""Where a stream root lives: a local directory, or an object store (``s3://``, ``gs://``) via fsspec.
+
+Local roots keep the protocol of :mod:`streams.manifest` (one index.json and sidecar, ``flock``
+and ``os.replace``). Object stores have neither locks nor renames, so an object-store root is
+laid out so that no two writers ever write the same object, and every commit is a conditional put:
+
+* ``writers/<writer_id>/<attempt>/<name>.mds[.zstd]``: immutable shard objects, uploaded first,
+  each under a fresh random ``<attempt>`` prefix and with ``If-None-Match: *``, so a committed
+  object is never overwritten (the index entry's basename names the object; ``<name>`` stays the
+  dedup key);
+* ``writers/<writer_id>/headwater.json``: that writer's sidecar (put second);
+* ``writers/<writer_id>/index.json``: that writer's MDS index, the commit point (put last). Both
+  JSON puts carry ``If-Match`` of the version the writer read (``If-None-Match: *`` for the first).
+  Both also carry an ``owner`` token: a writer that starts claims its id by re-putting both with a
+  fresh token (conditional puts), which changes their versions, so an older process with the same
+  writer id fails its next conditional put and, seeing a foreign token, every later publish
+  (:class:`WriterFenced`);
+* ``index.json``: the merged MDS index of all writers (basenames keep their ``writers/<id>/``
+  prefix, as ``streaming``'s ``merge_index`` writes them). It is derived: after each commit the
+  writer appends every committed shard it lacks, with a compare-and-swap put retried on conflict,
+  so it is append-only and the same for every reader. ``StreamingDataset(remote=ROOT)`` and
+  :class:`~streams.mds_reader.TailReader` read it; settlement reads the per-writer files, which
+  are the truth (a writer that died between its commit and the merge is merged by the next
+  publish of any writer, or by :meth:`ObjectRoot.refresh_index`).
+
+A shard uploaded by a writer that died before its index put is invisible (no index lists it). A
+writer never deletes an upload whose commit failed (its outcome may be unknown); when it starts
+again, after its claim, it deletes unlisted objects of its own prefix older than a grace period.
+
+Conditional puts are single PUTs (S3's limit: 5 GiB); a larger conditional body is refused, since
+a multipart upload would drop ``If-Match``. A 409 ``ConditionalRequestConflict`` (a concurrent
+conditional write to the same key) is a lost compare-and-swap (:class:`ConditionalConflict`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+import re
+import threading
+import time
+from typing import Any
+
+__all__ = ["CAS_ATTEMPTS", "SINGLE_PUT_LIMIT", "WRITERS", "ConditionalConflict", "ObjectRoot",
+           "PreconditionFailed", "StoreUnavailable", "WriterFenced", "backoff", "is_remote", "json_bytes",
+           "normalize_root", "object_root", "prefixed", "writer_lock"]
+
+WRITERS = "writers"
+INDEX = "index.json"
+SIDECAR = "headwater.json"
+#: Attempts of a compare-and-swap lost to other writers (or to a 409) before giving up.
+CAS_ATTEMPTS = 50
+#: Largest body of a conditional put: S3's single-PUT limit (multipart would drop ``If-Match``).
+SINGLE_PUT_LIMIT = 5 * 2**30
+#: botocore client settings: a bounded connect timeout and retry count, so a poll of an
+#: unreachable store fails in seconds instead of blocking for tens of seconds.
+_CLIENT_CONFIG = {"connect_timeout": 5, "retries": {"max_attempts": 3}}
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_LOCKS: dict[tuple[str, str], threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+class PreconditionFailed(RuntimeError):
+    """A conditional put lost: the object changed (or appeared) since it was read."""
+
+
+class ConditionalConflict(PreconditionFailed):
+    """409 ConditionalRequestConflict: another conditional write to the key was in flight; the
+    object may be unchanged, so re-read and retry."""
+
+
+class WriterFenced(PreconditionFailed):
+    """Another process claimed this writer id after this writer started; this one may not commit."""
+
+
+class StoreUnavailable(OSError):
+    """The object store or bucket of a stream root cannot be reached or does not exist."""
+
+
+def is_remote(root: str | os.PathLike) -> bool:
+    """True for an object-store URL (``s3://…``, ``gs://…``); ``file://`` counts as local."""
+    s = os.fspath(root)
+    return bool(_SCHEME.match(s)) and not s.startswith("file://")
+
+
+def backoff(attempt: int) -> None:
+    """Sleep a jittered, capped exponential backoff before retry ``attempt`` (from 0)."""
+    time.sleep(random.uniform(0, 0.01 * 2 ** min(attempt, 6)))
+
+
+def writer_lock(url: str, writer_id: str) -> threading.Lock:
+    """The in-process lock of one writer id of one object-store root (threads sharing a writer,
+    or two writer objects with one id, take turns: a publish is read-modify-write)."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault((url, writer_id), threading.Lock())
+
+
+def normalize_root(root: str | os.PathLike) -> str:
+    """A local root as an absolute path; an object-store URL as given, without a trailing slash."""
+    s = os.fspath(root)
+    if is_remote(s):
+        return s.rstrip("/")
+    return os.path.abspath(s.removeprefix("file://"))
+
+
+def object_root(url: str) -> ObjectRoot:
+    """The :class:`ObjectRoot` of ``url``, cached per process (a forked child, e.g. a DataLoader
+    worker, must not reuse its parent's event loop and connections)."""
+    return _object_root(url, os.getpid())
+
+
+@functools.cache
+def _object_root(url: str, pid: int) -> ObjectRoot:
+    store = ObjectRoot(url)
+    store.check()  # fail fast on a missing bucket or unreachable endpoint (not cached on failure)
+    return store
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Canonical JSON bytes of ``obj`` (sorted keys)."""
+    return json.dumps(obj, sort_keys=True).encode()
+
+
+def _parse(rel: str, data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{rel} is corrupt: {e}") from None
+
+
+class ObjectRoot:
+    """One object-store stream root: object I/O through fsspec plus the per-writer layout above.
+
+    Credentials and endpoint come from the store's standard settings (for S3: ``AWS_ENDPOINT_URL``,
+    ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, profiles, instance roles).
+    """
+
+    def __init__(self, url: str):
+        import fsspec
+
+        self.url = url.rstrip("/")
+        self.fs, self.base = fsspec.core.url_to_fs(self.url, config_kwargs=_CLIENT_CONFIG)
+        protocol = self.fs.protocol
+        self.protocol = protocol if isinstance(protocol, str) else protocol[0]
+        if self.protocol not in ("s3", "s3a"):
+            # gcsfs has generation preconditions, but they are not wired or tested here.
+            raise NotImplementedError(f"stream root {url}: conditional puts are implemented for s3:// "
+                                      f"only (protocol {self.protocol!r})")
+
+    def check(self) -> None:
+        """Raise :class:`StoreUnavailable` unless the bucket exists and is reachable (HEAD bucket)."""
+        from botocore.exceptions import BotoCoreError
+
+        bucket = self.base.split("/", 1)[0]
+        try:
+            self.fs.call_s3("head_bucket", Bucket=bucket)
+        except FileNotFoundError as e:
+            raise StoreUnavailable(f"stream root {self.url}: bucket {bucket!r} does not exist") from e
+        except PermissionError as e:
+            raise StoreUnavailable(f"stream root {self.url}: access to bucket {bucket!r} denied") from e
+        except (OSError, BotoCoreError) as e:
+            raise StoreUnavailable(f"stream root {self.url}: object store unreachable: {e}") from e
+
+    # --- objects ---------------------------------------------------------------------------
+    def path(self, rel: str) -> str:
+        return f"{self.base}/{rel}" if rel else self.base
+
+    def version(self, rel: str) -> str | None:
+        """The object's current version tag (its ETag), ``None`` if it does not exist."""
+        try:
+            info = self.fs.info(self.path(rel), refresh=True)
+        except FileNotFoundError:
+            return None
+        return info.get("ETag") if info.get("type") == "file" else None
+
+    def read(self, rel: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(self.path(rel))
+        except FileNotFoundError:
+            return None
+
+    def read_json(self, rel: str, default: Any) -> tuple[Any, str | None]:
+        """``(object, version)``; the version is taken BEFORE the read, so a put conditioned on it
+        fails if the object changed in between (never the other way round)."""
+        version = self.version(rel)
+        if version is None:
+            return default, None
+        data = self.read(rel)
+        if data is None:  # deleted in between
+            return default, None
+        return _parse(f"{self.url}/{rel}", data), version
+
+    def put(self, rel: str, data: bytes, *, if_version: str | None | bool = False) -> None:
+        """Upload ``data``. ``if_version``: ``False`` unconditional, ``None`` only if absent,
+        a version tag only if the object still has it (else :class:`PreconditionFailed`;
+        :class:`ConditionalConflict` on a 409). A conditional body must stay under
+        :data:`SINGLE_PUT_LIMIT` (one PUT; a multipart upload would drop the precondition)."""
+        kwargs: dict[str, Any] = {}
+        if if_version is None:
+            kwargs["mode"] = "create"
+        elif if_version is not False:
+            kwargs["IfMatch"] = if_version
+        if kwargs and len(data) >= SINGLE_PUT_LIMIT:
+            raise ValueError(f"{self.url}/{rel}: a conditional put of {len(data)} bytes exceeds the "
+                             f"single-PUT limit of {SINGLE_PUT_LIMIT} bytes")
+        try:
+            # chunksize: s3fs goes multipart at 2*chunksize; this keeps every put under the limit single
+            self.fs.pipe_file(self.path(rel), data, chunksize=SINGLE_PUT_LIMIT, **kwargs)
+        except FileExistsError as e:
+            raise PreconditionFailed(f"{self.url}/{rel} already exists") from e
+        except OSError as e:
+            cause = f"{e!r} {e.__cause__!r}"
+            if "ConditionalRequestConflict" in cause:
+                raise ConditionalConflict(f"{self.url}/{rel}: concurrent conditional write") from e
+            if "PreconditionFailed" in cause:
+                raise PreconditionFailed(f"{self.url}/{rel} changed since it was read") from e
+            raise
+
+    def delete(self, rel: str) -> None:
+        try:
+            self.fs.rm_file(self.path(rel))
+        except FileNotFoundError:
+            pass
+
+    def listdir(self, rel: str) -> list[dict[str, Any]]:
+        """Entries directly under ``rel`` (fresh listing), each with ``name`` relative to the root."""
+        self.fs.invalidate_cache(self.path(rel))
+        try:
+            found = self.fs.ls(self.path(rel), detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+        cut = len(self.base) + 1
+        return [{**e, "name": e["name"][cut:]} for e in found]
+
+    def find(self, rel: str) -> list[dict[str, Any]]:
+        """Every object under ``rel`` at any depth (fresh listing), ``name`` relative to the root."""
+        self.fs.invalidate_cache(self.path(rel))
+        cut = len(self.base) + 1
+        found = self.fs.find(self.path(rel), detail=True)
+        return [{**e, "name": e["name"][cut:]} for e in found.values()]
+
+    # --- the per-writer layout -----------------------------------------------------------------
+    @staticmethod
+    def writer_dir(writer_id: str) -> str:
+        return f"{WRITERS}/{writer_id}"
+
+    def writers(self) -> list[str]:
+        """Writer ids that have a sub-root here (sorted)."""
+        return sorted(e["name"].rsplit("/", 1)[-1] for e in self.listdir(WRITERS) if e["type"] == "directory")
+
+    def writer_index(self, writer_id: str) -> tuple[dict[str, Any], str | None]:
+        obj, version = self.read_json(f"{self.writer_dir(writer_id)}/{INDEX}", {"version": 2, "shards": []})
+        if obj.get("version") != 2 or not isinstance(obj.get("shards"), list):
+            raise ValueError(f"{self.url}/{self.writer_dir(writer_id)}/{INDEX}: not an MDS version-2 index")
+        return obj, version
+
+    def writer_sidecar(self, writer_id: str, empty: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+        return self.read_json(f"{self.writer_dir(writer_id)}/{SIDECAR}", empty)
+
+    def root_index(self) -> tuple[dict[str, Any], str | None]:
+        """The merged index (an empty one if no writer has merged yet) and its version."""
+        obj, version = self.read_json(INDEX, {"version": 2, "shards": []})
+        if obj.get("version") != 2 or not isinstance(obj.get("shards"), list):
+            raise ValueError(f"{self.url}/{INDEX}: not an MDS version-2 index")
+        return obj, version
+
+    def refresh_index(self) -> int:
+        """Append every committed shard of every writer that the merged index lacks (compare-and-swap,
+        retried on conflict); returns how many were appended."""
+        for attempt in range(CAS_ATTEMPTS):
+            merged, version = self.root_index()
+            present = {_basename(i) for i in merged["shards"]}
+            added = []
+            for writer_id in self.writers():
+                prefix = f"{self.writer_dir(writer_id)}/"
+                for info in self.writer_index(writer_id)[0]["shards"]:
+                    if prefix + _basename(info) not in present:
+                        added.append(prefixed(info, prefix))
+            if not added:
+                return 0
+            try:
+                self.put(INDEX, json_bytes({**merged, "shards": merged["shards"] + added}), if_version=version)
+                return len(added)
+            except PreconditionFailed:  # lost the CAS, or a 409 conflict: re-read and retry
+                backoff(attempt)
+        raise PreconditionFailed(f"{self.url}/{INDEX}: {CAS_ATTEMPTS} merge attempts lost to other writers")
+
+
+def _basename(info: dict[str, Any]) -> str:
+    return info["raw_data"]["basename"]
+
+
+def prefixed(info: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """A copy of MDS index entry ``info`` whose file basenames start with ``prefix``."""
+    out = json.loads(json.dumps(info))
+    for key in ("raw_data", "zip_data"):
+        if out.get(key):
+            out[key]["basename"] = prefix + out[key]["basename"]
+    return out
