@@ -1,7 +1,12 @@
 """`headwater ingest`: the Beam ingest job (text path + media hook), streaming or bounded.
 
 Streaming:  headwater ingest --bootstrap HOST:PORT --stream-root DIR [--max-records N] [--duration S]
+Workers:    headwater ingest --bootstrap HOST:PORT --stream-root DIR --group G --writer-id W   (once per worker)
+            headwater ingest --bootstrap HOST:PORT --stream-root DIR --group G --workers N    (N processes)
 Bounded:    headwater ingest --input a.jsonl --input b.parquet --stream-root DIR --dlq DIR
+
+Streaming workers share the partitions of --topics through Kafka consumer-group assignment
+(each process needs its own --writer-id; a second live process with the same one is refused).
 
 Unrecognised arguments go to Beam's PipelineOptions (``--runner``, ``--direct_num_workers``...).
 """
@@ -36,11 +41,14 @@ from beam_jobs.dedup.index import DedupConfig
 from beam_jobs.disk_full import DiskFullGuard, is_disk_full
 from beam_jobs.filters import FilterChain, PerplexityFilter
 from beam_jobs.media_hook import HealthConfig, media_available
+from beam_jobs.outbox import drain_all
 from beam_jobs.pipeline import IngestConfig, IngestText
 from beam_jobs.settlement import ResumePlan
 from beam_jobs.sink import DeadLetterLost, SinkConfig
 from beam_jobs.sources.files import ReadRecordFiles
+from beam_jobs.sources.group import GroupMember
 from beam_jobs.sources.kafka import (
+    AbsentOffsets,
     KafkaSourceConfig,
     ReadKafkaRanges,
     ReadKafkaXlang,
@@ -50,11 +58,13 @@ from beam_jobs.sources.kafka import (
 )
 from beam_jobs.tokenize import DomainMap
 from beam_jobs.validate import ValidateConfig
+from beam_jobs.workers import WriterBusy, WriterLock, launch_workers, settlement_lock
 from streams.broker_watch import BrokerWatch
 from streams.events import Alert
 from streams.governance import TAKEDOWN_REASON, denylist
 from streams.signing import ControlVerifier, SigningError
 from streams.source_binding import SourceBinding
+from streams.storage import normalize_root
 
 __all__ = ["BROKER_RULE", "build_parser", "check_config", "config_from_args", "main", "run"]
 
@@ -70,16 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--stream-root", required=True, help="live MDS stream root")
     io.add_argument("--dlq", help="dead-letter folder (bounded default: <stream-root>/_ingest/dlq)")
     io.add_argument("--run-dir", help="metrics.json, drop log, wandb (default: <stream-root>/_ingest)")
-    io.add_argument("--writer-id", default="ingest-text")
+    io.add_argument("--writer-id", default="ingest-text", help="this process's writer id (one live process each)")
     k = p.add_argument_group("kafka (streaming mode)")
     k.add_argument("--bootstrap", help="Kafka bootstrap HOST:PORT (streaming mode)")
-    k.add_argument("--group", default="headwater-ingest", help="consumer group (offsets committed for lag monitoring)")
+    k.add_argument("--group", default="headwater-ingest",
+                   help="consumer group: its members share the partitions; offsets are committed after settlement")
+    k.add_argument("--workers", type=int, default=1,
+                   help="launch N worker processes in --group (writer ids and run dirs <writer-id>-<i>)")
     k.add_argument("--topics", default="raw.text,raw.audio,raw.image,raw.video")
     k.add_argument("--kafka_io", choices=("python", "xlang"), default="python")
     k.add_argument("--max-records", type=int, help="stop once this many records were settled in this run")
     k.add_argument("--duration", type=float, help="stop starting new micro-batches after this many seconds")
     k.add_argument("--until-caught-up", action="store_true", help="stop once every partition is settled to its end")
     k.add_argument("--window-s", type=int, default=2, help="idle poll interval; xlang: pane length")
+    k.add_argument("--batch-records", type=int, default=20_000,
+                   help="at most this many offsets per partition per micro-batch")
     f = p.add_argument_group("filters")
     f.add_argument("--disable", action="append", default=[], choices=FILTER_NAMES, help="disable a filter (repeatable)")
     f.add_argument("--languages", default="en,de,fr,es")
@@ -161,7 +176,7 @@ def config_from_args(a: argparse.Namespace) -> IngestConfig:
         setattr(filters, name, None)
     return IngestConfig(
         sink=SinkConfig(
-            stream_root=os.path.abspath(a.stream_root),
+            stream_root=normalize_root(a.stream_root),
             writer_id=a.writer_id,
             dlq_dir=a.dlq or (None if streaming else os.path.join(run_dir, "dlq")),
             dlq_topic="dlq" if streaming else None,
@@ -180,10 +195,10 @@ def config_from_args(a: argparse.Namespace) -> IngestConfig:
         domains=DomainMap(template=a.domain_template, mapping=json.loads(a.domain_map)),
         media=not a.no_media,
         media_config=media_config_from_args(a),
-        health=HealthConfig(stream=os.path.abspath(a.stream_root), bootstrap=a.bootstrap,
+        health=HealthConfig(stream=normalize_root(a.stream_root), bootstrap=a.bootstrap,
                             min_codes_seen=a.codebook_min_codes, min_utilization=a.collapse_threshold),
-        blocked_sources=blocked_sources(os.path.abspath(a.stream_root),
-                                        SourceControl.load(os.path.abspath(a.stream_root)).blocked),
+        blocked_sources=blocked_sources(normalize_root(a.stream_root),
+                                        SourceControl.load(normalize_root(a.stream_root)).blocked),
     )
 
 
@@ -231,7 +246,8 @@ def _fatal(e: BaseException, kind: type[BaseException]) -> str | None:
 
 def _run_one(records_fn, config: IngestConfig, options: PipelineOptions, *, streaming: bool) -> dict[str, int]:
     p = beam.Pipeline(options=options)
-    _ = records_fn(p) | "Ingest" >> IngestText(config, streaming=streaming)
+    with settlement_lock(config.sink.stream_root):  # workers sharing the root take turns at its dedup snapshot
+        _ = records_fn(p) | "Ingest" >> IngestText(config, streaming=streaming)
     try:
         result = p.run()
         result.wait_until_finish()
@@ -268,16 +284,6 @@ def _add(total: dict[str, int], more: dict[str, int]) -> None:
         total[k] = total.get(k, 0) + v
 
 
-def _commit_for_lag(consumer, positions: dict) -> None:
-    """Commit each partition's settled resume offset to the group: consumer-lag monitoring only."""
-    from kafka.structs import OffsetAndMetadata
-
-    try:
-        consumer.commit({tp: OffsetAndMetadata(start, "", -1) for tp, start in positions.items()})
-    except Exception as e:  # noqa: BLE001 - lag monitoring must never stop ingest
-        log.debug("offset commit for lag monitoring failed: %s", e)
-
-
 class _BatchReporter:
     """After each micro-batch: per-source MetricsEvents (that batch's rates) and a cumulative
     snapshot line in ``<run_dir>/metrics.jsonl``."""
@@ -297,60 +303,84 @@ class _BatchReporter:
 def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], run_dir: str) -> dict[str, int]:
     """Streaming from Kafka with the Python source: bounded micro-batches until a stop condition.
 
-    Between batches the control topic is polled; each batch runs with the blocked sources of then."""
-    from streams.kafka import KafkaSettings, make_consumer
+    This process is one member of consumer group ``--group``: each batch reads only the
+    partitions the group assigned to it, each from the stream root's settled ranges (gaps the
+    broker does not have are skipped). Between batches, a settlement boundary: the group
+    protocol runs (rebalances take effect), settled offsets are committed for lag monitoring,
+    the control topic is polled; each batch runs with the blocked sources of then. ShardPublished
+    events left unacknowledged (a crash, a refused send) are re-sent from the outbox at start and
+    after any batch whose sends failed."""
+    from streams.kafka import KafkaSettings, make_consumer, make_producer, publish
 
     try:  # fail fast: with no keyring, no control could be verified
         verifier = None if a.no_control else ControlVerifier.from_env()
     except SigningError as e:
         raise SystemExit(f"headwater ingest: {e}; or pass --no-control") from None
     binding = config.validate.binding
+    root = config.sink.stream_root
     source = KafkaSourceConfig(bootstrap=a.bootstrap, topics=[t for t in a.topics.split(",") if t], group=a.group,
-                               headers=binding is not None and bool(binding.producer_keys))
+                               headers=binding is not None and bool(binding.producer_keys),
+                               max_batch_per_partition=a.batch_records)
     options = _options(beam_args, streaming=False)
     deadline = time.monotonic() + a.duration if a.duration else None
-    initial = ResumePlan.of_stream(config.sink.stream_root).count()
+    initial = ResumePlan.of_stream(root).count()
     totals: dict[str, int] = {}
-    consumer = make_consumer(KafkaSettings.load(bootstrap=a.bootstrap), assign=[], group_id=a.group)
-    control = SourceControl.load(config.sink.stream_root)
+    settings = KafkaSettings.load(bootstrap=a.bootstrap)
+    probe = make_consumer(settings, assign=[], group_id=None)  # offsets, metadata, next existing offsets
+    absent = AbsentOffsets(probe)
+
+    def settled_positions(tps) -> dict:
+        return next_ranges(source, ResumePlan.of_stream(root), probe, partitions=sorted(tps), absent=absent)[1]
+
+    member = GroupMember(settings, source.topics, a.group, positions=settled_positions)
+    producer = make_producer(settings)
+    drain = (lambda: drain_all(root, lambda ev: publish(producer, "shards", ev, key=ev.domain), own=a.writer_id)) \
+        if "://" not in root else (lambda: 0)
+    control = SourceControl.load(root)
     follower = None if a.no_control else ControlFollower(a.bootstrap, control, verifier)
-    report = _BatchReporter(run_dir, a.bootstrap, {"mode": "streaming", "stream_root": config.sink.stream_root})
+    report = _BatchReporter(run_dir, a.bootstrap, {"mode": "streaming", "stream_root": root})
     gaps = RetentionGaps()
-    disk = DiskFullGuard(path=config.sink.stream_root, bootstrap=a.bootstrap)
+    disk = DiskFullGuard(path=root, bootstrap=a.bootstrap)
     watch = BrokerWatch(a.bootstrap, who="streaming ingest", on_restored=lambda s: publish_alert(a.bootstrap, Alert(
         rule=BROKER_RULE, severity="warning", source="ingest", dedup_key=f"{BROKER_RULE}:{a.bootstrap}",
         message=f"Kafka broker {a.bootstrap} did not answer for {s:.0f}s; ingest stalled and resumed",
-        evidence={"bootstrap": a.bootstrap, "duration_s": s, "stream_root": config.sink.stream_root})))
-    idle = 0  # consecutive micro-batches that read nothing
+        evidence={"bootstrap": a.bootstrap, "duration_s": s, "stream_root": root})))
     try:
+        if resent := drain():
+            log.info("re-sent %d ShardPublished events from the outbox", resent)
         while True:
             try:
                 if follower is not None:
                     follower.poll(timeout_s=0.3)
                     totals.update({f"consumer_guard/{k}": v for k, v in follower.guard.counts.items()})
-                config.blocked_sources = blocked_sources(config.sink.stream_root, control.blocked)
-                plan = ResumePlan.of_stream(config.sink.stream_root)
-                ranges, positions = next_ranges(source, plan, consumer, gaps)
-                _commit_for_lag(consumer, positions)
+                config.blocked_sources = blocked_sources(root, control.blocked)
+                owned = member.refresh(timeout_ms=200 if member.owned else 1000)
+                plan = ResumePlan.of_stream(root)
+                ranges, positions = next_ranges(source, plan, probe, gaps, partitions=sorted(owned), absent=absent)
+                member.commit(positions)
                 if a.max_records is not None and plan.count() - initial >= a.max_records:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
                     break
-                log.info("micro-batch from %s", [(r.topic, r.partition, r.start) for r in ranges])
-                counters = _run_one(lambda p, r=ranges, pl=plan: p | "ReadKafka" >> ReadKafkaRanges(source, r, pl),
-                                    config, options, streaming=False)
-                _add(totals, counters)
+                counters: dict[str, int] = {}
+                if ranges:
+                    log.info("micro-batch from %s", [(r.topic, r.partition, r.start) for r in ranges])
+                    counters = _run_one(lambda p, r=ranges, pl=plan: p | "ReadKafka" >> ReadKafkaRanges(source, r, pl),
+                                        config, options, streaming=False)
+                    _add(totals, counters)
+                    if counters.get("sink/events_unacked"):
+                        drain()
                 if counters.get("validate/in"):
                     report(counters, totals)
                     disk.succeeded()
-                    idle = 0
-                else:
-                    idle += 1
-                    # an empty batch may only mean a slow broker: stop once the settled positions
-                    # reached the end offsets (or after a few empty batches: transaction markers)
-                    if a.until_caught_up and (idle >= 3 or caught_up(consumer, positions)):
+                    continue
+                # Nothing read: an empty batch may only mean a slow broker, so stop only once every
+                # partition of the topics (the other workers' too) is settled to its end.
+                if a.until_caught_up and member.generations:
+                    everywhere = next_ranges(source, ResumePlan.of_stream(root), probe, absent=absent)[1]
+                    if caught_up(probe, everywhere, absent):
                         break
-                    time.sleep(a.window_s)
+                time.sleep(a.window_s)
             except Exception as e:
                 if not is_disk_full(e):
                     raise
@@ -358,24 +388,19 @@ def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], run_d
                 # Nothing of the failed batch was published, so nothing of it is in the settled
                 # dedup index either: the retry replays it against the same snapshot.
                 disk.wait()
+        member.commit(settled_positions(member.owned))  # the final settled positions: lag reads 0 when done
     finally:
         watch.close()
-        consumer.close()
+        member.close()
+        probe.close()
+        producer.close()
         if follower is not None:
             follower.close()
     return totals
 
 
-def run(argv: list[str] | None = None) -> dict:
-    """Build and run the ingest job; returns the data-metrics summary."""
-    a, beam_args = build_parser().parse_known_args(argv)
-    if bool(a.input) == bool(a.bootstrap):
-        raise SystemExit("headwater ingest: give either --input PATH... (bounded) or --bootstrap HOST:PORT (streaming)")
-    config = config_from_args(a)
-    check_config(a, config)
-    run_dir = a.run_dir or os.path.join(a.stream_root, "_ingest")
-    os.makedirs(config.sink.stream_root, exist_ok=True)
-    os.makedirs(run_dir, exist_ok=True)
+def _counters(a: argparse.Namespace, config: IngestConfig, beam_args: list[str], run_dir: str) -> dict[str, int]:
+    """Run the job in its mode (bounded, xlang, micro-batches); its Beam counters."""
     plan = ResumePlan.of_stream(config.sink.stream_root)
     if a.input:
         try:
@@ -393,6 +418,28 @@ def run(argv: list[str] | None = None) -> dict:
                             _options(beam_args, streaming=True), streaming=True)
     else:
         counters = _run_kafka_microbatches(a, config, beam_args, run_dir)
+    return counters
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Build and run the ingest job; returns the data-metrics summary."""
+    a, beam_args = build_parser().parse_known_args(argv)
+    if bool(a.input) == bool(a.bootstrap):
+        raise SystemExit("headwater ingest: give either --input PATH... (bounded) or --bootstrap HOST:PORT (streaming)")
+    config = config_from_args(a)
+    check_config(a, config)
+    run_dir = a.run_dir or os.path.join(a.stream_root, "_ingest")
+    os.makedirs(config.sink.stream_root, exist_ok=True)
+    os.makedirs(run_dir, exist_ok=True)
+    lock = WriterLock(config.sink.stream_root, a.writer_id)
+    try:
+        lock.acquire()  # before anything is written: a second live process with this writer id stops here
+    except WriterBusy as e:
+        raise SystemExit(f"headwater ingest: {e}") from None
+    try:
+        counters = _counters(a, config, beam_args, run_dir)
+    finally:
+        lock.release()
     summary = summarize(counters)
     summary["settled_total"] = ResumePlan.of_stream(config.sink.stream_root).count()
     write_metrics(run_dir, summary)
@@ -409,7 +456,16 @@ def run(argv: list[str] | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``headwater ingest``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: importing Beam already configured the root logger (WARNING), which hid every INFO line
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("kafka", "apache_beam"):  # INFO per connection / per transform
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    a, _ = build_parser().parse_known_args(argv)
+    if a.workers > 1:
+        if not a.bootstrap or a.input or a.kafka_io != "python":
+            raise SystemExit("headwater ingest: --workers needs streaming mode (--bootstrap, --kafka_io python)")
+        return launch_workers(list(sys.argv[1:] if argv is None else argv), a.workers, writer_id=a.writer_id,
+                              run_dir=a.run_dir or os.path.join(a.stream_root, "_ingest"))
     summary = run(argv)
     print(json.dumps({k: summary[k] for k in ("records_in", "samples_written", "dead_letters", "dup_rate", "pii_rate")}))
     return 0

@@ -14,7 +14,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import (
+    ConsumerRebalanceListener,
+    KafkaAdminClient,
+    KafkaConsumer,
+    KafkaProducer,
+    TopicPartition,
+)
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
@@ -144,9 +150,11 @@ def make_consumer(
     topics: list[str] | None = None,
     assign: list[TopicPartition] | None = None,
     group_id: str | None = None,
+    listener: ConsumerRebalanceListener | None = None,
     **kw,
 ) -> KafkaConsumer:
-    """A consumer with manual commits: subscribe to ``topics`` in ``group_id``, or ``assign`` partitions."""
+    """A consumer with manual commits: subscribe to ``topics`` in ``group_id`` (``listener``: told of
+    rebalances), or ``assign`` partitions."""
     if (topics is None) == (assign is None):
         raise ValueError("give exactly one of topics= or assign=")
     # Short session/heartbeat: group joins against tansu take ~3 s instead of ~23 s with the defaults.
@@ -155,7 +163,7 @@ def make_consumer(
     opts.update(kw)
     consumer = KafkaConsumer(**settings.client_kwargs(), **opts)
     if topics is not None:
-        consumer.subscribe(topics)
+        consumer.subscribe(topics, listener=listener)
     else:
         consumer.assign(assign)
     return consumer

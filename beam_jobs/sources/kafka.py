@@ -2,9 +2,10 @@
 
 ``python`` (default, runs anywhere): a splittable DoFn on kafka-python over *bounded*
 offset ranges per partition (assign + seek + ``poll()`` loops). The ingest job runs it in
-micro-batches: each batch reads every partition from the end of its contiguous settled
-range to the high watermark seen when the batch started, skipping offsets settled beyond
-it. (Beam 2.77's Python DirectRunner cannot checkpoint an unbounded splittable DoFn: its
+micro-batches: each batch reads the partitions the consumer group assigned to this worker
+(:mod:`beam_jobs.sources.group`), each from the end of its contiguous settled range (moved past
+offsets the broker does not have: :class:`AbsentOffsets`), skipping offsets settled beyond it.
+(Beam 2.77's Python DirectRunner cannot checkpoint an unbounded splittable DoFn: its
 residuals are lost or mis-typed; bounded ranges run correctly on every runner.)
 ``xlang``: Beam's cross-language ``ReadFromKafka`` (Dataflow/Flink; needs the Java
 expansion service), an unbounded read resuming from the group's committed offsets, which
@@ -14,6 +15,7 @@ the job commits only up to what is settled; settled offsets are filtered the sam
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,8 +30,8 @@ from beam_jobs.settlement import ResumePlan
 if TYPE_CHECKING:
     from streams.kafka import KafkaSettings
 
-__all__ = ["KafkaSourceConfig", "PartitionRange", "ReadKafkaRanges", "ReadKafkaXlang", "RetentionGaps", "caught_up",
-           "next_ranges", "xlang_consumer_config"]
+__all__ = ["AbsentOffsets", "KafkaSourceConfig", "PartitionRange", "ReadKafkaRanges", "ReadKafkaXlang", "RetentionGaps",
+           "caught_up", "next_ranges", "topic_partitions", "xlang_consumer_config"]
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +84,51 @@ class RetentionGaps:
         return max(0, total - before)
 
 
-def next_ranges(config: KafkaSourceConfig, plan: ResumePlan, consumer,
-                gaps: RetentionGaps | None = None) -> tuple[list[PartitionRange], dict]:
-    """The next batch's ranges and every partition's resume offset.
+class AbsentOffsets:
+    """Offsets the broker does not have (compaction, transaction markers), found by asking it.
 
-    Ranges are capped, not bounded by the partition's end offset: a range ends where the
-    partition has no more records (end offsets are unreliable on some brokers: tansu reports
-    the last batch's base offset + 1). Unread offsets stay unsettled for the next batch.
-    Offsets below a partition's log start that were never settled are lost to retention: they
-    are skipped, logged and (with ``gaps``) counted in the ranges' ``skipped``.
+    A resume pinned at an unsettled offset with settled offsets beyond it may sit on such a gap:
+    :meth:`resolve` seeks there and polls, and the first record returned is the next existing
+    offset; everything before it is absent (offsets only grow, so the evidence is positive and
+    final). Found spans are kept for this process and applied to every later plan; a restart
+    finds each gap once more.
     """
+
+    def __init__(self, consumer, *, timeout_ms: int = 1500):
+        self.consumer, self.timeout_ms = consumer, timeout_ms
+        self.spans: dict[tuple[str, int], list[tuple[int, int]]] = {}
+
+    def next_existing(self, tp, offset: int) -> int | None:
+        """The offset of the first record at or after ``offset``; None if none arrived in time."""
+        self.consumer.assign([tp])
+        self.consumer.seek(tp, offset)
+        deadline = time.monotonic() + self.timeout_ms / 1000
+        while time.monotonic() < deadline:
+            batch = self.consumer.poll(timeout_ms=200).get(tp, [])
+            if batch:
+                return min(r.offset for r in batch)
+        return None
+
+    def resolve(self, plan: ResumePlan, tp, earliest: int) -> int:
+        """``tp``'s resume offset in ``plan``, moved past absent offsets (marked in ``plan``)."""
+        key = (tp.topic, tp.partition)
+        for start, end in self.spans.get(key, ()):
+            plan.mark_absent(tp.topic, tp.partition, start, end)
+        start = plan.start(tp.topic, tp.partition, earliest)
+        while plan.settled_beyond(tp.topic, tp.partition, start):
+            found = self.next_existing(tp, start)
+            if found is None or found <= start:
+                break
+            log.info("%s[%d]: offsets [%d, %d) do not exist on the broker (compaction or transaction markers); "
+                     "resuming past them", tp.topic, tp.partition, start, found)
+            self.spans.setdefault(key, []).append((start, found))
+            plan.mark_absent(tp.topic, tp.partition, start, found)
+            start = plan.start(tp.topic, tp.partition, earliest)
+        return start
+
+
+def topic_partitions(config: KafkaSourceConfig, consumer) -> list:
+    """Every partition of ``config.topics`` (raises if a topic has none: it does not exist)."""
     from kafka import TopicPartition
 
     tps = []
@@ -100,10 +137,28 @@ def next_ranges(config: KafkaSourceConfig, plan: ResumePlan, consumer,
         if not parts:
             raise ValueError(f"topic {topic!r} has no partitions on {config.bootstrap} (does it exist?)")
         tps += [TopicPartition(topic, p) for p in sorted(parts)]
-    begins = consumer.beginning_offsets(tps)
+    return tps
+
+
+def next_ranges(config: KafkaSourceConfig, plan: ResumePlan, consumer, gaps: RetentionGaps | None = None, *,
+                partitions: list | None = None, absent: AbsentOffsets | None = None) -> tuple[list[PartitionRange], dict]:
+    """The next batch's ranges and resume offsets of ``partitions`` (default: every partition).
+
+    Ranges are capped, not bounded by the partition's end offset: a range ends where the
+    partition has no more records (end offsets are unreliable on some brokers: tansu reports
+    the last batch's base offset + 1). Unread offsets stay unsettled for the next batch.
+    Offsets below a partition's log start that were never settled are lost to retention: they
+    are skipped, logged and (with ``gaps``) counted in the ranges' ``skipped``. With ``absent``,
+    resume offsets move past offsets the broker does not have.
+    """
+    tps = topic_partitions(config, consumer) if partitions is None else sorted(partitions)
+    begins = consumer.beginning_offsets(tps) if tps else {}
     ranges, positions = [], {}
     for tp in tps:
-        start = plan.start(tp.topic, tp.partition, begins[tp])
+        if absent is not None:
+            start = absent.resolve(plan, tp, begins[tp])
+        else:
+            start = plan.start(tp.topic, tp.partition, begins[tp])
         positions[tp] = start
         skipped = gaps.new(plan, tp.topic, tp.partition, begins[tp]) if gaps is not None else 0
         if skipped:
@@ -113,11 +168,14 @@ def next_ranges(config: KafkaSourceConfig, plan: ResumePlan, consumer,
     return ranges, positions
 
 
-def caught_up(consumer, positions: dict) -> bool:
+def caught_up(consumer, positions: dict, absent: AbsentOffsets | None = None) -> bool:
     """Whether every partition's resume offset reached the broker's end offset (a lower bound on
-    tansu, so True here is necessary, not sufficient, for having read everything)."""
-    ends = consumer.end_offsets(list(positions))
-    return all(start >= ends.get(tp, 0) for tp, start in positions.items())
+    tansu, so True here is necessary, not sufficient, for having read everything). With
+    ``absent``, a partition short of its end offset is also caught up when the broker returns no
+    record after its resume offset (only gaps remain, e.g. a final transaction marker)."""
+    ends = consumer.end_offsets(list(positions)) if positions else {}
+    return all(start >= ends.get(tp, 0) or (absent is not None and absent.next_existing(tp, start) is None)
+               for tp, start in positions.items())
 
 
 class _Restrictions(RestrictionProvider):
