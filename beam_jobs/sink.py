@@ -1,23 +1,41 @@
 """Sink: settle every offset exactly once by writing sealed MDS shards that carry their offset ranges.
 
-Outcomes are grouped per (topic, partition, offset block) and window. For each group,
-in this order: dead letters are written (DLQ folder file named by the group's range, or
-the ``dlq`` topic), then the drop log, then one shard per domain whose settled ranges
-are exactly its samples' offsets, then one "settled only" entry for the remaining
-(filtered, deduplicated, dead-lettered) offsets. A crash between steps leaves only
-unsettled offsets, which a restart replays; nothing settled is ever replayed (the
-source skips settled offsets), so no sample is written twice.
+Outcomes are grouped per key and pane: per (topic, partition, offset block) in bounded mode, per
+(topic, partition) in streaming mode. For each group, in this order: dead letters are written (DLQ
+folder file named by the group's whole offset range, or the ``dlq`` topic), then the drop log,
+then one shard per domain whose settled ranges are exactly its samples' offsets, then one
+"settled only" entry for the remaining (filtered, deduplicated, dead-lettered) offsets. A crash
+between steps leaves only unsettled offsets, which a replay writes; offsets the root has settled
+are left out, so no sample is written twice.
+
+A real runner delivers panes the local loop never does, and each is safe here:
+an *empty* pane writes nothing; a *late* pane is an ordinary one (the sink's window is global and
+it settles by offset, not event time); *duplicate* outcomes of one offset are kept once, the same
+copy whatever their order (one with a sample first); and a *replay* (a retried sink bundle, a
+Flink restore with other pane boundaries) leaves out the offsets already settled.
+
+Streaming mode commits each (topic, partition) under its own deterministic writer id
+(:func:`partition_writer_id`). On an object-store root a process that starts writing a partition
+claims that id, which fences any older (zombie) process still holding it: the zombie's next commit
+raises ``WriterFenced``, its cached writer is evicted and the bundle fails, so the runner's retry
+re-claims and writes only what is still unsettled. Streaming mode also caches each partition's
+settled ranges in the process (read once, then grown from this process's own commits), since
+this process is the only committer of that writer id while it owns it; ``OverlapError`` or
+``WriterFenced`` drops the cache and the retry reads the root again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -25,15 +43,19 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger, window
 
 from beam_jobs.records import KafkaCoords, Outcome
+from beam_jobs.settlement import ResumePlan
 from beam_jobs.validate import SAFE_NAME
 from streams.events import DeadLetter, OffsetRange, TokenizedSample
 
-__all__ = ["SETTLE_DOMAIN", "DeadLetterLost", "SinkConfig", "WriteShards", "offsets_to_ranges", "send_checked"]
+__all__ = ["SETTLE_DOMAIN", "DeadLetterLost", "SealShardsFn", "SinkConfig", "Unsettled", "WriteShards",
+           "offsets_to_ranges", "partition_writer_id", "send_checked", "unsettled"]
 
 log = logging.getLogger(__name__)
 
 SETTLE_DOMAIN = "settled"
-_WRITERS: dict[tuple, object] = {}
+_WRITERS: dict[tuple, object] = {}  # (root, writer id, shards topic, bootstrap) -> writer
+_SETTLED: dict[tuple, list[OffsetRange]] = {}  # (writer key, topic, partition) -> settled ranges
+_CACHE_LOCK = threading.Lock()  # DoFn threads share both caches (two claims would fence each other)
 _PRODUCERS: dict[str, object] = {}
 
 
@@ -42,7 +64,7 @@ class SinkConfig:
     """Where and how outcomes are written."""
 
     stream_root: str
-    writer_id: str = "ingest-text"
+    writer_id: str = "ingest-text"  # streaming: the base of the per-partition writer ids
     dlq_dir: str | None = None
     dlq_topic: str | None = None  # with bootstrap: dead letters to Kafka
     shards_topic: str | None = None  # with bootstrap: ShardPublished events to Kafka
@@ -161,13 +183,75 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[-80:]
 
 
-class _WriteBatchFn(beam.DoFn):
-    def __init__(self, config: SinkConfig, manifest: dict):
-        self.config, self.manifest = config, manifest
+def partition_writer_id(base: str, topic: str, partition: int) -> str:
+    """The writer id of ``(topic, partition)`` in streaming mode: deterministic, so every group of
+    a partition is committed under one id, whose ownership claim fences a zombie process."""
+    digest = hashlib.sha256(f"{base}\0{topic}\0{partition}".encode()).hexdigest()[:8]
+    wid = f"{base}-{_safe(topic)[-24:]}-{partition}-{digest}"
+    return wid if len(wid) <= 64 else f"{base[:55]}-{digest}"
+
+
+def _rank(o: Outcome) -> int:
+    """Which copy of one offset wins: a sample, then a dead letter, then a drop (never lose a sample)."""
+    return 0 if o.sample is not None else 1 if o.dead is not None else 2 if o.dropped is not None else 3
+
+
+class Unsettled(NamedTuple):
+    """What :func:`unsettled` leaves to write, and what it left out."""
+
+    todo: list[Outcome]  # one outcome per unsettled (topic, partition, offset), in offset order
+    duplicates: int  # extra copies of an offset left out
+    replayed: int  # outcomes of offsets already settled
+    conflicts: int  # extra copies of another kind than the kept one (e.g. a drop next to a sample)
+
+
+def unsettled(outcomes: Iterable[Outcome], plan: ResumePlan) -> Unsettled:
+    """The outcomes still to settle, one per (topic, partition, offset) in offset order. Copies of
+    one offset are resolved whatever their order: the lowest :func:`_rank` wins (a sample over a
+    dead letter over a drop), then the smallest ``repr`` (e.g. two samples that differ only in
+    ``produced_at``, the usual case of a retried bundle)."""
+    kept: dict[KafkaCoords, Outcome] = {}
+    seen = replayed = conflicts = 0
+    for o in outcomes:
+        seen += 1
+        if plan.is_settled(o.coords.topic, o.coords.partition, o.coords.offset):
+            replayed += 1
+            continue
+        if (k := kept.get(o.coords)) is None:
+            kept[o.coords] = o
+            continue
+        conflicts += _rank(o) != _rank(k)
+        if (_rank(o), repr(o)) < (_rank(k), repr(k)):
+            kept[o.coords] = o
+    return Unsettled([kept[k] for k in sorted(kept)], seen - replayed - len(kept), replayed, conflicts)
+
+
+def _drop_cached(key: tuple, writer: object | None = None) -> None:
+    """Forget the settled ranges cached for the writer ``key`` and, given ``writer`` (fenced), that
+    writer too, unless another thread has already replaced it."""
+    with _CACHE_LOCK:
+        for k in [k for k in _SETTLED if k[0] == key]:
+            del _SETTLED[k]
+        if writer is not None and _WRITERS.get(key) is writer:
+            del _WRITERS[key]
+
+
+class SealShardsFn(beam.DoFn):
+    """Settles one group ``((topic, partition[, block]), outcomes)`` and yields its ShardPublished
+    events (see the module docstring); ``streaming`` selects the per-partition writer ids and the
+    in-process settled-range cache."""
+
+    def __init__(self, config: SinkConfig, manifest: dict, *, streaming: bool = False):
+        self.config, self.manifest, self.streaming = config, manifest, streaming
         self.n_samples = Metrics.counter("sink", "samples")
         self.n_shards = Metrics.counter("sink", "shards")
         self.n_settled = Metrics.counter("sink", "settled")
         self.n_dlq = Metrics.counter("sink", "dead_letters")
+        self.n_empty = Metrics.counter("sink", "empty_panes")
+        self.n_duplicates = Metrics.counter("sink", "duplicate_outcomes")  # same offset twice in a group
+        self.n_conflicts = Metrics.counter("sink", "conflicting_duplicates")  # ...with other outcomes
+        self.n_fenced = Metrics.counter("sink", "writer_fenced")  # a newer process owns the writer id
+        self.n_replayed = Metrics.counter("sink", "replayed_settled")  # offsets the root had settled
 
     def _producer(self):
         c = self.config
@@ -177,10 +261,14 @@ class _WriteBatchFn(beam.DoFn):
             _PRODUCERS[c.bootstrap] = make_producer(KafkaSettings.load(bootstrap=c.bootstrap))
         return _PRODUCERS[c.bootstrap]
 
-    def _writer(self):
+    def _writer(self, writer_id: str) -> tuple[tuple, object]:
+        """The process's cached writer of ``writer_id`` (built, and on an object store claimed, at
+        first use) and its cache key."""
         c = self.config
-        key = (c.stream_root, c.writer_id, c.shards_topic, c.bootstrap)
-        if key not in _WRITERS:
+        key = (c.stream_root, writer_id, c.shards_topic, c.bootstrap)
+        with _CACHE_LOCK:
+            if key in _WRITERS:
+                return key, _WRITERS[key]
             from streams.mds import LiveStreamWriter
             from streams.vocab import Vocab
 
@@ -191,11 +279,40 @@ class _WriteBatchFn(beam.DoFn):
                 def publisher(event, topic=c.shards_topic):
                     publish(self._producer(), topic, event, key=event.domain)
 
+                if "://" not in c.stream_root:  # through the outbox: re-sent until acknowledged
+                    from beam_jobs.outbox import Outbox
+
+                    publisher = Outbox(c.stream_root, writer_id, publisher).publish
+
             _WRITERS[key] = LiveStreamWriter(
-                c.stream_root, writer_id=c.writer_id, manifest=self.manifest,
+                c.stream_root, writer_id=writer_id, manifest=self.manifest,
                 compression=c.compression, publisher=publisher, vocab_size=Vocab.default().size,
             )
-        return _WRITERS[key]
+            return key, _WRITERS[key]
+
+    def _plan(self, key: tuple, writer, topic: str, partition: int) -> ResumePlan:
+        """The settled ranges of ``(topic, partition)``: in streaming mode from the process cache
+        (one root read per partition and writer; grown by :meth:`_settled`), else read per group."""
+        if not self.streaming:
+            return ResumePlan.from_ranges(writer.settled())
+        with _CACHE_LOCK:
+            ranges = _SETTLED.get((key, topic, partition))
+        if ranges is None:
+            ranges = [r for r in writer.settled() if (r.topic, r.partition) == (topic, partition)]
+            with _CACHE_LOCK:
+                _SETTLED[(key, topic, partition)] = ranges
+        return ResumePlan.from_ranges(ranges)
+
+    def _settled(self, key: tuple, topic: str, partition: int, event) -> None:
+        """Add what ``event`` settled to the cached ranges of ``(topic, partition)``."""
+        if self.streaming:
+            from streams.manifest import merge_ranges
+
+            with _CACHE_LOCK:
+                cached = _SETTLED.get((key, topic, partition))
+                if cached is not None:
+                    _SETTLED[(key, topic, partition)] = merge_ranges(
+                        [*cached, *(r for r in event.settled if (r.topic, r.partition) == (topic, partition))])
 
     def _write_dead(self, topic: str, partition: int, dead: list[DeadLetter], tag: str) -> None:
         """Write the group's dead letters; raises :class:`DeadLetterLost` if any could not be delivered,
@@ -209,15 +326,52 @@ class _WriteBatchFn(beam.DoFn):
             send_checked(self._producer(), c.dlq_topic, messages, attempts=c.dlq_attempts, backoff_s=c.dlq_backoff_s)
 
     def process(self, element):
+        from streams import storage
+        from streams.mds import OverlapError
+
+        (topic, partition, *_), outcomes = element
+        outcomes = list(outcomes)
+        if not outcomes:  # an empty pane: a processing-time trigger fired with nothing new
+            self.n_empty.inc()
+            log.debug("%s[%d]: empty pane", topic, partition)
+            return
+        c = self.config
+        key, writer = self._writer(partition_writer_id(c.writer_id, topic, partition) if self.streaming
+                                   else c.writer_id)
+        try:
+            yield from self._seal(key, writer, topic, partition, outcomes)
+        except storage.WriterFenced:
+            # A newer process claimed this writer id: this one is a zombie. Nothing of this attempt
+            # was committed; drop the fenced writer so that the runner's retry re-claims the id.
+            self.n_fenced.inc()
+            _drop_cached(key, writer)
+            raise
+        except OverlapError:  # the cached settled ranges were stale: the retry reads the root
+            _drop_cached(key)
+            raise
+
+    def _seal(self, key: tuple, writer, topic: str, partition: int, outcomes: list[Outcome]):
         from streams.mds import sample_from_event
 
-        (topic, partition, _block), outcomes = element
-        by_offset: dict[int, Outcome] = {}
-        for o in outcomes:
-            by_offset.setdefault(o.coords.offset, o)
-        ordered = [by_offset[k] for k in sorted(by_offset)]
-        tag = f"{_safe(topic)}-{partition}-{ordered[0].coords.offset}-{ordered[-1].coords.offset}"
-        writer = self._writer()
+        # Offsets another writer settles between this read and the write below make the writer
+        # raise OverlapError: the runner retries the bundle, which reads again and writes the rest.
+        todo = unsettled(outcomes, self._plan(key, writer, topic, partition))
+        ordered = todo.todo
+        self.n_duplicates.inc(todo.duplicates)
+        self.n_conflicts.inc(todo.conflicts)
+        self.n_replayed.inc(todo.replayed)
+        if todo.duplicates or todo.replayed:
+            log.debug("%s[%d]: left out %d duplicate and %d settled outcomes", topic, partition, todo.duplicates,
+                      todo.replayed)
+        if todo.conflicts:
+            log.warning("%s[%d]: %d copies of an offset disagreed; kept one per offset (a sample first)",
+                        topic, partition, todo.conflicts)
+        if not ordered:  # a replay of offsets settled already: nothing to write
+            return
+        # Named by the group's whole range (settled offsets included), so a retry of the same pane
+        # overwrites its files instead of adding copies.
+        offsets = [o.coords.offset for o in outcomes]
+        tag = f"{_safe(topic)}-{partition}-{min(offsets)}-{max(offsets)}"
         rows: dict[int, dict] = {}
         for i, o in enumerate(ordered):
             if o.sample is None:
@@ -257,18 +411,23 @@ class _WriteBatchFn(beam.DoFn):
                 domain=domain,
                 settled=offsets_to_ranges(topic, partition, (o.coords.offset for o in group)),
             )
+            self._settled(key, topic, partition, event)
             self.n_samples.inc(len(group))
             self.n_shards.inc()
             yield event
         rest = [o.coords.offset for o in ordered if o.sample is None]
         if rest:
-            yield writer.write_shard([], domain=SETTLE_DOMAIN, settled=offsets_to_ranges(topic, partition, rest))
+            event = writer.write_shard([], domain=SETTLE_DOMAIN, settled=offsets_to_ranges(topic, partition, rest))
+            self._settled(key, topic, partition, event)
+            yield event
         self.n_settled.inc(len(ordered))
 
 
-def _key(outcome: Outcome, block: int):
+def _key(outcome: Outcome, block: int | None):
+    """Bounded: per (topic, partition, offset block). Streaming (``block`` None): per (topic,
+    partition), so per-key window and trigger state does not grow with every block of offsets."""
     c: KafkaCoords = outcome.coords
-    return (c.topic, c.partition, c.offset // block), outcome
+    return ((c.topic, c.partition) if block is None else (c.topic, c.partition, c.offset // block)), outcome
 
 
 class WriteShards(beam.PTransform):
@@ -282,17 +441,19 @@ class WriteShards(beam.PTransform):
         if self.streaming:
             # Processing-time panes per key (the wall-time watermark of the Python source does not
             # advance event-time windows on the DirectRunner); the sink settles by offset, so panes
-            # of any size are correct.
+            # of any size are correct, late data included. The watermark trigger flushes what is
+            # buffered when the input ends (a drain): without it the DirectRunner never fires the
+            # last elements held by a pending processing-time trigger.
+            early = trigger.Repeatedly(trigger.AfterAny(trigger.AfterCount(self.config.max_pane),
+                                                        trigger.AfterProcessingTime(self.config.window_s)))
             outcomes = outcomes | "Window" >> beam.WindowInto(
                 window.GlobalWindows(),
-                trigger=trigger.Repeatedly(
-                    trigger.AfterAny(trigger.AfterCount(self.config.max_pane), trigger.AfterProcessingTime(self.config.window_s))
-                ),
+                trigger=trigger.AfterWatermark(early=early),
                 accumulation_mode=trigger.AccumulationMode.DISCARDING,
             )
         return (
             outcomes
-            | "KeyByPartition" >> beam.Map(_key, self.config.block)
+            | "KeyByPartition" >> beam.Map(_key, None if self.streaming else self.config.block)
             | "GroupBatch" >> beam.GroupByKey()
-            | "SealShards" >> beam.ParDo(_WriteBatchFn(self.config, self.manifest))
+            | "SealShards" >> beam.ParDo(SealShardsFn(self.config, self.manifest, streaming=self.streaming))
         )

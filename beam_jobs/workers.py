@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Self
 
+from streams.manifest import file_lock
+
 __all__ = ["WriterBusy", "WriterLock", "launch_workers", "settlement_lock", "worker_argv"]
 
 
@@ -95,13 +97,8 @@ def settlement_lock(stream_root: str) -> Iterator[None]:
         return
     path = os.path.join(stream_root, ".writers", ".settlement.lock")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with file_lock(path):
         yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def _strip(argv: list[str], names: tuple[str, ...]) -> list[str]:

@@ -22,9 +22,7 @@ import copy
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from infra.local_s3 import start_local_s3
 from streams import manifest as mf
 from streams import storage
 from streams.events import OffsetRange
@@ -134,30 +133,6 @@ def visible_latency(root: str, publishes: int) -> list[float]:
     return out
 
 
-def moto() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket="bench")
-    return proc, endpoint
-
-
 def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -176,7 +151,8 @@ def main() -> None:
     try:
         kinds = [("local", lambda: os.path.join(tmp, uuid.uuid4().hex), seed_local)]
         if not a.no_s3:
-            proc, _ = moto()
+            proc, env = start_local_s3("bench")
+            os.environ.update(env)
             kinds.append(("s3 (moto)", lambda: f"s3://bench/{uuid.uuid4().hex}", seed_s3))
         for kind, new_root, seed in kinds:
             res = results[kind] = {}

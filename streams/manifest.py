@@ -40,6 +40,7 @@ __all__ = [
     "atomic_write_json",
     "check_sidecar",
     "empty_sidecar",
+    "file_lock",
     "merge_ranges",
     "published_entries",
     "read_index",
@@ -113,15 +114,20 @@ def fsync_dir(path: str) -> None:
 
 
 @contextmanager
-def root_lock(root: str) -> Iterator[None]:
-    """Exclusive inter-process lock of a stream root (flock on ``root/.headwater.lock``)."""
-    fd = os.open(os.path.join(root, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+def file_lock(path: str) -> Iterator[None]:
+    """Exclusive inter-process lock held while the block runs (``flock`` on ``path``, created if absent)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def root_lock(root: str) -> contextlib.AbstractContextManager[None]:
+    """Exclusive inter-process lock of a stream root (flock on ``root/.headwater.lock``)."""
+    return file_lock(os.path.join(root, LOCK))
 
 
 def _read_json(path: str, default: Any) -> Any:

@@ -13,7 +13,6 @@ import functools
 import importlib.util
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ import uuid
 import numpy as np
 import pytest
 
+from infra.local_s3 import start_local_s3
 from streams import storage
 from streams.events import OffsetRange
 from streams.mds import LiveStreamWriter, TailReader, read_index, read_sidecar, settled_ranges
@@ -42,39 +42,15 @@ def rng(start: int, end: int, topic: str = "raw.text", partition: int = 0) -> Of
     return OffsetRange(topic=topic, partition=partition, start=start, end=end)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """moto's S3 server on 127.0.0.1; the standard AWS variables point every client at it."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ENDPOINT_URL": endpoint, "S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    with open(tmp_path_factory.mktemp("moto") / "moto.log", "w") as out:
+        proc, env = start_local_s3(BUCKET, log=out)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start (rc={proc.poll()})") from None
-                time.sleep(0.1)
-        import boto3
-
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
-        yield endpoint
+        yield env["AWS_ENDPOINT_URL"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
