@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the flex template spec and launch the headwater ingest job on Dataflow.
 #   PROJECT=my-proj REGION=us-central1 BUCKET=my-bucket IMAGE=us-docker.pkg.dev/my-proj/hw/ingest:v1 \
-#   BOOTSTRAP=kafka-bootstrap:9093 STREAM_ROOT=gs://my-bucket/streams/text \
+#   BOOTSTRAP=kafka-bootstrap:9093 STREAM_ROOT=s3://my-streams/text \
 #   infra/deploy/dataflow/launch.sh [--dry-run]
 # --dry-run validates the pipeline options offline and prints the gcloud commands instead of
 # running them. Kafka SASL/TLS settings reach workers as HEADWATER_KAFKA_* env and Secret
