@@ -64,7 +64,7 @@ from streams.events import Alert
 from streams.governance import TAKEDOWN_REASON, denylist
 from streams.signing import ControlVerifier, SigningError
 from streams.source_binding import SourceBinding
-from streams.storage import normalize_root
+from streams.storage import is_remote, normalize_root
 
 __all__ = ["BROKER_RULE", "build_parser", "check_config", "config_from_args", "main", "run"]
 
@@ -74,13 +74,19 @@ FILTER_NAMES = ("normalize", "language", "c4", "gopher_quality", "gopher_repetit
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="headwater ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviations: --workers N relaunches this argv without --workers, and "--wo N" would survive
+    p = argparse.ArgumentParser(prog="headwater ingest", description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("input/output")
     io.add_argument("--input", action="append", default=[], help="bounded mode: JSON-lines or Parquet file (repeatable)")
     io.add_argument("--stream-root", required=True, help="live MDS stream root")
     io.add_argument("--dlq", help="dead-letter folder (bounded default: <stream-root>/_ingest/dlq)")
-    io.add_argument("--run-dir", help="metrics.json, drop log, wandb (default: <stream-root>/_ingest)")
+    io.add_argument("--run-dir", help="metrics.json, drop log, wandb (default: <stream-root>/_ingest; "
+                                      "runs/ingest-<writer-id> for an object-store root)")
     io.add_argument("--writer-id", default="ingest-text", help="this process's writer id (one live process each)")
+    io.add_argument("--writer-lock-wait", type=float, default=30.0, metavar="S",
+                    help="wait this long for the writer id's lock before refusing to start (another worker "
+                         "may hold it for a moment while it re-sends this id's unacknowledged events)")
     k = p.add_argument_group("kafka (streaming mode)")
     k.add_argument("--bootstrap", help="Kafka bootstrap HOST:PORT (streaming mode)")
     k.add_argument("--group", default="headwater-ingest",
@@ -159,8 +165,18 @@ def media_config_from_args(a: argparse.Namespace):
     )
 
 
+def default_run_dir(a: argparse.Namespace) -> str:
+    """``--run-dir``, else ``<stream-root>/_ingest``; for an object-store root (which holds only
+    stream objects) a local ``runs/ingest-<writer-id>``."""
+    if a.run_dir:
+        return a.run_dir
+    if is_remote(a.stream_root):
+        return os.path.join("runs", f"ingest-{a.writer_id}")
+    return os.path.join(a.stream_root, "_ingest")
+
+
 def config_from_args(a: argparse.Namespace) -> IngestConfig:
-    run_dir = a.run_dir or os.path.join(a.stream_root, "_ingest")
+    run_dir = default_run_dir(a)
     streaming = not a.input
     filters = FilterChain.Config()
     filters.language.languages = [s.strip() for s in a.languages.split(",") if s.strip()]
@@ -428,12 +444,15 @@ def run(argv: list[str] | None = None) -> dict:
         raise SystemExit("headwater ingest: give either --input PATH... (bounded) or --bootstrap HOST:PORT (streaming)")
     config = config_from_args(a)
     check_config(a, config)
-    run_dir = a.run_dir or os.path.join(a.stream_root, "_ingest")
-    os.makedirs(config.sink.stream_root, exist_ok=True)
+    run_dir = default_run_dir(a)
+    if not is_remote(config.sink.stream_root):
+        os.makedirs(config.sink.stream_root, exist_ok=True)
     os.makedirs(run_dir, exist_ok=True)
     lock = WriterLock(config.sink.stream_root, a.writer_id)
     try:
-        lock.acquire()  # before anything is written: a second live process with this writer id stops here
+        # before anything is written: a second live process with this writer id stops here (the
+        # wait covers another worker draining this id's outbox for a moment)
+        lock.acquire(wait_s=a.writer_lock_wait)
     except WriterBusy as e:
         raise SystemExit(f"headwater ingest: {e}") from None
     try:
@@ -465,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         if not a.bootstrap or a.input or a.kafka_io != "python":
             raise SystemExit("headwater ingest: --workers needs streaming mode (--bootstrap, --kafka_io python)")
         return launch_workers(list(sys.argv[1:] if argv is None else argv), a.workers, writer_id=a.writer_id,
-                              run_dir=a.run_dir or os.path.join(a.stream_root, "_ingest"))
+                              run_dir=default_run_dir(a))
     summary = run(argv)
     print(json.dumps({k: summary[k] for k in ("records_in", "samples_written", "dead_letters", "dup_rate", "pii_rate")}))
     return 0

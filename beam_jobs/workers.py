@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Self
@@ -50,13 +51,20 @@ class WriterLock:
             return os.path.join(tempfile.gettempdir(), "headwater-writers", digest, f"{writer_id}.lock")
         return os.path.join(stream_root, ".writers", f"{writer_id}.lock")
 
-    def acquire(self) -> Self:
-        """Take the lock or raise :class:`WriterBusy` naming the holder."""
+    def acquire(self, wait_s: float = 0.0) -> Self:
+        """Take the lock or raise :class:`WriterBusy` naming the holder, after retrying for up to
+        ``wait_s`` (another worker may hold it briefly while it drains this id's outbox)."""
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise WriterBusy(f"writer id {self.writer_id!r} is already in use on {self.stream_root} by a live "

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -157,10 +158,14 @@ def test_second_live_process_with_the_same_writer_id_is_refused(tmp_path):
     holder = WriterLock(str(root), "w").acquire()
     try:
         with pytest.raises(SystemExit, match="writer id 'w' is already in use"):
-            run(["--input", str(src), "--stream-root", str(root), "--writer-id", "w"])
+            run(["--input", str(src), "--stream-root", str(root), "--writer-id", "w", "--writer-lock-wait", "0.5"])
         assert not (root / "index.json").exists()
     finally:
         holder.release()
+    # a holder that lets go within the wait (a worker draining this id's outbox) delays the start only
+    brief = WriterLock(str(root), "w").acquire()
+    threading.Timer(1.0, brief.release).start()
+    WriterLock(str(root), "w").acquire(wait_s=20.0).release()
     run(["--input", str(src), "--stream-root", str(root), "--writer-id", "w"])  # free again: it runs
     assert [s["id"] for s in samples(root)] == ["x"]
 
