@@ -7,8 +7,10 @@ commit: it only records which events Kafka *acknowledged*, one shard name per li
 ``<root>/_outbox/<writer_id>.acked`` after the acknowledgement. Pending = published by the
 writer, not acknowledged. :meth:`Outbox.drain` re-sends the pending events (ingest does it at
 start, for its own writer id and every writer id no live process holds, and after any
-micro-batch whose sends failed) until they are acknowledged. Consumers dedupe by shard name
-(the re-sent event is the original: same name, ranges and ``published_at``).
+micro-batch whose sends failed) until they are acknowledged, so delivery is at-least-once: a
+consumer of ``shards`` must tolerate a repeat (the re-sent event is the original: same name,
+ranges and ``published_at``). The only consumer today, the sentinel's rollback policy, keeps the
+earliest ``published_at`` per domain, which a repeat does not change.
 
 A writer's log is created at its first use holding the writer's shards published until then
 (published before the outbox existed: their events were sent the old way).

@@ -4,8 +4,12 @@ partitions this process reads.
 The member subscribes to the raw topics with a rebalance listener and keeps every assigned
 partition *paused*: it never fetches records itself (the micro-batch source reads the owned
 partitions by offset range). :meth:`GroupMember.refresh` runs the group protocol between
-micro-batches, so a revoke always lands on a settlement boundary: the previous batch has
-published, nothing of the revoked partitions is in flight. The next owner resumes each
+micro-batches, so an orderly revoke lands on a settlement boundary: the previous batch has
+published, nothing of the revoked partitions is in flight. A member *expelled* mid-batch (a
+batch longer than ``max.poll.interval.ms``, a stall past the session timeout) still finishes
+its batch while the new owner starts: the writer's overlap check (atomic under the local root's
+lock) refuses the later commit with ``OverlapError`` and that worker exits; restart it (samples
+are neither lost nor duplicated; that batch's dead letters may be sent twice). The next owner resumes each
 partition from the stream root's settled ranges, never from the committed offsets, which
 serve lag monitoring only (committed here after settlement and on revoke).
 """
