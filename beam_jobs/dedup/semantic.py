@@ -122,6 +122,21 @@ class SemanticIndex:
                 return self.ids[int(i)]
         return None
 
+    def copy(self) -> SemanticIndex:
+        """An independent copy (the FAISS index cloned; on the GPU when this one is)."""
+        import copy
+
+        import faiss
+
+        new = copy.copy(self)
+        new.ids = list(self.ids)
+        if self._res is not None:
+            new.index = faiss.index_cpu_to_gpu(self._res, 0, faiss.index_gpu_to_cpu(self.index))
+            new.index.nprobe = self.nprobe
+        else:
+            new.index = faiss.clone_index(self.index)
+        return new
+
     def add(self, embedding: np.ndarray, doc_id: str) -> None:
         self.add_many(embedding.reshape(1, -1), [doc_id])
 

@@ -44,6 +44,8 @@ from beam_jobs.dedup.index import DedupConfig
 from beam_jobs.dedup.keyed import admit, hold_probe, register_or_answer, take_due
 from beam_jobs.dedup.minhash import exact_key
 from beam_jobs.dedup.record import DedupRecord, encode_record
+from beam_jobs.dedup.semantic_settled import SemanticSettledRef, encode_embedding
+from beam_jobs.dedup.semantic_settled import sync as sync_semantic
 from beam_jobs.dedup.settled import ID_BYTES, SettledRef
 from beam_jobs.dedup.sketch import Sketch, coords_hash, estimate_jaccard, id_hash, make_sketch
 from beam_jobs.records import Doc
@@ -284,19 +286,23 @@ class _DecideFn(beam.DoFn):
 class _SemanticFn(beam.DoFn):
     """Keyed by the coarse shard key: embeddings of the kept documents (at most ``semantic_horizon``).
 
-    The approximate index is a per-process cache of the state, valid only while its count
-    equals the state's (a retried bundle rolls the state back, so the cache is rebuilt)."""
+    A document is first looked up in the pinned *settled* semantic index (what earlier
+    micro-batches published; local runner only), then in the state (this batch, or everything
+    on Dataflow/Flink). The approximate index over the state is a per-process cache, valid
+    only while its count equals the state's (a retried bundle rolls the state back, so the
+    cache is rebuilt). Kept documents publish their int8 embedding in ``lineage["semantic"]``."""
 
     KEPT = ReadModifyWriteStateSpec("kept", PickleCoder())
 
-    def __init__(self, config: DedupConfig):
-        self.config = config
+    def __init__(self, config: DedupConfig, settled: SemanticSettledRef | None):
+        self.config, self.settled = config, settled
         self._cache: dict[str, tuple[int, object]] = {}
 
     def setup(self):
         from beam_jobs.dedup.semantic import embedder
 
         self.embedder = embedder(self.config.semantic_model)
+        self.index = self.settled.open() if self.settled is not None else None
 
     def _index(self, key: str, kept: list):
         from beam_jobs.dedup.semantic import SemanticIndex
@@ -317,7 +323,13 @@ class _SemanticFn(beam.DoFn):
         kept = kept_state.read() or []
         index = self._index(key, kept)
         emb = self.embedder.embed([doc.text])[0]
-        hit = index.search(emb, self.config.semantic_threshold, exclude=doc.id)
+        coordh = coords_hash(*doc.coords)
+        hit = None
+        if self.index is not None:
+            hit = self.index.lookup(key, emb, idh=id_hash(doc.id), coordh=coordh,
+                                    threshold=self.config.semantic_threshold)
+        if hit is None:
+            hit = index.search(emb, self.config.semantic_threshold, exclude=doc.id)
         if hit is not None:
             Metrics.counter("dedup", "drop_semantic").inc()
             doc.lineage["dup_of"] = hit
@@ -329,6 +341,7 @@ class _SemanticFn(beam.DoFn):
         index.add(emb, doc.id)
         # Past the horizon the cached index holds more than the state: rebuild it next time.
         self._cache[key] = (len(grown) if len(grown) <= self.config.semantic_horizon else -1, index)
+        doc.lineage["semantic"] = encode_embedding(key, coordh, emb)
         Metrics.counter("dedup", "out").inc()
         yield doc
 
@@ -339,10 +352,14 @@ class Dedup(beam.PTransform):
 
     def __init__(self, config: DedupConfig | None = None, *, settled: SettledRef | None = None):
         """``settled``: the pinned settled index of the stream root (local runner); ``None`` on
-        runners whose Beam state outlives the job (Dataflow, Flink): the state is the index."""
+        runners whose Beam state outlives the job (Dataflow, Flink): the state is the index.
+        With ``config.semantic`` and a settled index, the semantic index of the same root is
+        brought to its settlement point here too (:func:`semantic_settled.sync`) and pinned."""
         super().__init__()
-        self.config = config or DedupConfig()
+        self.config = c = config or DedupConfig()
         self.settled = settled
+        self.semantic_settled = None if settled is None or not c.semantic else sync_semantic(
+            settled.root, horizon=c.semantic_horizon, kind=c.semantic_index)
 
     def expand(self, docs):
         c = self.config
@@ -365,5 +382,5 @@ class Dedup(beam.PTransform):
                        | "Decide" >> beam.ParDo(decide).with_input_types(tuple[tuple[int, int], Any]))
         if c.semantic:
             decided = (decided | "KeySemantic" >> beam.Map(lambda d, how=c.shard_key: (shard_key(d, how), d))
-                       | "Semantic" >> beam.ParDo(_SemanticFn(c)))
+                       | "Semantic" >> beam.ParDo(_SemanticFn(c, self.semantic_settled)))
         return (decided, fp.passed) | "Merge" >> beam.Flatten()
