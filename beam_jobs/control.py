@@ -6,7 +6,10 @@ partition) lives in ``<stream-root>/_ingest/control.json`` so a restart keeps it
 re-applies an old command over a newer one. Records of a blocked source are settled but not
 written: ``GateSources`` marks them dropped with reason ``source_quarantined`` / ``source_paused``
 (stage ``control``). ``resume_source`` lifts a pause; a quarantine is lifted by ``resume_source``
-too (an operator's explicit decision), and every applied or ignored command is logged.
+too (an operator's explicit decision), and every applied or ignored command is logged. The
+unbounded streaming graph follows the topic inside the job instead (:mod:`beam_jobs.control_stream`,
+where a pause withholds records rather than settling them). An object-store root keeps no state
+file: the state lives in memory and the follower replays the topic on every start.
 
 Controls are signed (``streams.signing``). The follower authenticates each one (signature, key
 permitted the command, finite time, at most ``max_skew_s`` in the future) and raises a
@@ -38,6 +41,7 @@ from streams.events import Alert, Control
 from streams.guard import CONTROL_MAX_POLL_RECORDS, REDELIVER, ConsumerGuard
 from streams.signing import ControlRejected, ControlVerifier, RejectionAlerts, brief
 from streams.source_names import canonical_source
+from streams.storage import is_remote
 
 __all__ = ["ControlFollower", "GateMedia", "GateText", "SourceControl"]
 
@@ -64,6 +68,10 @@ class SourceControl:
 
     @classmethod
     def load(cls, stream_root: str) -> SourceControl:
+        """The state kept under a local stream root; in memory only (``path`` "") for an object-store
+        root, whose follower replays the topic from its start on every launch."""
+        if is_remote(stream_root):
+            return cls("")
         path = os.path.join(stream_root, "_ingest", "control.json")
         if not os.path.isfile(path):
             return cls(path)
@@ -72,7 +80,14 @@ class SourceControl:
         return cls(path, dict(obj.get("blocked", {})), dict(obj.get("offsets", {})), list(obj.get("history", [])),
                    dict(obj.get("since", {})), dict(obj.get("seen", {})))
 
+    def in_memory(self) -> SourceControl:
+        """A copy that is never saved (``path`` "", no history): the streaming graph folds controls into it."""
+        return SourceControl("", dict(self.blocked), dict(self.offsets), [], dict(self.since), dict(self.seen),
+                             self.max_skew_s)
+
     def save(self) -> None:
+        if not self.path:  # in memory
+            return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         tmp = f"{self.path}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:

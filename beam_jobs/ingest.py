@@ -25,6 +25,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_jobs.alerts_out import publish_alert
 from beam_jobs.control import ControlFollower, SourceControl
+from beam_jobs.control_stream import LiveControls, ReadControlsXlang
 from beam_jobs.data_metrics import (
     append_snapshot,
     codebook_usage,
@@ -66,7 +67,7 @@ from streams.signing import ControlVerifier, SigningError
 from streams.source_binding import SourceBinding
 from streams.storage import is_remote, normalize_root
 
-__all__ = ["BROKER_RULE", "build_parser", "check_config", "config_from_args", "main", "run"]
+__all__ = ["BROKER_RULE", "build_parser", "check_config", "config_from_args", "launch_control_state", "main", "run"]
 
 log = logging.getLogger("headwater.ingest")
 BROKER_RULE = "kafka.broker_unreachable"
@@ -260,10 +261,12 @@ def _fatal(e: BaseException, kind: type[BaseException]) -> str | None:
     return text[text.rindex(marker) + len(marker):].splitlines()[0] if marker in text else None
 
 
-def _run_one(records_fn, config: IngestConfig, options: PipelineOptions, *, streaming: bool) -> dict[str, int]:
+def _run_one(records_fn, config: IngestConfig, options: PipelineOptions, *, streaming: bool,
+             controls_fn=None) -> dict[str, int]:
     p = beam.Pipeline(options=options)
     with settlement_lock(config.sink.stream_root):  # workers sharing the root take turns at its dedup snapshot
-        _ = records_fn(p) | "Ingest" >> IngestText(config, streaming=streaming)
+        controls = None if controls_fn is None else controls_fn(p)
+        _ = records_fn(p) | "Ingest" >> IngestText(config, streaming=streaming, controls=controls)
     try:
         result = p.run()
         result.wait_until_finish()
@@ -415,6 +418,25 @@ def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], run_d
     return totals
 
 
+def launch_control_state(a: argparse.Namespace, config: IngestConfig) -> tuple[SourceControl, ControlVerifier]:
+    """The control state at launch (the topic read to its end now, as the micro-batch loop does
+    before its first batch) and the verifier the streaming graph takes with it; sets
+    ``config.blocked_sources`` to the state's blocked sources (and the takedowns)."""
+    try:
+        verifier = ControlVerifier.from_env()
+    except SigningError as e:
+        raise SystemExit(f"headwater ingest: {e}; or pass --no-control") from None
+    root = config.sink.stream_root
+    state = SourceControl.load(root)
+    follower = ControlFollower(a.bootstrap, state, verifier)
+    try:
+        follower.poll(timeout_s=5.0)
+    finally:
+        follower.close()
+    config.blocked_sources = blocked_sources(root, state.blocked)
+    return state, verifier
+
+
 def _counters(a: argparse.Namespace, config: IngestConfig, beam_args: list[str], run_dir: str) -> dict[str, int]:
     """Run the job in its mode (bounded, xlang, micro-batches); its Beam counters."""
     plan = ResumePlan.of_stream(config.sink.stream_root)
@@ -430,8 +452,13 @@ def _counters(a: argparse.Namespace, config: IngestConfig, beam_args: list[str],
                              "published is intact: free space and run the same command again") from None
     elif a.kafka_io == "xlang":
         source = KafkaSourceConfig(bootstrap=a.bootstrap, topics=[t for t in a.topics.split(",") if t], group=a.group)
+        controls_fn = None
+        if not a.no_control:  # the graph follows the control topic from where the launch-time state ends
+            baseline, verifier = launch_control_state(a, config)
+            controls_fn = lambda p: LiveControls(records=p | "ReadControl" >> ReadControlsXlang(source),
+                                                 baseline=baseline, verifier=verifier)
         counters = _run_one(lambda p: p | "ReadKafka" >> ReadKafkaXlang(source, plan), config,
-                            _options(beam_args, streaming=True), streaming=True)
+                            _options(beam_args, streaming=True), streaming=True, controls_fn=controls_fn)
     else:
         counters = _run_kafka_microbatches(a, config, beam_args, run_dir)
     return counters

@@ -8,6 +8,7 @@ from typing import Any
 import apache_beam as beam
 
 from beam_jobs.control import GateMedia, GateText
+from beam_jobs.control_stream import GateLive, LiveControls
 from beam_jobs.dedup.index import DedupConfig
 from beam_jobs.dedup.settled import sync as sync_settled
 from beam_jobs.dedup.transform import Dedup
@@ -64,11 +65,15 @@ def _dead_outcome(dead, blocked: dict[str, str]) -> Outcome:
 
 
 class IngestText(beam.PTransform):
-    """Validate/Decode -> filters -> Dedup -> Tokenize (+ media hook) -> WriteShards."""
+    """Validate/Decode -> filters -> Dedup -> Tokenize (+ media hook) -> WriteShards.
 
-    def __init__(self, config: IngestConfig, *, streaming: bool):
+    Sources are gated by ``config.blocked_sources`` (fixed for the pipeline: the micro-batch loop
+    builds one per batch), or, given ``controls``, by the live control state (the streaming graph:
+    :mod:`beam_jobs.control_stream`)."""
+
+    def __init__(self, config: IngestConfig, *, streaming: bool, controls: LiveControls | None = None):
         super().__init__()
-        self.config, self.streaming = config, streaming
+        self.config, self.streaming, self.controls = config, streaming, controls
 
     def _media_settled(self):
         """The image near-dup index's settlement point, like the text one's (local roots only)."""
@@ -85,7 +90,18 @@ class IngestText(beam.PTransform):
         c = self.config
         c.validate.media_enabled = c.media and media_available()
         decoded = records | "Validate" >> ValidateDecode(c.validate)
-        docs = decoded.text | "GateSources" >> GateText(c.blocked_sources)
+        if self.controls is not None:
+            gated = {"controls": self.controls.records, "text": decoded.text, "dlq": decoded.dlq}
+            if c.validate.media_enabled:
+                gated["media"] = decoded.media
+            live = (gated | "GateSourcesLive" >> GateLive(self.controls, c.blocked_sources))
+            docs, dead, media_active, media_blocked = live["text"], live["outcomes"], live["media"], None
+        else:
+            docs = decoded.text | "GateSources" >> GateText(c.blocked_sources)
+            dead = decoded.dlq | "DeadLetters" >> beam.Map(_dead_outcome, {canonical_source(k): v for k, v in c.blocked_sources.items()})
+            if c.validate.media_enabled:
+                media = decoded.media | "GateMediaSources" >> GateMedia(c.blocked_sources)
+                media_active, media_blocked = media.active, media.blocked
         for text_filter in c.filters.build():
             docs = docs | FilterStep(text_filter)
         # A settlement point: fold what was published since the last snapshot into the next one,
@@ -95,12 +111,11 @@ class IngestText(beam.PTransform):
             c.sink.stream_root, horizon_docs=c.dedup.horizon_docs, horizon_age_s=c.dedup.horizon_age_s)
         docs = docs | "Dedup" >> Dedup(c.dedup, settled=settled)
         text = docs | "Tokenize" >> TokenizeText(c.domains)
-        dead = decoded.dlq | "DeadLetters" >> beam.Map(_dead_outcome, {canonical_source(k): v for k, v in c.blocked_sources.items()})
         branches = [text, dead]
         if c.validate.media_enabled:
-            media = decoded.media | "GateMediaSources" >> GateMedia(c.blocked_sources)
-            branches.append(media.blocked)
-            branches.append(media.active | "Media" >> RouteMedia(c.media_config, health=c.health, streaming=self.streaming,
+            if media_blocked is not None:
+                branches.append(media_blocked)
+            branches.append(media_active | "Media" >> RouteMedia(c.media_config, health=c.health, streaming=self.streaming,
                                                                  settled=self._media_settled()))
         outcomes = tuple(branches) | "AllOutcomes" >> beam.Flatten()
         return outcomes | "Sink" >> WriteShards(c.sink, c.manifest(), streaming=self.streaming)
