@@ -8,7 +8,7 @@ written: ``GateSources`` marks them dropped with reason ``source_quarantined`` /
 (stage ``control``). ``resume_source`` lifts a pause; a quarantine is lifted by ``resume_source``
 too (an operator's explicit decision), and every applied or ignored command is logged. The
 unbounded streaming graph follows the topic inside the job instead (:mod:`beam_jobs.control_stream`,
-where a pause withholds records rather than settling them). An object-store root keeps no state
+with the same drop-and-settle semantics). An object-store root keeps no state
 file: the state lives in memory and the follower replays the topic on every start.
 
 Controls are signed (``streams.signing``). The follower authenticates each one (signature, key
@@ -43,7 +43,7 @@ from streams.signing import ControlRejected, ControlVerifier, RejectionAlerts, b
 from streams.source_names import canonical_source
 from streams.storage import is_remote
 
-__all__ = ["ControlFollower", "GateMedia", "GateText", "SourceControl"]
+__all__ = ["ControlCatchUpError", "ControlFollower", "GateMedia", "GateText", "SourceControl"]
 
 log = logging.getLogger("headwater.ingest.control")
 STAGE = "control"
@@ -144,6 +144,10 @@ class SourceControl:
             self.seen = dict(sorted(self.seen.items(), key=lambda kv: kv[1])[-SEEN_MAX:])
 
 
+class ControlCatchUpError(RuntimeError):
+    """The control topic could not be read to its end offsets."""
+
+
 class ControlFollower:
     """Reads new Controls from the ``control`` topic (all partitions) into a :class:`SourceControl`.
 
@@ -199,6 +203,30 @@ class ControlFollower:
         self.guard.flush()
         if n:
             self.state.save()
+        return n
+
+    def read_to_end(self, timeout_s: float) -> int:
+        """Poll until every partition's position reaches the end offsets taken now; returns how
+        many records were read. Raises :class:`ControlCatchUpError` when the topic has no
+        partitions (missing, or the broker unreachable) or the ends are not reached within
+        ``timeout_s`` (a slow or unreachable broker, a flood): a start must not proceed on a part
+        of the topic, since a quarantine it missed would not hold."""
+        from kafka.errors import KafkaError
+
+        if not self.tps:
+            raise ControlCatchUpError(f"topic {self.topic!r} has no partitions (missing, or the broker is unreachable)")
+        try:
+            ends = self.consumer.end_offsets(self.tps)
+        except KafkaError as e:
+            raise ControlCatchUpError(f"cannot read the end offsets of {self.topic!r}: {e}") from e
+        n, deadline = 0, time.monotonic() + timeout_s
+        while behind := {tp.partition: (pos, end) for tp, end in ends.items()
+                         if (pos := self.consumer.position(tp)) < end}:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ControlCatchUpError(f"{self.topic!r} not read to its end within {timeout_s:.0f}s: "
+                                          f"partition -> (position, end) {behind}")
+            n += self.poll(timeout_s=min(left, 5.0))
         return n
 
     def _apply(self, event) -> None:

@@ -8,23 +8,27 @@ so there the controls flow through the graph itself and meet the records in keye
   ``ReadFromKafka`` (the same SASL/TLS consumer properties as the data topics, never committing
   offsets, so every job start replays the topic: it is the log of every source's state).
 - :class:`VerifyControls` decodes and authenticates each record (:class:`ControlVerifier`, as the
-  local follower does); unsigned, forged or not-permitted controls are counted and dropped.
-- :class:`FoldControls` applies them in offset order to a :class:`SourceControl` seeded with the
-  state read at launch (controls below its offsets are already in it), on one key, and emits the
-  new state of every source whose state changed, numbered, to each of its gate shards.
+  local follower does); unsigned, forged or not-permitted controls are counted, logged at warning
+  with their reason, and dropped (the ``control.rejected`` Alerts come from the launch-time
+  follower and the trainer/ingest loops).
+- :class:`FoldControls` applies them (a partition arrives in offset order) to a
+  :class:`SourceControl` seeded with the state read at launch (controls below its offsets are
+  already in it), on one key with bounded state (redelivered offsets and replayed ids are rejected
+  before anything is stored), and emits the new state of every source whose state changed,
+  numbered, to each of its gate shards.
 - :class:`GateLive` is keyed by (canonical source, offset % shards): it keeps the latest state of
   its source and gates the text, media and dead-letter records of that source with it.
 
-Pause differs from the local loop: the graph cannot defer a record (holding a paused source's
-records in state would grow without bound), so a paused record is *withheld*: it is neither
-written nor settled (``control/held_source_paused``). Its offset stays unsettled and the next job
-start re-reads it (``ReadKafkaXlang`` re-reads every partition and skips only settled offsets).
-Quarantined and taken-down records are dropped and settled as in the local loop.
+Quarantined, paused and taken-down records are dropped (``control:<reason>``) and settled, as in
+the local loop: a pause drops what arrives while it holds, and a resume lets later records through.
+Nothing is left unsettled, so no hole in the settled ranges waits on the data topics' retention.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -44,9 +48,11 @@ from streams.source_names import canonical_source
 __all__ = ["FoldControls", "GateLive", "LiveControls", "ReadControlsXlang", "VerifyControls"]
 
 log = logging.getLogger("headwater.ingest.control")
-PAUSED = REASONS["pause_source"]
 CONTROL_REASONS = frozenset(REASONS.values())
 _FOLD_KEY = "control"
+FOLD_OFFSETS = 1024  # per partition: folded offsets kept below the next one (redeliveries)
+FOLD_IDS = 1024  # applied control ids kept to reject exact replays (see _FoldFn)
+REJECT_LOG_EVERY_S = 60.0  # one warning per rejection reason per minute and worker; all are counted
 
 
 @dataclass(kw_only=True, slots=True)
@@ -95,6 +101,9 @@ class _VerifyFn(beam.DoFn):
     def __init__(self, verifier: ControlVerifier):
         self.verifier = verifier
 
+    def setup(self):
+        self.rejected = _Rejections()
+
     def process(self, element):
         coords, value = element
         try:
@@ -108,8 +117,7 @@ class _VerifyFn(beam.DoFn):
         try:
             self.verifier.verify(event, catch_up=True)
         except ControlRejected as e:
-            Metrics.counter(STAGE, f"controls_rejected_{e.reason}").inc()
-            log.error("control %s %s rejected: %s", event.command, brief(event.control_id), e)
+            self.rejected(event, e)
             return
         Metrics.counter(STAGE, "controls_verified").inc()
         yield coords, event
@@ -127,35 +135,53 @@ class VerifyControls(beam.PTransform):
 
 
 class _FoldFn(beam.DoFn):
-    """One key: the applied log (partition, offset, Control) beyond the baseline, its state, a
-    sequence number. In order: one ``apply``; out of order (a runner may reorder), a refold."""
+    """One key, bounded state: the folded :class:`SourceControl` (no history, no seen ids), per
+    partition the next offset and the offsets folded among the last ``FOLD_OFFSETS`` below it, and
+    the ids of applied controls that could still change their source (issued at most ``max_skew_s``
+    before its latest control; older ones are ``superseded`` anyway), at most ``FOLD_IDS``.
+
+    A redelivered offset or a replayed control id (a copy at a new offset) is rejected before
+    anything is stored, so a replay flood costs one state read per copy and writes nothing.
+    Controls apply in arrival order: the reader delivers a partition in offset order."""
 
     STATE = ReadModifyWriteStateSpec("fold", PickleCoder())
 
     def __init__(self, baseline: SourceControl, shards: int):
         self.baseline, self.shards = baseline, shards
 
+    def setup(self):
+        self.rejected = _Rejections()
+
+    def _initial(self) -> dict:
+        state = self.baseline.in_memory()
+        state.seen = {}  # the launch ids stay in self.baseline.seen (the job's, not the state's)
+        return {"state": state, "next": {}, "folded": {}, "ids": {}, "seq": 0}
+
     def process(self, element, fold=beam.DoFn.StateParam(STATE)):  # noqa: B008
         coords, control = element[1]
-        part, offset = coords.partition, coords.offset
-        if offset < self.baseline.offsets.get(str(part), 0):
+        part, offset = str(coords.partition), coords.offset
+        if offset < self.baseline.offsets.get(part, 0):
             Metrics.counter(STAGE, "controls_in_baseline").inc()
             return
-        st = fold.read() or {"log": [], "state": self.baseline.in_memory(), "seq": 0}
-        if any((p, o) == (part, offset) for p, o, _ in st["log"]):
+        st = fold.read() or self._initial()
+        nxt = st["next"].get(part, 0)
+        if offset < nxt - FOLD_OFFSETS or offset in st["folded"].get(part, ()):
             Metrics.counter(STAGE, "controls_redelivered").inc()
             return
-        before = dict(st["state"].blocked)
-        in_order = all((p, o) < (part, offset) for p, o, _ in st["log"])
-        st["log"].append((part, offset, control))
-        if in_order:
-            _apply(st["state"], control)
-        else:
-            st["log"].sort(key=lambda e: (e[0], e[1]))
-            st["state"] = self.baseline.in_memory()
-            for _, _, c in st["log"]:
-                _apply(st["state"], c)
-        after = st["state"].blocked
+        cid = control.control_id
+        if cid in st["ids"] or cid in self.baseline.seen:
+            self.rejected(control, ControlRejected("replayed", f"control_id {brief(cid)} was already applied"))
+            return
+        state = st["state"]
+        before = dict(state.blocked)
+        state.apply(control)  # never `replayed`: the ids are the fold's, checked above
+        state.history.clear()
+        if state.seen.pop(cid, None) is not None:  # applied or superseded: its source is in `since`
+            st["ids"][cid] = (control.issued_at, canonical_source(control.args["source"]))
+            st["ids"] = _recent_ids(st["ids"], state)
+        folded = [o for o in (*st["folded"].get(part, ()), offset) if o >= max(nxt, offset + 1) - FOLD_OFFSETS]
+        st["folded"][part], st["next"][part] = folded, max(nxt, offset + 1)
+        after = state.blocked
         changed = sorted(s for s in before.keys() | after.keys() if before.get(s) != after.get(s))
         if changed:
             st["seq"] += 1
@@ -165,12 +191,32 @@ class _FoldFn(beam.DoFn):
                 yield (source, shard), ("update", (after.get(source), st["seq"]))
 
 
-def _apply(state: SourceControl, control: Control) -> None:
-    try:
-        state.apply(control)
-    except ControlRejected as e:  # the same control_id at another offset: an exact replay
+def _recent_ids(ids: dict[str, tuple[float, str]], state: SourceControl) -> dict[str, tuple[float, str]]:
+    """The ids a replay could still act with: issued at most ``max_skew_s`` before their source's
+    latest control (an older copy is ``superseded``), the newest ``FOLD_IDS``."""
+    kept = {cid: (t, s) for cid, (t, s) in ids.items() if t >= state.since.get(s, [math.inf])[0] - state.max_skew_s}
+    if len(kept) > FOLD_IDS:
+        kept = dict(sorted(kept.items(), key=lambda kv: kv[1][0])[-FOLD_IDS:])
+    return kept
+
+
+class _Rejections:
+    """Counts every rejected control; logs a warning per reason at most every ``every_s`` (a
+    replay flood must not flood the log), with how many were rejected since the last one."""
+
+    def __init__(self, every_s: float = REJECT_LOG_EVERY_S):
+        self.every_s = every_s
+        self.last: dict[str, tuple[float, int]] = {}  # reason -> (monotonic time logged, rejected since)
+
+    def __call__(self, control: Control, e: ControlRejected) -> None:
         Metrics.counter(STAGE, f"controls_rejected_{e.reason}").inc()
-        log.error("control %s %s rejected: %s", control.command, brief(control.control_id), e)
+        now, (logged, since) = time.monotonic(), self.last.get(e.reason, (-math.inf, 0))
+        if now - logged < self.every_s:
+            self.last[e.reason] = (logged, since + 1)
+            return
+        self.last[e.reason] = (now, 0)
+        log.warning("control %s %s rejected in the graph (%s): %s; %d more %s since the last warning",
+                    control.command, brief(control.control_id), e.reason, brief(e.detail), since, e.reason)
 
 
 class FoldControls(beam.PTransform):
@@ -219,11 +265,8 @@ class _GateFn(beam.DoFn):
         fixed = self.blocked.get(source)
         current = live.read()
         reason = fixed if fixed is not None and fixed not in CONTROL_REASONS else (current[0] if current else fixed)
-        counted = kind != "dlq"  # in/out/drop count records, as the fixed gates do; held counts every kind
+        counted = kind != "dlq"  # in/out/drop count records, as the fixed gates do
         Metrics.counter(STAGE, "in").inc(int(counted))
-        if reason == PAUSED:
-            Metrics.counter(STAGE, f"held_{reason}").inc()
-            return
         Metrics.counter(STAGE, "out" if reason is None else f"drop_{reason}").inc(int(counted))
         yield from _gated(kind, item, reason)
 
@@ -231,7 +274,7 @@ class _GateFn(beam.DoFn):
 def _gated(kind: str, item: Any, reason: str | None):
     if kind == "text":
         if reason is not None and item.dropped is None:
-            item.drop(STAGE, reason)
+            item = replace(item).drop(STAGE, reason)  # a copy: the input is not the gate's
         yield item
     elif kind == "media":
         coords, record = item
@@ -250,7 +293,8 @@ def _gated(kind: str, item: Any, reason: str | None):
 class GateLive(beam.PTransform):
     """{"controls": the control topic's (KafkaCoords, bytes), "text": Docs, "dlq": DeadLetters[,
     "media": (coords, RawRecord)]}, gated by the live control state -> {"text": Docs (blocked ones marked dropped), "media": active media, "outcomes": the
-    dead letters' and blocked media's Outcomes}. Paused records are withheld (not settled)."""
+    dead letters' and blocked media's Outcomes}. Quarantined and paused records alike are dropped
+    (``control:<reason>``) and settled, as in the micro-batch loop."""
 
     def __init__(self, live: LiveControls, blocked: dict[str, str]):
         super().__init__()

@@ -24,7 +24,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_jobs.alerts_out import publish_alert
-from beam_jobs.control import ControlFollower, SourceControl
+from beam_jobs.control import ControlCatchUpError, ControlFollower, SourceControl
 from beam_jobs.control_stream import LiveControls, ReadControlsXlang
 from beam_jobs.data_metrics import (
     append_snapshot,
@@ -71,6 +71,7 @@ __all__ = ["BROKER_RULE", "build_parser", "check_config", "config_from_args", "l
 
 log = logging.getLogger("headwater.ingest")
 BROKER_RULE = "kafka.broker_unreachable"
+LAUNCH_CONTROL_TIMEOUT_S = 120.0  # the launch read of the control topic to its end offsets
 FILTER_NAMES = ("normalize", "language", "c4", "gopher_quality", "gopher_repetition", "pii", "toxicity")
 
 
@@ -418,10 +419,14 @@ def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], run_d
     return totals
 
 
-def launch_control_state(a: argparse.Namespace, config: IngestConfig) -> tuple[SourceControl, ControlVerifier]:
-    """The control state at launch (the topic read to its end now, as the micro-batch loop does
-    before its first batch) and the verifier the streaming graph takes with it; sets
-    ``config.blocked_sources`` to the state's blocked sources (and the takedowns)."""
+def launch_control_state(a: argparse.Namespace, config: IngestConfig, *,
+                         timeout_s: float = LAUNCH_CONTROL_TIMEOUT_S) -> tuple[SourceControl, ControlVerifier]:
+    """The control state at launch (the topic read up to the end offsets it has now, as the
+    micro-batch loop does before its first batch) and the verifier the streaming graph takes with
+    it; sets ``config.blocked_sources`` to the state's blocked sources (and the takedowns).
+
+    Fails the start (``SystemExit``) when the ends are not reached within ``timeout_s``: the graph
+    must not publish records of a source whose quarantine the launch read missed."""
     try:
         verifier = ControlVerifier.from_env()
     except SigningError as e:
@@ -430,7 +435,10 @@ def launch_control_state(a: argparse.Namespace, config: IngestConfig) -> tuple[S
     state = SourceControl.load(root)
     follower = ControlFollower(a.bootstrap, state, verifier)
     try:
-        follower.poll(timeout_s=5.0)
+        follower.read_to_end(timeout_s)
+    except ControlCatchUpError as e:
+        raise SystemExit(f"headwater ingest: the launch read of the control topic failed: {e}; "
+                         "check the broker, or pass --no-control") from None
     finally:
         follower.close()
     config.blocked_sources = blocked_sources(root, state.blocked)

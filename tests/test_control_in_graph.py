@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import pickle
 import random
 
 import apache_beam as beam
+import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
@@ -22,11 +25,14 @@ from apache_beam.transforms.window import TimestampedValue
 
 from beam_jobs.control import SourceControl
 from beam_jobs.control_stream import (
+    FOLD_OFFSETS,
     FoldControls,
     GateLive,
     LiveControls,
     ReadControlsXlang,
     VerifyControls,
+    _FoldFn,
+    _gated,
 )
 from beam_jobs.ingest import launch_control_state
 from beam_jobs.pipeline import IngestConfig, IngestText
@@ -36,6 +42,7 @@ from beam_jobs.sources.kafka import KafkaSourceConfig
 from beam_jobs.synthetic import english_doc, raw_record
 from streams.events import Control, DeadLetter, RawRecord
 from streams.governance import TAKEDOWN_REASON
+from streams.guard import CONTROL_MAX_POLL_RECORDS
 from streams.mds import settled_ranges
 from streams.signing import ControlVerifier, generate_keypair, load_signing_key, sign_control
 
@@ -139,7 +146,7 @@ def test_a_quarantine_mid_stream_drops_later_records_only_and_forged_controls_ar
     assert _settled(root) == [(0, 7)]
 
 
-def test_a_pause_withholds_records_unsettled_and_a_resume_lifts_it(tmp_path):
+def test_a_pause_drops_and_settles_records_as_the_loop_does_and_a_resume_lifts_it(tmp_path):
     sentinel, operator = _keys()
     pause = sign_control(Control(command="pause_source", args={"source": "books"}, reason="t"), sentinel)
     resume = sign_control(Control(command="resume_source", args={"source": "books"}, reason="t"), operator)
@@ -153,8 +160,8 @@ def test_a_pause_withholds_records_unsettled_and_a_resume_lifts_it(tmp_path):
 
     root = config.sink.stream_root
     assert _ids(root) == ["d0", "d1", "d3", "d5"]
-    assert _drops(tmp_path) == []  # paused records are not settled as dropped...
-    assert _settled(root) == [(0, 2), (3, 4), (5, 6)]  # ...nor settled at all: a restart re-reads 2 and 4
+    assert _drops(tmp_path) == [(2, "control:source_paused"), (4, "control:source_paused")]
+    assert _settled(root) == [(0, 6)]  # no holes: nothing waits on the topic's retention
 
 
 def test_the_launch_state_holds_from_the_first_record_and_controls_in_it_are_not_applied_again(tmp_path):
@@ -200,7 +207,7 @@ def test_verify_controls_passes_only_authentic_ingest_commands():
         assert_that(out | beam.Map(lambda e: (e[0].offset, e[1].control_id)), equal_to([(0, good.control_id)]))
 
 
-def test_fold_controls_reaches_the_offset_order_state_whatever_the_arrival_order():
+def test_fold_controls_emits_each_change_to_every_shard_and_ignores_a_redelivered_offset():
     sentinel, operator = _keys()
     log = [
         sign_control(Control(command="quarantine_source", args={"source": "x"}), sentinel),  # in the baseline
@@ -223,6 +230,79 @@ def test_fold_controls_reaches_the_offset_order_state_whatever_the_arrival_order
         out = updates | beam.GroupByKey() | beam.Map(latest)
         assert_that(out, equal_to([(("books", s), None) for s in (0, 1)] + [(("spam", s), "source_quarantined")
                     for s in (0, 1)] + [(("web", s), "source_paused") for s in (0, 1)]))
+
+
+class _Cell:
+    """A ReadModifyWriteState cell as a runner keeps it: the pickled bytes of the last write."""
+
+    def __init__(self):
+        self.stored, self.writes = None, 0
+
+    def read(self):
+        return None if self.stored is None else pickle.loads(self.stored)
+
+    def write(self, value):
+        self.stored, self.writes = pickle.dumps(value), self.writes + 1
+
+
+def _fold(fn: _FoldFn, cell: _Cell, offset: int, control: Control) -> list:
+    return list(fn.process(("control", (KafkaCoords("control", 0, offset), control)), fold=cell))
+
+
+def test_the_fold_rejects_a_replay_flood_before_storing_it_and_keeps_bounded_state():
+    sentinel, operator = _keys()
+    quarantine = sign_control(Control(command="quarantine_source", args={"source": "spam"}), sentinel)
+    resume = sign_control(Control(command="resume_source", args={"source": "spam"}, issued_at=quarantine.issued_at + 5),
+                          operator)
+    fn, cell = _FoldFn(SourceControl(""), shards=2), _Cell()
+    fn.setup()
+    assert _fold(fn, cell, 0, quarantine) == [(("spam", s), ("update", ("source_quarantined", 1))) for s in (0, 1)]
+    assert _fold(fn, cell, 1, resume) == [(("spam", s), ("update", (None, 2))) for s in (0, 1)]
+    stored, writes = cell.stored, cell.writes
+    for offset in range(2, 2002):  # the captured quarantine, re-published: a new offset each time
+        assert _fold(fn, cell, offset, quarantine) == []
+    assert _fold(fn, cell, 1, resume) == []  # a redelivered offset
+    assert (cell.stored, cell.writes) == (stored, writes)  # nothing stored: the source stays resumed
+
+    # genuine traffic for a long time: the state does not grow with it
+    sizes = []
+    for i in range(3000):
+        command = ("pause_source", "resume_source")[i % 2]
+        key = sentinel if command == "pause_source" else operator
+        _fold(fn, cell, 2002 + i, sign_control(Control(command=command, args={"source": "books"},
+                                                       issued_at=quarantine.issued_at + 60 * (i + 1)), key))
+        sizes.append(len(cell.stored))
+    assert max(sizes) < 8_000 and sizes[-1] <= sizes[1500] + 64  # bounded (it grew ~400 B a control before)
+    st = cell.read()
+    assert st["state"].blocked == {} and len(st["folded"]["0"]) <= FOLD_OFFSETS
+    # the ids a replay could still act with: spam's two (5 s apart), books' latest only
+    assert sorted(s for _, s in st["ids"].values()) == ["books", "spam", "spam"]
+    assert st["state"].history == [] and st["state"].seen == {}
+
+
+def test_rejected_controls_are_counted_and_logged_at_warning_with_their_reason(caplog):
+    sentinel, _ = _keys()
+    good = sign_control(Control(command="quarantine_source", args={"source": "a"}), sentinel)
+    records = [(KafkaCoords("control", 0, 0), good.to_bytes()),
+               (KafkaCoords("control", 0, 1), Control(command="quarantine_source", args={"source": "b"}).to_bytes()),
+               (KafkaCoords("control", 0, 2), good.to_bytes())]  # an exact replay at a new offset
+    p = _pipeline()
+    _ = (p | beam.Create(records) | VerifyControls(ControlVerifier.from_env())
+         | FoldControls(SourceControl(""), shards=1))
+    with caplog.at_level(logging.WARNING, logger="headwater.ingest.control"):
+        result = p.run()
+        result.wait_until_finish()
+    counters = {r.key.metric.name: r.committed for r in result.metrics().query()["counters"]}
+    assert counters["controls_rejected_unsigned"] == 1 and counters["controls_rejected_replayed"] == 1
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "rejected" in r.getMessage()]
+    assert any("(unsigned)" in m for m in warned) and any("(replayed)" in m for m in warned)
+
+
+def test_the_gate_marks_a_copy_and_leaves_its_input_record_alone():
+    doc = _doc(0, "spam")
+    (out,) = _gated("text", doc, "source_quarantined")
+    assert out.dropped == "control:source_quarantined" and out.text == ""
+    assert doc.dropped is None and doc.text == "t"
 
 
 def _doc(i: int, source: str) -> Doc:
@@ -249,11 +329,13 @@ def test_gate_live_applies_the_launch_state_to_text_media_and_dead_letters():
             "media": p | "Media" >> beam.Create(media),
         } | GateLive(live, blocked)
         assert_that(gated["text"] | beam.Map(lambda d: (d.id, d.dropped)), equal_to(
-            [("d0", None), ("d1", "control:source_quarantined"), ("d3", f"control:{TAKEDOWN_REASON}")]), label="text")
+            [("d0", None), ("d1", "control:source_quarantined"), ("d2", "control:source_paused"),
+             ("d3", f"control:{TAKEDOWN_REASON}")]), label="text")
         assert_that(gated["media"] | beam.Map(lambda m: m[1].id), equal_to(["m0"]), label="media")
         assert_that(gated["outcomes"] | beam.Map(lambda o: (o.coords.offset, o.dropped, o.dead is not None)), equal_to(
-            [(4, "control:source_quarantined", False), (6, None, True), (7, None, True),
-             (1, "control:source_quarantined", False)]), label="outcomes")
+            [(4, "control:source_quarantined", False), (5, "control:source_paused", False), (6, None, True),
+             (7, None, True), (1, "control:source_quarantined", False), (2, "control:source_paused", False)]),
+            label="outcomes")
 
 
 def test_the_control_topic_consumer_gets_the_sasl_tls_settings(tmp_path, monkeypatch):
@@ -285,6 +367,28 @@ def test_the_xlang_launch_reads_the_control_topic_into_the_graphs_baseline(fresh
     assert baseline.blocked == {"spam": "source_quarantined"} == config.blocked_sources
     assert sum(baseline.offsets.values()) == 2  # the graph folds only what comes after these
     assert baseline.path.endswith("control.json") and SourceControl.load(config.sink.stream_root).blocked == baseline.blocked
+
+
+def test_the_launch_read_reaches_the_end_offsets_or_fails_the_start(fresh_broker, tmp_path):
+    from streams.kafka import KafkaSettings, make_producer, publish
+
+    sentinel, _ = _keys()
+    producer = make_producer(KafkaSettings(bootstrap=fresh_broker.bootstrap))
+    try:  # more than one poll's worth (CONTROL_MAX_POLL_RECORDS), the quarantine last
+        for i in range(CONTROL_MAX_POLL_RECORDS * 3):
+            publish(producer, "control", sign_control(Control(command="pause_source", args={"source": f"s{i}"}),
+                                                      sentinel), flush=False)
+        publish(producer, "control", sign_control(Control(command="quarantine_source", args={"source": "spam"}),
+                                                  sentinel))
+    finally:
+        producer.close()
+    a = argparse.Namespace(bootstrap=fresh_broker.bootstrap)
+    with pytest.raises(SystemExit, match="not read to its end within 0s"):
+        launch_control_state(a, _config(tmp_path / "a"), timeout_s=0.0)
+    config = _config(tmp_path / "b")
+    baseline, _ = launch_control_state(a, config, timeout_s=60.0)
+    assert baseline.offsets == {"0": CONTROL_MAX_POLL_RECORDS * 3 + 1}
+    assert config.blocked_sources["spam"] == "source_quarantined"
 
 
 def test_an_object_store_root_keeps_the_control_state_in_memory(tmp_path, monkeypatch):
