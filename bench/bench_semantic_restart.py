@@ -1,7 +1,8 @@
 """Semantic dedup restart cost against history size, and bytes of semantic state per document.
 
-A stream root is filled the way ingest fills it: batches of published text shards, each kept
-sample's int8 embedding in ``lineage["semantic"]``, a settlement-point ``sync`` after each batch
+A stream root is filled the way ingest fills it: per batch, the kept documents' embeddings in a
+pending side file (``write_pending``, fsynced) and then their published text shard (no embedding
+in the samples), a settlement-point ``sync`` after each batch
 (compacting per key beyond ``--horizon``), then one batch published *without* a snapshot (a
 kill -9 between publish and snapshot). A restart, in a fresh process, loads the snapshot plus
 that tail and answers a lookup, which builds the key's ANN index (the dominant cost).
@@ -22,7 +23,8 @@ import time
 
 import numpy as np
 
-from beam_jobs.dedup.semantic_settled import DIRNAME, SemanticSettledIndex, encode_embedding, sync
+from beam_jobs.dedup.semantic import model_identity
+from beam_jobs.dedup.semantic_settled import DIRNAME, SemanticSettledIndex, sync, write_pending
 from beam_jobs.dedup.sketch import coords_hash
 from beam_jobs.sink import offsets_to_ranges
 
@@ -49,21 +51,21 @@ def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def publish(writer, eos: int, vecs: np.ndarray, first: int) -> list[int]:
-    """One published shard of text samples carrying their semantic records; their lineage sizes."""
+def publish(writer, eos: int, vecs: np.ndarray, first: int) -> float:
+    """The batch's side file, then one published shard of its text samples; side-file bytes per doc."""
     from streams.events import TokenizedSample
     from streams.mds import sample_from_event
 
-    rows, sizes = [], []
-    for i, vec in enumerate(vecs):
-        offset = first + i
-        rec = encode_embedding("en", coords_hash("bench", 0, offset), vec)
-        sizes.append(len(rec))
-        rows.append(sample_from_event(TokenizedSample(
-            id=f"doc-{offset}", domain="web_en", modality="text", tokens=[11, 12, 13, eos], source="web",
-            license="cc", pipeline_version="bench", language="en", lineage={"semantic": rec})))
-    writer.write_shard(rows, domain="web_en", settled=offsets_to_ranges("bench", 0, range(first, first + len(vecs))))
-    return sizes
+    offsets = range(first, first + len(vecs))
+    path = write_pending(writer.root, model=model_identity(None)[0], keys=["en"] * len(vecs),
+                         ids=[f"doc-{o}" for o in offsets], coordh=[coords_hash("bench", 0, o) for o in offsets],
+                         vecs=vecs)
+    per_doc = os.path.getsize(path) / len(vecs)
+    rows = [sample_from_event(TokenizedSample(
+        id=f"doc-{o}", domain="web_en", modality="text", tokens=[11, 12, 13, eos], source="web",
+        license="cc", pipeline_version="bench", language="en")) for o in offsets]
+    writer.write_shard(rows, domain="web_en", settled=offsets_to_ranges("bench", 0, offsets))
+    return per_doc
 
 
 def main() -> None:
@@ -82,17 +84,17 @@ def main() -> None:
     root = os.path.join(work, "root")
     writer = LiveStreamWriter(root, writer_id="bench", manifest={"vocab_version": vocab.version},
                               vocab_size=vocab.size, durable=False)
-    eos, offset, lineage = vocab.special("<|endoftext|>"), 0, []
+    eos, offset, side = vocab.special("<|endoftext|>"), 0, []
     probe = unit(rng, 1, dim)[0]
     for size in (int(s) for s in a.sizes.split(",")):
         t = time.perf_counter()
         while offset < size:
             n = min(a.batch, size - offset)
-            lineage += publish(writer, eos, unit(rng, n, dim), offset)
+            side.append(publish(writer, eos, unit(rng, n, dim), offset))
             offset += n
             sync(root, horizon=a.horizon, kind="flat")  # the settlement point after each batch
         fill_s = time.perf_counter() - t
-        lineage += publish(writer, eos, unit(rng, a.tail, dim), offset)
+        side.append(publish(writer, eos, unit(rng, a.tail, dim), offset))
         offset += a.tail
         saved = os.path.join(work, "saved")
         shutil.rmtree(saved, ignore_errors=True)
@@ -108,7 +110,7 @@ def main() -> None:
         sync(root, horizon=a.horizon, kind="flat")
         index = SemanticSettledIndex.load(root)
         print(f"  snapshot: {len(index)} docs in {len(index.segments)} segments, {index.nbytes() / len(index):.1f} B/doc; "
-              f"published lineage['semantic']: {np.mean(lineage):.0f} chars/doc", flush=True)
+              f"pending side files: {np.mean(side):.0f} B/doc (until folded; none in the samples)", flush=True)
     shutil.rmtree(work, ignore_errors=True)
 
 

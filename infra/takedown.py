@@ -13,7 +13,10 @@ In this order:
 3. Every shard holding a sample of the source is rewritten without it and published with one
    index.json rewrite (streams/mds_rewrite.py); the old shard files are deleted. Repeated until a
    pass finds nothing (an ingest batch that passed the gate before step 1 may publish late).
-4. Its dead letters (DLQ folder) and drop-log lines are removed (files rewritten atomically).
+4. The removed samples' ids go on the semantic dedup purge list (``_semantic_dedup/purged.npy``):
+   the next settlement point rewrites the snapshot without their embeddings and never folds a
+   pending one. (The text index ``_dedup/`` still holds their sketches and ids until its horizon.)
+   Its dead letters (DLQ folder) and drop-log lines are removed (files rewritten atomically).
 5. With ``--bootstrap``: a signed ``quarantine_source`` Control (operator key) makes live trainers
    drop buffered samples of the source and never read it again; the Kafka ``dlq`` topic is
    scanned and the offsets of the source's dead letters are recorded (Kafka cannot delete single
@@ -170,6 +173,14 @@ def _quarantine(bootstrap: str, source: str, reason: str) -> int:
                              "--reason", f"takedown: {reason or 'no reason given'}"])
 
 
+def _purge_semantic(root: str, ids: list[str]) -> int:
+    """Put the removed samples' ids on the semantic dedup purge list (when the root has that
+    index): their embeddings leave the snapshot at the next settlement point."""
+    from beam_jobs.dedup.semantic_settled import DIRNAME, purge
+
+    return purge(root, ids) if ids and os.path.isdir(os.path.join(root, DIRNAME)) else 0
+
+
 def takedown(source: str, stream_root: str, *, run_dirs: list[str] = (), reason: str = "", by: str = "",
              bootstrap: str | None = None, dlq_dir: str | None = None,
              drops_dir: str | None = None) -> dict[str, Any]:
@@ -195,6 +206,7 @@ def takedown(source: str, stream_root: str, *, run_dirs: list[str] = (), reason:
             replaced.update(result.replaced)
             if not result.removed:
                 break
+        semantic = _purge_semantic(root, [r.id for r in removed])
         dlq = scrub_jsonl(dlq_dir or os.path.join(root, "_ingest", "dlq"), _dead_letter_of(source))
         drops = scrub_jsonl(drops_dir or os.path.join(root, "_ingest", "drops"), _drop_of(source))
         kafka: dict[str, Any] = {"quarantine_control": None, "dlq_topic_offsets": None}
@@ -213,12 +225,13 @@ def takedown(source: str, stream_root: str, *, run_dirs: list[str] = (), reason:
         finished_at=time.time(), shards_replaced=replaced, samples_removed=len(removed),
         tokens_removed=sum(r.tokens for r in removed), tokens_by_license=dict(licenses),
         sample_sha256=sorted(_sha(f"{r.id}\0{r.sha256}".encode()) for r in removed),
-        dlq_removed=dlq, drops_removed=drops, kafka=kafka,
+        dlq_removed=dlq, drops_removed=drops, kafka=kafka, semantic_ids_purged=semantic,
     )
     gov.append_audit(root, audit)
     report.update(
         samples_removed=len(removed), tokens_removed=audit["tokens_removed"], tokens_by_license=dict(licenses),
         shards_replaced=replaced, dlq_lines_removed=len(dlq), drop_lines_removed=len(drops), kafka=kafka,
+        semantic_ids_purged=semantic,
         removed=[asdict(r) | {"id": _sha(r.id.encode())} for r in removed],
     )
     return report

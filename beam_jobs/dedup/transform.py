@@ -44,7 +44,7 @@ from beam_jobs.dedup.index import DedupConfig
 from beam_jobs.dedup.keyed import admit, hold_probe, register_or_answer, take_due
 from beam_jobs.dedup.minhash import exact_key
 from beam_jobs.dedup.record import DedupRecord, encode_record
-from beam_jobs.dedup.semantic_settled import SemanticSettledRef, encode_embedding
+from beam_jobs.dedup.semantic_settled import SemanticSettledRef, write_pending
 from beam_jobs.dedup.semantic_settled import sync as sync_semantic
 from beam_jobs.dedup.settled import ID_BYTES, SettledRef
 from beam_jobs.dedup.sketch import Sketch, coords_hash, estimate_jaccard, id_hash, make_sketch
@@ -290,7 +290,11 @@ class _SemanticFn(beam.DoFn):
     micro-batches published; local runner only), then in the state (this batch, or everything
     on Dataflow/Flink). The approximate index over the state is a per-process cache, valid
     only while its count equals the state's (a retried bundle rolls the state back, so the
-    cache is rebuilt). Kept documents publish their int8 embedding in ``lineage["semantic"]``."""
+    cache is rebuilt). With a settled index, the embeddings of the bundle's kept documents are
+    written to one side file of the stream root at the end of the bundle (before its output can
+    reach the sink's GroupByKey, so before any of their shards publishes); the settlement point
+    folds the rows of published documents (:func:`semantic_settled.sync`). Samples carry no
+    embedding."""
 
     KEPT = ReadModifyWriteStateSpec("kept", PickleCoder())
 
@@ -303,6 +307,20 @@ class _SemanticFn(beam.DoFn):
 
         self.embedder = embedder(self.config.semantic_model)
         self.index = self.settled.open() if self.settled is not None else None
+        if self.settled is not None:
+            from beam_jobs.dedup.semantic import model_identity
+
+            self.model_id = model_identity(self.config.semantic_model)[0]
+
+    def start_bundle(self):
+        self._pending: list[tuple[str, str, int, np.ndarray]] = []  # (shard key, id, coords hash, embedding)
+
+    def finish_bundle(self):
+        if self.settled is not None and self._pending:
+            keys, ids, coordh, vecs = zip(*self._pending)
+            write_pending(self.settled.root, model=self.model_id, keys=list(keys), ids=list(ids),
+                          coordh=list(coordh), vecs=np.stack(vecs))
+        self._pending = []
 
     def _index(self, key: str, kept: list):
         from beam_jobs.dedup.semantic import SemanticIndex
@@ -341,7 +359,8 @@ class _SemanticFn(beam.DoFn):
         index.add(emb, doc.id)
         # Past the horizon the cached index holds more than the state: rebuild it next time.
         self._cache[key] = (len(grown) if len(grown) <= self.config.semantic_horizon else -1, index)
-        doc.lineage["semantic"] = encode_embedding(key, coordh, emb)
+        if self.settled is not None:
+            self._pending.append((key, doc.id, coordh, emb))
         Metrics.counter("dedup", "out").inc()
         yield doc
 
@@ -359,7 +378,7 @@ class Dedup(beam.PTransform):
         self.config = c = config or DedupConfig()
         self.settled = settled
         self.semantic_settled = None if settled is None or not c.semantic else sync_semantic(
-            settled.root, horizon=c.semantic_horizon, kind=c.semantic_index)
+            settled.root, horizon=c.semantic_horizon, kind=c.semantic_index, model=c.semantic_model)
 
     def expand(self, docs):
         c = self.config
