@@ -22,12 +22,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Self
 
-from streams.manifest import file_lock
+from streams.manifest import file_lock, flock_within
 
 __all__ = ["WriterBusy", "WriterLock", "launch_workers", "settlement_lock", "worker_argv"]
 
@@ -56,15 +55,7 @@ class WriterLock:
         ``wait_s`` (another worker may hold it briefly while it drains this id's outbox)."""
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() < deadline:
-                    time.sleep(0.2)
-                    continue
+        if not flock_within(fd, wait_s):
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise WriterBusy(f"writer id {self.writer_id!r} is already in use on {self.stream_root} by a live "

@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -41,6 +42,8 @@ __all__ = [
     "check_sidecar",
     "empty_sidecar",
     "file_lock",
+    "flock_within",
+    "fsync_dir",
     "merge_ranges",
     "published_entries",
     "read_index",
@@ -106,11 +109,26 @@ def atomic_write_json(path: str, obj: Any, *, durable: bool = True, sync_dir: bo
 
 
 def fsync_dir(path: str) -> None:
+    """fsync the directory ``path`` (makes the names created or renamed in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def flock_within(fd: int, wait_s: float) -> bool:
+    """Take an exclusive ``flock`` on ``fd``, retrying every 0.2 s for up to ``wait_s``; False if
+    another holder kept it that long."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
 
 
 @contextmanager

@@ -20,6 +20,8 @@ import socket
 import sys
 import time
 
+from streams.manifest import flock_within
+
 __all__ = ["EXIT_RUN_DIR_BUSY", "RunDirBusy", "RunLock", "die_with_parent"]
 
 EXIT_RUN_DIR_BUSY = 3
@@ -57,17 +59,10 @@ class RunLock:
         """Take the lock, waiting up to ``wait_s`` for a holder that is exiting; else :class:`RunDirBusy`."""
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = self.holder()
-                    os.close(fd)
-                    raise RunDirBusy(self._busy_message(holder, wait_s)) from None
-                time.sleep(0.2)
+        if not flock_within(fd, wait_s):
+            holder = self.holder()
+            os.close(fd)
+            raise RunDirBusy(self._busy_message(holder, wait_s))
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
                                  "argv": sys.argv[:12]}).encode())

@@ -13,6 +13,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from streams.manifest import fsync_dir
+
 __all__ = ["SNAPSHOT", "ColumnSegment", "SegmentSet", "apply_horizon", "fsync_dir", "read_segment", "read_snapshot",
            "read_tail", "write_segment", "write_snapshot"]
 
@@ -60,15 +62,6 @@ def read_snapshot(ddir: str) -> dict[str, Any] | None:
         return None
     with open(path) as f:
         return json.load(f)
-
-
-def fsync_dir(path: str) -> None:
-    """fsync the directory ``path`` (makes the names created or renamed in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_segment(path: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
