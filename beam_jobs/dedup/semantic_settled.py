@@ -47,6 +47,7 @@ from beam_jobs.dedup.snapshot import (
     ColumnSegment,
     SegmentSet,
     fsync_dir,
+    open_generation,
     read_segment,
     read_snapshot,
     read_tail,
@@ -310,15 +311,8 @@ class SemanticSettledRef:
 
     def open(self) -> SemanticSettledIndex:
         """This generation's index: the in-process one when this process built it, else loaded."""
-        key = (self.root, self.generation)
-        with _LOCK:
-            if key not in _OPEN:
-                index = SemanticSettledIndex.load(self.root, self.kind)
-                if index.generation != self.generation:
-                    raise RuntimeError(f"semantic dedup snapshot of {self.root} is at generation "
-                                       f"{index.generation}, the pipeline was built for {self.generation}")
-                _OPEN[key] = index
-            return _OPEN[key]
+        return open_generation(_OPEN, _LOCK, self.root, self.generation,
+                               lambda: SemanticSettledIndex.load(self.root, self.kind), "semantic dedup")
 
 
 def _published_ids(root: str, covered: frozenset[str]) -> tuple[np.ndarray, set[str]]:

@@ -29,6 +29,7 @@ from beam_jobs.dedup.snapshot import (
     ColumnSegment,
     SegmentSet,
     apply_horizon,
+    open_generation,
     read_segment,
     read_snapshot,
     read_tail,
@@ -54,15 +55,8 @@ class SettledRef:
     def open(self) -> SettledIndex:
         """The index of this generation: the in-process one when this process built it, else
         loaded (memory-mapped) from the snapshot; never a half-built one."""
-        key = (self.root, self.generation)
-        with _LOCK:
-            if key not in _OPEN:
-                index = SettledIndex.load(self.root)
-                if index.generation != self.generation:
-                    raise RuntimeError(f"dedup snapshot of {self.root} is at generation {index.generation}, "
-                                       f"the pipeline was built for {self.generation}")
-                _OPEN[key] = index
-            return _OPEN[key]
+        return open_generation(_OPEN, _LOCK, self.root, self.generation, lambda: SettledIndex.load(self.root),
+                               "dedup")
 
 
 class Segment(ColumnSegment):

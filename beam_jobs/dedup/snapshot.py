@@ -8,15 +8,16 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from streams.manifest import fsync_dir
 
-__all__ = ["SNAPSHOT", "ColumnSegment", "SegmentSet", "apply_horizon", "fsync_dir", "read_segment", "read_snapshot",
-           "read_tail", "write_segment", "write_snapshot"]
+__all__ = ["SNAPSHOT", "ColumnSegment", "SegmentSet", "apply_horizon", "fsync_dir", "open_generation", "read_segment",
+           "read_snapshot", "read_tail", "write_segment", "write_snapshot"]
 
 SNAPSHOT = "snapshot.json"
 
@@ -62,6 +63,25 @@ def read_snapshot(ddir: str) -> dict[str, Any] | None:
         return None
     with open(path) as f:
         return json.load(f)
+
+
+_Index = TypeVar("_Index")
+
+
+def open_generation(cache: dict[tuple[str, int], _Index], lock: threading.Lock, root: str, generation: int,
+                    load: Callable[[], _Index], what: str) -> _Index:
+    """The index of ``generation`` of ``root`` from a process's ``cache`` of complete indexes (the one
+    this process built), else ``load()``-ed from the snapshot; raises if the snapshot has moved on
+    from the generation the pipeline was built for. ``what`` names the index in that error."""
+    key = (root, generation)
+    with lock:
+        if key not in cache:
+            index = load()
+            if index.generation != generation:
+                raise RuntimeError(f"{what} snapshot of {root} is at generation {index.generation}, "
+                                   f"the pipeline was built for {generation}")
+            cache[key] = index
+        return cache[key]
 
 
 def write_segment(path: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:

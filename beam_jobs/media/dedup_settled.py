@@ -28,6 +28,7 @@ from beam_jobs.dedup.snapshot import (
     ColumnSegment,
     SegmentSet,
     apply_horizon,
+    open_generation,
     read_segment,
     read_snapshot,
     read_tail,
@@ -64,15 +65,8 @@ class MediaSettledRef:
 
     def open(self) -> MediaSettledIndex:
         """This generation's index: the in-process one when this process built it, else loaded."""
-        key = (self.root, self.generation)
-        with _LOCK:
-            if key not in _OPEN:
-                index = MediaSettledIndex.load(self.root, self.config)
-                if index.generation != self.generation:
-                    raise RuntimeError(f"media dedup snapshot of {self.root} is at generation {index.generation}, "
-                                       f"the pipeline was built for {self.generation}")
-                _OPEN[key] = index
-            return _OPEN[key]
+        return open_generation(_OPEN, _LOCK, self.root, self.generation,
+                               lambda: MediaSettledIndex.load(self.root, self.config), "media dedup")
 
 
 class MediaSegment(ColumnSegment):
