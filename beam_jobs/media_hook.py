@@ -3,8 +3,8 @@ discretization health.
 
 Contract (docs/TEAM_CONTRACTS.md, "beam_jobs media hook"): input ``(KafkaCoords, RawRecord)``;
 outputs main ``(coords, sample dict with the MDS columns incl. domain)``, ``dlq`` DeadLetter
-(coordinates set), ``dropped`` ``(coords, "stage:reason", record id)``; image near-dups are
-dropped by ``MediaDedup`` first, with ``record_id`` and ``dup_of`` set on their Outcome. Every
+(coordinates set), ``dropped`` ``(coords, "stage:reason", record id)``; image and video near-dups
+are dropped by ``MediaDedup`` first, with ``record_id`` and ``dup_of`` set on their Outcome. Every
 input yields exactly one output.
 
 Health: the tokenizers' ``CodebookHealth`` deltas are merged per run (bounded) or per pane
@@ -89,7 +89,7 @@ class ReportHealthFn(beam.DoFn):
 
 
 class RouteMedia(beam.PTransform):
-    """(coords, RawRecord) -> Outcome via MediaDedup (image near-dups, keyed state) and
+    """(coords, RawRecord) -> Outcome via MediaDedup (image and video near-dups, keyed state) and
     TokenizeMedia (when it is absent, Validate dead-letters media)."""
 
     def __init__(self, media_config=None, *, health: HealthConfig | None = None, streaming: bool = False,
@@ -110,7 +110,8 @@ class RouteMedia(beam.PTransform):
 
         config = self.media_config or MediaConfig()
         dedup = media | "MediaDedup" >> MediaDedup(
-            MediaDedupConfig(near=config.dedup.near, uri=config.uri, image_qa=config.image_qa), settled=self.settled)
+            MediaDedupConfig(near=config.dedup.near, video=config.video_dedup, uri=config.uri, image_qa=config.image_qa,
+                             video_limits=config.video), settled=self.settled)
         dups = dedup["dropped"] | "DedupDropped" >> beam.Map(
             lambda d: Outcome(KafkaCoords(*d[0]), dropped=d[1], record_id=d[2], dup_of=d[3], source=d[5]))
         out = dedup["records"] | "TokenizeMedia" >> TokenizeMedia(config)

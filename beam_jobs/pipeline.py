@@ -76,15 +76,17 @@ class IngestText(beam.PTransform):
         self.config, self.streaming, self.controls = config, streaming, controls
 
     def _media_settled(self):
-        """The image near-dup index's settlement point, like the text one's (local roots only)."""
+        """The media (image, video) near-dup index's settlement point, like the text one's (local roots only)."""
         root = self.config.sink.stream_root
         if "://" in root:
             return None
         from beam_jobs.media import MediaConfig
         from beam_jobs.media.dedup_settled import sync as sync_media
 
-        dedup = (self.config.media_config or MediaConfig()).dedup
-        return sync_media(root, dedup.near, horizon_images=dedup.horizon_images, horizon_age_s=dedup.horizon_age_s)
+        media = self.config.media_config or MediaConfig()
+        dedup = media.dedup
+        return sync_media(root, dedup.near, horizon_images=dedup.horizon_images, horizon_age_s=dedup.horizon_age_s,
+                          video=media.video_dedup)
 
     def expand(self, records):
         c = self.config

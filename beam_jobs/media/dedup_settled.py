@@ -1,6 +1,6 @@
-"""The settled image index: what the local runner knows about images already published.
+"""The settled media index: what the local runner knows about images and videos already published.
 
-Every kept image sample carries its fingerprint in ``lineage["media_dedup"]``
+Every kept image or video sample carries its fingerprint in ``lineage["media_dedup"]``
 (:func:`near_dup.encode`), so a shard publishes its index delta atomically with itself.
 :func:`sync` (called at a settlement point: when a micro-batch's pipeline is built, after the
 previous one published) folds the shards published since the last snapshot into one new
@@ -10,8 +10,11 @@ published after the snapshot, so its cost does not grow with history.
 
 A segment holds, per image, the fingerprint columns (~1.2 KB: 1024-byte grey thumbnail,
 48-byte colour thumbnail, pHash, digest, id truncated to 48 bytes) and, per bucket column, a
-sorted ``(key, slot)`` table. Horizon: beyond ``horizon_images`` images or segments older than
-``horizon_age_s``, the oldest whole segments are forgotten (a later near-dup of them is kept).
+sorted ``(key, slot)`` table. Videos have their own segments in the same snapshot generation
+(:class:`video_settled.VideoSegment`, named by the snapshot's ``video_segments``). Horizon:
+beyond ``horizon_images`` images (``VideoNearDupConfig.horizon_videos`` videos) or segments
+older than ``horizon_age_s``, the oldest whole segments are forgotten (a later near-dup of them
+is kept).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -46,6 +49,14 @@ from .near_dup import (
     bucket_keys,
     decode,
 )
+from .video_near_dup import (
+    VideoFingerprint,
+    VideoNearDupConfig,
+    best_video_match,
+    decode_video,
+    video_bucket_keys,
+)
+from .video_settled import VideoSegment
 
 __all__ = ["DIRNAME", "MediaSegment", "MediaSettledIndex", "MediaSettledRef", "sync"]
 
@@ -57,16 +68,17 @@ _OPEN: dict[tuple[str, int], MediaSettledIndex] = {}
 
 @dataclass(frozen=True, slots=True)
 class MediaSettledRef:
-    """A pinned generation of a stream root's settled image index (picklable)."""
+    """A pinned generation of a stream root's settled media index (picklable)."""
 
     root: str
     generation: int
     config: NearDupConfig
+    video: VideoNearDupConfig = field(default_factory=VideoNearDupConfig)
 
     def open(self) -> MediaSettledIndex:
         """This generation's index: the in-process one when this process built it, else loaded."""
         return open_generation(_OPEN, _LOCK, self.root, self.generation,
-                               lambda: MediaSettledIndex.load(self.root, self.config), "media dedup")
+                               lambda: MediaSettledIndex.load(self.root, self.config, self.video), "media dedup")
 
 
 class MediaSegment(ColumnSegment):
@@ -116,21 +128,26 @@ class MediaSegment(ColumnSegment):
 
 @dataclass(slots=True)
 class MediaSettledIndex(SegmentSet):
-    """Segments of one snapshot generation, newest last; read-only once built."""
+    """Segments of one snapshot generation, newest last; read-only once built. ``len`` and
+    ``nbytes`` count images; ``videos`` are the video segments."""
 
     root: str
     config: NearDupConfig
     generation: int = 0
     segments: tuple[MediaSegment, ...] = ()
     shards: frozenset[str] = frozenset()
+    video: VideoNearDupConfig = field(default_factory=VideoNearDupConfig)
+    videos: tuple[VideoSegment, ...] = ()
 
     @classmethod
-    def load(cls, root: str, config: NearDupConfig) -> MediaSettledIndex:
+    def load(cls, root: str, config: NearDupConfig, video: VideoNearDupConfig | None = None) -> MediaSettledIndex:
+        video = video or VideoNearDupConfig()
         snap = read_snapshot(os.path.join(root, DIRNAME))
         if snap is None:
-            return cls(root, config)
+            return cls(root, config, video=video)
         segs = tuple(MediaSegment.open(os.path.join(root, DIRNAME, name)) for name in snap["segments"])
-        return cls(root, config, snap["generation"], segs, frozenset(snap["shards"]))
+        vsegs = tuple(VideoSegment.open(os.path.join(root, DIRNAME, name)) for name in snap.get("video_segments", ()))
+        return cls(root, config, snap["generation"], segs, frozenset(snap["shards"]), video, vsegs)
 
     def candidates(self, fp: MediaFingerprint) -> list[MediaFingerprint]:
         """Settled images sharing a bucket with ``fp``."""
@@ -148,40 +165,68 @@ class MediaSettledIndex(SegmentSet):
         """(reason, matched fingerprint, evidence) of the best settled match, never ``fp`` itself."""
         return best_match(fp, self.candidates(fp), self.config)
 
+    def lookup_video(self, fp: VideoFingerprint) -> tuple[str, VideoFingerprint, dict] | None:
+        """(reason, matched fingerprint, evidence) of the best settled video match, never ``fp`` itself."""
+        keys = video_bucket_keys(fp, self.video)
+        out = []
+        for seg in self.videos:
+            if seg.keyed != VideoSegment.key_config(self.video):
+                raise RuntimeError(f"{seg.path} was keyed with (keyframes, radius, colour_cell) {seg.keyed}: "
+                                   "remove the _media_dedup folder to rebuild it from the stream")
+            out.extend(seg.fingerprint(s) for s in sorted(seg.slots_for(keys)))
+        return best_video_match(fp, out, self.video)
 
-def _tail(root: str, covered: frozenset[str]) -> tuple[list[MediaFingerprint], set[str]]:
-    """Fingerprints of kept images in published shards not yet covered, and those shards."""
-    found, shards = read_tail(root, covered, "image", "media_dedup")
-    return [decode(text) for _, text in found], shards
+
+def _tail(root: str, covered: frozenset[str], modality: str, decoder) -> tuple[list, set[str]]:
+    """Fingerprints of kept ``modality`` samples in published shards not yet covered, and those shards."""
+    found, shards = read_tail(root, covered, modality, "media_dedup")
+    return [decoder(text) for _, text in found], shards
 
 
-def sync(root: str, config: NearDupConfig, *, horizon_images: int | None = None, horizon_age_s: float | None = None,
-         max_segments: int = 16, now: float | None = None) -> MediaSettledRef:
-    """Fold the tail into a new segment, apply the horizon, write the next snapshot generation."""
-    now = time.time() if now is None else now
-    index = MediaSettledIndex.load(root, config)
-    fps, shards = _tail(root, index.shards)
-    if not shards and index.generation:
-        with _LOCK:
-            _OPEN.setdefault((root, index.generation), index)
-        return MediaSettledRef(root, index.generation, config)
-    gen = index.generation + 1
-    ddir = os.path.join(root, DIRNAME)
-    os.makedirs(ddir, exist_ok=True)
-    segs = list(index.segments)
+def _fold(segs: list, fps: list, build, path: str, *, max_segments: int, now: float, horizon_age_s: float | None,
+          horizon_count: int | None, unit: str) -> list:
+    """``segs`` plus a segment of ``fps`` (``build(path, fps, created)``), the older half compacted
+    into one beyond ``max_segments``, then the horizon applied."""
+    segs = list(segs)
     if fps:
-        segs.append(MediaSegment.build(os.path.join(ddir, f"seg-{gen:08d}"), fps, config, now))
+        segs.append(build(path, fps, now))
     if len(segs) > max_segments:  # compact the older half into one segment
         half = len(segs) // 2
         merged = [seg.fingerprint(i) for seg in segs[:half] for i in range(len(seg))]
-        segs = [MediaSegment.build(os.path.join(ddir, f"seg-{gen:08d}-m"), merged, config, segs[half - 1].created),
-                *segs[half:]]
-    apply_horizon(segs, now=now, horizon_age_s=horizon_age_s, horizon_count=horizon_images,
-                  log=log, what="media dedup", unit="images")
-    snap = write_snapshot(ddir, gen, segs, index.shards | shards, now)
-    built = MediaSettledIndex(root, config, gen, tuple(segs), frozenset(snap["shards"]))
+        segs = [build(f"{path}-m", merged, segs[half - 1].created), *segs[half:]]
+    apply_horizon(segs, now=now, horizon_age_s=horizon_age_s, horizon_count=horizon_count,
+                  log=log, what="media dedup", unit=unit)
+    return segs
+
+
+def sync(root: str, config: NearDupConfig, *, horizon_images: int | None = None, horizon_age_s: float | None = None,
+         video: VideoNearDupConfig | None = None, max_segments: int = 16, now: float | None = None) -> MediaSettledRef:
+    """Fold the tail into new segments (images, videos), apply the horizons, write the next
+    snapshot generation. ``video`` also sets the video horizon (``horizon_videos``, ``horizon_age_s``)."""
+    now = time.time() if now is None else now
+    video = video or VideoNearDupConfig()
+    index = MediaSettledIndex.load(root, config, video)
+    fps, shards = _tail(root, index.shards, "image", decode)
+    vfps, vshards = _tail(root, index.shards, "video", decode_video)
+    shards |= vshards
+    if not shards and index.generation:
+        with _LOCK:
+            _OPEN.setdefault((root, index.generation), index)
+        return MediaSettledRef(root, index.generation, config, video)
+    gen = index.generation + 1
+    ddir = os.path.join(root, DIRNAME)
+    os.makedirs(ddir, exist_ok=True)
+    segs = _fold(index.segments, fps, lambda p, f, t: MediaSegment.build(p, f, config, t),
+                 os.path.join(ddir, f"seg-{gen:08d}"), max_segments=max_segments, now=now,
+                 horizon_age_s=horizon_age_s, horizon_count=horizon_images, unit="images")
+    vsegs = _fold(index.videos, vfps, lambda p, f, t: VideoSegment.build(p, f, video, t),
+                  os.path.join(ddir, f"vseg-{gen:08d}"), max_segments=max_segments, now=now,
+                  horizon_age_s=video.horizon_age_s, horizon_count=video.horizon_videos, unit="videos")
+    names = [os.path.basename(s.path) for s in vsegs]
+    snap = write_snapshot(ddir, gen, segs, index.shards | shards, now, meta={"video_segments": names}, keep=names)
+    built = MediaSettledIndex(root, config, gen, tuple(segs), frozenset(snap["shards"]), video, tuple(vsegs))
     with _LOCK:
         _OPEN[(root, gen)] = built
         for key in [k for k in _OPEN if k[0] == root and k[1] < gen - 1]:
             del _OPEN[key]
-    return MediaSettledRef(root, gen, config)
+    return MediaSettledRef(root, gen, config, video)

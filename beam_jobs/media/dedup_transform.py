@@ -1,27 +1,29 @@
-"""Image near-dup dedup as a sharded Beam chain (the image counterpart of ``beam_jobs.dedup``).
+"""Image and video near-dup dedup as a sharded Beam chain (the media counterpart of ``beam_jobs.dedup``).
 
-1. ``Fingerprint`` (stateless): reads and decodes each image record, computes its
-   :class:`near_dup.MediaFingerprint`, looks it up in the *settled* index (what earlier
-   micro-batches published; local runner only) and fans out: one probe per bucket key
-   (pHash chunk and mean-colour cell, :func:`near_dup.bucket_keys`), a registration of its
-   fingerprint under its id hash, and the record itself under its own key. Records that are
-   not images or do not decode pass through untouched (TokenizeMedia dead-letters or QA-drops
-   them with their reason).
+1. ``Fingerprint`` (stateless): reads and decodes each image or video record, computes its
+   :class:`near_dup.MediaFingerprint` (a video: :class:`video_near_dup.VideoFingerprint`, K
+   keyframe fingerprints), looks it up in the *settled* index (what earlier micro-batches
+   published; local runner only) and fans out: one probe per bucket key (pHash chunk and
+   mean-colour cell, :func:`near_dup.bucket_keys`; a video's are its keyframes' keys, flagged
+   so images and videos never meet), a registration of its fingerprint under its id hash, and
+   the record itself under its own key. Records of other modalities or that do not decode pass
+   through untouched (TokenizeMedia dead-letters or QA-drops them with their reason).
 2. ``Buckets`` keyed by bucket: buffers probes until the watermark passes them, then handles
    them in priority order (event time, then offset, partition, id hash): each probe asks every
    id already in the bucket (never its own) to verify, then joins it. State: 8 bytes per id,
    at most ``bucket_cap`` ids per bucket.
 3. ``Verify`` keyed by an image's id hash holds its fingerprint (~1.5 KB) and answers queries:
    pHash within the radius (or met on the colour route) AND thumbnail SSIM, colour, coarse
-   structure and detail agree (:func:`near_dup.compare`). A record never matches itself.
+   structure and detail agree (:func:`near_dup.compare`); for videos, most keyframes pair up
+   in order (:func:`video_near_dup.compare_video`). A record never matches itself.
 4. ``Decide`` keyed by the record: once every probe reported and every query is answered, the
    record is a duplicate iff a settled match or a verified candidate exists. Of two
    near-duplicates in flight, the later in priority order asks about the earlier and never the
    reverse, so exactly one is kept on any number of workers. Beam state commits with its
    bundle, so a retried bundle gives identical output.
 
-Kept image records leave with their encoded fingerprint in ``meta[FINGERPRINT_META]``;
-``MediaProcessor.image`` moves it into the sample's ``lineage["media_dedup"]``, so every
+Kept image and video records leave with their encoded fingerprint in ``meta[FINGERPRINT_META]``;
+``MediaProcessor.image``/``video`` move it into the sample's ``lineage["media_dedup"]``, so every
 published shard carries its index delta (:mod:`dedup_settled`).
 """
 
@@ -58,6 +60,16 @@ from .near_dup import (
     fingerprint,
 )
 from .uri import UriPolicy, read_payload
+from .video import VideoDecoder
+from .video_near_dup import (
+    VideoNearDupConfig,
+    compare_video,
+    decode_video,
+    encode_video,
+    fingerprint_video,
+    is_video,
+    video_bucket_keys,
+)
 
 __all__ = ["DROPPED_TAG", "MediaDedup", "MediaDedupConfig"]
 
@@ -66,11 +78,13 @@ DROPPED_TAG = "dropped"
 
 @dataclass(kw_only=True, slots=True)
 class MediaDedupConfig:
-    """How image records are read for fingerprinting and the near-dup thresholds."""
+    """How image and video records are read for fingerprinting and the near-dup thresholds."""
 
     near: NearDupConfig = field(default_factory=NearDupConfig)
+    video: VideoNearDupConfig = field(default_factory=VideoNearDupConfig)
     uri: UriPolicy = field(default_factory=UriPolicy)
     image_qa: ImageQA = field(default_factory=ImageQA)
+    video_limits: VideoDecoder.Config = field(default_factory=VideoDecoder.Config)  # tokenization's bounds
     bucket_cap: int = 10_000  # ids kept per bucket (oldest evicted, counted)
 
 
@@ -102,34 +116,43 @@ def _coords(coords) -> tuple[str, int, int] | None:
         return None
 
 
-class _ImageFingerprintFn(beam.DoFn):
+class _MediaFingerprintFn(beam.DoFn):
     def __init__(self, config: MediaDedupConfig, settled: MediaSettledRef | None):
         self.config, self.settled = config, settled
+        self.modalities = ("image", "video") if config.video.enabled else ("image",)
 
     def setup(self):
         self.index = self.settled.open() if self.settled is not None else None
 
+    def _fingerprint(self, record, c) -> tuple[str, list[int], tuple | None]:
+        """(encoded fingerprint, bucket keys, settled match) of an image or video record."""
+        payload = read_payload(record, self.config.uri)
+        if record.modality == "image":
+            fp = fingerprint(decode_image(payload, self.config.image_qa), record.id, c)
+            hit = self.index.lookup(fp) if self.index is not None else None
+            return encode(fp), bucket_keys(fp, self.config.near), hit
+        fp = fingerprint_video(payload, record.id, self.config.video, limits=self.config.video_limits, coords=c)
+        hit = self.index.lookup_video(fp) if self.index is not None else None
+        return encode_video(fp), video_bucket_keys(fp, self.config.video), hit
+
     def process(self, element, ts=beam.DoFn.TimestampParam):
         coords, record = element if isinstance(element, tuple) else (None, element)
-        if record.modality != "image":
+        if record.modality not in self.modalities:
             yield beam.pvalue.TaggedOutput("passed", element)
             return
+        c = _coords(coords)
         try:
-            rgb = decode_image(read_payload(record, self.config.uri), self.config.image_qa)
+            text, keys, hit = self._fingerprint(record, c)
         except Exception:  # noqa: BLE001 - MediaRejected or worse: TokenizeMedia reports it
             yield beam.pvalue.TaggedOutput("passed", element)
             return
         Metrics.counter("media_dedup", "in").inc()
-        c = _coords(coords)
-        fp = fingerprint(rgb, record.id, c)
+        Metrics.counter("media_dedup", f"in_{record.modality}").inc()
         idh = _hash64(record.id)
         reckey = (idh, _hash64(repr(c)) if c else idh)
         prio = ts.micros
         order = (c[2], c[1], idh) if c else (0, 0, idh)
-        hit = self.index.lookup(fp) if self.index is not None else None
         settled_hit = (hit[0], hit[1].record_id, hit[2]) if hit else None
-        text = encode(fp)
-        keys = bucket_keys(fp, self.config.near)
         yield reckey, ("rec", coords, record, text, settled_hit, prio, len(keys))
         yield beam.pvalue.TaggedOutput("verify", (idh, ("reg", (prio, text, c))))
         for key in keys:
@@ -169,26 +192,45 @@ class _ImageBucketFn(beam.DoFn):
 
 
 class _ImageVerifyFn(beam.DoFn):
-    """Keyed by an image's id hash: its fingerprint; answers queries about it."""
+    """Keyed by an image's or video's id hash: its fingerprint; answers queries about it."""
 
     FP = ReadModifyWriteStateSpec("fp", PickleCoder())
     WAITING = BagStateSpec("waiting", PickleCoder())
+    MEMO = 256  # decisions remembered per DoFn instance (a pure function of the pair)
 
-    def __init__(self, config: NearDupConfig):
-        self.config = config
+    def __init__(self, near: NearDupConfig, video: VideoNearDupConfig):
+        self.near, self.video = near, video
+
+    def setup(self):
+        self.memo: dict[tuple, tuple] = {}
+
+    def _judge(self, q: _Query, text: str, coords) -> tuple:
+        """(candidate id, match or None) of the query against a held fingerprint. A video
+        candidate is met on many of its keyframes' buckets: repeats are answered from a memo."""
+        key = (q.fp, q.coords, text, coords)
+        if key not in self.memo:
+            if len(self.memo) >= self.MEMO:
+                self.memo.clear()
+            if is_video(text) != is_video(q.fp):  # never met (disjoint keys); never a match
+                self.memo[key] = ("", None)
+            elif is_video(text):
+                cand = decode_video(text, coords)
+                self.memo[key] = (cand.record_id, compare_video(decode_video(q.fp, q.coords), cand, self.video))
+            else:
+                cand = decode(text, coords)
+                self.memo[key] = (cand.record_id, compare(decode(q.fp, q.coords), cand, self.near))
+        return self.memo[key]
 
     def _answer(self, held: tuple, q: _Query) -> tuple:
         """Every query is answered (Decide counts answers); a match carries its reason."""
         added, text, coords = held
-        cand = decode(text, coords)
-        hit = compare(decode(q.fp, q.coords), cand, self.config)
+        cand_id, hit = self._judge(q, text, coords)
         if hit is None:
-            return q.reckey, ("v", None, None, cand.record_id, added, q.replay)
+            return q.reckey, ("v", None, None, cand_id, added, q.replay)
         reason, evidence = hit
         # Deterministic best: exact first, fewest pHash bits, highest SSIM, then the earliest.
-        rank = (reason != "exact_duplicate", evidence.get("hamming", 0), -evidence.get("ssim", 1.0), added,
-                cand.record_id)
-        return q.reckey, ("v", reason, rank, cand.record_id, added, q.replay, evidence)
+        rank = (reason != "exact_duplicate", evidence.get("hamming", 0), -evidence.get("ssim", 1.0), added, cand_id)
+        return q.reckey, ("v", reason, rank, cand_id, added, q.replay, evidence)
 
     def process(self, element, fp_state=beam.DoFn.StateParam(FP), waiting=beam.DoFn.StateParam(WAITING)):  # noqa: B008
         _, (kind, payload) = element
@@ -254,12 +296,12 @@ class MediaDedup(beam.PTransform):
 
     def expand(self, records):
         c = self.config
-        fp = records | "Fingerprint" >> beam.ParDo(_ImageFingerprintFn(c, self.settled)).with_outputs(
+        fp = records | "Fingerprint" >> beam.ParDo(_MediaFingerprintFn(c, self.settled)).with_outputs(
             "probe", "verify", "passed", main="rec")
         buckets = fp.probe | "ImageBuckets" >> beam.ParDo(_ImageBucketFn(c.bucket_cap)).with_input_types(
             tuple[int, Any]).with_outputs("report", main="query")
         verdicts = ((fp.verify, buckets.query) | "ToVerify" >> beam.Flatten()
-                    | "ImageVerify" >> beam.ParDo(_ImageVerifyFn(c.near)).with_input_types(tuple[int, Any]))
+                    | "ImageVerify" >> beam.ParDo(_ImageVerifyFn(c.near, c.video)).with_input_types(tuple[int, Any]))
         decided = ((fp.rec, buckets.report, verdicts) | "ToDecide" >> beam.Flatten()
                    | "ImageDecide" >> beam.ParDo(_ImageDecideFn()).with_input_types(tuple[tuple[int, int], Any])
                    .with_outputs(DROPPED_TAG, main="kept"))

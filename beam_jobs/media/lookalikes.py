@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 from .synth import procedural_image
 
-__all__ = ["EDITS", "FAMILIES", "LabelledImage", "Score", "distinct_image", "generate", "near_duplicate", "score"]
+__all__ = ["EDITS", "FAMILIES", "LabelledImage", "Score", "distinct_image", "generate", "near_duplicate", "score", "tally"]
 
 FAMILIES = ("procedural", "linear_gradient", "radial_gradient", "smooth_noise", "checkerboard", "stripes")
 EDITS = ("jpeg", "resize", "crop", "brightness_contrast", "noise", "watermark")
@@ -136,19 +136,23 @@ class Score:
 
 
 def score(images: list[LabelledImage], config) -> Score:
-    """Run the images in order through a :class:`near_dup.NearDupIndex` built from ``config``.
-
-    A drop is true when it matched an image of its own cluster; every image after the first of
-    its cluster should be dropped (recall's denominator)."""
+    """Run the images in order through a :class:`near_dup.NearDupIndex` built from ``config``."""
     from .near_dup import NearDupIndex, fingerprint
 
-    index = NearDupIndex(config)
-    cluster = {im.name: im.cluster for im in images}
+    return tally(images, NearDupIndex(config), lambda im: fingerprint(im.rgb, im.name))
+
+
+def tally(items, index, fingerprint_of) -> Score:
+    """Run labelled ``items`` (``name``, ``cluster``) in order through ``index`` (``check``/``add``).
+
+    A drop is true when it matched an item of its own cluster; every item after the first of
+    its cluster should be dropped (recall's denominator)."""
+    cluster = {im.name: im.cluster for im in items}
     seen: set[int] = set()
     drops = true = planted = 0
     false, missed = [], []
-    for im in images:
-        fp = fingerprint(im.rgb, im.name)
+    for im in items:
+        fp = fingerprint_of(im)
         dup = im.cluster in seen
         planted += dup
         seen.add(im.cluster)

@@ -17,22 +17,27 @@ import base64
 import hashlib
 import struct
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
 
 __all__ = [
     "FINGERPRINT_META",
+    "ID_BYTES",
     "MediaFingerprint",
     "NearDupConfig",
     "NearDupIndex",
+    "best_match",
     "bucket_keys",
+    "cell_colour_distance",
     "colour_distance",
+    "compare",
     "decode",
     "encode",
     "fingerprint",
     "hamming",
+    "local_ssim",
     "ssim",
 ]
 
@@ -130,18 +135,36 @@ def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
 
 
-def ssim(a: bytes, b: bytes) -> float:
-    """Mean SSIM (Gaussian window, sigma 1.5) of two THUMB×THUMB grey thumbnails."""
-    x = np.frombuffer(a, np.uint8).reshape(THUMB, THUMB).astype(np.float64)
-    y = np.frombuffer(b, np.uint8).reshape(THUMB, THUMB).astype(np.float64)
+def _grey(a: bytes) -> np.ndarray:
+    return np.frombuffer(a, np.uint8).reshape(THUMB, THUMB).astype(np.float64)
+
+
+def _ssim_maps(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """SSIM maps (Gaussian window, sigma 1.5) of x against y ([THUMB, THUMB] or a stack of them)."""
 
     def blur(z):
         return _G @ z @ _G.T
 
     mx, my = blur(x), blur(y)
     vx, vy, cov = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
-    s = ((2 * mx * my + _C1) * (2 * cov + _C2)) / ((mx * mx + my * my + _C1) * (vx + vy + _C2))
-    return float(s.mean())
+    return ((2 * mx * my + _C1) * (2 * cov + _C2)) / ((mx * mx + my * my + _C1) * (vx + vy + _C2))
+
+
+def ssim(a: bytes, b: bytes) -> float:
+    """Mean SSIM (Gaussian window, sigma 1.5) of two THUMB×THUMB grey thumbnails."""
+    return float(_ssim_maps(_grey(a), _grey(b)).mean())
+
+
+def local_ssim(a: bytes, b: bytes, *, block: int = 8, shift: int = 2) -> float:
+    """The worst block's SSIM of two grey thumbnails, each ``block``×``block`` block of ``a``
+    compared with ``b`` moved by up to ``shift`` px (the best of those): low when a region
+    differs (an object elsewhere), high when content only moved a little or degraded evenly."""
+    x, y = _grey(a), np.pad(_grey(b), shift, mode="edge")
+    span = range(-shift, shift + 1)
+    moved = np.stack([y[shift + dy : shift + dy + THUMB, shift + dx : shift + dx + THUMB] for dy in span for dx in span])
+    n = THUMB // block
+    blocks = _ssim_maps(x, moved).reshape(len(moved), n, block, n, block).mean((2, 4))
+    return float(blocks.max(0).min())
 
 
 def coarse_correlation(a: bytes, b: bytes, min_std: float) -> float:
@@ -159,6 +182,14 @@ def colour_distance(a: bytes, b: bytes) -> float:
     x = np.frombuffer(a, np.uint8).astype(np.float64)
     y = np.frombuffer(b, np.uint8).astype(np.float64)
     return float(np.sqrt(np.mean((x - y) ** 2)))
+
+
+def cell_colour_distance(a: bytes, b: bytes) -> float:
+    """Largest RGB distance (0-441) between corresponding cells of two colour thumbnails: sees
+    a local change (an object elsewhere) that the RMS over all cells averages away."""
+    x = np.frombuffer(a, np.uint8).reshape(-1, 3).astype(np.float64)
+    y = np.frombuffer(b, np.uint8).reshape(-1, 3).astype(np.float64)
+    return float(np.sqrt(((x - y) ** 2).sum(1)).max())
 
 
 def bucket_keys(fp: MediaFingerprint, config: NearDupConfig) -> list[int]:
@@ -233,11 +264,13 @@ def compare(fp: MediaFingerprint, kept: MediaFingerprint, config: NearDupConfig)
     return "near_duplicate", evidence
 
 
-def best_match(fp: MediaFingerprint, candidates, config: NearDupConfig) -> tuple[str, MediaFingerprint, dict] | None:
-    """The closest confirmed duplicate among ``candidates``: exact first, then fewest pHash bits."""
+def best_match(fp, candidates, config, judge=None) -> tuple[str, Any, dict] | None:
+    """The closest confirmed duplicate among ``candidates``: exact first, then fewest pHash bits.
+    ``judge(fp, kept, config)`` decides one pair (default :func:`compare`; videos pass theirs)."""
+    judge = judge or compare
     best = None
     for kept in candidates:
-        hit = compare(fp, kept, config)
+        hit = judge(fp, kept, config)
         if hit is None:
             continue
         rank = (hit[0] != "exact_duplicate", hit[1].get("hamming", 0), -hit[1].get("ssim", 1.0))
@@ -258,20 +291,27 @@ class NearDupIndex:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def keys(self, fp: MediaFingerprint) -> list[int]:
+        """Bucket keys of ``fp`` (a subclass indexes other fingerprints: videos)."""
+        return bucket_keys(fp, self.config)
+
     def candidates(self, fp: MediaFingerprint) -> list[MediaFingerprint]:
         """Entries sharing a pHash chunk or the digest with ``fp``."""
-        rows = {i for key in bucket_keys(fp, self.config) for i in self.buckets.get(key, ())}
+        rows = {i for key in self.keys(fp) for i in self.buckets.get(key, ())}
         if fp.digest in self.digests:
             rows.add(self.digests[fp.digest])
         return [self.entries[i] for i in sorted(rows)]
 
     def check(self, fp: MediaFingerprint) -> tuple[str, MediaFingerprint, dict] | None:
         """(reason, matched fingerprint, evidence) or None."""
-        return best_match(fp, self.candidates(fp), self.config)
+        return self.judge(fp, self.candidates(fp))
+
+    def judge(self, fp: MediaFingerprint, candidates: list) -> tuple[str, Any, dict] | None:
+        return best_match(fp, candidates, self.config)
 
     def add(self, fp: MediaFingerprint) -> None:
         i = len(self.entries)
         self.entries.append(fp)
         self.digests.setdefault(fp.digest, i)
-        for key in bucket_keys(fp, self.config):
+        for key in self.keys(fp):
             self.buckets.setdefault(key, []).append(i)

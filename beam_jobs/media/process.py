@@ -30,6 +30,7 @@ from .layout import audio_tokens, default_vocab, image_tokens, video_tokens
 from .near_dup import FINGERPRINT_META
 from .uri import UriPolicy, read_payload
 from .video import VideoDecoder
+from .video_near_dup import VideoNearDupConfig
 
 __all__ = ["MediaConfig", "MediaProcessor", "Result", "process_audio", "process_image", "process_video"]
 
@@ -45,7 +46,7 @@ class MediaConfig:
     dedup: ImageDeduper.Config = field(default_factory=ImageDeduper.Config)
     image_codebooks: str = ""  # artifact directory from `headwater discretizer train`
     video: VideoDecoder.Config = field(default_factory=VideoDecoder.Config)
-    video_dedup_keyframes: bool = False
+    video_dedup: VideoNearDupConfig = field(default_factory=VideoNearDupConfig)  # MediaDedup's video near-dups
     pipeline_version: str = "media-1"
     recon_every: int = 64  # measure reconstruction error on every n-th item (health)
 
@@ -215,6 +216,9 @@ class MediaProcessor:
 
     def _video_one(self, record: RawRecord, data: bytes) -> Result:
         tok = self.image_tokenizer
+        checked = record.meta.get(FINGERPRINT_META)  # MediaDedup kept it: publish its fingerprint
+        if checked is not None:
+            record = dataclasses.replace(record, meta={k: v for k, v in record.meta.items() if k != FINGERPRINT_META})
         try:
             clip = self.video_decoder.decode(data)
         except MediaRejected as e:
@@ -243,6 +247,8 @@ class MediaProcessor:
         lineage = {"tokenizer": tok.name, "audio_tokenizer": self.encodec.version if audio_codes is not None else "",
                    "keyframe_times": [round(t, 3) for t in starts], "shot_cuts": [round(float(clip.times[i]), 3) for i in clip.cuts],
                    "duration_s": round(clip.duration_s, 3), "dropped_frames": clip.dropped_frames}
+        if checked is not None:
+            lineage["media_dedup"] = checked
         return Result(record, sample=self._sample(record, tokens, lineage))
 
 

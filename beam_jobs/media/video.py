@@ -62,7 +62,10 @@ class VideoDecoder:
     def __init__(self, config: VideoDecoder.Config):
         self.config = config
 
-    def decode(self, data: bytes) -> VideoClip:
+    def sample(self, data: bytes, *, square: bool = True) -> tuple[np.ndarray, list[np.ndarray], int]:
+        """Bounds-checked frames at ``fps`` only (no audio, no cuts): ``(times, frames, dropped)``.
+        Frames are ``side``×``side`` (centre crop) or, with ``square=False``, keep their aspect
+        with the short side ``2 * side``."""
         c = self.config
         with open_container(data) as container:
             if not container.streams.video:
@@ -73,12 +76,16 @@ class VideoDecoder:
                 raise MediaRejected("too_many_pixels", f"{w}x{h} frames exceed {c.max_pixels} pixels")
             if container.duration and container.duration / 1e6 > c.max_seconds:
                 raise MediaRejected("too_long", f"{container.duration / 1e6:.0f} s exceeds {c.max_seconds:.0f} s")
-            times, frames, dropped = self._sample(container, stream)
+            times, frames, dropped = self._sample(container, stream, square)
         if not frames:
             raise MediaRejected("corrupt", "no decodable video frames")
+        return np.asarray(times), frames, dropped
+
+    def decode(self, data: bytes) -> VideoClip:
+        c = self.config
+        times_a, frames, dropped = self.sample(data)
         with open_container(data) as container:
             audio = decode_audio(container, rate=c.audio_rate, max_seconds=c.max_seconds)
-        times_a = np.asarray(times)
         cuts = shot_cuts(frames, c.cut_threshold)
         bounds = [0, *cuts, len(frames)]
         shots = list(itertools.pairwise(bounds))
@@ -93,7 +100,7 @@ class VideoDecoder:
         return VideoClip(duration, times_a, np.stack(frames), cuts, keyframes[: c.max_keyframes], audio,
                          dropped_frames=dropped, shots=shots)
 
-    def _sample(self, container, stream) -> tuple[list[float], list[np.ndarray], int]:
+    def _sample(self, container, stream, square: bool) -> tuple[list[float], list[np.ndarray], int]:
         """Decode and keep one frame per 1/fps seconds; returns (times, frames, dropped)."""
         c = self.config
         step = 1.0 / c.fps
@@ -117,7 +124,7 @@ class VideoDecoder:
                 scale = 2 * c.side / min(frame.width, frame.height)
                 small = frame.to_ndarray(format="rgb24", width=max(c.side, round(frame.width * scale)) // 2 * 2,
                                          height=max(c.side, round(frame.height * scale)) // 2 * 2)
-                frames.append(square_resize(small, c.side))
+                frames.append(square_resize(small, c.side) if square else small)
                 times.append(t)
                 while next_t <= t + 1e-6:
                     next_t += step

@@ -1,0 +1,74 @@
+"""Settled video fingerprints: the video segments of the settled media index (:mod:`dedup_settled`).
+
+A segment holds, per video, the id (truncated to 48 bytes), the 16-byte digest, the duration
+and K keyframe columns (pixel digest, pHash, 32×32 grey and 4×4 RGB thumbnails, detail, spread: ~1.1 KB each,
+~8.8 KB for K = 8), plus one sorted ``(key, slot)`` table of the videos' bucket keys
+(:func:`video_near_dup.video_bucket_keys`, a variable number per video).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from beam_jobs.dedup.snapshot import ColumnSegment, read_segment, write_segment
+
+from .near_dup import COLOUR, ID_BYTES, THUMB, MediaFingerprint
+from .video_near_dup import VideoFingerprint, VideoNearDupConfig, video_bucket_keys
+
+__all__ = ["VideoSegment"]
+
+
+class VideoSegment(ColumnSegment):
+    """An immutable, memory-mapped set of settled video fingerprints."""
+
+    FIELDS = ("ids", "digest", "duration", "fdigest", "phash", "thumb", "colour", "detail", "spread", "keys", "slots")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @staticmethod
+    def key_config(config: VideoNearDupConfig) -> list:
+        """What the key tables depend on: a segment keyed otherwise cannot be searched."""
+        return [config.keyframes, config.frame.hamming_radius, config.frame.colour_cell]
+
+    @classmethod
+    def build(cls, path: str, fps: list[VideoFingerprint], config: VideoNearDupConfig, created: float) -> VideoSegment:
+        k = config.keyframes
+        frames = [f for fp in fps for f in fp.frames]
+        pairs = sorted((key, slot) for slot, fp in enumerate(fps) for key in video_bucket_keys(fp, config))
+        arrays = {
+            "ids": np.array([fp.record_id.encode("utf-8", "surrogatepass")[:ID_BYTES] for fp in fps], f"S{ID_BYTES}"),
+            "digest": np.array([fp.digest for fp in fps], "S16"),
+            "duration": np.array([fp.duration for fp in fps], np.float32),
+            "fdigest": np.array([f.digest for f in frames], "S16").reshape(len(fps), k),
+            "phash": np.array([f.phash for f in frames], np.uint64).reshape(len(fps), k),
+            "thumb": np.frombuffer(b"".join(f.thumb for f in frames), np.uint8).reshape(len(fps), k, THUMB * THUMB),
+            "colour": np.frombuffer(b"".join(f.colour for f in frames), np.uint8).reshape(len(fps), k, COLOUR * COLOUR * 3),
+            "detail": np.array([f.detail for f in frames], np.float16).reshape(len(fps), k),
+            "spread": np.array([f.spread for f in frames], np.float16).reshape(len(fps), k, 3),
+            "keys": np.array([p[0] for p in pairs], np.uint64),
+            "slots": np.array([p[1] for p in pairs], np.uint32),
+        }
+        write_segment(path, arrays, {"created": created, "videos": len(fps), "key_config": cls.key_config(config)})
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: str) -> VideoSegment:
+        arrays, meta = read_segment(path, cls.FIELDS)
+        seg = cls(path, arrays, meta["created"])
+        seg.keyed = meta["key_config"]
+        return seg
+
+    def fingerprint(self, slot: int) -> VideoFingerprint:
+        rid = self.ids[slot].decode("utf-8", "replace")
+        frames = tuple(MediaFingerprint(rid, None, bytes(self.fdigest[slot, i]).ljust(16, b"\0"), int(self.phash[slot, i]), self.thumb[slot, i].tobytes(),
+                                        self.colour[slot, i].tobytes(), float(self.detail[slot, i]),
+                                        tuple(float(v) for v in self.spread[slot, i]))
+                       for i in range(self.phash.shape[1]))
+        return VideoFingerprint(rid, None, bytes(self.digest[slot]).ljust(16, b"\0"), float(self.duration[slot]), frames)
+
+    def slots_for(self, keys: list[int]) -> set[int]:
+        """Slots of the videos sharing any of ``keys``."""
+        want = np.asarray(keys, np.uint64)
+        lo, hi = np.searchsorted(self.keys, want, "left"), np.searchsorted(self.keys, want, "right")
+        return {int(s) for a, b in zip(lo, hi) for s in self.slots[a:b]}
