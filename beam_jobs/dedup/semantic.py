@@ -95,6 +95,7 @@ class SemanticIndex:
         if kind not in ("hnsw", "ivf", "flat"):
             raise ValueError(f"unknown semantic index kind {kind!r} (hnsw, ivf, flat)")
         self.dim, self.kind, self.nlist, self.nprobe, self.train_size = dim, kind, nlist, nprobe, train_size
+        self.ef_search = ef_search
         self.gpu = faiss_gpu_available() if gpu is None else gpu
         self.ids: list[str] = []
         self._trained, self._res = False, None
@@ -152,6 +153,37 @@ class SemanticIndex:
             new.index.nprobe = self.nprobe
         else:
             new.index = faiss.clone_index(self.index)
+        return new
+
+    def to_bytes(self) -> np.ndarray:
+        """The FAISS index serialised (``faiss.serialize_index``; a GPU index via the CPU)."""
+        import faiss
+
+        return faiss.serialize_index(faiss.index_gpu_to_cpu(self.index) if self._res is not None else self.index)
+
+    @classmethod
+    def from_bytes(cls, data: np.ndarray, kind: str, *, gpu: bool | None = None) -> SemanticIndex:
+        """An index of ``kind`` from :meth:`to_bytes` (its ``ids`` blank: the caller keeps them);
+        ``ValueError`` if ``data`` holds another kind or metric, ``RuntimeError`` if unreadable.
+        A trained IVF index goes to the GPU when one is present (unmeasured: no GPU here)."""
+        import faiss
+
+        index = faiss.deserialize_index(np.ascontiguousarray(data, dtype=np.uint8))
+        wanted = {"hnsw": (faiss.IndexHNSWFlat,), "ivf": (faiss.IndexIVFFlat, faiss.IndexFlatIP),
+                  "flat": (faiss.IndexFlatIP,)}[kind]
+        if not isinstance(index, wanted) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise ValueError(f"serialised index is a {type(index).__name__}, not a {kind} inner-product index")
+        new = cls(index.d, kind, gpu=gpu)
+        new.ids, new._trained = [""] * index.ntotal, isinstance(index, faiss.IndexIVFFlat)
+        if kind == "hnsw":
+            index.hnsw.efSearch = new.ef_search
+        if new._trained:
+            index.nprobe = new.nprobe
+            if new.gpu:
+                new._res = faiss.StandardGpuResources()
+                index = faiss.index_cpu_to_gpu(new._res, 0, index)
+                index.nprobe = new.nprobe
+        new.index = index
         return new
 
     def add(self, embedding: np.ndarray, doc_id: str) -> None:

@@ -21,14 +21,26 @@ whole in ``meta.json``), id hash, coords hash, id (truncated to ``ID_BYTES``), t
 scale (float32) and the int8 codes (``dim`` bytes): 420 B per document at MiniLM's 384
 dimensions. Horizon: at most ``horizon`` documents per shard key; when a key would hold more,
 or beyond ``max_segments`` segments, the snapshot is compacted to the newest
-``0.8 x horizon`` of each key. So the snapshot (and the cost of a restart, which builds one
-ANN index per key from it on its first lookup) is bounded by ``keys x horizon``, whatever the
+``0.8 x horizon`` of each key. So the snapshot is bounded by ``keys x horizon``, whatever the
 history. Within one process, the next generation copies the ANN indexes already built and adds
 only the tail (until a compaction).
+
+The built ANN index of each key (HNSW, IVF; not flat, whose rebuild is a copy) is persisted as
+``ann/<kind>-<key hash>.npz`` (``faiss.serialize_index`` plus a meta record; atomic and
+fsynced): when a lookup builds it, and when a sync extends it. The meta names the segments it
+covers, the model and dimension, and a digest of the covered rows' id hashes and int8 codes; a
+restart's first lookup loads it and adds only the rows of the segments after them. A file that
+is missing, unreadable, of another model or kind, or whose digest does not match the snapshot's
+rows (a compaction, a reset) is logged and the index rebuilt (then persisted again); a sync
+removes the files a compaction left stale. A file is only a cache: it is never needed.
+
+Processes syncing (or purging) one root take turns under ``_semantic_dedup/.lock``
+(:func:`~beam_jobs.dedup.snapshot.snapshot_lock`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -43,25 +55,30 @@ import numpy as np
 from beam_jobs.dedup.settled import ID_BYTES
 from beam_jobs.dedup.sketch import id_hash
 from beam_jobs.dedup.snapshot import (
+    PURGED,
     SNAPSHOT,
     ColumnSegment,
     SegmentSet,
+    add_purged,
     fsync_dir,
     open_generation,
+    read_purged,
     read_segment,
     read_snapshot,
     read_tail,
+    snapshot_lock,
     write_segment,
     write_snapshot,
 )
 
-__all__ = ["DIRNAME", "PENDING", "PURGED", "SemanticSegment", "SemanticSettledIndex", "SemanticSettledRef", "purge",
+__all__ = ["ANN", "DIRNAME", "PENDING", "PURGED", "SemanticSegment", "SemanticSettledIndex", "SemanticSettledRef", "purge",
            "quantize", "read_generation", "sync", "write_pending"]
 
 log = logging.getLogger(__name__)
 DIRNAME = "_semantic_dedup"
 PENDING = "pending"
-PURGED = "purged.npy"  # id hashes of documents taken down: never folded, dropped from the snapshot
+ANN = "ann"  # the persisted ANN index of each shard key
+LOCK_WAIT_S = 300.0  # how long a sync or purge waits for another process folding the same root
 _COLS = ("idh", "coordh", "ids", "scale", "codes")
 _LOCK = threading.Lock()
 _OPEN: dict[tuple[str, int], SemanticSettledIndex] = {}
@@ -90,8 +107,13 @@ def _write_npz(path: str, meta: dict, cols: dict[str, np.ndarray]) -> None:
     slot = {k: i for i, k in enumerate(table)}
     arrays = {"key": np.array([slot[k] for k in cols["names"].tolist()], dtype=np.uint32),
               "keys": _json_array(table), "meta": _json_array(meta), **{f: cols[f] for f in _COLS}}
+    _savez(path, arrays)
+
+
+def _savez(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """``arrays`` as the ``.npz`` file ``path``: written aside, fsynced, renamed, folder fsynced."""
     folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
         f.flush()
@@ -127,31 +149,16 @@ def write_pending(root: str, *, model: str, keys: list[str], ids: list[str], coo
     return path
 
 
-def _purged(root: str) -> np.ndarray:
-    path = os.path.join(root, DIRNAME, PURGED)
-    return np.load(path) if os.path.exists(path) else np.zeros(0, np.uint64)
-
-
-def purge(root: str, ids: list[str]) -> int:
+def purge(root: str, ids: list[str], *, lock_wait_s: float = LOCK_WAIT_S) -> int:
     """Forget the embeddings of the documents ``ids`` (a takedown): their id hashes join
-    ``<root>/_semantic_dedup/purged.npy`` (atomic, fsynced; only this function writes it), so no
-    side file row of theirs is ever folded, and the next :func:`sync` rewrites the snapshot
-    without them (even with no new shard). Until then a pipeline pinned to an older generation
-    may still drop a near-duplicate as ``dup_of`` one of them. Returns the number added."""
+    ``<root>/_semantic_dedup/purged.npy`` (atomic, fsynced, under the sync lock), so no side
+    file row of theirs is ever folded, and the next :func:`sync` rewrites the snapshot (and drops
+    the persisted ANN indexes) without them (even with no new shard). Until then a pipeline
+    pinned to an older generation may still drop a near-duplicate as ``dup_of`` one of them.
+    Returns the number added."""
     ddir = os.path.join(root, DIRNAME)
-    old = _purged(root)
-    new = np.setdiff1d(np.array([id_hash(i) for i in ids], dtype=np.uint64), old)
-    if not len(new):
-        return 0
-    os.makedirs(ddir, exist_ok=True)
-    tmp = os.path.join(ddir, f".{PURGED}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, np.union1d(old, new))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(ddir, PURGED))
-    fsync_dir(ddir)
-    return len(new)
+    with snapshot_lock(ddir, lock_wait_s):
+        return add_purged(ddir, (id_hash(i) for i in ids))
 
 
 class SemanticSegment(ColumnSegment):
@@ -195,35 +202,99 @@ class SemanticSegment(ColumnSegment):
         return {k: int(c) for k, c in zip(self.keys, counts) if c}
 
 
+def _ann_path(ddir: str, kind: str, key: str) -> str:
+    return os.path.join(ddir, ANN, f"{kind}-{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()[:24]}.npz")
+
+
 class _KeyIndex:
-    """One shard key's settled documents: an ANN index over the dequantised vectors."""
+    """One shard key's settled documents: an ANN index over the dequantised vectors, and which
+    segments' rows it holds (names, in order) with a digest of their id hashes and codes."""
 
     def __init__(self, kind: str):
         self.kind, self.index = kind, None
         self.idh, self.coordh = np.zeros(0, np.uint64), np.zeros(0, np.uint32)
         self.ids = np.zeros(0, f"S{ID_BYTES}")
+        self.segments: tuple[str, ...] = ()
+        self._hashes = (hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16))  # id hashes, codes
 
     @classmethod
     def build(cls, segs, key: str, kind: str) -> _KeyIndex:
         return cls(kind).extended(segs, key, copy=False)
 
-    def extended(self, segs, key: str, *, copy: bool = True) -> _KeyIndex:
-        """This index plus the rows of ``key`` in ``segs`` (a copy unless ``copy=False``)."""
-        from beam_jobs.dedup.semantic import SemanticIndex
+    def digest(self) -> str:
+        return "".join(h.hexdigest() for h in self._hashes)
 
+    def _grown(self, segs, key: str) -> tuple[_KeyIndex, np.ndarray]:
+        """A new index sharing this one's ANN index, plus the columns of ``key`` in ``segs``;
+        and their codes."""
         cols = _columns(segs, only=key)
         new = _KeyIndex(self.kind)
         new.idh = np.concatenate([self.idh, cols["idh"]])
         new.coordh = np.concatenate([self.coordh, cols["coordh"]])
         new.ids = np.concatenate([self.ids, cols["ids"]])
+        new.segments = self.segments + tuple(os.path.basename(s.path) for s in segs)
+        new._hashes = tuple(h.copy() for h in self._hashes)
+        new._hashes[0].update(np.ascontiguousarray(cols["idh"], dtype=np.uint64).tobytes())
+        new._hashes[1].update(np.ascontiguousarray(cols["codes"], dtype=np.int8).tobytes())
+        new.index = self.index
+        return new, cols["codes"]
+
+    def extended(self, segs, key: str, *, copy: bool = True) -> _KeyIndex:
+        """This index plus the rows of ``key`` in ``segs`` (a copy unless ``copy=False``)."""
+        from beam_jobs.dedup.semantic import SemanticIndex
+
+        new, codes = self._grown(segs, key)
         new.index = self.index.copy() if copy and self.index is not None else self.index
-        if len(cols["idh"]):
-            data = cols["codes"].astype(np.float32)  # renormalised: cosine without quantisation scale error
+        if len(codes):
+            data = codes.astype(np.float32)  # renormalised: cosine without quantisation scale error
             data /= np.maximum(np.linalg.norm(data, axis=1, keepdims=True), 1e-12)
             if new.index is None:
                 new.index = SemanticIndex(data.shape[1], self.kind)
             new.index.add_many(data, [""] * len(data))  # ids are looked up in self.ids
         return new
+
+    def save(self, ddir: str, key: str, space: tuple[str, int]) -> None:
+        """Persist the ANN index (not a flat one: rebuilding it is a copy) with what it covers."""
+        if self.index is None or self.kind == "flat":
+            return
+        meta = {"version": 1, "key": key, "kind": self.kind, "model": space[0], "dim": space[1],
+                "segments": list(self.segments), "rows": len(self.idh), "digest": self.digest()}
+        os.makedirs(os.path.join(ddir, ANN), exist_ok=True)
+        _savez(_ann_path(ddir, self.kind, key), {"meta": _json_array(meta), "index": self.index.to_bytes()})
+
+    @classmethod
+    def restore(cls, ddir: str, key: str, kind: str, segs, space: tuple[str, int]) -> _KeyIndex | None:
+        """The persisted index of ``key`` when it holds exactly the rows of ``key`` in a prefix of
+        ``segs`` (same model, kind and digest), else ``None`` with a log line saying why."""
+        from beam_jobs.dedup.semantic import SemanticIndex
+
+        path = _ann_path(ddir, kind, key)
+        if not os.path.exists(path):
+            log.info("semantic dedup: no persisted %s index of key %r under %s: building it", kind, key, ddir)
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(z["meta"].tobytes())
+                covered = list(meta["segments"])
+                if (meta["key"], meta["kind"], meta["model"], meta["dim"]) != (key, kind, *space) or [
+                        os.path.basename(s.path) for s in segs[:len(covered)]] != covered:
+                    log.info("semantic dedup: persisted index %s is of another model, kind or generation than "
+                             "the snapshot: rebuilding it", path)
+                    return None
+                stored, _ = cls(kind)._grown(segs[:len(covered)], key)
+                if stored.digest() != meta["digest"] or len(stored.idh) != meta["rows"]:
+                    log.warning("semantic dedup: persisted index %s does not match the snapshot's vectors: "
+                                "rebuilding it", path)
+                    return None
+                stored.index = SemanticIndex.from_bytes(z["index"], kind)
+            if len(stored.index) != len(stored.idh) or stored.index.dim != space[1]:
+                raise ValueError(f"{len(stored.index)} vectors of dim {stored.index.dim}, "
+                                 f"the snapshot holds {len(stored.idh)} of dim {space[1]}")
+        except (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError, zipfile.BadZipFile) as e:
+            log.warning("semantic dedup: persisted index %s is unreadable (%s: %s): rebuilding it",
+                        path, type(e).__name__, e)
+            return None
+        return stored
 
     def lookup(self, vec: np.ndarray, *, idh: int, coordh: int, threshold: float, k: int = 4) -> str | None:
         if self.index is None:
@@ -241,7 +312,8 @@ class _KeyIndex:
 @dataclass(slots=True)
 class SemanticSettledIndex(SegmentSet):
     """Segments of one snapshot generation, oldest first; read-only once built. The ANN index of
-    a shard key is built on its first lookup (once per process and generation)."""
+    a shard key is opened on its first lookup (once per process and generation): the persisted
+    one plus the rows after it, else built and persisted."""
 
     root: str
     kind: str = "hnsw"
@@ -250,6 +322,7 @@ class SemanticSettledIndex(SegmentSet):
     shards: frozenset[str] = frozenset()
     reset: bool = False  # the snapshot on disk was set aside (unreadable, or another model)
     model: tuple[str, int] | None = None  # (id, dimension) checked at load; None: not checked
+    space: tuple[str, int] | None = None  # (id, dimension) of the embeddings held, from the snapshot
     _built: dict[str, _KeyIndex] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -270,7 +343,7 @@ class SemanticSettledIndex(SegmentSet):
                 log.warning("semantic dedup snapshot of %s was built with model %s (dim %s), this run embeds with "
                             "%s (dim %d): starting an empty semantic index (earlier documents are not compared)",
                             root, snap.get("model"), snap.get("dim"), model[0], model[1])
-                return cls(root, kind, gen, (), shards, reset=True, model=model)
+                return cls(root, kind, gen, (), shards, reset=True, model=model, space=tuple(model))
             segs = tuple(SemanticSegment.open(os.path.join(ddir, name)) for name in snap["segments"])
         except (OSError, ValueError, KeyError, TypeError, EOFError) as e:  # json errors are ValueErrors
             aside = os.path.join(ddir, f"{SNAPSHOT}.bad-{time.time_ns()}")
@@ -280,7 +353,8 @@ class SemanticSettledIndex(SegmentSet):
                       "the pending embeddings of published shards (near-duplicates of older documents are kept)",
                       root, type(e).__name__, e, aside)
             return cls(root, kind, reset=True, model=model)
-        return cls(root, kind, gen, segs, shards, model=model)
+        space = (snap["model"], int(snap["dim"])) if snap.get("model") is not None else None
+        return cls(root, kind, gen, segs, shards, model=model, space=space)
 
     def count_by_key(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -292,8 +366,22 @@ class SemanticSettledIndex(SegmentSet):
     def key_index(self, key: str) -> _KeyIndex:
         with self._lock:
             if key not in self._built:
-                self._built[key] = _KeyIndex.build(self.segments, key, self.kind)
+                self._built[key] = self._open_key(key)
             return self._built[key]
+
+    def _open_key(self, key: str) -> _KeyIndex:
+        """``key``'s ANN index: the persisted one extended with the segments after it, else built;
+        persisted again when it grew."""
+        ddir = os.path.join(self.root, DIRNAME)
+        stored = None if self.kind == "flat" or self.space is None else _KeyIndex.restore(
+            ddir, key, self.kind, self.segments, self.space)
+        if stored is None:
+            built = _KeyIndex.build(self.segments, key, self.kind)
+        else:
+            built = stored.extended(self.segments[len(stored.segments):], key, copy=False)
+        if self.space is not None and (stored is None or len(built.idh) > len(stored.idh)):
+            built.save(ddir, key, self.space)
+        return built
 
     def lookup(self, key: str, vec: np.ndarray, *, idh: int, coordh: int, threshold: float) -> str | None:
         """Id of a settled document of shard ``key`` at cosine >= ``threshold`` (never the record
@@ -407,7 +495,8 @@ def _newest_per_key(names: np.ndarray, horizon: int) -> np.ndarray:
 
 
 def sync(root: str, *, horizon: int, kind: str = "hnsw", model: str | None = None, max_segments: int = 16,
-         low_water: float = 0.8, grace_s: float = 3600.0, now: float | None = None) -> SemanticSettledRef:
+         low_water: float = 0.8, grace_s: float = 3600.0, now: float | None = None,
+         lock_wait_s: float = LOCK_WAIT_S) -> SemanticSettledRef:
     """Fold the pending rows of the documents published since the last snapshot into a new
     segment, apply the per-key horizon, write the next generation, trim the side files.
 
@@ -416,20 +505,29 @@ def sync(root: str, *, horizon: int, kind: str = "hnsw", model: str | None = Non
     used. A key never holds more than ``horizon`` documents: beyond it (or beyond
     ``max_segments`` segments) the snapshot is compacted to the newest ``low_water x horizon``
     of each key, so compaction (and the ANN rebuild it causes) is amortised over many
-    micro-batches. Between compactions the ANN indexes this process already built are copied
-    and extended with the new rows only. Call at a settlement point (before a micro-batch,
-    after the previous one published); returns the pinned reference the pipeline's semantic
-    dedup uses."""
+    micro-batches. Between compactions the ANN indexes this process already built are copied,
+    extended with the new rows only and persisted. Call at a settlement point (before a
+    micro-batch, after the previous one published); processes syncing one root take turns
+    (waiting up to ``lock_wait_s``, else :class:`~beam_jobs.dedup.snapshot.SnapshotBusy`).
+    Returns the pinned reference the pipeline's semantic dedup uses."""
     from beam_jobs.dedup.semantic import model_identity
 
     now = time.time() if now is None else now
     ident = model_identity(model)
+    with snapshot_lock(os.path.join(root, DIRNAME), lock_wait_s):
+        return _sync(root, horizon=horizon, kind=kind, ident=ident, max_segments=max_segments,
+                     low_water=low_water, grace_s=grace_s, now=now)
+
+
+def _sync(root: str, *, horizon: int, kind: str, ident: tuple[str, int], max_segments: int, low_water: float,
+          grace_s: float, now: float) -> SemanticSettledRef:
+    """:func:`sync`'s fold, under the root's lock."""
     with _LOCK:
         index = _OPEN.get((root, read_generation(root)))
     if index is None or index.kind != kind or index.model != ident:
         index = SemanticSettledIndex.load(root, kind, model=ident)
     published, shards = _published_ids(root, index.shards)
-    purged = _purged(root)
+    purged = read_purged(os.path.join(root, DIRNAME))
     held = np.concatenate([np.asarray(seg.idh) for seg in index.segments]) if index.segments else np.zeros(0, np.uint64)
     dirty = bool(len(purged)) and bool(np.isin(held, purged).any())  # a takedown since the last snapshot
     # A document already held (a rewritten shard's survivor, a replay) is not folded twice.
@@ -466,18 +564,44 @@ def sync(root: str, *, horizon: int, kind: str = "hnsw", model: str | None = Non
         segs = [SemanticSegment.write(os.path.join(ddir, f"seg-{gen:08d}-m"), names,
                                       {f: v[keep] for f, v in cols.items()}, now)]
     snap = write_snapshot(ddir, gen, segs, index.shards | shards, now,
-                          meta={"model": ident[0], "dim": ident[1]}, keep=(PENDING, PURGED))
+                          meta={"model": ident[0], "dim": ident[1]}, keep=(PENDING, PURGED, ANN))
     _apply(actions)  # after the snapshot holds the folded rows: a crash in between refolds nothing twice
-    built = SemanticSettledIndex(root, kind, gen, tuple(segs), frozenset(snap["shards"]), model=ident)
+    _prune_ann(ddir, snap["segments"], now, grace_s)
+    built = SemanticSettledIndex(root, kind, gen, tuple(segs), frozenset(snap["shards"]), model=ident, space=ident)
     if not compact and not index.reset:  # the previous generation stays pinned and read-only: extend copies
         with index._lock:
             carried = dict(index._built)
-        built._built.update({k: ki.extended(new, k) for k, ki in carried.items()})
+        for k, ki in carried.items():
+            built._built[k] = grown = ki.extended(new, k)
+            if len(grown.idh) > len(ki.idh):
+                grown.save(ddir, k, ident)
     with _LOCK:
         _OPEN[(root, gen)] = built
         for key in [k for k in _OPEN if k[0] == root and k[1] < gen - 1]:
             del _OPEN[key]
     return SemanticSettledRef(root, gen, kind)
+
+
+def _prune_ann(ddir: str, segments: list[str], now: float, grace_s: float) -> None:
+    """Remove the persisted ANN indexes that cover a segment no longer in the snapshot (after a
+    compaction or a reset), and temporary files of crashed writers older than ``grace_s``."""
+    adir = os.path.join(ddir, ANN)
+    for name in sorted(os.listdir(adir)) if os.path.isdir(adir) else ():
+        path = os.path.join(adir, name)
+        try:
+            if name.startswith("."):
+                stale = now - os.path.getmtime(path) > grace_s
+            else:
+                with np.load(path, allow_pickle=False) as z:
+                    covered = json.loads(z["meta"].tobytes())["segments"]
+                stale = segments[:len(covered)] != covered
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
+            stale = True
+        if stale:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
 
 
 def read_generation(root: str) -> int:

@@ -11,6 +11,11 @@ Each segment keeps, per document: the sketch (id hash, coords hash, filter) and 
 (truncated), per band a sorted ``(key, slot)`` table, and a sorted exact-hash table.
 Horizon: when more than ``horizon_docs`` documents or segments older than ``horizon_age_s``
 are held, the oldest whole segments are forgotten (a later near-dup of them is kept).
+
+Takedown: :func:`purge` puts the removed documents' id hashes on ``_dedup/purged.npy``; the next
+:func:`sync` rewrites the segments holding any of them without them (even with no new shard)
+and never folds one again, so a later near-duplicate of a taken-down document is kept. Syncs and
+purges of one root take turns (:func:`~beam_jobs.dedup.snapshot.snapshot_lock`).
 """
 
 from __future__ import annotations
@@ -24,22 +29,28 @@ from dataclasses import dataclass
 import numpy as np
 
 from beam_jobs.dedup.record import DedupRecord, decode_record
-from beam_jobs.dedup.sketch import Sketch, estimate_jaccard
+from beam_jobs.dedup.sketch import Sketch, estimate_jaccard, id_hash
 from beam_jobs.dedup.snapshot import (
+    PURGED,
     ColumnSegment,
     SegmentSet,
+    add_purged,
     apply_horizon,
     open_generation,
+    read_purged,
     read_segment,
     read_snapshot,
     read_tail,
+    snapshot_lock,
     write_segment,
     write_snapshot,
 )
 
-__all__ = ["ID_BYTES", "Segment", "SettledIndex", "SettledRef", "sync"]
+__all__ = ["DIRNAME", "ID_BYTES", "Segment", "SettledIndex", "SettledRef", "purge", "sync"]
 
 log = logging.getLogger(__name__)
+DIRNAME = "_dedup"
+LOCK_WAIT_S = 300.0  # how long a sync or purge waits for another process folding the same root
 ID_BYTES = 16  # ids are kept (for ``dup_of``) truncated to this many bytes
 _LOCK = threading.Lock()
 _OPEN: dict[tuple[str, int], SettledIndex] = {}  # (stream root, generation) -> index, set when complete
@@ -125,10 +136,10 @@ class SettledIndex(SegmentSet):
     @classmethod
     def load(cls, root: str) -> SettledIndex:
         """The snapshot as last written (empty if none)."""
-        snap = read_snapshot(os.path.join(root, "_dedup"))
+        snap = read_snapshot(os.path.join(root, DIRNAME))
         if snap is None:
             return cls(root)
-        segs = tuple(Segment.open(os.path.join(root, "_dedup", name)) for name in snap["segments"])
+        segs = tuple(Segment.open(os.path.join(root, DIRNAME, name)) for name in snap["segments"])
         return cls(root, snap["generation"], segs, frozenset(snap["shards"]))
 
     def lookup(self, *, idh: int, coordh: int, exact: int | None, bands: list[int] | None,
@@ -157,40 +168,70 @@ def _tail(root: str, covered: frozenset[str]) -> tuple[list[tuple[str, DedupReco
     return [(doc_id, decode_record(rec)) for doc_id, rec in found], shards
 
 
+def purge(root: str, ids: list[str], *, lock_wait_s: float = LOCK_WAIT_S) -> int:
+    """Forget the documents ``ids`` (a takedown): their id hashes join ``<root>/_dedup/purged.npy``,
+    so the next :func:`sync` rewrites the snapshot without their sketches (even with no new shard)
+    and never folds them again. Until then a pipeline pinned to an older generation may still drop
+    a near-duplicate as ``dup_of`` one of them. Returns the number added."""
+    ddir = os.path.join(root, DIRNAME)
+    with snapshot_lock(ddir, lock_wait_s):
+        return add_purged(ddir, (id_hash(i) for i in ids))
+
+
 def sync(root: str, *, horizon_docs: int | None = None, horizon_age_s: float | None = None,
-         max_segments: int = 16, now: float | None = None) -> SettledRef:
+         max_segments: int = 16, now: float | None = None, lock_wait_s: float = LOCK_WAIT_S) -> SettledRef:
     """Fold the tail into a new segment, apply the horizon, write the next snapshot generation.
 
     Call at a settlement point (before a micro-batch, after the previous one published).
-    Returns the pinned reference a pipeline's dedup uses."""
+    Processes syncing one root take turns (waiting up to ``lock_wait_s``, else
+    :class:`~beam_jobs.dedup.snapshot.SnapshotBusy`). Returns the pinned reference a pipeline's
+    dedup uses."""
     now = time.time() if now is None else now
-    index = SettledIndex.load(root)
-    records, shards = _tail(root, index.shards)
-    if not shards and index.generation:
-        ref = SettledRef(root, index.generation)
-        with _LOCK:
-            _OPEN.setdefault((root, index.generation), index)
-        return ref
-    gen = index.generation + 1
-    ddir = os.path.join(root, "_dedup")
-    os.makedirs(ddir, exist_ok=True)
-    segs = list(index.segments)
-    if records:
-        segs.append(Segment.build(os.path.join(ddir, f"seg-{gen:08d}"), records, now))
-    if len(segs) > max_segments:  # compact the older half into one segment
-        half = len(segs) // 2
-        merged = [rec for seg in segs[:half] for rec in _records(seg)]
-        segs = [Segment.build(os.path.join(ddir, f"seg-{gen:08d}-m"), merged, segs[half - 1].created),
-                *segs[half:]]
-    apply_horizon(segs, now=now, horizon_age_s=horizon_age_s, horizon_count=horizon_docs,
-                  log=log, what="dedup", unit="documents")
-    snap = write_snapshot(ddir, gen, segs, index.shards | shards, now)
+    ddir = os.path.join(root, DIRNAME)
+    with snapshot_lock(ddir, lock_wait_s):
+        index = SettledIndex.load(root)
+        records, shards = _tail(root, index.shards)
+        purged = read_purged(ddir)
+        held = [np.asarray(seg.idh) for seg in index.segments]
+        dirty = [bool(len(purged)) and bool(np.isin(h, purged).any()) for h in held]  # a takedown since
+        if not shards and index.generation and not any(dirty):
+            ref = SettledRef(root, index.generation)
+            with _LOCK:
+                _OPEN.setdefault((root, index.generation), index)
+            return ref
+        gen = index.generation + 1
+        segs = [_without(seg, purged, os.path.join(ddir, f"seg-{gen:08d}-p{i:02d}")) if d else seg
+                for i, (seg, d) in enumerate(zip(index.segments, dirty))]
+        segs = [seg for seg in segs if seg is not None]
+        # Neither a taken-down document nor one already held (a rewritten shard's survivor) is folded.
+        skip = np.union1d(purged, np.concatenate(held)) if held else purged
+        fresh = ~np.isin(np.array([r.sketch.idh for _, r in records], dtype=np.uint64), skip)
+        records = [rec for rec, ok in zip(records, fresh.tolist()) if ok]
+        if records:
+            segs.append(Segment.build(os.path.join(ddir, f"seg-{gen:08d}"), records, now))
+        if len(segs) > max_segments:  # compact the older half into one segment
+            half = len(segs) // 2
+            merged = [rec for seg in segs[:half] for rec in _records(seg)]
+            segs = [Segment.build(os.path.join(ddir, f"seg-{gen:08d}-m"), merged, segs[half - 1].created),
+                    *segs[half:]]
+        apply_horizon(segs, now=now, horizon_age_s=horizon_age_s, horizon_count=horizon_docs,
+                      log=log, what="dedup", unit="documents")
+        snap = write_snapshot(ddir, gen, segs, index.shards | shards, now, keep=(PURGED,))
     built = SettledIndex(root, gen, tuple(segs), frozenset(snap["shards"]))
     with _LOCK:
         _OPEN[(root, gen)] = built
         for key in [k for k in _OPEN if k[0] == root and k[1] < gen - 1]:
             del _OPEN[key]
     return SettledRef(root, gen)
+
+
+def _without(seg: Segment, purged: np.ndarray, path: str) -> Segment | None:
+    """``seg`` rewritten at ``path`` without the documents in ``purged`` (same age); ``None`` if
+    none is left."""
+    gone = np.isin(np.asarray(seg.idh), purged).tolist()
+    left = [rec for rec, g in zip(_records(seg), gone) if not g]
+    log.info("dedup takedown: %s rewritten without %d documents", seg.path, len(seg) - len(left))
+    return Segment.build(path, left, seg.created) if left else None
 
 
 def _records(seg: Segment) -> list[tuple[str, DedupRecord]]:

@@ -1,6 +1,8 @@
 """On-disk steps shared by the settled indexes (text :mod:`beam_jobs.dedup.settled`, images
-:mod:`beam_jobs.media.dedup_settled`): segment folders of ``.npy`` columns, the horizon, the
-atomically rewritten ``snapshot.json`` and reading a stream root's unindexed tail."""
+:mod:`beam_jobs.media.dedup_settled`, embeddings :mod:`beam_jobs.dedup.semantic_settled`):
+segment folders of ``.npy`` columns, the horizon, the atomically rewritten ``snapshot.json``,
+the purge list of taken-down documents, the lock that serialises the processes folding one
+index, and reading a stream root's unindexed tail."""
 
 from __future__ import annotations
 
@@ -9,17 +11,65 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from streams.manifest import fsync_dir
+from streams.manifest import INDEX, JOURNAL_DIR, flock_within, fsync_dir
 
-__all__ = ["SNAPSHOT", "ColumnSegment", "SegmentSet", "apply_horizon", "fsync_dir", "open_generation", "read_segment",
-           "read_snapshot", "read_tail", "write_segment", "write_snapshot"]
+__all__ = ["LOCK", "PURGED", "SNAPSHOT", "ColumnSegment", "SegmentSet", "SnapshotBusy", "add_purged", "apply_horizon",
+           "fsync_dir", "open_generation", "read_purged", "read_segment", "read_snapshot", "read_tail",
+           "snapshot_lock", "write_segment", "write_snapshot"]
 
 SNAPSHOT = "snapshot.json"
+LOCK = ".lock"  # flock of the processes folding or purging one index folder (a file: never cleaned up)
+PURGED = "purged.npy"  # id hashes of documents taken down: never folded, dropped from the snapshot
+
+
+class SnapshotBusy(RuntimeError):
+    """Another process held an index folder's lock for longer than the caller would wait."""
+
+
+@contextmanager
+def snapshot_lock(ddir: str, wait_s: float) -> Iterator[None]:
+    """Exclusive across processes while the block folds or purges the index folder ``ddir``
+    (``flock`` on ``ddir/.lock``, waiting up to ``wait_s``, else :class:`SnapshotBusy`). Two
+    workers syncing one local root take turns: the second folds on top of the first's
+    generation instead of overwriting it. Local folders only (flock)."""
+    os.makedirs(ddir, exist_ok=True)
+    fd = os.open(os.path.join(ddir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if not flock_within(fd, wait_s):
+            raise SnapshotBusy(f"{ddir} is being folded by another process for more than {wait_s:.0f} s")
+        yield  # closing fd releases the flock
+    finally:
+        os.close(fd)
+
+
+def read_purged(ddir: str) -> np.ndarray:
+    """The sorted id hashes on ``ddir``'s purge list (empty if none)."""
+    path = os.path.join(ddir, PURGED)
+    return np.load(path) if os.path.exists(path) else np.zeros(0, np.uint64)
+
+
+def add_purged(ddir: str, hashes: Iterable[int]) -> int:
+    """Add id ``hashes`` to ``ddir/purged.npy`` (atomic, fsynced; call under :func:`snapshot_lock`);
+    the number new to it."""
+    old = read_purged(ddir)
+    new = np.setdiff1d(np.fromiter(hashes, dtype=np.uint64), old)
+    if not len(new):
+        return 0
+    os.makedirs(ddir, exist_ok=True)
+    tmp = os.path.join(ddir, f".{PURGED}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, np.union1d(old, new))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(ddir, PURGED))
+    fsync_dir(ddir)
+    return len(new)
 
 
 class _Aged(Protocol):
@@ -155,7 +205,7 @@ def read_tail(root: str, covered: frozenset[str], modality: str,
 
     found: list[tuple[str, Any]] = []
     shards: set[str] = set()
-    if not os.path.exists(os.path.join(root, "index.json")):
+    if not any(os.path.exists(os.path.join(root, name)) for name in (INDEX, JOURNAL_DIR)):  # nothing published
         return found, shards
     with TailReader(root, exclude_shards=covered) as reader:
         shards.update(reader.poll())
