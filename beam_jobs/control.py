@@ -37,6 +37,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from beam_jobs.records import Doc, Outcome
+from streams import faultpoints
 from streams.events import Alert, Control
 from streams.guard import CONTROL_MAX_POLL_RECORDS, REDELIVER, ConsumerGuard
 from streams.signing import ControlRejected, ControlVerifier, RejectionAlerts, brief
@@ -200,6 +201,7 @@ class ControlFollower:
                         deadline = 0.0  # retried by the next poll
                         break
                     self.state.offsets[str(tp.partition)] = record.offset + 1
+        faultpoints.reach("control.poll")
         self.guard.flush()
         if n:
             self.state.save()

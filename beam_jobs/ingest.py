@@ -63,6 +63,7 @@ from beam_jobs.workers import WriterBusy, WriterLock, launch_workers, settlement
 from streams.broker_watch import BrokerWatch
 from streams.events import Alert
 from streams.governance import TAKEDOWN_REASON, denylist
+from streams.manifest import fold_root
 from streams.signing import ControlVerifier, SigningError
 from streams.source_binding import SourceBinding
 from streams.storage import is_remote, normalize_root
@@ -235,8 +236,6 @@ def license_allow(spec: str | None) -> frozenset[str] | None:
 def blocked_sources(stream_root: str, controlled: dict[str, str]) -> dict[str, str]:
     """Sources whose records are dropped, with the reason: quarantined/paused ones (control topic)
     and taken-down ones (the stream root's denylist; a takedown wins over any control)."""
-    if "://" in stream_root:  # object-store roots: no denylist yet (issue 12)
-        return dict(controlled)
     return {**controlled, **dict.fromkeys(denylist(stream_root), TAKEDOWN_REASON)}
 
 
@@ -262,8 +261,18 @@ def _fatal(e: BaseException, kind: type[BaseException]) -> str | None:
     return text[text.rindex(marker) + len(marker):].splitlines()[0] if marker in text else None
 
 
+def _fold(root: str, *, force: bool) -> None:
+    """Fold the root's journal into the stock index.json; a failure (disk full) loses nothing."""
+    try:
+        fold_root(root, force=force)
+    except OSError as e:
+        log.warning("could not fold the journal of %s into index.json (a later run will): %s", root, e)
+
+
 def _run_one(records_fn, config: IngestConfig, options: PipelineOptions, *, streaming: bool,
-             controls_fn=None) -> dict[str, int]:
+             controls_fn=None, last: bool = True) -> dict[str, int]:
+    """Run one pipeline to its end; then fold the root's journal into the stock index.json (after
+    the ``last`` run of the job always, after a micro-batch when the fold policy says so)."""
     p = beam.Pipeline(options=options)
     with settlement_lock(config.sink.stream_root):  # workers sharing the root take turns at its dedup snapshot
         controls = None if controls_fn is None else controls_fn(p)
@@ -271,6 +280,7 @@ def _run_one(records_fn, config: IngestConfig, options: PipelineOptions, *, stre
     try:
         result = p.run()
         result.wait_until_finish()
+        _fold(config.sink.stream_root, force=last)
     except Exception as e:  # both stop the job before the failing batch settles any offset
         if media_available():
             from beam_jobs.media.errors import MediaConfigError
@@ -386,7 +396,7 @@ def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], run_d
                 if ranges:
                     log.info("micro-batch from %s", [(r.topic, r.partition, r.start) for r in ranges])
                     counters = _run_one(lambda p, r=ranges, pl=plan: p | "ReadKafka" >> ReadKafkaRanges(source, r, pl),
-                                        config, options, streaming=False)
+                                        config, options, streaming=False, last=False)
                     _add(totals, counters)
                     if counters.get("sink/events_unacked"):
                         drain()
@@ -396,6 +406,7 @@ def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], run_d
                     continue
                 # Nothing read: an empty batch may only mean a slow broker, so stop only once every
                 # partition of the topics (the other workers' too) is settled to its end.
+                _fold(root, force=False)  # a quiet stream: index.json catches up within the fold interval
                 if a.until_caught_up and member.generations:
                     everywhere = next_ranges(source, ResumePlan.of_stream(root), probe, absent=absent)[1]
                     if caught_up(probe, everywhere, absent):
@@ -409,6 +420,7 @@ def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], run_d
                 # dedup index either: the retry replays it against the same snapshot.
                 disk.wait()
         member.commit(settled_positions(member.owned))  # the final settled positions: lag reads 0 when done
+        _fold(root, force=True)
     finally:
         watch.close()
         member.close()

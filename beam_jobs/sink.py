@@ -45,6 +45,7 @@ from apache_beam.transforms import trigger, window
 from beam_jobs.records import KafkaCoords, Outcome
 from beam_jobs.settlement import ResumePlan
 from beam_jobs.validate import SAFE_NAME
+from streams import faultpoints
 from streams.events import DeadLetter, OffsetRange, TokenizedSample
 
 __all__ = ["SETTLE_DOMAIN", "DeadLetterLost", "SealShardsFn", "SinkConfig", "Unsettled", "WriteShards",
@@ -324,6 +325,7 @@ class SealShardsFn(beam.DoFn):
         if c.dlq_topic and c.bootstrap:
             messages = [(d.to_bytes(), f"{topic}:{partition}:{d.offset}".encode()) for d in dead]
             send_checked(self._producer(), c.dlq_topic, messages, attempts=c.dlq_attempts, backoff_s=c.dlq_backoff_s)
+        faultpoints.reach("sink.after_dlq")
 
     def process(self, element):
         from streams import storage
@@ -334,6 +336,7 @@ class SealShardsFn(beam.DoFn):
         if not outcomes:  # an empty pane: a processing-time trigger fired with nothing new
             self.n_empty.inc()
             log.debug("%s[%d]: empty pane", topic, partition)
+            self._fold_if_due()
             return
         c = self.config
         key, writer = self._writer(partition_writer_id(c.writer_id, topic, partition) if self.streaming
@@ -349,6 +352,15 @@ class SealShardsFn(beam.DoFn):
         except OverlapError:  # the cached settled ranges were stale: the retry reads the root
             _drop_cached(key)
             raise
+
+    def _fold_if_due(self) -> None:
+        """A quiet stream: fold a local root's journal into index.json when the policy says so."""
+        from streams.manifest import fold_root
+
+        try:
+            fold_root(self.config.stream_root)
+        except OSError as e:  # e.g. disk full: the journal stays the truth; a later call folds
+            log.warning("fold of %s failed: %s", self.config.stream_root, e)
 
     def _seal(self, key: tuple, writer, topic: str, partition: int, outcomes: list[Outcome]):
         from streams.mds import sample_from_event

@@ -72,7 +72,7 @@ def _item(sample: dict[str, Any], img_open: int) -> EvalItem:
 def load_suite(eval_root: str | Path, name: str, *, img_open_id: int) -> EvalSuite:
     """Read every published item of suite ``name`` (stock MDS reader, hashes verified)."""
     root = Path(eval_root) / name
-    index = read_index(str(root)) if (root / "index.json").exists() else {"shards": []}
+    index = read_index(str(root))
     if not index["shards"]:
         raise SuiteError(f"eval suite {name!r}: no published shards under {root}")
     side = read_sidecar(str(root))

@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("infra.demo:main", "run the whole loop on embedded defaults"),
     "status": ("infra.status:main", "live terminal dashboard"),
     "report": ("infra.report:main", "write a self-contained HTML report for a run directory"),
+    "fold": ("infra.fold_cli:main", "fold the publish journal of local stream roots into their index.json"),
     "takedown": ("infra.takedown:main", "remove a source from a stream root, denylist it, report checkpoints that saw it"),
 }
 

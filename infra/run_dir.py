@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from streams.events import Alert, EvalReport, EventError
+from streams.manifest import read_index
 
 __all__ = ["RunDir", "flatten", "normalize_snapshot", "ordered_stages", "read_jsonl"]
 
@@ -192,13 +193,13 @@ class RunDir:
         return sorted(out, key=lambda r: r["at"])
 
     def stream_indexes(self) -> list[tuple[Path, dict]]:
-        """Every parsable MDS ``index.json`` under the stream root."""
+        """Every parsable MDS stream root under the stream root and its index (journal included)."""
         out = []
         if self.stream_root.is_dir():
             for path in sorted(self.stream_root.rglob("index.json")):
                 try:
-                    index = json.loads(path.read_text(encoding="utf-8"))
-                except (OSError, json.JSONDecodeError):
+                    index = read_index(str(path.parent))  # with the shards still in its journal
+                except (OSError, ValueError):
                     self.bad_lines[str(path.relative_to(self.root))] = 1
                     continue
                 if isinstance(index, dict) and isinstance(index.get("shards"), list):

@@ -1,7 +1,8 @@
 """`headwater takedown`: remove every trace of one source from a stream root; say which checkpoints saw it.
 
-    headwater takedown --source NAME --stream-root DIR [--run-dir RUN ...] [--reason TEXT]
-                       [--by WHO] [--bootstrap HOST:PORT] [--dlq DIR] [--drops DIR]
+    headwater takedown --source NAME --stream-root DIR|s3://BUCKET/PREFIX [--run-dir RUN ...]
+                       [--reason TEXT] [--by WHO] [--bootstrap HOST:PORT] [--dlq DIR] [--drops DIR]
+                       [--delete-grace-s S]
 
 In this order:
 
@@ -13,10 +14,12 @@ In this order:
 3. Every shard holding a sample of the source is rewritten without it and published with one
    index.json rewrite (streams/mds_rewrite.py); the old shard files are deleted. Repeated until a
    pass finds nothing (an ingest batch that passed the gate before step 1 may publish late).
-4. The removed samples' ids go on the semantic dedup purge list (``_semantic_dedup/purged.npy``):
-   the next settlement point rewrites the snapshot without their embeddings and never folds a
-   pending one. (The text index ``_dedup/`` still holds their sketches and ids until its horizon.)
-   Its dead letters (DLQ folder) and drop-log lines are removed (files rewritten atomically).
+4. The removed samples' ids go on the dedup purge lists (``_dedup/purged.npy`` for the text
+   near-dup index, ``_semantic_dedup/purged.npy`` for embeddings): the next settlement point
+   rewrites each snapshot without their sketches and embeddings (and drops the persisted ANN
+   indexes holding them) and never folds them again, so a later near-duplicate of a removed
+   document is no longer dropped as its duplicate. Its dead letters (DLQ folder) and drop-log
+   lines are removed (files rewritten atomically).
 5. With ``--bootstrap``: a signed ``quarantine_source`` Control (operator key) makes live trainers
    drop buffered samples of the source and never read it again; the Kafka ``dlq`` topic is
    scanned and the offsets of the source's dead letters are recorded (Kafka cannot delete single
@@ -27,8 +30,15 @@ In this order:
    ``_governance/takedown-<id>.json`` and ``.txt``.
 
 Exit codes: 0 done; 1 a step failed (the audit says how far it got); 2 bad usage.
-Local stream roots only (object-store roots: issue 12). Source names match in their canonical
-form (streams/source_names.py), so look-alike and zero-width variants are taken down too.
+Source names match in their canonical form (streams/source_names.py), so look-alike and
+zero-width variants are taken down too.
+
+An object-store root (``s3://…``) is rewritten per writer prefix without a lock (the protocol is
+in streams/mds_rewrite.py and docs/ARCHITECTURE.md); live writers keep publishing. The denylist,
+audit records and report are objects under ``<root>/_governance/``; the replaced shard objects are
+deleted ``--delete-grace-s`` after the indexes stopped listing them. Such a root has no dedup
+snapshot (dedup state is Beam state on the runner) and no ``_ingest`` folder: DLQ and drop logs
+are scrubbed only where ``--dlq``/``--drops`` name the ingest host's local folders.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from typing import Any
 
 from streams import governance as gov
 from streams import manifest as mf
+from streams import storage
 from streams.events import DeadLetter, EventError
 from streams.mds_rewrite import Removed, remove_samples
 from streams.source_names import canonical_source
@@ -61,13 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="headwater takedown", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, help="the source name, exactly as in RawRecord.source")
-    p.add_argument("--stream-root", required=True, help="local live MDS stream root")
+    p.add_argument("--stream-root", required=True, help="live MDS stream root (directory or s3://bucket/prefix)")
     p.add_argument("--run-dir", action="append", default=[], help="trainer run directory to report on (repeatable)")
     p.add_argument("--reason", default="", help="why (kept in the audit record and the denylist)")
     p.add_argument("--by", default="", help="who asked (default: the OS user)")
     p.add_argument("--bootstrap", help="Kafka HOST:PORT: send a signed quarantine_source, scan the dlq topic")
     p.add_argument("--dlq", help="dead-letter folder (default: <stream-root>/_ingest/dlq)")
     p.add_argument("--drops", help="drop-log folder (default: <stream-root>/_ingest/drops)")
+    p.add_argument("--delete-grace-s", type=float, default=30.0,
+                   help="object-store roots: seconds between the index commits and deleting the replaced "
+                        "shard objects, so readers of the previous index can still fetch them (default 30)")
     return p
 
 
@@ -173,23 +187,27 @@ def _quarantine(bootstrap: str, source: str, reason: str) -> int:
                              "--reason", f"takedown: {reason or 'no reason given'}"])
 
 
-def _purge_semantic(root: str, ids: list[str]) -> int:
-    """Put the removed samples' ids on the semantic dedup purge list (when the root has that
-    index): their embeddings leave the snapshot at the next settlement point."""
-    from beam_jobs.dedup.semantic_settled import DIRNAME, purge
+def _purge_dedup(root: str, ids: list[str]) -> tuple[int, int]:
+    """Put the removed samples' ids on the purge lists of the root's text and semantic dedup
+    indexes (those it has): they leave the snapshots at the next settlement point. The ids newly
+    purged from each."""
+    from beam_jobs.dedup import semantic_settled, settled
 
-    return purge(root, ids) if ids and os.path.isdir(os.path.join(root, DIRNAME)) else 0
+    return tuple(index.purge(root, ids) if ids and os.path.isdir(os.path.join(root, index.DIRNAME)) else 0
+                 for index in (settled, semantic_settled))
 
 
 def takedown(source: str, stream_root: str, *, run_dirs: list[str] = (), reason: str = "", by: str = "",
-             bootstrap: str | None = None, dlq_dir: str | None = None,
-             drops_dir: str | None = None) -> dict[str, Any]:
-    """Take ``source`` down from local ``stream_root`` (see the module docstring); the report."""
-    if "://" in stream_root:
-        raise ValueError(f"{stream_root}: takedown supports local stream roots only (object stores: issue 12)")
-    root = os.path.abspath(stream_root)
-    if not os.path.isfile(os.path.join(root, mf.INDEX)):
-        raise ValueError(f"{root} is not a stream root (no {mf.INDEX})")
+             bootstrap: str | None = None, dlq_dir: str | None = None, drops_dir: str | None = None,
+             delete_grace_s: float = 30.0) -> dict[str, Any]:
+    """Take ``source`` down from ``stream_root``, a directory or an object-store URL (see the
+    module docstring); the report."""
+    remote = storage.is_remote(stream_root)
+    root = storage.normalize_root(stream_root)
+    if remote:
+        storage.object_root(root).refresh_index()  # a merge a crashed writer or takedown left pending
+    if not mf.read_index(root)["shards"]:
+        raise ValueError(f"{root} is not a stream root (no published shard)")
     tid, started = uuid.uuid4().hex, time.time()
     by = by or getpass.getuser()
     audit: dict[str, Any] = {"takedown_id": tid, "source": source, "source_sha256": _sha(source.encode()),
@@ -199,23 +217,29 @@ def takedown(source: str, stream_root: str, *, run_dirs: list[str] = (), reason:
                               "runs": [checkpoint_lineage(r, source) for r in run_dirs]}
     removed: list[Removed] = []
     replaced: dict[str, str | None] = {}
+    deleted: list[str] = []
     try:
         for _ in range(MAX_PASSES):
-            result = remove_samples(root, lambda s: _is(source, s["source"]))
+            result = remove_samples(root, lambda s: _is(source, s["source"]), delete_grace_s=delete_grace_s)
             removed += result.removed
             replaced.update(result.replaced)
+            deleted += result.deleted
             if not result.removed:
                 break
-        semantic = _purge_semantic(root, [r.id for r in removed])
-        dlq = scrub_jsonl(dlq_dir or os.path.join(root, "_ingest", "dlq"), _dead_letter_of(source))
-        drops = scrub_jsonl(drops_dir or os.path.join(root, "_ingest", "drops"), _drop_of(source))
+        # an object-store root has no dedup snapshot (Beam state on the runner) and no _ingest folder
+        text, semantic = (None, None) if remote else _purge_dedup(root, [r.id for r in removed])
+        ingest = None if remote else os.path.join(root, "_ingest")
+        dlq_dir = dlq_dir or (ingest and os.path.join(ingest, "dlq"))
+        drops_dir = drops_dir or (ingest and os.path.join(ingest, "drops"))
+        dlq = scrub_jsonl(dlq_dir, _dead_letter_of(source)) if dlq_dir else None
+        drops = scrub_jsonl(drops_dir, _drop_of(source)) if drops_dir else None
         kafka: dict[str, Any] = {"quarantine_control": None, "dlq_topic_offsets": None}
         if bootstrap:
             kafka["quarantine_control"] = "sent" if _quarantine(bootstrap, source, reason) == 0 else "FAILED"
             kafka["dlq_topic_offsets"] = _kafka_dlq_offsets(bootstrap, source)
     except BaseException as e:
         audit.update(finished_at=time.time(), error=f"{type(e).__name__}: {e}", shards_replaced=replaced,
-                     samples_removed=len(removed))
+                     samples_removed=len(removed), files_deleted=deleted)
         gov.append_audit(root, audit)
         raise
     licenses = Counter()
@@ -225,23 +249,29 @@ def takedown(source: str, stream_root: str, *, run_dirs: list[str] = (), reason:
         finished_at=time.time(), shards_replaced=replaced, samples_removed=len(removed),
         tokens_removed=sum(r.tokens for r in removed), tokens_by_license=dict(licenses),
         sample_sha256=sorted(_sha(f"{r.id}\0{r.sha256}".encode()) for r in removed),
-        dlq_removed=dlq, drops_removed=drops, kafka=kafka, semantic_ids_purged=semantic,
+        dlq_removed=dlq, drops_removed=drops, kafka=kafka, text_ids_purged=text, semantic_ids_purged=semantic,
+        files_deleted=deleted,
     )
     gov.append_audit(root, audit)
     report.update(
         samples_removed=len(removed), tokens_removed=audit["tokens_removed"], tokens_by_license=dict(licenses),
-        shards_replaced=replaced, dlq_lines_removed=len(dlq), drop_lines_removed=len(drops), kafka=kafka,
-        semantic_ids_purged=semantic,
+        shards_replaced=replaced, dlq_lines_removed=None if dlq is None else len(dlq),
+        drop_lines_removed=None if drops is None else len(drops), kafka=kafka,
+        text_ids_purged=text, semantic_ids_purged=semantic, files_deleted=len(deleted),
         removed=[asdict(r) | {"id": _sha(r.id.encode())} for r in removed],
     )
     return report
 
 
+def _count(n: int | None) -> str:
+    return "(not scrubbed: no folder given)" if n is None else str(n)
+
+
 def _text(report: dict[str, Any]) -> str:
     lines = [f"takedown {report['takedown_id']} of source {report['source']!r} in {report['stream_root']}",
              (f"  removed {report['samples_removed']} samples ({report['tokens_removed']} tokens) from "
-              f"{len(report['shards_replaced'])} shards; {report['dlq_lines_removed']} dead letters and "
-              f"{report['drop_lines_removed']} drop-log lines"),
+              f"{len(report['shards_replaced'])} shards; {_count(report['dlq_lines_removed'])} dead letters "
+              f"and {_count(report['drop_lines_removed'])} drop-log lines"),
              f"  tokens by license: {report['tokens_by_license'] or '-'}"]
     k = report["kafka"]
     if k["quarantine_control"] is not None:
@@ -263,14 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         report = takedown(a.source, a.stream_root, run_dirs=a.run_dir, reason=a.reason, by=a.by,
-                          bootstrap=a.bootstrap, dlq_dir=a.dlq, drops_dir=a.drops)
+                          bootstrap=a.bootstrap, dlq_dir=a.dlq, drops_dir=a.drops,
+                          delete_grace_s=a.delete_grace_s)
     except ValueError as e:
         print(f"headwater takedown: {e}", file=sys.stderr)
         return 2
-    base = os.path.join(os.path.abspath(a.stream_root), gov.GOVERNANCE_DIR, f"takedown-{report['takedown_id']}")
-    mf.atomic_write_json(f"{base}.json", report)
     text = _text(report)
-    with open(f"{base}.txt", "w") as f:
-        f.write(text)
-    sys.stdout.write(text + f"  report: {base}.json\n")
+    where = gov.save_report(report["stream_root"], report["takedown_id"], report, text)
+    sys.stdout.write(text + f"  report: {where}\n")
     return 1 if report["kafka"]["quarantine_control"] == "FAILED" else 0

@@ -60,48 +60,93 @@ class ShardEntry:
     ordinal: int  # position in index.json (publish order; the same for every reader)
     replaces: str = ""  # a takedown rewrote shard ``replaces`` into this one (streams/mds_rewrite.py)
     removed: tuple[int, ...] = ()  # sample indices of ``replaces`` that this shard no longer holds
+    rewrites: tuple[tuple[str, tuple[int, ...]], ...] = ()  # every (replaced name, removed) since the original
 
     @property
     def samples(self) -> int:
         return int(self.info["samples"])
 
+    @property
+    def ancestors(self) -> tuple[str, ...]:
+        """Names of the shards takedowns rewrote into this one, oldest first (empty: an original)."""
+        if self.rewrites:
+            return tuple(name for name, _ in self.rewrites)
+        return (self.replaces,) if self.replaces else ()
+
+    def map_index(self, name: str, index: int) -> int | None:
+        """Sample ``index`` of shard ``name`` (this one or an ancestor) as an index of this shard;
+        None if a takedown removed that sample. ``KeyError`` if ``name`` is neither."""
+        at, kept = self._map(name, index)
+        return at if kept else None
+
+    def map_cursor(self, name: str, index: int) -> int:
+        """A reader's next-sample position ``index`` in shard ``name`` (this one or an ancestor)
+        as a position in this shard: the same sample, or the next one kept if it was removed."""
+        return self._map(name, index)[0]
+
+    def _map(self, name: str, index: int) -> tuple[int, bool]:
+        if name == self.name:
+            return index, True
+        chain = self.rewrites or ((self.replaces, self.removed),)
+        names = [n for n, _ in chain]
+        if name not in names:
+            raise KeyError(name)
+        kept = True
+        for _, removed in chain[names.index(name):]:
+            kept = kept and index not in removed
+            index -= sum(1 for i in removed if i < index)
+        return index, kept
+
+
+def _rewrites_of(meta: dict[str, Any]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """A sidecar entry's takedown history (empty if absent or malformed)."""
+    try:
+        return tuple((str(n), tuple(int(i) for i in r)) for n, r in meta.get("rewrites") or ())
+    except (TypeError, ValueError):
+        return ()
+
 
 class IndexWatcher:
-    """The published shards of one root: :meth:`poll` never waits, it stats index.json and
-    re-reads it (and the sidecar) only when it changed."""
+    """The published shards of one root: :meth:`poll` never waits. A local root is followed with a
+    :class:`streams.manifest.RootView` (a stat, then only the journal bytes appended since the last
+    poll); an object-store root by the merged index's version tag."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = storage.normalize_root(root)
         self._store = storage.object_root(self.root) if storage.is_remote(self.root) else None
-        self._stat: tuple[int, int, int] | str | None = None
+        self._view = mf.RootView(self.root) if self._store is None else None
+        self._stat: str | None = None
         self.entries: dict[str, ShardEntry] = {}
-
-    def _stamp(self) -> tuple[int, int, int] | str | None:
-        if self._store is not None:
-            try:
-                return self._store.version(mf.INDEX)
-            except (OSError, BotoCoreError) as e:
-                log.warning("cannot poll %s, retrying at the next poll: %s", self.root, e)
-                return None  # store unreachable: try again at the next poll
-        try:
-            st = os.stat(os.path.join(self.root, mf.INDEX))
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
+        self.emptied: set[str] = set()  # shards a takedown removed every sample of (settled-only now)
+        self._scanned = 0  # local root: infos already turned into entries
+        self._reloads = 0
 
     def poll(self) -> list[ShardEntry]:
         """Shards published since the last call, in publish order."""
-        stamp = self._stamp()
-        if stamp is None or stamp == self._stat:
-            return []
         try:
-            index = mf.read_index(self.root)
-            side = mf.read_sidecar(self.root)  # read after the index: holds every shard listed there
-        except (ValueError, OSError, BotoCoreError):
-            return []  # a foreign, half-written file or a network error: try again at the next poll
-        self._stat = stamp
+            if self._view is not None:
+                self._view.refresh()
+                if self._view.reloads != self._reloads:  # a fold or rewrite: rescan (names dedupe)
+                    self._reloads, self._scanned = self._view.reloads, 0
+                infos, side = self._view.infos, self._view.side
+                first, self._scanned = self._scanned, len(infos)
+            else:
+                stamp = self._store.version(mf.INDEX)
+                if stamp is None or stamp == self._stat:
+                    return []
+                infos = mf.read_index(self.root)["shards"]
+                side = mf.read_sidecar(self.root)  # read after the index: holds every shard listed there
+                self._stat = stamp
+                first = 0
+        except (ValueError, OSError, BotoCoreError) as e:
+            # a foreign, half-written file or a network error: try again at the next poll
+            log.warning("cannot poll %s, retrying at the next poll: %s", self.root, e)
+            return []
+        if first == 0:  # a full read (a takedown rewrite reloads): settled-only entries it emptied
+            self.emptied.update(n for n, e in side["settled_only"].items() if e.get("replaces") == n)
         new = []
-        for ordinal, info in enumerate(index["shards"]):
+        for ordinal in range(first, len(infos)):
+            info = infos[ordinal]
             name = mf.shard_name_of(info)
             if name in self.entries:
                 continue
@@ -109,7 +154,8 @@ class IndexWatcher:
             entry = ShardEntry(name=name, info=info, domain=meta.get("domain") or name.split(".", 1)[0],
                                published_at=float(meta.get("published_at") or 0.0), ordinal=ordinal,
                                replaces=str(meta.get("replaces") or ""),
-                               removed=tuple(int(i) for i in meta.get("removed") or ()))
+                               removed=tuple(int(i) for i in meta.get("removed") or ()),
+                               rewrites=_rewrites_of(meta))
             self.entries[name] = entry
             new.append(entry)
         return new
@@ -300,6 +346,9 @@ class TailReader:
                 continue
             self._queue.append(name)
             new.append(name)
+        for name in self._watcher.emptied.intersection(self._queue):  # nothing left to read in it
+            self._queue.remove(name)
+            self._done.add(name)
         return new
 
     def _take_over(self, entry: ShardEntry) -> bool:
@@ -355,6 +404,8 @@ class TailReader:
         if name not in infos:  # restored cursor: wait until the index lists it
             self.poll()
             if name not in infos:
+                if name in self._watcher.emptied:  # a takedown removed every sample of it
+                    self._finish(name, done=True)
                 return
         info = infos[name].info
         reader = None

@@ -1,13 +1,22 @@
 """Remove samples from a live MDS stream root: rewrite affected shards, publish them atomically.
 
-Used by takedown. Under the root lock (writers wait), every shard holding a sample that
-``drop(sample)`` selects is re-sealed without it as a new immutable shard (named like the
-writer's shards: ``{domain}.{writer_id}.{hash}``). The sidecar entry of the new shard keeps the
-old one's settled offset ranges (so an ingest replay of those offsets stays a no-op) and
-records ``replaces`` (old name) and ``removed`` (old sample indices). A shard left empty
-becomes a "settled only" entry. Then index.json is rewritten ONCE with each new shard at its
-predecessor's position, and only after that are the old shard files deleted. A stock
-``StreamingDataset`` opened on any snapshot sees either the old or the new set, never a mix.
+Used by takedown. Every shard holding a sample that ``drop(sample)`` selects is re-sealed without
+it as a new immutable shard (named like the writer's shards: ``{domain}.{writer_id}.{hash}``). The
+sidecar entry of the new shard keeps the old one's settled offset ranges (so an ingest replay of
+those offsets stays a no-op) and records ``replaces`` (old name) and ``removed`` (old sample
+indices). A shard left empty becomes a "settled only" entry. Each new shard takes its
+predecessor's position in the index. A stock ``StreamingDataset`` opened on any snapshot sees
+either the old or the new set, never a mix.
+
+* Local root: under the root lock (writers wait), one fold (:func:`streams.manifest.write_root`)
+  publishes every replacement; only then are the old shard files deleted.
+* Object-store root (``s3://…``, no lock): per writer prefix, the replacements are uploaded as new
+  immutable objects (fresh attempt prefix, ``If-None-Match``), then that writer's sidecar (new
+  entries added, replaced ones kept) and index (the commit) are put ``If-Match`` with the writer's
+  ``owner`` token kept, retried from a fresh read when a live writer published in between; then
+  the merged root index is re-derived (:meth:`streams.storage.ObjectRoot.refresh_index`), the
+  replaced entries leave the sidecar, and after ``delete_grace_s`` the old objects, which no index
+  lists any more, are deleted. See docs/ARCHITECTURE.md, "Takedown on object-store roots".
 """
 
 from __future__ import annotations
@@ -15,18 +24,24 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
+import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from streams import manifest as mf
+from streams import storage
 from streams.mds_reader import ShardOpener
 from streams.mds_writer import COLUMNS, seal_rows
 
 __all__ = ["Removed", "RewriteResult", "remove_samples"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -49,6 +64,25 @@ class RewriteResult:
     replaced: dict[str, str | None] = field(default_factory=dict)  # old shard -> new (None: emptied)
     removed: list[Removed] = field(default_factory=list)
     kept: int = 0  # samples re-written into new shards
+    deleted: list[str] = field(default_factory=list)  # old shard files/objects deleted (root-relative)
+
+    def add(self, rw: _Rewrite) -> None:
+        self.replaced[rw.old] = rw.new
+        self.removed += rw.removed
+        self.kept += rw.kept
+
+
+@dataclass(slots=True)
+class _Rewrite:
+    """One shard re-sealed without some of its samples, not yet published."""
+
+    old: str  # the shard's name
+    new: str | None  # the replacement's name (None: every sample removed)
+    entry: dict[str, Any]  # sidecar entry of the replacement (or the settled-only entry)
+    info: dict[str, Any] | None  # index entry of the replacement
+    src: str | None  # its sealed file in staging
+    removed: list[Removed]
+    kept: int
 
 
 def _row(sample: dict[str, Any]) -> dict[str, Any]:
@@ -70,9 +104,56 @@ def _basenames(info: dict[str, Any]) -> list[str]:
     return names
 
 
-def remove_samples(root: str, drop: Callable[[dict[str, Any]], bool], *,
-                   durable: bool = True) -> RewriteResult:
-    """Rewrite every shard of local stream ``root`` without the samples ``drop`` selects."""
+def _data_basename(info: dict[str, Any]) -> str:
+    return (info.get("zip_data") or info["raw_data"])["basename"]
+
+
+def _old_entry(side: dict[str, Any], name: str) -> dict[str, Any]:
+    return dict(side["shards"].get(name) or {"domain": name.split(".", 1)[0], "settled": []})
+
+
+def _rewrite(opener: ShardOpener, name: str, info: dict[str, Any], old_entry: dict[str, Any],
+             drop: Callable[[dict[str, Any]], bool], stage: str) -> _Rewrite | None:
+    """Read shard ``name`` (index entry ``info``, as ``opener`` finds it) and, if ``drop`` selects
+    any of its samples, re-seal the others in ``stage``; None if it keeps every sample."""
+    reader = opener.open(name, info)
+    try:
+        samples = [opener.read(reader, i) for i in range(int(info["samples"]))]
+    finally:
+        opener.release(name)
+    gone = [i for i, s in enumerate(samples) if drop(s)]
+    if not gone:
+        return None
+    removed = [Removed(shard=name, index=i, id=str(s["id"]), source=str(s["source"]), license=str(s["license"]),
+                       tokens=len(s["tokens"]), sha256=hashlib.sha256(s["tokens"].tobytes()).hexdigest())
+               for i, s in ((i, samples[i]) for i in gone)]
+    gone_set = set(gone)
+    keep = [_row(s) for i, s in enumerate(samples) if i not in gone_set]
+    rewrites = [*old_entry.get("rewrites", []), [name, gone]]  # every takedown since the original
+    entry = {**old_entry, "replaces": name, "removed": gone, "rewrites": rewrites}
+    if not keep:
+        entry.update(samples=0, bytes=0)
+        return _Rewrite(old=name, new=None, entry=entry, info=None, src=None, removed=removed, kept=0)
+    new_info = _seal(stage, keep, info)
+    digest = hashlib.sha256(json.dumps([name, gone]).encode()).hexdigest()[:16]
+    new_name = f"{old_entry['domain']}.{old_entry.get('writer_id') or 'rewrite'}.{digest}"
+    src = os.path.join(stage, _data_basename(new_info))
+    new_info["raw_data"]["basename"] = f"{new_name}.mds"
+    if new_info.get("zip_data"):
+        ext = new_info["zip_data"]["basename"].rsplit(".", 1)[1]
+        new_info["zip_data"]["basename"] = f"{new_name}.mds.{ext}"
+    entry.update(samples=len(keep), bytes=os.path.getsize(src))
+    return _Rewrite(old=name, new=new_name, entry=entry, info=new_info, src=src, removed=removed, kept=len(keep))
+
+
+def remove_samples(root: str, drop: Callable[[dict[str, Any]], bool], *, durable: bool = True,
+                   delete_grace_s: float = 30.0) -> RewriteResult:
+    """Rewrite every shard of stream ``root`` (local or object store) without the samples ``drop``
+    selects. ``delete_grace_s``: object-store roots wait this long between the index commits and
+    deleting the replaced objects, so that a reader that fetched the previous index can still
+    download them (local roots delete at once: an open file stays readable)."""
+    if storage.is_remote(root):
+        return _remove_remote(storage.normalize_root(root), drop, delete_grace_s=delete_grace_s)
     root = os.path.abspath(root)
     result = RewriteResult()
     staging = os.path.join(root, mf.STAGING, f"rewrite-{uuid.uuid4().hex}")
@@ -84,56 +165,147 @@ def remove_samples(root: str, drop: Callable[[dict[str, Any]], bool], *,
             garbage: list[str] = []
             for info in index["shards"]:
                 name = mf.shard_name_of(info)
-                reader = opener.open(name, info)
-                samples = [opener.read(reader, i) for i in range(int(info["samples"]))]
-                opener.release(name)
-                gone = [i for i, s in enumerate(samples) if drop(s)]
-                if not gone:
+                rw = _rewrite(opener, name, info, _old_entry(side, name), drop, os.path.join(staging, name))
+                if rw is None:
                     new_infos.append(info)
                     continue
-                for i in gone:
-                    s = samples[i]
-                    result.removed.append(Removed(
-                        shard=name, index=i, id=str(s["id"]), source=str(s["source"]), license=str(s["license"]),
-                        tokens=len(s["tokens"]), sha256=hashlib.sha256(s["tokens"].tobytes()).hexdigest()))
-                old_entry = dict(side["shards"].get(name) or {"domain": name.split(".", 1)[0], "settled": []})
                 garbage += _basenames(info)
                 side["shards"].pop(name, None)
-                gone_set = set(gone)
-                keep = [_row(s) for i, s in enumerate(samples) if i not in gone_set]
-                entry = {**old_entry, "replaces": name, "removed": gone}
-                if not keep:
-                    entry.update(samples=0, bytes=0)
-                    side["settled_only"][name] = entry
-                    result.replaced[name] = None
+                result.add(rw)
+                if rw.info is None:
+                    side["settled_only"][name] = rw.entry
                     continue
-                stage = os.path.join(staging, name)
-                new_info = _seal(stage, keep, info)
-                digest = hashlib.sha256(json.dumps([name, gone]).encode()).hexdigest()[:16]
-                writer_id = old_entry.get("writer_id") or "rewrite"
-                new_name = f"{old_entry['domain']}.{writer_id}.{digest}"
-                src = os.path.join(stage, (new_info.get("zip_data") or new_info["raw_data"])["basename"])
-                new_info["raw_data"]["basename"] = f"{new_name}.mds"
-                if new_info.get("zip_data"):
-                    ext = new_info["zip_data"]["basename"].rsplit(".", 1)[1]
-                    new_info["zip_data"]["basename"] = f"{new_name}.mds.{ext}"
-                dest = os.path.join(root, (new_info.get("zip_data") or new_info["raw_data"])["basename"])
+                assert rw.src is not None and rw.new is not None
                 if durable:
-                    with open(src, "rb+") as f:
+                    with open(rw.src, "rb+") as f:
                         os.fdatasync(f.fileno())
-                os.replace(src, dest)
-                entry.update(samples=len(keep), bytes=os.path.getsize(dest))
-                side["shards"][new_name] = entry
-                new_infos.append(new_info)
-                result.replaced[name] = new_name
-                result.kept += len(keep)
+                os.replace(rw.src, os.path.join(root, _data_basename(rw.info)))
+                side["shards"][rw.new] = rw.entry
+                new_infos.append(rw.info)
             if result.replaced:
-                mf.atomic_write_json(os.path.join(root, mf.SIDECAR), side, durable=durable, sync_dir=False)
-                mf.atomic_write_json(os.path.join(root, mf.INDEX), {**index, "shards": new_infos}, durable=durable)
+                mf.write_root(root, {"shards": new_infos}, side, durable=durable)
                 for basename in garbage:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(root, basename))
+                result.deleted = sorted(garbage)
     finally:
         opener.close()
         shutil.rmtree(staging, ignore_errors=True)
     return result
+
+
+# --- object-store roots ------------------------------------------------------------------------
+def _remove_remote(url: str, drop: Callable[[dict[str, Any]], bool], *, delete_grace_s: float) -> RewriteResult:
+    store = storage.object_root(url)
+    started = time.time()
+    store.refresh_index()  # a merge a crash left pending first, so replacements keep their positions
+    result = RewriteResult()
+    staging = tempfile.mkdtemp(prefix="headwater-rewrite-")
+    opener = ShardOpener(url)
+    try:
+        for writer_id in store.writers():
+            for rw in _rewrite_writer(store, writer_id, opener, drop, staging):
+                result.add(rw)
+    finally:
+        opener.close()
+        shutil.rmtree(staging, ignore_errors=True)
+    if result.replaced and delete_grace_s > 0:
+        time.sleep(delete_grace_s)
+    result.deleted = _delete_replaced(store, before=started)
+    return result
+
+
+def _rewrite_writer(store: storage.ObjectRoot, writer_id: str, opener: ShardOpener,
+                    drop: Callable[[dict[str, Any]], bool], staging: str) -> list[_Rewrite]:
+    """Rewrite and commit the affected shards of one writer prefix; the rewrites committed."""
+    wdir = store.writer_dir(writer_id)
+    done: dict[str, _Rewrite | None] = {}  # data basename -> its rewrite: shards are immutable, a retry reuses it
+    for attempt in range(storage.CAS_ATTEMPTS):
+        index, index_v = store.writer_index(writer_id)
+        side, side_v = mf.read_writer_sidecar(store, writer_id)
+        infos: list[dict[str, Any]] = []
+        rewrites: list[_Rewrite] = []
+        for info in index["shards"]:
+            key = _data_basename(info)
+            if key not in done:
+                name = mf.shard_name_of(info)
+                rw = _rewrite(opener, name, storage.prefixed(info, f"{wdir}/"), _old_entry(side, name), drop,
+                              os.path.join(staging, writer_id, name))
+                if rw is not None and rw.info is not None:
+                    assert rw.src is not None
+                    rw.info = store.upload_shard(wdir, rw.info, rw.src)[0]
+                done[key] = rw
+            rw = done[key]
+            if rw is None:
+                infos.append(info)
+                continue
+            rewrites.append(rw)
+            if rw.info is not None:
+                infos.append(rw.info)
+        if not rewrites:
+            _forget_replaced(store, writer_id)  # what an interrupted takedown left in the sidecar
+            return []
+        for rw in rewrites:  # the replaced entries stay until after the commit: settled ranges never shrink
+            if rw.new is None:
+                side["settled_only"][rw.old] = rw.entry
+            else:
+                side["shards"][rw.new] = rw.entry
+        try:  # owner token kept (both are copies of what was read): a takedown is not a new owner
+            store.put(f"{wdir}/{mf.SIDECAR}", storage.json_bytes(side), if_version=side_v)
+            store.put(f"{wdir}/{mf.INDEX}", storage.json_bytes({**index, "shards": infos}),
+                      if_version=index_v)  # the commit
+        except storage.PreconditionFailed:  # the live writer published (or started) in between
+            storage.backoff(attempt)
+            continue
+        store.refresh_index()
+        _forget_replaced(store, writer_id)
+        return rewrites
+    raise storage.PreconditionFailed(f"{store.url}/{wdir}: takedown commit lost {storage.CAS_ATTEMPTS} times "
+                                     "to the live writer")
+
+
+def _forget_replaced(store: storage.ObjectRoot, writer_id: str) -> None:
+    """Drop from a writer's sidecar the entries of shards that its index no longer lists and that
+    another entry ``replaces`` (compare-and-swap, retried)."""
+    wdir = store.writer_dir(writer_id)
+    for attempt in range(storage.CAS_ATTEMPTS):
+        names = {mf.shard_name_of(i) for i in store.writer_index(writer_id)[0]["shards"]}
+        side, side_v = mf.read_writer_sidecar(store, writer_id)
+        replaced = {e.get("replaces") for e in [*side["shards"].values(), *side["settled_only"].values()]}
+        stale = [n for n in side["shards"] if n in replaced and n not in names]
+        if not stale:
+            return
+        for n in stale:
+            del side["shards"][n]
+        try:
+            store.put(f"{wdir}/{mf.SIDECAR}", storage.json_bytes(side), if_version=side_v)
+            return
+        except storage.PreconditionFailed:
+            storage.backoff(attempt)
+    log.warning("%s/%s: replaced sidecar entries left in place (lost every CAS); the next takedown "
+                "removes them", store.url, wdir)
+
+
+def _delete_replaced(store: storage.ObjectRoot, *, before: float) -> list[str]:
+    """Delete every object of a replaced shard (a name some sidecar entry ``replaces``) that neither
+    its writer's index nor the merged index lists and that is older than ``before`` (a later
+    object with that name would be a new upload); the keys deleted."""
+    store.refresh_index()
+    merged = {b for i in store.root_index()[0]["shards"] for b in _basenames(i)}
+    deleted = []
+    for writer_id in store.writers():
+        wdir = store.writer_dir(writer_id)
+        side = mf.read_writer_sidecar(store, writer_id)[0]
+        replaced = {e["replaces"] for e in [*side["shards"].values(), *side["settled_only"].values()]
+                    if e.get("replaces")}
+        if not replaced:
+            continue
+        listed = {f"{wdir}/{b}" for i in store.writer_index(writer_id)[0]["shards"] for b in _basenames(i)}
+        for obj in store.find(wdir):
+            key = obj["name"]
+            base = key.rsplit("/", 1)[-1]
+            if (".mds" in base and base.split(".mds", 1)[0] in replaced and key not in listed
+                    and key not in merged and obj["LastModified"].timestamp() <= before):
+                store.delete(key)
+                deleted.append(key)
+    return sorted(deleted)

@@ -2,14 +2,17 @@
 
 Each :meth:`LiveStreamWriter.write_shard` call writes ONE shard with mosaicml-streaming's
 ``MDSWriter`` into ``root/.staging``, then, under the root lock, moves it into the root under a
-deterministic name, records it in the sidecar and atomically rewrites ``index.json``. A replay
+deterministic name and commits it with one line appended to the root's journal (folded into
+``index.json`` and the sidecar by the policy of :mod:`streams.manifest`). A replay
 of the same settled offset ranges (or, without ranges, the same content) is a no-op that
 returns the original :class:`ShardPublished`.
 
 An object-store root (``s3://…``) has no lock and no rename: the writer first claims its id (an
 owner token, see :mod:`streams.storage`); each shard is sealed in a local temp directory, uploaded
 as an immutable object under a fresh key in this writer's own prefix, then this writer's sidecar
-and index are put conditionally. An in-process lock per writer id serialises threads.
+and index are put conditionally. An in-process lock per writer id serialises threads. A takedown
+that edits this writer's files meanwhile (keeping its owner token) makes the writer re-read and
+redo the publish; only a foreign token fences it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,9 +34,10 @@ from typing import Any, Self
 import numpy as np
 from streaming.base.format.mds.writer import MDSWriter
 
+from streams import faultpoints, storage
 from streams import manifest as mf
-from streams import storage
 from streams.events import OffsetRange, ShardPublished, TokenizedSample
+from streams.manifest import OverlapError
 
 __all__ = ["COLUMNS", "LiveStreamWriter", "OverlapError", "sample_from_event", "seal_rows"]
 
@@ -52,13 +57,10 @@ COLUMNS: dict[str, str] = {
 REQUIRED = ("id", "modality", "tokens", "source", "license")
 _COLUMN_SET = frozenset(COLUMNS)
 _STR_COLUMNS = ("id", "modality", "source", "license", "pipeline_version", "language")
+log = logging.getLogger(__name__)
 _EMPTY: dict[str, Any] = {}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _MAX_SHARD_BYTES = 2**32 - 1  # MDS sample offsets are uint32
-
-
-class OverlapError(ValueError):
-    """New settled offset ranges overlap ranges already published by a different shard."""
 
 
 def sample_from_event(ev: TokenizedSample) -> dict[str, Any]:
@@ -91,6 +93,11 @@ def seal_rows(stage: str, rows: Sequence[dict[str, Any]], *, compression: str | 
     return w.shards
 
 
+class _Edited(storage.PreconditionFailed):
+    """This writer's own object-store index or sidecar changed under its publish but still carries
+    its owner token: a takedown rewrote it (not a new owner). Re-read the state and redo."""
+
+
 def _check_name(kind: str, value: str) -> str:
     if not isinstance(value, str) or not _NAME_RE.match(value):
         raise ValueError(f"{kind} {value!r} must match {_NAME_RE.pattern} (it becomes part of shard file names)")
@@ -112,6 +119,9 @@ class LiveStreamWriter:
         durable: fsync shard files and JSON before publishing.
         orphan_grace_s: object-store roots: at start, unlisted shard objects of this writer's
             prefix older than this are deleted (uploads of publishes that never committed).
+        fold_interval_s: local roots: fold the journal into index.json at least this often while
+            publishing (also when it holds 1/8 of the folded shards, at start and on close; see
+            :func:`streams.manifest.fold_due`), which bounds how far a stock reader lags.
     """
 
     def __init__(
@@ -126,6 +136,7 @@ class LiveStreamWriter:
         vocab_size: int | None = None,
         durable: bool = True,
         orphan_grace_s: float = 900.0,
+        fold_interval_s: float = 30.0,
     ):
         self.root = storage.normalize_root(root)
         self.writer_id = _check_name("writer_id", writer_id)
@@ -137,10 +148,17 @@ class LiveStreamWriter:
         self._token_limit = vocab_size if vocab_size is not None else 2**31 - 1
         self.durable = durable
         self.orphan_grace_s = orphan_grace_s
+        self.fold_interval_s = fold_interval_s
         self._store = storage.object_root(self.root) if storage.is_remote(self.root) else None
         if self._store is None:
             self._staging = os.path.join(self.root, mf.STAGING)
             os.makedirs(self._staging, exist_ok=True)
+            self._view = mf.RootView(self.root, track_settled=True)
+            self._fold_failures, self._fold_after = 0, 0.0
+            with mf.root_lock(self.root):
+                self._view.refresh()
+                if self._view.tail and self._view.infos:
+                    self._fold()  # what a crashed writer journaled: a complete index.json for stock readers
         else:
             self._lock = storage.writer_lock(self.root, self.writer_id)
             with self._lock:
@@ -158,6 +176,11 @@ class LiveStreamWriter:
         self._clean_own_staging()
         if self._store is not None:  # object-store root: the staging dir is this writer's temp dir
             shutil.rmtree(self._staging, ignore_errors=True)
+        elif exc_type is None:
+            with mf.root_lock(self.root):
+                self._view.refresh()
+                if self._view.tail and self._view.infos:
+                    self._fold()
 
     def settled(self, *, merge: bool = True) -> list[OffsetRange]:
         """All offset ranges settled by published shards in the root (every writer)."""
@@ -280,10 +303,9 @@ class LiveStreamWriter:
 
     def _check_root(self, side: dict[str, Any], published: dict[str, dict[str, Any]],
                     settled: list[OffsetRange]) -> str | None:
-        """Vocab agreement and overlap check; returns the name of an exact replay, if any."""
-        if side["vocab_version"] not in (None, self.manifest.vocab_version):
-            raise ValueError(f"stream root {self.root} holds vocab {side['vocab_version']}, "
-                             f"this writer has {self.manifest.vocab_version}")
+        """Object-store roots: vocab agreement and overlap check; returns the name of an exact
+        replay, if any (local roots use the incremental :meth:`streams.manifest.RootView.replay_of`)."""
+        self._check_vocab(side)
         if not settled:
             return None
         mine = {(r.topic, r.partition, r.start, r.end) for r in mf.merge_ranges(settled)}
@@ -314,41 +336,63 @@ class LiveStreamWriter:
             with open(src, "rb+") as f:
                 os.fdatasync(f.fileno())
         with mf.root_lock(self.root):
-            index = mf.read_index(self.root)
-            side = mf.read_sidecar(self.root)
-            names = {mf.shard_name_of(i) for i in index["shards"]}
-            published = {n: e for n, e in side["shards"].items() if n in names}
-            published.update(side["settled_only"])
-            replay = name if name in names else self._check_root(side, published, settled)
-            if replay is not None and replay not in published:  # index renamed, sidecar lost: repair
-                published[replay] = side["shards"][replay] = self._entry(domain, settled, info["samples"], 0)
-                mf.atomic_write_json(os.path.join(self.root, mf.SIDECAR), side, durable=self.durable)
+            view = self._view
+            view.refresh()
+            self._check_vocab(view.side)
+            replay = name if name in view.names else view.replay_of(settled)
+            if replay is not None and view.entry(replay) is None:  # legacy root: sidecar entry lost
+                entry = self._entry(domain, settled, info["samples"], 0)
+                mf.append_journal(view, {"kind": "entry", "name": replay, "entry": entry}, durable=self.durable)
+                view.refresh()
             if replay is not None:
-                event = self._event(replay, published[replay])
+                event = self._event(replay, view.entry(replay))
             else:
                 dest = os.path.join(self.root, self._data_basename(info))
                 os.replace(src, dest)
+                faultpoints.reach("local.after_rename")
                 try:
                     entry = self._entry(domain, settled, info["samples"], os.path.getsize(dest))
-                    side["shards"][name] = entry
-                    side["vocab_version"] = self.manifest.vocab_version
-                    # Sidecar before index; one directory fsync (in the index write) covers the shard
-                    # move and both renames, which the journal keeps in order.
-                    mf.atomic_write_json(os.path.join(self.root, mf.SIDECAR), side, durable=self.durable,
-                                         sync_dir=False)
-                    index["shards"].append(info)
-                    mf.atomic_write_json(os.path.join(self.root, mf.INDEX), index, durable=self.durable)
+                    if self.durable:
+                        mf.fsync_dir(self.root)  # the shard's name is durable before the line naming it
+                    mf.append_journal(view, {"kind": "shard", "name": name, "info": info, "entry": entry},
+                                      durable=self.durable)
                 except BaseException:
                     # e.g. ENOSPC: nothing was published; do not leave an orphan shard taking space
                     # (a replay with other batch boundaries would never overwrite it).
-                    if name not in {mf.shard_name_of(i) for i in mf.read_index(self.root)["shards"]}:
+                    view.refresh()
+                    if name not in view.names:
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(dest)
                     raise
+                faultpoints.reach("local.after_journal")
+                view.refresh()
                 event = self._event(name, entry)
+                self._maybe_fold()
         if self.publisher is not None:
             self.publisher(event)
         return event
+
+    def _check_vocab(self, side: dict[str, Any]) -> None:
+        if side["vocab_version"] not in (None, self.manifest.vocab_version):
+            raise ValueError(f"stream root {self.root} holds vocab {side['vocab_version']}, "
+                             f"this writer has {self.manifest.vocab_version}")
+
+    def _fold(self) -> None:
+        """Fold the journal (under the root lock). A failure (e.g. ENOSPC) costs nothing published:
+        the journal stays the truth and the next publish or close folds again."""
+        try:
+            mf.fold(self._view, durable=self.durable)
+            self._fold_failures = 0
+        except OSError as e:  # back off: a full disk must not cost an O(N) rewrite per publish
+            self._fold_failures += 1
+            self._fold_after = time.monotonic() + min(300.0, 2.0 ** self._fold_failures)
+            log.warning("fold of %s failed (%d in a row), the journal keeps its lines: %s",
+                        self.root, self._fold_failures, e)
+            self._view.refresh()
+
+    def _maybe_fold(self) -> None:
+        if time.monotonic() >= self._fold_after and mf.fold_due(self._view, self.fold_interval_s):
+            self._fold()
 
     def _settle_only(self, domain: str, settled: list[OffsetRange], name: str | None) -> ShardPublished:
         key = json.dumps({"domain": domain, "settled": mf.ranges_to_json(mf.merge_ranges(settled))},
@@ -358,16 +402,16 @@ class LiveStreamWriter:
         if self._store is not None:
             return self._settle_only_remote(domain, settled, name)
         with mf.root_lock(self.root):
-            side = mf.read_sidecar(self.root)
-            names = {mf.shard_name_of(i) for i in mf.read_index(self.root)["shards"]}
-            published = {n: e for n, e in side["shards"].items() if n in names}
-            published.update(side["settled_only"])
-            replay = name if name in published else self._check_root(side, published, settled)
+            view = self._view
+            view.refresh()
+            self._check_vocab(view.side)
+            replay = name if view.entry(name) is not None else view.replay_of(settled)
             if replay is not None:
-                return self._event(replay, published[replay])
+                return self._event(replay, view.entry(replay))
             entry = self._entry(domain, settled, 0, 0)
-            side["settled_only"][name] = entry
-            mf.atomic_write_json(os.path.join(self.root, mf.SIDECAR), side, durable=self.durable)
+            mf.append_journal(view, {"kind": "settled", "name": name, "entry": entry}, durable=self.durable)
+            view.refresh()
+            self._maybe_fold()
         return self._event(name, entry)
 
     # --- object-store roots (streams/storage.py) --------------------------------------------------
@@ -423,7 +467,9 @@ class LiveStreamWriter:
     def _put_own(self, kind: str, obj: dict[str, Any], version: str | None) -> None:
         """Conditional put of this writer's own index or sidecar. A lost precondition whose object
         now holds exactly ``obj`` is our own earlier attempt (its response was lost): success. A
-        409 conflict that left the object unchanged is retried; anything else means fenced."""
+        409 conflict that left the object unchanged is retried. An object that still carries our
+        owner token was edited by a takedown (streams/mds_rewrite.py keeps the token):
+        :class:`_Edited`, the caller re-reads and redoes its publish. A foreign token: fenced."""
         store = self._store
         assert store is not None
         rel = f"{store.writer_dir(self.writer_id)}/{kind}"
@@ -439,6 +485,8 @@ class LiveStreamWriter:
                 if isinstance(e, storage.ConditionalConflict) and current_v == version:
                     storage.backoff(attempt)
                     continue
+                if current is not None and current.get("owner") == self._owner:
+                    raise _Edited(f"{store.url}/{rel} was edited by a takedown") from e
                 raise self._fenced(f"{store.url}/{rel}", current) from e
         raise storage.PreconditionFailed(f"{store.url}/{rel}: {storage.CAS_ATTEMPTS} puts lost to 409 conflicts")
 
@@ -446,45 +494,59 @@ class LiveStreamWriter:
                         settled: list[OffsetRange]) -> ShardPublished:
         """Upload the shard object under a fresh key, then put this writer's sidecar and (the
         commit) its index, each conditional on the version read; then merge into the root index.
-        A failed publish deletes nothing: its upload's fate may be unknown, the start-up GC takes it."""
+        A takedown that edits this writer's files in between costs a re-read and a redo of the
+        metadata puts (the upload is kept). A failed publish deletes nothing: its upload's fate
+        may be unknown, the start-up GC takes it."""
         store = self._store
         assert store is not None
         wdir = store.writer_dir(self.writer_id)
         with self._lock:
-            index, index_v, side, side_v, published, view = self._remote_state()
-            names = {mf.shard_name_of(i) for i in index["shards"]}
-            replay = name if name in names else self._check_root(view, published, settled)
-            if replay is not None:
-                store.refresh_index()  # the original publish may have died before its merge
-                return self._event(replay, published[replay])
-            info = storage.prefixed(info, f"{uuid.uuid4().hex[:16]}/")  # a key no attempt reuses
-            data_key = f"{wdir}/{self._data_basename(info)}"
-            with open(src, "rb") as f:
-                data = f.read()
-            try:
-                store.put(data_key, data, if_version=None)  # If-None-Match: never overwrite an object
-            except storage.PreconditionFailed:
-                if store.read(data_key) != data:  # not our own retried upload: should never happen
-                    raise
-            entry = self._entry(domain, settled, info["samples"], len(data))
-            side["shards"][name] = entry
-            side["vocab_version"] = self.manifest.vocab_version
-            index["shards"].append(info)
-            self._put_own(mf.SIDECAR, side, side_v)
-            self._put_own(mf.INDEX, index, index_v)  # the commit
-            store.refresh_index()
-        return self._event(name, entry)
+            uploaded: tuple[dict[str, Any], int] | None = None
+            for attempt in range(storage.CAS_ATTEMPTS):
+                index, index_v, side, side_v, published, view = self._remote_state()
+                names = {mf.shard_name_of(i) for i in index["shards"]}
+                replay = name if name in names else self._check_root(view, published, settled)
+                if replay is not None:
+                    store.refresh_index()  # the original publish may have died before its merge
+                    return self._event(replay, published[replay])
+                if uploaded is None:
+                    uploaded = store.upload_shard(wdir, info, src)
+                    faultpoints.reach("remote.after_upload")
+                obj_info, size = uploaded
+                entry = self._entry(domain, settled, obj_info["samples"], size)
+                side["shards"][name] = entry
+                side["vocab_version"] = self.manifest.vocab_version
+                index["shards"].append(obj_info)
+                try:
+                    self._put_own(mf.SIDECAR, side, side_v)
+                    faultpoints.reach("remote.after_sidecar")
+                    self._put_own(mf.INDEX, index, index_v)  # the commit
+                except _Edited:
+                    storage.backoff(attempt)
+                    continue
+                faultpoints.reach("remote.after_commit")
+                store.refresh_index()
+                return self._event(name, entry)
+        raise storage.PreconditionFailed(f"{self.root}: publish of {name} lost {storage.CAS_ATTEMPTS} times "
+                                         f"to takedown edits of writer {self.writer_id!r}")
 
     def _settle_only_remote(self, domain: str, settled: list[OffsetRange], name: str) -> ShardPublished:
         with self._lock:
-            _, _, side, side_v, published, view = self._remote_state()
-            replay = name if name in published else self._check_root(view, published, settled)
-            if replay is not None:
-                return self._event(replay, published[replay])
-            entry = self._entry(domain, settled, 0, 0)
-            side["settled_only"][name] = entry
-            self._put_own(mf.SIDECAR, side, side_v)
-        return self._event(name, entry)
+            for attempt in range(storage.CAS_ATTEMPTS):
+                _, _, side, side_v, published, view = self._remote_state()
+                replay = name if name in published else self._check_root(view, published, settled)
+                if replay is not None:
+                    return self._event(replay, published[replay])
+                entry = self._entry(domain, settled, 0, 0)
+                side["settled_only"][name] = entry
+                try:
+                    self._put_own(mf.SIDECAR, side, side_v)
+                except _Edited:
+                    storage.backoff(attempt)
+                    continue
+                return self._event(name, entry)
+        raise storage.PreconditionFailed(f"{self.root}: settling {name} lost {storage.CAS_ATTEMPTS} times "
+                                         f"to takedown edits of writer {self.writer_id!r}")
 
     def _remove_orphans(self) -> None:
         """Delete shard objects of this writer's prefix that its index does not list and that are

@@ -14,14 +14,16 @@ laid out so that no two writers ever write the same object, and every commit is 
   Both also carry an ``owner`` token: a writer that starts claims its id by re-putting both with a
   fresh token (conditional puts), which changes their versions, so an older process with the same
   writer id fails its next conditional put and, seeing a foreign token, every later publish
-  (:class:`WriterFenced`);
+  (:class:`WriterFenced`). A takedown (:mod:`streams.mds_rewrite`) edits both keeping the token;
+  a writer whose put loses to such an edit re-reads and redoes its publish;
 * ``index.json``: the merged MDS index of all writers (basenames keep their ``writers/<id>/``
-  prefix, as ``streaming``'s ``merge_index`` writes them). It is derived: after each commit the
-  writer appends every committed shard it lacks, with a compare-and-swap put retried on conflict,
-  so it is append-only and the same for every reader. ``StreamingDataset(remote=ROOT)`` and
-  :class:`~streams.mds_reader.TailReader` read it; settlement reads the per-writer files, which
-  are the truth (a writer that died between its commit and the merge is merged by the next
-  publish of any writer, or by :meth:`ObjectRoot.refresh_index`).
+  prefix, as ``streaming``'s ``merge_index`` writes them). It is derived (:meth:`ObjectRoot.refresh_index`,
+  after each commit and at each writer start, a compare-and-swap put retried on conflict): entries
+  keep their positions, a takedown's replacement takes its predecessor's, entries no writer lists
+  any more are dropped and newly committed ones appended; so it is the same for every reader.
+  ``StreamingDataset(remote=ROOT)`` and :class:`~streams.mds_reader.TailReader` read it;
+  settlement reads the per-writer files, which are the truth (a writer that died between its
+  commit and the merge is merged by the next publish or start of any writer).
 
 A shard uploaded by a writer that died before its index put is invisible (no index lists it). A
 writer never deletes an upload whose commit failed (its outcome may be unknown); when it starts
@@ -41,7 +43,10 @@ import random
 import re
 import threading
 import time
+import uuid
 from typing import Any
+
+from streams import faultpoints
 
 __all__ = ["CAS_ATTEMPTS", "SINGLE_PUT_LIMIT", "WRITERS", "ConditionalConflict", "ObjectRoot",
            "PreconditionFailed", "StoreUnavailable", "WriterFenced", "backoff", "is_remote", "json_bytes",
@@ -218,6 +223,21 @@ class ObjectRoot:
                 raise PreconditionFailed(f"{self.url}/{rel} changed since it was read") from e
             raise
 
+    def upload_shard(self, writer_dir: str, info: dict[str, Any], src: str) -> tuple[dict[str, Any], int]:
+        """Upload sealed shard file ``src`` (index entry ``info``, writer-relative basenames) as an
+        immutable object under a fresh random attempt prefix of ``writer_dir``, ``If-None-Match: *``;
+        returns the entry with the attempt-prefixed basenames and the object's size."""
+        info = prefixed(info, f"{uuid.uuid4().hex[:16]}/")  # a key no attempt reuses
+        key = f"{writer_dir}/{(info.get('zip_data') or info['raw_data'])['basename']}"
+        with open(src, "rb") as f:
+            data = f.read()
+        try:
+            self.put(key, data, if_version=None)  # never overwrite an object
+        except PreconditionFailed:
+            if self.read(key) != data:  # not our own retried upload: should never happen
+                raise
+        return info, len(data)
+
     def delete(self, rel: str) -> None:
         try:
             self.fs.rm_file(self.path(rel))
@@ -267,29 +287,73 @@ class ObjectRoot:
         return obj, version
 
     def refresh_index(self) -> int:
-        """Append every committed shard of every writer that the merged index lacks (compare-and-swap,
-        retried on conflict); returns how many were appended."""
+        """Derive the merged index from the writers' committed indexes (compare-and-swap, retried on
+        conflict). Every entry its writer still lists keeps its position; an entry that a takedown
+        replaced gives its position to its replacement (the writer's sidecar entry that
+        ``replaces`` it); an entry its writer no longer lists is dropped; every committed entry not
+        yet merged is appended (writers in id order). Entries outside ``writers/`` are kept as they
+        are. Returns how many entries were added or dropped (0: it was current)."""
         for attempt in range(CAS_ATTEMPTS):
             merged, version = self.root_index()
-            present = {_basename(i) for i in merged["shards"]}
-            added = []
+            listed: dict[str, dict[str, Any]] = {}  # root-relative data basename -> prefixed entry
             for writer_id in self.writers():
                 prefix = f"{self.writer_dir(writer_id)}/"
                 for info in self.writer_index(writer_id)[0]["shards"]:
-                    if prefix + _basename(info) not in present:
-                        added.append(prefixed(info, prefix))
-            if not added:
+                    entry = prefixed(info, prefix)
+                    listed[_basename(entry)] = entry
+            shards = self._derive(merged["shards"], listed)
+            before, after = [_basename(i) for i in merged["shards"]], [_basename(i) for i in shards]
+            if before == after:
                 return 0
+            faultpoints.reach("remote.before_merge")
             try:
-                self.put(INDEX, json_bytes({**merged, "shards": merged["shards"] + added}), if_version=version)
-                return len(added)
+                self.put(INDEX, json_bytes({**merged, "shards": shards}), if_version=version)
+                return len(set(before) ^ set(after))
             except PreconditionFailed:  # lost the CAS, or a 409 conflict: re-read and retry
                 backoff(attempt)
         raise PreconditionFailed(f"{self.url}/{INDEX}: {CAS_ATTEMPTS} merge attempts lost to other writers")
 
+    def _derive(self, merged: list[dict[str, Any]], listed: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """The merged shard list from the previous one and every writer's ``listed`` entries."""
+        stale = {_writer_of(b) for b in map(_basename, merged) if _writer_of(b) and b not in listed}
+        successor: dict[tuple[str, str], str] = {}  # (writer, replaced shard name) -> replacement basename
+        if stale:  # a takedown rewrote shards of these writers: their sidecars say what replaces what
+            by_name = {(_writer_of(b), _name(b)): b for b in listed}
+            for writer_id in sorted(stale):
+                for name, entry in self.writer_sidecar(writer_id, {})[0].get("shards", {}).items():
+                    new = by_name.get((writer_id, name))
+                    if new is not None and entry.get("replaces"):
+                        successor[(writer_id, entry["replaces"])] = new
+        out: list[dict[str, Any]] = []
+        placed: set[str] = set()
+        for info in merged:
+            b = _basename(info)
+            if not _writer_of(b):  # not a writer's shard (e.g. a copied local root): left alone
+                out.append(info)
+                continue
+            if b not in listed:
+                b = successor.get((_writer_of(b), _name(b)))
+                if b is None:  # emptied by a takedown, or replaced twice before a merge: dropped
+                    continue
+            if b not in placed:
+                out.append(listed[b])
+                placed.add(b)
+        out += [e for b, e in listed.items() if b not in placed]
+        return out
+
 
 def _basename(info: dict[str, Any]) -> str:
     return info["raw_data"]["basename"]
+
+
+def _writer_of(basename: str) -> str:
+    """The writer id of a merged-index basename ``writers/<id>/…`` ("" for anything else)."""
+    parts = basename.split("/", 2)
+    return parts[1] if len(parts) == 3 and parts[0] == WRITERS else ""
+
+
+def _name(basename: str) -> str:
+    return basename.rsplit("/", 1)[-1].removesuffix(".mds")
 
 
 def prefixed(info: dict[str, Any], prefix: str) -> dict[str, Any]:

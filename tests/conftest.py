@@ -1,8 +1,10 @@
-"""Shared fixtures: a real tansu Kafka-protocol broker on 127.0.0.1 with all topics."""
+"""Shared fixtures: a real tansu Kafka-protocol broker on 127.0.0.1 with all topics; a local S3
+server (moto) for object-store stream roots."""
 
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
 
@@ -11,6 +13,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from infra.local_s3 import start_local_s3
 from streams.broker import EmbeddedBroker
 from streams.signing import write_dev_keys
 
@@ -41,3 +44,31 @@ def fresh_broker(tmp_path):
     """A broker of its own, for tests that stop or restart it."""
     with EmbeddedBroker(run_dir=tmp_path / "broker") as b:
         yield b
+
+
+S3_BUCKET = "headwater-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1; the standard AWS variables point every client at it."""
+    with open(tmp_path_factory.mktemp("moto") / "moto.log", "w") as out:
+        proc, env = start_local_s3(S3_BUCKET, log=out)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env["AWS_ENDPOINT_URL"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture()
+def s3_root(s3_server) -> str:
+    """A fresh object-store stream root URL in the local S3 server's bucket."""
+    return f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:12]}/stream"

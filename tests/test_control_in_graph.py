@@ -88,6 +88,9 @@ def _run(config: IngestConfig, stream: TestStream, baseline: SourceControl | Non
 def _ids(root: str) -> list[str]:
     from streaming import StreamingDataset
 
+    from streams.manifest import fold_root
+
+    fold_root(root, force=True)  # what a job's end does; a stock reader sees folded shards only
     ds = StreamingDataset(local=root, batch_size=1, shuffle=False)
     return sorted(ds[i]["id"] for i in range(len(ds)))
 

@@ -35,8 +35,12 @@ scenarios = _load("fault_scenarios")
 
 
 def _ids(root: str) -> list[str]:
+    """Sample ids a stock StreamingDataset reads once the root's journal is folded."""
     from streaming import StreamingDataset
 
+    from streams.manifest import fold_root
+
+    fold_root(root, force=True)
     ds = StreamingDataset(local=root, batch_size=1, shuffle=False)
     return [ds[i]["id"] for i in range(len(ds))]
 

@@ -18,12 +18,10 @@ import sys
 import textwrap
 import threading
 import time
-import uuid
 
 import numpy as np
 import pytest
 
-from infra.local_s3 import start_local_s3
 from streams import storage
 from streams.events import OffsetRange
 from streams.mds import LiveStreamWriter, TailReader, read_index, read_sidecar, settled_ranges
@@ -35,35 +33,10 @@ workload = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(workload)
 
 MANIFEST = {"vocab_version": Vocab.default().version, "pipeline_version": "test@1"}
-BUCKET = "headwater-test"
 
 
 def rng(start: int, end: int, topic: str = "raw.text", partition: int = 0) -> OffsetRange:
     return OffsetRange(topic=topic, partition=partition, start=start, end=end)
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """moto's S3 server on 127.0.0.1; the standard AWS variables point every client at it."""
-    with open(tmp_path_factory.mktemp("moto") / "moto.log", "w") as out:
-        proc, env = start_local_s3(BUCKET, log=out)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield env["AWS_ENDPOINT_URL"]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@pytest.fixture()
-def s3_root(s3_server) -> str:
-    return f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}/stream"
 
 
 def writer(root: str, writer_id: str, **kw) -> LiveStreamWriter:

@@ -173,7 +173,8 @@ def test_shards_lagging_the_newest_by_more_than_max_lag_are_skipped(tmp_path, mo
     from streams import mds_writer
 
     clock = [1000.0]
-    monkeypatch.setattr(mds_writer, "time", SimpleNamespace(time=lambda: clock[0]))  # publish times
+    monkeypatch.setattr(mds_writer, "time", SimpleNamespace(time=lambda: clock[0],  # publish times
+                                                            monotonic=time.monotonic))
     root = str(tmp_path / "s")
     for s in range(5):  # published at 1000, 1100, ..., 1400
         write_stream(root, domains={"m": "markov"}, shards=1, per_shard=10, vocab=64, start_shard=s)
@@ -231,3 +232,101 @@ def test_empty_stream_at_start_all_ranks_wait_then_train(tmp_path):
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert set(steps[-1]["weights"]) == {"markov", "counting"}
     assert steps[0]["data_wait_s"] > 15  # step 1 waited longer than the timeouts for rank 1's data, all ranks together
+
+
+def _mixed_root(root: str, shards: int, per: int) -> list[str]:
+    """Shards of domain "m" mixing sources keep / gone / gone2 (the last shard is all "gone");
+    the sample ids ("<shard>-<i>-<source>")."""
+    import numpy as np
+
+    from streams.mds import LiveStreamWriter
+
+    def source(s: int, i: int) -> str:
+        return "gone" if s == shards - 1 or i % 3 == 1 else "gone2" if i % 5 == 2 else "keep"
+
+    with LiveStreamWriter(root, writer_id="w", manifest={"vocab_version": "v"}) as w:
+        for s in range(shards):
+            w.write_shard([{"id": f"{s}-{i}-{source(s, i)}", "modality": "text", "source": source(s, i),
+                            "license": "cc0", "tokens": np.arange(8 + i, dtype=np.int32) % 64}
+                           for i in range(per)], domain="m")
+    return [f"{s}-{i}-{source(s, i)}" for s in range(shards) for i in range(per)]
+
+
+@pytest.mark.parametrize(("consumed", "takedowns"), [(0, 1), (7, 1), (13, 1), (7, 2), (13, 2)])
+def test_a_takedown_mid_read_is_followed_by_every_rank_without_loss_or_repeat(tmp_path, consumed, takedowns):
+    """Two ranks read a domain whose shards mix sources; each has consumed ``consumed`` documents
+    when one or two takedowns in a row rewrite the shards (the last shard is emptied: every sample
+    is of "gone"). The feeds follow the replacements (same rank, cursor carried over): across both
+    ranks every "keep" document is trained exactly once and nothing taken down after the takedowns."""
+    from streams.mds_rewrite import remove_samples
+
+    root = str(tmp_path / "s")
+    ids = _mixed_root(root, 6, 10)
+    corrupt: list[str] = []
+    ranks = [StreamBuffers([root], dp_rank=r, dp_world=2, domain_buffer_bytes=4096,
+                           on_corrupt=lambda *a: corrupt.append(a[1])) for r in range(2)]
+    before: list[list[str]] = [[], []]
+    for r, buf in enumerate(ranks):
+        buf.start()
+        while len(before[r]) < consumed and (doc := buf.take("m", 1.0)) is not None:
+            before[r].append(doc.id)
+        buf.stop()  # (a takedown arrives between two polls; stopping makes the order deterministic)
+    gone = ["gone", "gone2"][:takedowns]
+    for source in gone:
+        remove_samples(root, lambda s, source=source: s["source"] == source)
+    after: list[list[str]] = [[], []]
+    for r, buf in enumerate(ranks):
+        buf.start()  # the first poll is synchronous: the replacements are taken over here
+        while (doc := buf.take("m", 1.0)) is not None:
+            after[r].append(doc.id)
+        buf.close()
+    keep = {i for i in ids if i.rsplit("-", 1)[1] not in gone}
+    trained = before[0] + before[1] + after[0] + after[1]
+    assert not [i for i in after[0] + after[1] if i.rsplit("-", 1)[1] in gone], "a removed sample was read"
+    assert sorted(i for i in trained if i in keep) == sorted(keep), "a kept sample was lost or repeated"
+    assert not corrupt, f"false corrupt-shard reports: {corrupt}"
+
+
+@pytest.mark.parametrize("takedowns", [1, 2])
+def test_a_checkpoint_cursor_taken_before_a_takedown_resumes_in_the_replacement(tmp_path, takedowns):
+    """A loader checkpointed mid-shard; one or two takedowns rewrite the stream; a new loader
+    restores the cursor (its shards are now replaced, twice): it continues exactly after the
+    trained kept samples, and a carried document is re-read from the replacement."""
+    import numpy as np
+
+    from streams.mds import LiveStreamWriter
+    from streams.mds_rewrite import remove_samples
+
+    def source(i: int) -> str:
+        return {2: "gone", 3: "gone2"}.get(i % 4, "keep")
+
+    root = str(tmp_path / "s")
+    with LiveStreamWriter(root, writer_id="w", manifest={"vocab_version": "v"}) as w:
+        for s in range(3):
+            w.write_shard([{"id": f"{s}-{i}", "modality": "text", "source": source(i),
+                            "license": "cc0", "tokens": np.arange(8 + i, dtype=np.int32) % 64}
+                           for i in range(12)], domain="m")
+    first = StreamBuffers([root], dp_rank=0, dp_world=1, domain_buffer_bytes=2048)
+    first.start()
+    docs = [first.take("m", 1.0) for _ in range(17)]  # one shard and 5 samples of the next
+    before = [d.id for d in docs]
+    state = first.state_dict()
+    first.close()
+    gone = ["gone", "gone2"][:takedowns]
+    for name in gone:
+        remove_samples(root, lambda s, name=name: s["source"] == name)
+    again = StreamBuffers([root], dp_rank=0, dp_world=1, domain_buffer_bytes=2048)
+    again.start()  # the replacements are listed before the cursor is restored (as in the loader)
+    again.load_state_dict(state)
+    # a checkpoint's carried document is re-read from the replacement (a removed one has no tokens)
+    kept_doc, gone_doc = docs[-1], next(d for d in docs if d.source == gone[-1])
+    assert kept_doc.source == "keep"
+    assert (again.fetch_tokens(0, kept_doc.shard, kept_doc.index) == kept_doc.tokens).all()
+    assert again.fetch_tokens(0, gone_doc.shard, gone_doc.index).size == 0
+    after = []
+    while (doc := again.take("m", 1.0)) is not None:
+        after.append(doc.id)
+    again.close()
+    keep = {f"{s}-{i}" for s in range(3) for i in range(12) if source(i) not in gone}
+    assert not [i for i in after if i not in keep]
+    assert sorted(i for i in before + after if i in keep) == sorted(keep)

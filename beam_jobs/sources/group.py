@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 from kafka import ConsumerRebalanceListener
 
+from streams import faultpoints
+
 __all__ = ["GroupMember"]
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,7 @@ class GroupMember:
                 log.debug("commit on revoke failed: %s", e)
         if revoked:
             log.info("group %s revoked %s", self.group, _names(revoked))
+            faultpoints.reach("group.revoke")
         self.owned -= revoked
 
     def _assigned(self, assigned: set) -> None:
@@ -110,6 +113,7 @@ class GroupMember:
         if assigned:
             self.consumer.pause(*assigned)
         log.info("group %s assigned %s", self.group, _names(assigned))
+        faultpoints.reach("group.assign")
 
 
 def _names(tps: set) -> list[str]:

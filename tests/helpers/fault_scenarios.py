@@ -153,9 +153,12 @@ def _stream_ids(root: str) -> list[str]:
 
     from streaming import StreamingDataset
 
+    from streams.manifest import fold_root
+
     with tempfile.TemporaryDirectory() as tmp:
         copy = os.path.join(tmp, "copy")
         shutil.copytree(root, copy, ignore=shutil.ignore_patterns(".staging", "_ingest", "*.tmp"))
+        fold_root(copy, force=True)  # a snapshot of a live root: its journal folded into index.json
         ds = StreamingDataset(local=copy, batch_size=1, shuffle=False)
         return [ds[i]["id"] for i in range(len(ds))]
 

@@ -2,6 +2,8 @@
 
 ``append ROOT WRITER_ID SHARDS SAMPLES [--sleep S] [--wait-for FILE]``: publish shards whose
 samples are checkable (:func:`expected_tokens` of their id).
+``resume-append ROOT WRITER_ID SHARDS SAMPLES``: the same, resuming after what is settled (a
+fold after every publish), for kill -9 tests.
 ``snapshots ROOT --until FILE``: read the root with a STOCK ``streaming.StreamingDataset``
 over and over until FILE exists (then once more); print one JSON line per snapshot.
 """
@@ -47,6 +49,21 @@ def append(args: argparse.Namespace) -> None:
             time.sleep(args.sleep)
 
 
+def resume_append(args: argparse.Namespace) -> None:
+    from streams.events import OffsetRange
+    from streams.mds import LiveStreamWriter
+
+    with LiveStreamWriter(args.root, writer_id=args.writer_id, manifest={"vocab_version": "v1-test"},
+                          fold_interval_s=0.0) as w:
+        settled = w.settled()
+        for k in range(args.shards):
+            rng = OffsetRange(topic=f"raw.{args.writer_id}", partition=0, start=k * 10, end=k * 10 + 10)
+            if any(r.topic == rng.topic and r.start <= rng.start and rng.end <= r.end for r in settled):
+                continue
+            w.write_shard(make_samples(args.writer_id, k, args.samples), domain="web", settled=[rng])
+            time.sleep(0.02)
+
+
 def snapshots(args: argparse.Namespace) -> None:
     from streaming import StreamingDataset
     from streaming.base.util import clean_stale_shared_memory
@@ -83,12 +100,17 @@ def main() -> None:
     a.add_argument("samples", type=int)
     a.add_argument("--sleep", type=float, default=0.0)
     a.add_argument("--wait-for", default="")
+    r = sub.add_parser("resume-append")
+    for name in ("root", "writer_id"):
+        r.add_argument(name)
+    r.add_argument("shards", type=int)
+    r.add_argument("samples", type=int)
     s = sub.add_parser("snapshots")
     s.add_argument("root")
     s.add_argument("--until", required=True)
     s.add_argument("--ready", required=True)
     args = p.parse_args()
-    {"append": append, "snapshots": snapshots}[args.cmd](args)
+    {"append": append, "resume-append": resume_append, "snapshots": snapshots}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,7 @@ class StreamBuffers:
         self.openers = [ShardOpener(r) for r in self.roots]
         self._poll_locks = [threading.Lock() for _ in self.roots]
         self._assigned: dict[tuple[int, str], int] = {}  # (root, domain) -> shards seen (rank assignment)
+        self._mine: dict[tuple[int, str], bool] = {}  # (root, shard) -> assigned to this rank
         self.feeds: dict[str, DomainFeed] = {}
         self._caps: dict[str, int] | None = None  # per-domain read-ahead caps (None: domain_buffer_bytes)
         self.available: dict[str, int] = {}  # samples of each domain this rank has read
@@ -152,11 +153,20 @@ class StreamBuffers:
         with self._poll_locks[i]:
             new = self.watchers[i].poll()
             for entry in new:
-                k = self._assigned.get((i, entry.domain), 0)
-                self._assigned[(i, entry.domain)] = k + 1
-                if k % self.dp_world == self.dp_rank:
+                mine = next((self._mine[(i, a)] for a in reversed(entry.ancestors) if (i, a) in self._mine), None)
+                if mine is None:  # a takedown's replacement keeps its shard's rank (same position)
+                    k = self._assigned.get((i, entry.domain), 0)
+                    self._assigned[(i, entry.domain)] = k + 1
+                    mine = k % self.dp_world == self.dp_rank
+                self._mine[(i, entry.name)] = mine
+                if mine:
                     with self._cond:
+                        if self.excluded_shards.intersection(entry.ancestors):
+                            self.excluded_shards.add(entry.name)
                         self._feed(entry.domain).add(i, entry)
+            emptied = {name for name in self.watchers[i].emptied if self._mine.pop((i, name), False)}
+            if emptied:  # a takedown removed every sample of these: never train what is buffered
+                self.drop_shards(emptied)
             return bool(new)
 
     def _feed(self, domain: str) -> DomainFeed:
@@ -339,9 +349,20 @@ class StreamBuffers:
                     for d, f in sorted(self.feeds.items()) if f.skipped_shards}
 
     def fetch_tokens(self, root: int, shard: str, index: int) -> np.ndarray:
-        """Tokens of one sample, read now (a checkpoint's carried document; quarantine not applied)."""
+        """Tokens of one sample, read now (a checkpoint's carried document; quarantine not applied).
+        If a takedown replaced the shard since, the sample is read from the replacement, and a
+        sample it removed has no tokens."""
         self._poll(root)
-        entry = self.watchers[root].entries.get(shard)
+        watcher = self.watchers[root]
+        if shard in watcher.emptied:  # a takedown removed every sample of it
+            return np.zeros(0, dtype=np.int32)
+        replacement = next((e for e in watcher.entries.values() if shard in e.ancestors), None)
+        if replacement is not None:
+            mapped = replacement.map_index(shard, index)
+            if mapped is None:
+                return np.zeros(0, dtype=np.int32)
+            shard, index = replacement.name, mapped
+        entry = watcher.entries.get(shard)
         if entry is None:
             raise ValueError(f"checkpoint cursor names shard {shard!r}, not published in {self.roots[root]}")
         opener = ShardOpener(self.roots[root])

@@ -92,6 +92,7 @@ class DomainFeed:
         self.tokens = 0
         # reader state (the thread's; guarded by cond)
         self._reading: tuple[ShardKey, int] | None = None
+        self._unread_corrupt: set[ShardKey] = set()  # corrupt at its first sample: a replacement is read
         self._generation = 0
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -117,9 +118,50 @@ class DomainFeed:
         """A newly published shard of this domain assigned to this rank (wakes the reader)."""
         key = (root, entry.name)
         self.entries[key] = entry
+        if entry.replaces and self._take_over(root, entry):
+            return
         if key not in self.done and (self.current is None or self.current[0] != key):
             bisect.insort(self._pending, (self._order(key), key))
             self._room.notify()
+
+    def _take_over(self, root: int, entry: ShardEntry) -> bool:
+        """A takedown rewrote a shard (``entry.ancestors``: one or more takedowns in a row) into
+        ``entry`` (streams/mds_rewrite.py): the cursor carries over, so no kept sample is trained
+        twice or lost and no removed one is read again. True if handled here; False: read
+        ``entry`` like any new shard."""
+        ancestors = [(root, a) for a in entry.ancestors]
+        if any(a in self.done and a not in self._unread_corrupt for a in ancestors):  # trained/skipped
+            self.done.add((root, entry.name))
+            return True
+        in_use = {k for k in (self.current, self._reading) if k is not None for k in [k[0]]}
+        in_use |= {item.key for item in self.buf}
+        if in_use.intersection(ancestors):
+            # Re-read from the consumer's position, mapped into the replacement (the buffer is
+            # dropped; what it held is read again, the removed samples excepted).
+            self.restore(self.state_dict())
+            return True
+        for a in ancestors:  # unread: their files are gone, the replacement is read instead
+            self.entries.pop(a, None)
+        self._pending = [(o, k) for o, k in self._pending if k not in ancestors]
+        return False
+
+    def _follow_replacements(self) -> None:
+        """Map a restored cursor onto shards a takedown replaced since it was taken: done stays
+        done, the shard being consumed continues at the same sample of its replacement."""
+        for key, entry in list(self.entries.items()):
+            ancestors = [(key[0], a) for a in entry.ancestors]
+            if not ancestors:
+                continue
+            if any(a in self.done and a not in self._unread_corrupt for a in ancestors):
+                self.done.add(key)
+                continue
+            for a in ancestors:  # never read again ("done" holds only finished shards)
+                self.entries.pop(a, None)
+            if self.current is not None and self.current[0] in ancestors:
+                at = entry.map_cursor(self.current[0][1], self.current[1])
+                self.current = (key, at) if at < entry.samples else None
+                if at >= entry.samples:
+                    self.done.add(key)
 
     def _order(self, key: ShardKey) -> tuple[float, int, int]:
         e = self.entries[key]
@@ -256,6 +298,8 @@ class DomainFeed:
                 reader = opener.open(entry.name, entry.info)
             sample = opener.read(reader, index)
         except CorruptShard as e:
+            if index == 0:  # nothing of it read (e.g. a takedown deleted it before this poll)
+                self._unread_corrupt.add(key)
             log.warning("skipping corrupt shard %s: %s", entry.name, e)
             self._on_corrupt(root, entry.name, str(e))
             return None, _Entry(None, key, n - 1, True)
@@ -323,6 +367,7 @@ class DomainFeed:
         self.skipped_samples = int(state["skipped_samples"])
         self.buf.clear()
         self.bytes = self.docs = self.tokens = 0
+        self._follow_replacements()
         self._reading = self.current
         current = None if self.current is None else self.current[0]
         self._pending = sorted((self._order(k), k) for k in self.entries

@@ -132,6 +132,9 @@ class Packer:
             return
         doc_id, domain, produced_at, shard, source, root, index, offset, *rest = c  # rest: license (newer)
         tokens = fetch(root, shard, index)[offset:]
+        if not len(tokens):  # the sample was taken down since: nothing is carried over
+            self.carry = None
+            return
         self.carry = Doc(doc_id, domain, tokens, produced_at, shard, source, root, index, offset,
                          rest[0] if rest else "")
 
