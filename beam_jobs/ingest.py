@@ -348,6 +348,10 @@ def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], run_d
         raise SystemExit(f"headwater ingest: {e}; or pass --no-control") from None
     binding = config.validate.binding
     root = config.sink.stream_root
+    if is_remote(root):
+        log.warning("micro-batch ingest into object-store root %s: the settled dedup indexes are local-root "
+                    "only, so a duplicate arriving in a later micro-batch than its original is published too "
+                    "(on a runner, --kafka-io xlang keeps dedup in Beam state); see docs/OPERATIONS.md", root)
     source = KafkaSourceConfig(bootstrap=a.bootstrap, topics=[t for t in a.topics.split(",") if t], group=a.group,
                                headers=binding is not None and bool(binding.producer_keys),
                                max_batch_per_partition=a.batch_records)

@@ -7,6 +7,7 @@ line per trial and a table per (root kind, fault point): trials, kills that fire
 duplicated, DLQ copies beyond one, recovery time (kill -> every offset settled) p50/max.
 ``--budget-s`` stops starting trials after that many seconds (the count run is printed).
 Usage: .venv/bin/python bench/bench_fault_trials.py [--trials 50] [--seed 1] [--out results.json]
+       .venv/bin/python bench/bench_fault_trials.py --table results.json
 """
 
 from __future__ import annotations
@@ -24,32 +25,49 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT / "tests" / "helpers"))
-from fault_trials import TrialResult, plan, run_trial
+from fault_trials import Trial, TrialResult, plan, run_trial
 
 BUCKET = "headwater-bench-faults"
 
 
 def table(results: list[TrialResult]) -> str:
+    """Per (root kind, fault point): data columns over the trials whose checks ran (``readable``);
+    trials that ended in an error (a stall, a crash) are counted under "error", not as data."""
     rows = defaultdict(list)
     for r in results:
         rows[(r.trial.root_kind, r.trial.point or "random time")].append(r)
-    head = ("| root | fault point | trials | fired | lost | duplicated | offsets settled twice | "
-            "bad records not in DLQ | DLQ copies beyond one | exact dups written | hung | failed | "
+    head = ("| root | fault point | trials | kills fired | checked | lost | duplicated | offsets settled twice "
+            "or unsettled | bad records not in DLQ | DLQ copies beyond one | exact dups written | hung | error | "
             "recovery p50 s | recovery max s |")
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 15]
+
+    def recovery(rs: list[TrialResult]) -> list[float]:
+        return [r.recovery_s for r in rs if r.fired and r.readable and not r.error]
+
     for (kind, point), rs in sorted(rows.items()):
-        rec = [r.recovery_s for r in rs if r.fired]
+        ck, rec = [r for r in rs if r.readable], recovery(rs)
         lines.append(
-            f"| {kind} | {point} | {len(rs)} | {sum(r.fired for r in rs)} | {sum(r.lost for r in rs)} | "
-            f"{sum(r.duplicated for r in rs)} | {sum(r.overlaps + (r.settled != r.records) for r in rs)} | "
-            f"{sum(r.dlq_missing for r in rs)} | {sum(r.dlq_copies for r in rs)} | {sum(r.dup_leaks for r in rs)} | "
-            f"{sum(bool(r.hung) for r in rs)} | {sum(not r.ok for r in rs)} | "
+            f"| {kind} | {point} | {len(rs)} | {sum(r.fired for r in rs)} | {len(ck)} | {sum(r.lost for r in ck)} | "
+            f"{sum(r.duplicated for r in ck)} | {sum(r.overlaps + (r.settled != r.records) for r in ck)} | "
+            f"{sum(r.dlq_missing for r in ck)} | {sum(r.dlq_copies for r in ck)} | {sum(r.dup_leaks for r in ck)} | "
+            f"{sum(bool(r.hung) for r in rs)} | {sum(bool(r.error) for r in rs)} | "
             f"{statistics.median(rec) if rec else 0:.1f} | {max(rec, default=0):.1f} |")
-    rec = [r.recovery_s for r in results if r.fired]
-    lines.append(f"\n{len(results)} trials, {sum(r.fired for r in results)} kills fired, "
-                 f"{sum(not r.ok for r in results)} failed; recovery p50 {statistics.median(rec) if rec else 0:.1f} s, "
-                 f"max {max(rec, default=0):.1f} s")
+    rec, ck = recovery(results), [r for r in results if r.readable]
+    lines.append(f"\n{len(results)} trials, {sum(r.fired for r in results)} kills fired, {len(ck)} checked: "
+                 f"lost {sum(r.lost for r in ck)}, duplicated {sum(r.duplicated for r in ck)}; "
+                 f"{sum(not r.ok for r in results)} not ok; recovery (kill -> all settled) "
+                 f"p50 {statistics.median(rec) if rec else 0:.1f} s, max {max(rec, default=0):.1f} s")
     return "\n".join(lines)
+
+
+def load(path: str) -> list[TrialResult]:
+    """Results written by ``--out`` (to print the table again)."""
+    out = []
+    for d in json.loads(Path(path).read_text()):
+        trial = Trial(**{k: v for k, v in d.pop("trial").items() if k != "label"})
+        d.pop("ok")
+        out.append(TrialResult(trial=trial, **d))
+    return out
 
 
 def main() -> None:
@@ -61,7 +79,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--budget-s", type=float, default=None, help="start no trial after this many seconds")
     ap.add_argument("--out", help="write every trial's result as JSON here")
+    ap.add_argument("--table", metavar="JSON", help="only print the table of results written by --out")
     a = ap.parse_args()
+    if a.table:
+        print(table(load(a.table)))
+        return
     os.environ.setdefault("HEADWATER_INSECURE_CONTROLS", "1")  # no control is sent in these trials
     results: list[TrialResult] = []
     t0 = time.monotonic()

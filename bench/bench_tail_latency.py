@@ -5,9 +5,10 @@
 A writer subprocess publishes --shards shards (``LiveStreamWriter``, durable) at jittered
 --interval; this process follows the root with a ``TailReader`` and stamps the moment each
 shard's first sample is yielded. Latency = that stamp - the shard's ``published_at`` (taken
-just before the sidecar/index rewrites, so it includes them). Baseline in the same run: a bare
-thread that stats/parses index.json at the same interval and stamps each new name (the floor of
-any index-polling reader; it reads no shard). Target (issue 3): p95 <= 1 s.
+just before the journal append, so it includes it). Baseline in the same run: a bare thread
+that follows the root's published state at the same interval (a ``RootView``: stat index.json,
+read what the journal appended) and stamps each new name (the floor of any polling reader; it
+reads no shard). Target (issue 3): p95 <= 1 s.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from rich.progress import Progress
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from streams.manifest import shard_name_of
-from streams.mds import TailReader, read_index, read_sidecar
+from streams.manifest import RootView
+from streams.mds import TailReader, read_sidecar
 
 WRITER = r"""
 import random, sys, time
@@ -55,17 +56,15 @@ def percentiles(xs: list[float]) -> dict[str, float]:
 
 
 def bare_poller(root: str, interval: float, seen: dict[str, float], stop: threading.Event) -> None:
-    path, last = os.path.join(root, "index.json"), None
+    view = RootView(root)  # stat index.json, read what the journal appended: the floor of any reader
     while not stop.is_set():
         try:
-            st = os.stat(path)
-            if (st.st_ino, st.st_mtime_ns) != last:
-                last = (st.st_ino, st.st_mtime_ns)
-                now = time.time()
-                for name in read_index(root)["shards"]:
-                    seen.setdefault(shard_name_of(name), now)
-        except FileNotFoundError:
-            pass
+            now = time.time()
+            for name, info in view.refresh():
+                if info is not None:
+                    seen.setdefault(name, now)
+        except ValueError:
+            pass  # a torn write seen mid-way: the next poll reads it
         stop.wait(interval)
 
 

@@ -26,10 +26,12 @@ In this order:
    records: they leave with the topic's retention, or by an operator's delete-records up to an
    offset, which also drops every older record of every source).
 6. An audit record (sha256 of each removed sample/line, counts, who/when/why; never the content)
-   is appended to ``_governance/takedowns.jsonl``; the report goes to
-   ``_governance/takedown-<id>.json`` and ``.txt``.
+   is appended to ``_governance/takedowns.jsonl`` (a ``started`` record precedes step 1, so a
+   killed takedown leaves one); the report goes to ``_governance/takedown-<id>.json`` and ``.txt``.
 
-Exit codes: 0 done; 1 a step failed (the audit says how far it got); 2 bad usage.
+Exit codes: 0 done; 1 a step failed (the audit says how far it got), a writer prefix of an
+object-store root could not be rewritten (``writers_failed``), or the root lists shards outside
+``writers/``; 2 bad usage.
 Source names match in their canonical form (streams/source_names.py), so look-alike and
 zero-width variants are taken down too.
 
@@ -56,11 +58,12 @@ from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
+from infra.dedup_purge import PurgeIntent
 from streams import governance as gov
 from streams import manifest as mf
 from streams import storage
 from streams.events import DeadLetter, EventError
-from streams.mds_rewrite import Removed, remove_samples
+from streams.mds_rewrite import ForeignEntries, Removed, remove_samples
 from streams.source_names import canonical_source
 
 __all__ = ["build_parser", "checkpoint_lineage", "main", "scrub_jsonl", "takedown"]
@@ -187,14 +190,12 @@ def _quarantine(bootstrap: str, source: str, reason: str) -> int:
                              "--reason", f"takedown: {reason or 'no reason given'}"])
 
 
-def _purge_dedup(root: str, ids: list[str]) -> tuple[int, int]:
-    """Put the removed samples' ids on the purge lists of the root's text and semantic dedup
-    indexes (those it has): they leave the snapshots at the next settlement point. The ids newly
-    purged from each."""
-    from beam_jobs.dedup import semantic_settled, settled
-
-    return tuple(index.purge(root, ids) if ids and os.path.isdir(os.path.join(root, index.DIRNAME)) else 0
-                 for index in (settled, semantic_settled))
+def _purge_dedup(intent: PurgeIntent, ids: list[str]) -> tuple[int, int, int]:
+    """Put the removed samples' ids, and those a failed earlier takedown recorded, on the purge
+    lists of the root's text, semantic and media dedup indexes (those it has): they leave the
+    snapshots at the next settlement point. The ids newly purged from each."""
+    counts = intent.purge(ids)
+    return counts["text"], counts["semantic"], counts["media"]
 
 
 def takedown(source: str, stream_root: str, *, run_dirs: list[str] = (), reason: str = "", by: str = "",
@@ -212,22 +213,28 @@ def takedown(source: str, stream_root: str, *, run_dirs: list[str] = (), reason:
     by = by or getpass.getuser()
     audit: dict[str, Any] = {"takedown_id": tid, "source": source, "source_sha256": _sha(source.encode()),
                              "by": by, "reason": reason, "started_at": started, "stream_root": root}
+    gov.append_audit(root, {**audit, "phase": "started"})  # a killed takedown still leaves a record
+    audit["phase"] = "finished"
     gov.deny(root, source, by=by, reason=reason, takedown_id=tid)
     report: dict[str, Any] = {"takedown_id": tid, "source": source, "stream_root": root,
                               "runs": [checkpoint_lineage(r, source) for r in run_dirs]}
     removed: list[Removed] = []
+    intent = PurgeIntent(root)  # local roots: matching ids are recorded before removal (re-run safe)
+    match = (lambda s: _is(source, s["source"])) if remote else intent.recording(lambda s: _is(source, s["source"]))
     replaced: dict[str, str | None] = {}
     deleted: list[str] = []
+    failed: dict[str, str] = {}  # object store: writer prefixes the last pass could not rewrite
     try:
         for _ in range(MAX_PASSES):
-            result = remove_samples(root, lambda s: _is(source, s["source"]), delete_grace_s=delete_grace_s)
+            result = remove_samples(root, match, delete_grace_s=delete_grace_s)
             removed += result.removed
             replaced.update(result.replaced)
             deleted += result.deleted
+            failed = result.failed
             if not result.removed:
                 break
         # an object-store root has no dedup snapshot (Beam state on the runner) and no _ingest folder
-        text, semantic = (None, None) if remote else _purge_dedup(root, [r.id for r in removed])
+        text, semantic, media = (None, None, None) if remote else _purge_dedup(intent, [r.id for r in removed])
         ingest = None if remote else os.path.join(root, "_ingest")
         dlq_dir = dlq_dir or (ingest and os.path.join(ingest, "dlq"))
         drops_dir = drops_dir or (ingest and os.path.join(ingest, "drops"))
@@ -239,7 +246,7 @@ def takedown(source: str, stream_root: str, *, run_dirs: list[str] = (), reason:
             kafka["dlq_topic_offsets"] = _kafka_dlq_offsets(bootstrap, source)
     except BaseException as e:
         audit.update(finished_at=time.time(), error=f"{type(e).__name__}: {e}", shards_replaced=replaced,
-                     samples_removed=len(removed), files_deleted=deleted)
+                     samples_removed=len(removed), files_deleted=deleted, writers_failed=failed)
         gov.append_audit(root, audit)
         raise
     licenses = Counter()
@@ -250,14 +257,14 @@ def takedown(source: str, stream_root: str, *, run_dirs: list[str] = (), reason:
         tokens_removed=sum(r.tokens for r in removed), tokens_by_license=dict(licenses),
         sample_sha256=sorted(_sha(f"{r.id}\0{r.sha256}".encode()) for r in removed),
         dlq_removed=dlq, drops_removed=drops, kafka=kafka, text_ids_purged=text, semantic_ids_purged=semantic,
-        files_deleted=deleted,
+        media_ids_purged=media, files_deleted=deleted, writers_failed=failed,
     )
     gov.append_audit(root, audit)
     report.update(
         samples_removed=len(removed), tokens_removed=audit["tokens_removed"], tokens_by_license=dict(licenses),
         shards_replaced=replaced, dlq_lines_removed=None if dlq is None else len(dlq),
         drop_lines_removed=None if drops is None else len(drops), kafka=kafka,
-        text_ids_purged=text, semantic_ids_purged=semantic, files_deleted=len(deleted),
+        text_ids_purged=text, semantic_ids_purged=semantic, media_ids_purged=media, files_deleted=len(deleted), writers_failed=failed,
         removed=[asdict(r) | {"id": _sha(r.id.encode())} for r in removed],
     )
     return report
@@ -273,6 +280,8 @@ def _text(report: dict[str, Any]) -> str:
               f"{len(report['shards_replaced'])} shards; {_count(report['dlq_lines_removed'])} dead letters "
               f"and {_count(report['drop_lines_removed'])} drop-log lines"),
              f"  tokens by license: {report['tokens_by_license'] or '-'}"]
+    for writer_id, why in sorted(report["writers_failed"].items()):
+        lines.append(f"  FAILED: writer prefix {writer_id} not rewritten (may still hold the source): {why}")
     k = report["kafka"]
     if k["quarantine_control"] is not None:
         lines.append(f"  quarantine_source control: {k['quarantine_control']}; dlq topic records of the source "
@@ -298,7 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"headwater takedown: {e}", file=sys.stderr)
         return 2
+    except ForeignEntries as e:
+        print(f"headwater takedown: {e}", file=sys.stderr)
+        return 1
     text = _text(report)
     where = gov.save_report(report["stream_root"], report["takedown_id"], report, text)
     sys.stdout.write(text + f"  report: {where}\n")
-    return 1 if report["kafka"]["quarantine_control"] == "FAILED" else 0
+    return 1 if report["kafka"]["quarantine_control"] == "FAILED" or report["writers_failed"] else 0

@@ -5,9 +5,12 @@ object-store root):
 
 * ``denylist.json``: ``{"sources": {name: {"at", "by", "reason", "takedown_id"}}}``. Ingest drops
   every record of a listed source (reason ``source_taken_down``) before anything is written.
-* ``takedowns.jsonl``: one audit record per takedown (hashes and counts of what was removed,
-  never the removed content itself). An object store cannot append: there each record is its own
-  object, ``takedowns/<started-ms>-<takedown_id>.json``, put ``If-None-Match``.
+* ``takedowns.jsonl``: two audit records per takedown, ``phase`` ``started`` (written before
+  anything changes) and ``finished`` (hashes and counts of what was removed, never the removed
+  content itself; ``error`` if it failed): a started record without a finished one is a takedown
+  that was killed. An object store cannot append: there each record is its own object,
+  ``takedowns/<ms>-<takedown_id>-<phase>.json``, put ``If-None-Match``. Not tamper-evident: whoever
+  can write the root can delete or replace records (see docs/OPERATIONS.md for the IAM split).
 * ``takedown-<id>.json`` and ``.txt``: the report of one takedown.
 
 On an object-store root the denylist is updated by compare-and-swap (``If-Match`` of the version
@@ -95,10 +98,13 @@ def deny(stream_root: str, source: str, *, by: str, reason: str, takedown_id: st
 
 def append_audit(stream_root: str, record: dict[str, Any]) -> None:
     """Append one takedown audit record (fsynced) to ``takedowns.jsonl`` (an object store: put it
-    as ``takedowns/<started-ms>-<takedown_id>.json``, never overwriting one)."""
+    as ``takedowns/<ms>-<takedown_id>-<phase>.json``, ms of its ``finished_at`` or ``started_at``,
+    never overwriting one). A takedown appends a ``started`` record first and a ``finished`` one
+    last (with ``error`` if it failed)."""
     store = _store(stream_root)
     if store is not None:
-        key = f"{int(record['started_at'] * 1000):013d}-{record['takedown_id']}.json"
+        at = record.get("finished_at") or record["started_at"]
+        key = f"{int(at * 1000):013d}-{record['takedown_id']}-{record['phase']}.json"
         store.put(f"{GOVERNANCE_DIR}/takedowns/{key}", storage.json_bytes(record), if_version=None)
         return
     os.makedirs(_dir(stream_root), exist_ok=True)

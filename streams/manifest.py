@@ -64,6 +64,7 @@ __all__ = [
     "fold_root",
     "fsync_dir",
     "journal_path",
+    "listed_entries",
     "merge_ranges",
     "published_entries",
     "read_index",
@@ -617,6 +618,22 @@ def writer_published(store: storage.ObjectRoot, writer_id: str) -> dict[str, dic
     (the sidecar, put before it, may hold an entry whose index put never happened)."""
     names = {shard_name_of(info) for info in store.writer_index(writer_id)[0]["shards"]}
     side = read_writer_sidecar(store, writer_id)[0]
-    out = {n: e for n, e in side["shards"].items() if n in names}
+    out = listed_entries(side, names)
     out.update(side["settled_only"])
+    return out
+
+
+def listed_entries(side: dict[str, Any], names: set[str]) -> dict[str, dict[str, Any]]:
+    """The ``shards`` entries of a writer's sidecar (object-store root) for the shard ``names`` its
+    index lists, the index read first. A listed shard whose entry is gone was replaced by a
+    takedown that committed and dropped the entry between the two reads: its replacement (the entry
+    whose ``replaces``/``rewrites`` history names it, same settled ranges) stands in, so settled
+    ranges never shrink for such a reader."""
+    out = {n: e for n, e in side["shards"].items() if n in names}
+    missing = names - out.keys()
+    if missing:
+        for n, e in side["shards"].items():
+            history = {e.get("replaces")} | {str(r[0]) for r in e.get("rewrites") or ()}
+            if n not in out and missing & history:
+                out[n] = e
     return out

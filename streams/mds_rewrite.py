@@ -16,7 +16,10 @@ either the old or the new set, never a mix.
   ``owner`` token kept, retried from a fresh read when a live writer published in between; then
   the merged root index is re-derived (:meth:`streams.storage.ObjectRoot.refresh_index`), the
   replaced entries leave the sidecar, and after ``delete_grace_s`` the old objects, which no index
-  lists any more, are deleted. See docs/ARCHITECTURE.md, "Takedown on object-store roots".
+  lists any more, are deleted (also those an interrupted takedown left: every entry keeps the
+  ``rewrites`` history). A writer prefix that fails is skipped and reported
+  (:attr:`RewriteResult.failed`); a root whose merged index lists shards outside ``writers/`` is
+  refused (:class:`ForeignEntries`). See docs/ARCHITECTURE.md, "Takedown on object-store roots".
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from streams import storage
 from streams.mds_reader import ShardOpener
 from streams.mds_writer import COLUMNS, seal_rows
 
-__all__ = ["Removed", "RewriteResult", "remove_samples"]
+__all__ = ["ForeignEntries", "Removed", "RewriteResult", "foreign_entries", "remove_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,7 @@ class RewriteResult:
     removed: list[Removed] = field(default_factory=list)
     kept: int = 0  # samples re-written into new shards
     deleted: list[str] = field(default_factory=list)  # old shard files/objects deleted (root-relative)
+    failed: dict[str, str] = field(default_factory=dict)  # object store: writer id -> why it was skipped
 
     def add(self, rw: _Rewrite) -> None:
         self.replaced[rw.old] = rw.new
@@ -83,6 +87,7 @@ class _Rewrite:
     src: str | None  # its sealed file in staging
     removed: list[Removed]
     kept: int
+    garbage: list[str]  # the old shard's files (basenames as in the ``info`` given to _rewrite)
 
 
 def _row(sample: dict[str, Any]) -> dict[str, Any]:
@@ -133,7 +138,8 @@ def _rewrite(opener: ShardOpener, name: str, info: dict[str, Any], old_entry: di
     entry = {**old_entry, "replaces": name, "removed": gone, "rewrites": rewrites}
     if not keep:
         entry.update(samples=0, bytes=0)
-        return _Rewrite(old=name, new=None, entry=entry, info=None, src=None, removed=removed, kept=0)
+        return _Rewrite(old=name, new=None, entry=entry, info=None, src=None, removed=removed, kept=0,
+                        garbage=_basenames(info))
     new_info = _seal(stage, keep, info)
     digest = hashlib.sha256(json.dumps([name, gone]).encode()).hexdigest()[:16]
     new_name = f"{old_entry['domain']}.{old_entry.get('writer_id') or 'rewrite'}.{digest}"
@@ -143,7 +149,8 @@ def _rewrite(opener: ShardOpener, name: str, info: dict[str, Any], old_entry: di
         ext = new_info["zip_data"]["basename"].rsplit(".", 1)[1]
         new_info["zip_data"]["basename"] = f"{new_name}.mds.{ext}"
     entry.update(samples=len(keep), bytes=os.path.getsize(src))
-    return _Rewrite(old=name, new=new_name, entry=entry, info=new_info, src=src, removed=removed, kept=len(keep))
+    return _Rewrite(old=name, new=new_name, entry=entry, info=new_info, src=src, removed=removed, kept=len(keep),
+                    garbage=_basenames(info))
 
 
 def remove_samples(root: str, drop: Callable[[dict[str, Any]], bool], *, durable: bool = True,
@@ -195,57 +202,105 @@ def remove_samples(root: str, drop: Callable[[dict[str, Any]], bool], *, durable
 
 
 # --- object-store roots ------------------------------------------------------------------------
+class ForeignEntries(RuntimeError):
+    """The merged index of an object-store root lists shards outside ``writers/``: a takedown
+    rewrites writer prefixes only, so it refuses the root rather than leave those readable."""
+
+
+def foreign_entries(store: storage.ObjectRoot) -> list[str]:
+    """Data basenames of the merged-index entries of ``store`` outside ``writers/<id>/``."""
+    return [b for b in map(_data_basename, store.root_index()[0]["shards"])
+            if not b.startswith(f"{storage.WRITERS}/")]
+
+
+def _chain(entry: dict[str, Any]) -> set[str]:
+    """Every shard name a sidecar entry replaced, since the original (its ``rewrites`` history)."""
+    names = {str(r[0]) for r in entry.get("rewrites") or ()}
+    return names | ({entry["replaces"]} if entry.get("replaces") else set())
+
+
 def _remove_remote(url: str, drop: Callable[[dict[str, Any]], bool], *, delete_grace_s: float) -> RewriteResult:
     store = storage.object_root(url)
     started = time.time()
+    served = {b for i in store.root_index()[0]["shards"] for b in _basenames(i)}  # readers may hold these
     store.refresh_index()  # a merge a crash left pending first, so replacements keep their positions
+    foreign = foreign_entries(store)
+    if foreign:
+        raise ForeignEntries(f"{url}: the merged index lists {len(foreign)} shards outside {storage.WRITERS}/ "
+                             f"(a takedown rewrites writer prefixes only; re-publish them with a writer or "
+                             f"remove them from index.json first): {', '.join(foreign[:20])}")
     result = RewriteResult()
+    exact: set[str] = set()  # objects this run's commits unlisted
     staging = tempfile.mkdtemp(prefix="headwater-rewrite-")
     opener = ShardOpener(url)
     try:
         for writer_id in store.writers():
-            for rw in _rewrite_writer(store, writer_id, opener, drop, staging):
+            try:  # one broken writer prefix must not stop the takedown of the others
+                rewrites = _rewrite_writer(store, writer_id, opener, drop, os.path.join(staging, writer_id))
+            except Exception as e:  # noqa: BLE001 - reported in result.failed, the takedown exits 1
+                log.error("%s: takedown of writer %s failed, continuing with the others: %s", url, writer_id, e)
+                result.failed[writer_id] = f"{type(e).__name__}: {e}"
+                continue
+            finally:
+                shutil.rmtree(os.path.join(staging, writer_id), ignore_errors=True)
+            for rw in rewrites:
                 result.add(rw)
+                exact.update(rw.garbage)
     finally:
         opener.close()
         shutil.rmtree(staging, ignore_errors=True)
-    if result.replaced and delete_grace_s > 0:
-        time.sleep(delete_grace_s)
-    result.deleted = _delete_replaced(store, before=started)
+    doomed = _replaced_objects(store, exact=exact, before=started, failed=result.failed)
+    if doomed and delete_grace_s > 0 and (result.replaced or doomed & served):
+        time.sleep(delete_grace_s)  # also on a re-run: a crashed run may not have waited
+        doomed = _replaced_objects(store, exact=exact, before=started, failed=result.failed)
+    for key in sorted(doomed):
+        store.delete(key)
+    result.deleted = sorted(doomed)
     return result
 
 
 def _rewrite_writer(store: storage.ObjectRoot, writer_id: str, opener: ShardOpener,
                     drop: Callable[[dict[str, Any]], bool], staging: str) -> list[_Rewrite]:
-    """Rewrite and commit the affected shards of one writer prefix; the rewrites committed."""
+    """Rewrite and commit the affected shards of one writer prefix; the rewrites committed.
+
+    A replacement is sealed once per old shard (shards are immutable) and its upload reused by a
+    retry only while the writer's ``owner`` tokens are those read before the upload: a writer that
+    starts with this id claims it (new tokens) and then sweeps unlisted objects older than its
+    grace from the prefix, which may take the upload; under new tokens it is uploaded again (the
+    sweep's cutoff precedes the claim, so it never takes a re-upload), and the superseded one is
+    deleted (never listed: the commit it was meant for lost its ``If-Match``)."""
     wdir = store.writer_dir(writer_id)
-    done: dict[str, _Rewrite | None] = {}  # data basename -> its rewrite: shards are immutable, a retry reuses it
+    done: dict[str, _Rewrite | None] = {}  # old data basename -> its rewrite (None: keeps every sample)
+    uploads: dict[str, tuple[tuple[Any, Any], dict[str, Any]]] = {}  # old data basename -> (owners, entry)
     for attempt in range(storage.CAS_ATTEMPTS):
         index, index_v = store.writer_index(writer_id)
         side, side_v = mf.read_writer_sidecar(store, writer_id)
+        owners = (index.get("owner"), side.get("owner"))
         infos: list[dict[str, Any]] = []
         rewrites: list[_Rewrite] = []
         for info in index["shards"]:
             key = _data_basename(info)
             if key not in done:
                 name = mf.shard_name_of(info)
-                rw = _rewrite(opener, name, storage.prefixed(info, f"{wdir}/"), _old_entry(side, name), drop,
-                              os.path.join(staging, writer_id, name))
-                if rw is not None and rw.info is not None:
-                    assert rw.src is not None
-                    rw.info = store.upload_shard(wdir, rw.info, rw.src)[0]
-                done[key] = rw
+                done[key] = _rewrite(opener, name, storage.prefixed(info, f"{wdir}/"), _old_entry(side, name), drop,
+                                     os.path.join(staging, name))
             rw = done[key]
             if rw is None:
                 infos.append(info)
                 continue
             rewrites.append(rw)
-            if rw.info is not None:
-                infos.append(rw.info)
+            if rw.info is None:
+                continue
+            if key in uploads and uploads[key][0] != owners:  # claimed since: the sweep may have taken it
+                _drop_upload(store, wdir, uploads.pop(key)[1])
+            if key not in uploads:
+                assert rw.src is not None
+                uploads[key] = (owners, store.upload_shard(wdir, rw.info, rw.src)[0])
+            infos.append(uploads[key][1])
         if not rewrites:
             _forget_replaced(store, writer_id)  # what an interrupted takedown left in the sidecar
             return []
-        for rw in rewrites:  # the replaced entries stay until after the commit: settled ranges never shrink
+        for rw in rewrites:  # the replaced entries stay: settled ranges never shrink
             if rw.new is None:
                 side["settled_only"][rw.old] = rw.entry
             else:
@@ -257,6 +312,10 @@ def _rewrite_writer(store: storage.ObjectRoot, writer_id: str, opener: ShardOpen
         except storage.PreconditionFailed:  # the live writer published (or started) in between
             storage.backoff(attempt)
             continue
+        used = {_data_basename(i) for i in infos}
+        for _, entry in uploads.values():  # uploads of shards another takedown replaced first
+            if _data_basename(entry) not in used:
+                _drop_upload(store, wdir, entry)
         store.refresh_index()
         _forget_replaced(store, writer_id)
         return rewrites
@@ -264,14 +323,22 @@ def _rewrite_writer(store: storage.ObjectRoot, writer_id: str, opener: ShardOpen
                                      "to the live writer")
 
 
+def _drop_upload(store: storage.ObjectRoot, wdir: str, entry: dict[str, Any]) -> None:
+    """Delete an upload of this takedown that no index lists (its commit never happened)."""
+    for basename in _basenames(entry):
+        store.delete(f"{wdir}/{basename}")
+
+
 def _forget_replaced(store: storage.ObjectRoot, writer_id: str) -> None:
     """Drop from a writer's sidecar the entries of shards that its index no longer lists and that
-    another entry ``replaces`` (compare-and-swap, retried)."""
+    another entry replaced (its ``rewrites`` chain names them; compare-and-swap, retried). A reader
+    that read the index before the commit finds their ranges on the replacement
+    (:func:`streams.manifest.listed_entries`)."""
     wdir = store.writer_dir(writer_id)
     for attempt in range(storage.CAS_ATTEMPTS):
         names = {mf.shard_name_of(i) for i in store.writer_index(writer_id)[0]["shards"]}
         side, side_v = mf.read_writer_sidecar(store, writer_id)
-        replaced = {e.get("replaces") for e in [*side["shards"].values(), *side["settled_only"].values()]}
+        replaced = set().union(*map(_chain, [*side["shards"].values(), *side["settled_only"].values()]))
         stale = [n for n in side["shards"] if n in replaced and n not in names]
         if not stale:
             return
@@ -286,26 +353,34 @@ def _forget_replaced(store: storage.ObjectRoot, writer_id: str) -> None:
                 "removes them", store.url, wdir)
 
 
-def _delete_replaced(store: storage.ObjectRoot, *, before: float) -> list[str]:
-    """Delete every object of a replaced shard (a name some sidecar entry ``replaces``) that neither
-    its writer's index nor the merged index lists and that is older than ``before`` (a later
-    object with that name would be a new upload); the keys deleted."""
+def _replaced_objects(store: storage.ObjectRoot, *, exact: set[str], before: float,
+                      failed: dict[str, str]) -> set[str]:
+    """Objects to delete: those neither their writer's index nor the merged index lists that are
+    either in ``exact`` (the objects this run's commits unlisted) or named like a shard that some
+    sidecar entry's ``rewrites`` chain replaced and older than ``before`` (what an interrupted
+    takedown left; a later object with that name would be a new upload). A writer prefix that
+    cannot be read is added to ``failed``."""
     store.refresh_index()
     merged = {b for i in store.root_index()[0]["shards"] for b in _basenames(i)}
-    deleted = []
+    out: set[str] = set()
     for writer_id in store.writers():
         wdir = store.writer_dir(writer_id)
-        side = mf.read_writer_sidecar(store, writer_id)[0]
-        replaced = {e["replaces"] for e in [*side["shards"].values(), *side["settled_only"].values()]
-                    if e.get("replaces")}
-        if not replaced:
-            continue
-        listed = {f"{wdir}/{b}" for i in store.writer_index(writer_id)[0]["shards"] for b in _basenames(i)}
-        for obj in store.find(wdir):
-            key = obj["name"]
-            base = key.rsplit("/", 1)[-1]
-            if (".mds" in base and base.split(".mds", 1)[0] in replaced and key not in listed
-                    and key not in merged and obj["LastModified"].timestamp() <= before):
-                store.delete(key)
-                deleted.append(key)
-    return sorted(deleted)
+        try:
+            side = mf.read_writer_sidecar(store, writer_id)[0]
+            replaced = set().union(*map(_chain, [*side["shards"].values(), *side["settled_only"].values()]))
+            mine = {k for k in exact if k.startswith(f"{wdir}/")}
+            if not replaced and not mine:
+                continue
+            listed = {f"{wdir}/{b}" for i in store.writer_index(writer_id)[0]["shards"] for b in _basenames(i)}
+            for obj in store.find(wdir):
+                key = obj["name"]
+                base = key.rsplit("/", 1)[-1]
+                if ".mds" not in base or key in listed or key in merged:
+                    continue
+                if key in mine or (base.split(".mds", 1)[0] in replaced
+                                   and obj["LastModified"].timestamp() <= before):
+                    out.add(key)
+        except Exception as e:  # noqa: BLE001 - reported in failed, the takedown exits 1
+            log.error("%s: cannot collect the replaced objects of writer %s: %s", store.url, writer_id, e)
+            failed.setdefault(writer_id, f"{type(e).__name__}: {e}")
+    return out

@@ -433,7 +433,7 @@ class LiveStreamWriter:
                 published.update(mf.writer_published(store, other))
                 vocab = vocab or mf.read_writer_sidecar(store, other)[0]["vocab_version"]
         names = {mf.shard_name_of(i) for i in index["shards"]}
-        published.update({n: e for n, e in side["shards"].items() if n in names})
+        published.update(mf.listed_entries(side, names))
         published.update(side["settled_only"])
         return index, index_v, side, side_v, published, {"vocab_version": vocab}
 

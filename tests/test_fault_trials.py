@@ -15,30 +15,10 @@ from pathlib import Path
 import pytest
 
 sys.path.append(str(Path(__file__).resolve().parent / "helpers"))
+from conftest import S3_BUCKET
 from fault_trials import Trial, plan, run_trial
 
-from infra.local_s3 import start_local_s3
-
-BUCKET = "headwater-faults"
-
-
-@pytest.fixture(scope="module")
-def s3_env(tmp_path_factory):
-    """moto's S3 server; the standard AWS variables point this process and the workers at it."""
-    with open(tmp_path_factory.mktemp("moto") / "moto.log", "w") as out:
-        proc, env = start_local_s3(BUCKET, log=out)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield env
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+BUCKET = S3_BUCKET  # the session's moto server (tests/conftest.py, fixture ``s3_server``)
 
 
 def check(result) -> None:
@@ -61,7 +41,7 @@ def test_kill_at_journal_append_of_one_of_two_workers(broker, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("trial", plan(50, seed=1), ids=lambda t: t.label)
-def test_kill9_trials(broker, tmp_path, s3_env, trial):
+def test_kill9_trials(broker, tmp_path, s3_server, trial):
     check(run_trial(trial, bootstrap=broker.bootstrap, workdir=tmp_path, bucket=BUCKET))
 
 

@@ -135,7 +135,9 @@ def test_takedown_removes_a_source_everywhere_and_reports_its_checkpoints(tmp_pa
     assert GONE not in {d.get("source") for d in logged(drops)} and KEPT in {d["source"] for d in logged(drops)}
 
     gov = tmp_path / "s" / "_governance"
-    (audit,) = [json.loads(x) for x in (gov / "takedowns.jsonl").read_text().splitlines()]
+    started, audit = [json.loads(x) for x in (gov / "takedowns.jsonl").read_text().splitlines()]
+    assert (started["phase"], audit["phase"]) == ("started", "finished")  # a killed takedown leaves the first
+    assert started["takedown_id"] == audit["takedown_id"] and "samples_removed" not in started
     n_gone = sum(1 for s in sources.values() if s == GONE)
     assert audit["samples_removed"] == n_gone and audit["by"] == "tester" and audit["reason"] == "license revoked"
     assert len(audit["sample_sha256"]) == n_gone and len(audit["dlq_removed"]) == 2

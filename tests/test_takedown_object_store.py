@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import threading
+import time
 import uuid
 
 import numpy as np
@@ -38,8 +39,8 @@ def sample(sample_id: str, source: str) -> dict:
             "license": "cc-by-sa" if source == GONE else "cc-by", "produced_at": 1.0}
 
 
-def writer(root: str, writer_id: str) -> LiveStreamWriter:
-    return LiveStreamWriter(root, writer_id=writer_id, manifest=MANIFEST, vocab_size=Vocab.default().size)
+def writer(root: str, writer_id: str, **kw) -> LiveStreamWriter:
+    return LiveStreamWriter(root, writer_id=writer_id, manifest=MANIFEST, vocab_size=Vocab.default().size, **kw)
 
 
 def publish(w: LiveStreamWriter, k: int, pattern: str) -> list[dict]:
@@ -128,11 +129,12 @@ def test_takedown_of_an_s3_root(s3_root, tmp_path):
     from beam_jobs.ingest import blocked_sources
 
     assert blocked_sources(s3_root, {}) == {GONE: TAKEDOWN_REASON}  # ingest into this root drops it
-    (audit,) = [n for n in objects(s3_root) if n.startswith("_governance/takedowns/")]
-    assert audit.endswith(".json") and any(n.endswith(".txt") for n in objects(s3_root))
+    started, audit = [n for n in objects(s3_root) if n.startswith("_governance/takedowns/")]
+    assert started.endswith("-started.json") and audit.endswith("-finished.json")
+    assert any(n.endswith(".txt") for n in objects(s3_root))
     record = json.loads(store.read(audit))
     assert record["samples_removed"] == 7 and len(record["files_deleted"]) == 4
-    assert record["dlq_removed"] is None and record["text_ids_purged"] is None
+    assert record["dlq_removed"] is None and record["text_ids_purged"] is None and record["writers_failed"] == {}
 
     # the first reader, resumed from its cursor: continues exactly, no sample of the source
     resumed = TailReader(s3_root)
@@ -208,12 +210,14 @@ def test_a_live_writer_edited_by_a_takedown_is_not_fenced(s3_root, monkeypatch):
 
 def test_a_takedown_that_loses_to_a_live_publish_retries_it(s3_root, monkeypatch):
     """A live publish (of another sample of the source, too) lands between the takedown's sidecar
-    put and its index put: the takedown's commit fails its If-Match, re-reads and includes it."""
+    put and its index put: the takedown's commit fails its If-Match, re-reads and includes it. The
+    publish's object is newer than the takedown's start (S3's LastModified has 1 s resolution: the
+    sleep makes that certain), and is still deleted: this run unlisted it."""
     with writer(s3_root, "w0") as w:
         rows = publish(w, 0, "gkgk")
         takedown_thread = threading.current_thread()
         racing(monkeypatch, lambda rel: rel.endswith("w0/index.json") and threading.current_thread() is takedown_thread,
-               lambda: rows.extend(publish(w, 1, "gk")))
+               lambda: (time.sleep(1.1), rows.extend(publish(w, 1, "gk"))))
         result = remove_samples(s3_root, drop_gone, delete_grace_s=0)
         monkeypatch.undo()
     assert sorted(r.id for r in result.removed) == ["w0-0-0", "w0-0-2", "w0-1-0"]
@@ -290,3 +294,131 @@ def test_a_crash_between_the_writer_commit_and_the_merge_is_repaired(s3_root, mo
     assert report["samples_removed"] == 3 and report["files_deleted"] == 4
     assert stock_ids(s3_root, tmp_path) == kept
     assert len([n for n in objects(s3_root) if ".mds" in n]) == 4
+
+
+def shard_bytes(root: str, key: str) -> bytes:
+    """The uncompressed bytes of shard object ``key``."""
+    import zstandard
+
+    data = storage.object_root(root).read(key)
+    return zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 26) if key.endswith(".zstd") else data
+
+
+def listed_objects_exist(root: str) -> None:
+    """Every object the writers' indexes and the merged index list exists."""
+    store = storage.object_root(root)
+    present = set(objects(root))
+    keys = [i["zip_data"]["basename"] for i in store.root_index()[0]["shards"]]
+    for w in store.writers():
+        keys += [f"writers/{w}/{i['zip_data']['basename']}" for i in store.writer_index(w)[0]["shards"]]
+    assert keys and [k for k in keys if k not in present] == []
+
+
+def test_a_writer_restart_during_a_takedown_loses_no_kept_sample(s3_root, tmp_path):
+    """The writer restarts (claim, then its orphan sweep) while the takedown reads w0's shard 1:
+    the sweep deletes the takedown's uncommitted replacement of shard 0. The takedown's commit
+    loses its If-Match, sees new owner tokens and uploads its replacements again."""
+    with writer(s3_root, "w0") as w:
+        rows = publish(w, 0, "gkk") + publish(w, 1, "gkk")
+    restarted = []
+
+    def drop(s: dict) -> bool:
+        if s["id"] == "w0-1-0" and not restarted:
+            restarted.append(1)
+            time.sleep(1.1)  # LastModified has 1 s resolution: the upload is older than the sweep's cutoff
+            with writer(s3_root, "w0", orphan_grace_s=0.0):  # stands in for the 900 s grace elapsed
+                pass
+        return s["source"] == GONE
+
+    result = remove_samples(s3_root, drop, delete_grace_s=0)
+    assert restarted and len(result.replaced) == 2
+    listed_objects_exist(s3_root)
+    assert result.failed == {}
+    assert stock_ids(s3_root, tmp_path) == [r["id"] for r in rows if r["source"] == KEPT]
+    assert len([n for n in objects(s3_root) if ".mds" in n]) == 2  # no original, no superseded upload left
+
+
+def test_one_broken_writer_prefix_does_not_stop_the_takedown(s3_root):
+    """A writer prefix whose index lists a missing object (sorting first) is reported and skipped;
+    the others are taken down; `headwater takedown` exits 1 and the audit names the prefix."""
+    populate(s3_root)
+    store = storage.object_root(s3_root)
+    store.put("writers/0000/index.json", store.read("writers/w0/index.json"))  # names objects 0000/ lacks
+    assert cli(["takedown", "--source", GONE, "--stream-root", s3_root, "--delete-grace-s", "0"]) == 1
+    (finished,) = [n for n in objects(s3_root) if n.endswith("-finished.json")]
+    record = json.loads(store.read(finished))
+    assert list(record["writers_failed"]) == ["0000"] and record["samples_removed"] == 7
+    again = remove_samples(s3_root, drop_gone, delete_grace_s=0)  # the other writers hold none of it
+    assert again.removed == [] and list(again.failed) == ["0000"]
+
+
+def test_a_shard_rewritten_twice_before_the_deletion_leaves_no_object(s3_root, monkeypatch):
+    """Takedown 1 commits, then is killed in its delete grace; takedown 2 (another source) rewrites
+    the replacement again before the original was deleted. The original object, which holds
+    takedown 1's sample, is deleted from the replacement's `rewrites` history."""
+    with writer(s3_root, "w0") as w:
+        w.write_shard([sample("a", GONE), sample("b", "blog"), sample("c", KEPT)], domain="web",
+                      settled=[OffsetRange(topic="raw", partition=0, start=0, end=3)])
+    original = [n for n in objects(s3_root) if ".mds" in n]
+    sleep = time.sleep
+
+    def killed_in_grace(s: float) -> None:
+        if s >= 30:
+            raise Crash("killed during the delete grace")
+        sleep(s)
+
+    monkeypatch.setattr(time, "sleep", killed_in_grace)
+    with pytest.raises(Crash):
+        remove_samples(s3_root, drop_gone, delete_grace_s=30)
+    monkeypatch.undo()
+    assert set(original) <= set(objects(s3_root))
+    second = remove_samples(s3_root, lambda s: s["source"] == "blog", delete_grace_s=0)
+    assert len(second.replaced) == 1 and set(original) <= set(second.deleted)
+    left = [n for n in objects(s3_root) if ".mds" in n]
+    assert len(left) == 1 and not set(left) & set(original)
+    assert not [n for n in objects(s3_root) if ".mds" in n and GONE.encode() in shard_bytes(s3_root, n)]
+    assert [s["id"] for s in TailReader(s3_root).samples(timeout_s=0)] == ["c"]
+    assert remove_samples(s3_root, drop_gone, delete_grace_s=0).deleted == []  # nothing left to re-run
+
+
+def test_a_root_with_shards_outside_writer_prefixes_is_refused(s3_root, capsys):
+    """A merged-index entry outside writers/ (e.g. a copied local root) is not rewritten by a
+    takedown: it refuses the root, naming the entry, before rewriting anything (exit 1)."""
+    with writer(s3_root, "w0") as w:
+        publish(w, 0, "gk")
+    store = storage.object_root(s3_root)
+    merged, version = store.root_index()
+    entry = json.loads(json.dumps(merged["shards"][0]))
+    for k in ("raw_data", "zip_data"):
+        entry[k]["basename"] = "legacy/" + entry[k]["basename"].rsplit("/", 1)[-1]
+    store.put(entry["zip_data"]["basename"], store.read(merged["shards"][0]["zip_data"]["basename"]))
+    store.put("index.json", storage.json_bytes({**merged, "shards": [*merged["shards"], entry]}), if_version=version)
+    before = objects(s3_root)
+    assert cli(["takedown", "--source", GONE, "--stream-root", s3_root, "--delete-grace-s", "0"]) == 1
+    assert entry["zip_data"]["basename"] in capsys.readouterr().err
+    (finished,) = [n for n in objects(s3_root) if n.endswith("-finished.json")]
+    assert json.loads(store.read(finished))["error"].startswith("ForeignEntries")
+    assert [n for n in objects(s3_root) if ".mds" in n] == [n for n in before if ".mds" in n]  # untouched
+    assert GONE in denylist(s3_root)  # ingest of the source stops all the same
+
+
+def test_settled_ranges_never_shrink_during_a_takedown(s3_root, monkeypatch):
+    """A whole takedown (commit, merge, sidecar clean-up) lands between a reader's read of a
+    writer's index and of its sidecar: the replaced shard's ranges are still found."""
+    with writer(s3_root, "w0") as w:
+        publish(w, 0, "gkk")
+        publish(w, 1, "kkk")
+    before = settled_ranges(s3_root)
+    read_index_of, armed = storage.ObjectRoot.writer_index, [True]
+
+    def index_then_takedown(self, writer_id):
+        out = read_index_of(self, writer_id)
+        if armed:
+            armed.clear()
+            assert remove_samples(s3_root, drop_gone, delete_grace_s=0).replaced
+        return out
+
+    monkeypatch.setattr(storage.ObjectRoot, "writer_index", index_then_takedown)
+    during = settled_ranges(s3_root)
+    monkeypatch.undo()
+    assert not armed and during == before == settled_ranges(s3_root)

@@ -220,7 +220,7 @@ def test_video_index_survives_micro_batch_boundary_and_restart(tmp_path, clips, 
     root = tmp_path / "stream"
     samples, dropped = _micro_batch(root, [_rec("first", clips["a"]), _rec("other", clips["b"])], 0, codebooks)
     assert sorted(s["id"] for s in samples) == ["first", "other"] and dropped == []
-    assert all(json.loads(s["lineage"])["media_dedup"].startswith("V1:") for s in samples)
+    assert all(json.loads(s["lineage"])["media_dedup"].startswith("V2:") for s in samples)
 
     dedup_settled._OPEN.clear()  # a restart: nothing in memory, the snapshot is read from disk
     samples, dropped = _micro_batch(root, [_rec("first-trimmed", clips["a-trim"]), _rec("new", clips["g"])], 2,

@@ -9,12 +9,18 @@ immutable segment under ``<stream_root>/_media_dedup/`` and atomically rewrites
 published after the snapshot, so its cost does not grow with history.
 
 A segment holds, per image, the fingerprint columns (~1.2 KB: 1024-byte grey thumbnail,
-48-byte colour thumbnail, pHash, digest, id truncated to 48 bytes) and, per bucket column, a
+48-byte colour thumbnail, pHash, digest, the whole id and its 64-bit hash) and, per bucket column, a
 sorted ``(key, slot)`` table. Videos have their own segments in the same snapshot generation
 (:class:`video_settled.VideoSegment`, named by the snapshot's ``video_segments``). Horizon:
 beyond ``horizon_images`` images (``VideoNearDupConfig.horizon_videos`` videos) or segments
 older than ``horizon_age_s``, the oldest whole segments are forgotten (a later near-dup of them
 is kept).
+
+Takedown: :func:`purge` puts the removed samples' id hashes on ``_media_dedup/purged.npy``; the
+next :func:`sync` rewrites the segments holding any of them without them (even with no new
+shard) and never folds them again, nor an id the index already holds (a takedown's rewritten
+shard is re-read whole). Syncs and purges of one root take turns
+(:func:`~beam_jobs.dedup.snapshot.snapshot_lock`).
 """
 
 from __future__ import annotations
@@ -27,21 +33,25 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from beam_jobs.dedup.sketch import id_hash
 from beam_jobs.dedup.snapshot import (
+    PURGED,
     ColumnSegment,
     SegmentSet,
+    add_purged,
     apply_horizon,
     open_generation,
+    read_purged,
     read_segment,
     read_snapshot,
     read_tail,
+    snapshot_lock,
     write_segment,
     write_snapshot,
 )
 
 from .near_dup import (
     COLOUR,
-    ID_BYTES,
     THUMB,
     MediaFingerprint,
     NearDupConfig,
@@ -58,10 +68,11 @@ from .video_near_dup import (
 )
 from .video_settled import VideoSegment
 
-__all__ = ["DIRNAME", "MediaSegment", "MediaSettledIndex", "MediaSettledRef", "sync"]
+__all__ = ["DIRNAME", "LOCK_WAIT_S", "MediaSegment", "MediaSettledIndex", "MediaSettledRef", "purge", "sync"]
 
 log = logging.getLogger(__name__)
 DIRNAME = "_media_dedup"
+LOCK_WAIT_S = 300.0  # how long a sync or purge waits for another process folding the same root
 _LOCK = threading.Lock()
 _OPEN: dict[tuple[str, int], MediaSettledIndex] = {}
 
@@ -84,17 +95,20 @@ class MediaSettledRef:
 class MediaSegment(ColumnSegment):
     """An immutable, memory-mapped set of settled image fingerprints."""
 
-    FIELDS = ("ids", "digest", "phash", "thumb", "colour", "detail", "spread", "keys", "slots")
+    FIELDS = ("idblob", "idoff", "idh", "digest", "phash", "thumb", "colour", "detail", "spread", "keys", "slots")
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.idh)
 
     @classmethod
     def build(cls, path: str, fps: list[MediaFingerprint], config: NearDupConfig, created: float) -> MediaSegment:
         keys = np.array([bucket_keys(fp, config) for fp in fps], dtype=np.uint64).T  # [columns, n]
+        ids = [fp.record_id.encode("utf-8", "surrogatepass") for fp in fps]
         order = np.argsort(keys, axis=1, kind="stable")
         arrays = {
-            "ids": np.array([fp.record_id.encode("utf-8", "surrogatepass")[:ID_BYTES] for fp in fps], f"S{ID_BYTES}"),
+            "idblob": np.frombuffer(b"".join(ids), np.uint8),
+            "idoff": np.concatenate([[0], np.cumsum([len(i) for i in ids])]).astype(np.uint64),
+            "idh": np.array([id_hash(fp.record_id) for fp in fps], np.uint64),
             "digest": np.array([fp.digest for fp in fps], "S16"),
             "phash": np.array([fp.phash for fp in fps], np.uint64),
             "thumb": np.frombuffer(b"".join(fp.thumb for fp in fps), np.uint8).reshape(len(fps), THUMB * THUMB),
@@ -116,7 +130,8 @@ class MediaSegment(ColumnSegment):
         return seg
 
     def fingerprint(self, slot: int) -> MediaFingerprint:
-        return MediaFingerprint(self.ids[slot].decode("utf-8", "replace"), None, bytes(self.digest[slot]).ljust(16, b"\0"),
+        rid = bytes(self.idblob[int(self.idoff[slot]) : int(self.idoff[slot + 1])]).decode("utf-8", "surrogatepass")
+        return MediaFingerprint(rid, None, bytes(self.digest[slot]).ljust(16, b"\0"),
                                 int(self.phash[slot]), self.thumb[slot].tobytes(), self.colour[slot].tobytes(),
                                 float(self.detail[slot]), tuple(float(v) for v in self.spread[slot]))
 
@@ -177,10 +192,34 @@ class MediaSettledIndex(SegmentSet):
         return best_video_match(fp, out, self.video)
 
 
-def _tail(root: str, covered: frozenset[str], modality: str, decoder) -> tuple[list, set[str]]:
-    """Fingerprints of kept ``modality`` samples in published shards not yet covered, and those shards."""
+def _tail(root: str, covered: frozenset[str], modality: str, decoder, skip: np.ndarray) -> tuple[list, set[str]]:
+    """Fingerprints of kept ``modality`` samples in published shards not yet covered (but not
+    those whose id hash is in ``skip``: purged or already held), and those shards."""
     found, shards = read_tail(root, covered, modality, "media_dedup")
-    return [decoder(text) for _, text in found], shards
+    keep = [(sid, text) for sid, text in found if not np.isin(np.uint64(id_hash(sid)), skip)]
+    return [decoder(text) for _, text in keep], shards
+
+
+def _without(seg, purged: np.ndarray, build, path: str):
+    """``seg`` rebuilt at ``path`` (same age) without the ids in ``purged``; ``seg`` itself when it
+    holds none of them, None when it holds nothing else."""
+    gone = np.isin(np.asarray(seg.idh), purged)
+    if not gone.any():
+        return seg
+    left = [seg.fingerprint(i) for i in np.flatnonzero(~gone)]
+    if not left:
+        return None
+    return build(path, left, seg.created)
+
+
+def purge(root: str, ids: list[str], *, lock_wait_s: float = LOCK_WAIT_S) -> int:
+    """Forget the images and videos ``ids`` (a takedown): their id hashes join
+    ``<root>/_media_dedup/purged.npy`` (atomic, fsynced, under the sync lock); the next
+    :func:`sync` rewrites the snapshot without them. Until then a pipeline pinned to an older
+    generation may still drop a near-copy as ``dup_of`` one of them. Returns the number added."""
+    ddir = os.path.join(root, DIRNAME)
+    with snapshot_lock(ddir, lock_wait_s):
+        return add_purged(ddir, (id_hash(i) for i in ids))
 
 
 def _fold(segs: list, fps: list, build, path: str, *, max_segments: int, now: float, horizon_age_s: float | None,
@@ -200,30 +239,42 @@ def _fold(segs: list, fps: list, build, path: str, *, max_segments: int, now: fl
 
 
 def sync(root: str, config: NearDupConfig, *, horizon_images: int | None = None, horizon_age_s: float | None = None,
-         video: VideoNearDupConfig | None = None, max_segments: int = 16, now: float | None = None) -> MediaSettledRef:
-    """Fold the tail into new segments (images, videos), apply the horizons, write the next
-    snapshot generation. ``video`` also sets the video horizon (``horizon_videos``, ``horizon_age_s``)."""
+         video: VideoNearDupConfig | None = None, max_segments: int = 16, now: float | None = None,
+         lock_wait_s: float = LOCK_WAIT_S) -> MediaSettledRef:
+    """Fold the tail into new segments (images, videos), drop purged ids, apply the horizons,
+    write the next snapshot generation (under the root's snapshot lock). ``video`` also sets the
+    video horizon (``horizon_videos``, ``horizon_age_s``)."""
     now = time.time() if now is None else now
     video = video or VideoNearDupConfig()
-    index = MediaSettledIndex.load(root, config, video)
-    fps, shards = _tail(root, index.shards, "image", decode)
-    vfps, vshards = _tail(root, index.shards, "video", decode_video)
-    shards |= vshards
-    if not shards and index.generation:
-        with _LOCK:
-            _OPEN.setdefault((root, index.generation), index)
-        return MediaSettledRef(root, index.generation, config, video)
-    gen = index.generation + 1
     ddir = os.path.join(root, DIRNAME)
     os.makedirs(ddir, exist_ok=True)
-    segs = _fold(index.segments, fps, lambda p, f, t: MediaSegment.build(p, f, config, t),
-                 os.path.join(ddir, f"seg-{gen:08d}"), max_segments=max_segments, now=now,
-                 horizon_age_s=horizon_age_s, horizon_count=horizon_images, unit="images")
-    vsegs = _fold(index.videos, vfps, lambda p, f, t: VideoSegment.build(p, f, video, t),
-                  os.path.join(ddir, f"vseg-{gen:08d}"), max_segments=max_segments, now=now,
-                  horizon_age_s=video.horizon_age_s, horizon_count=video.horizon_videos, unit="videos")
-    names = [os.path.basename(s.path) for s in vsegs]
-    snap = write_snapshot(ddir, gen, segs, index.shards | shards, now, meta={"video_segments": names}, keep=names)
+    with snapshot_lock(ddir, lock_wait_s):
+        index = MediaSettledIndex.load(root, config, video)
+        purged = read_purged(ddir)
+        gen = index.generation + 1
+        build_img = lambda p, f, t: MediaSegment.build(p, f, config, t)
+        build_vid = lambda p, f, t: VideoSegment.build(p, f, video, t)
+        segs = [s for i, seg in enumerate(index.segments)
+                if (s := _without(seg, purged, build_img, os.path.join(ddir, f"seg-{gen:08d}-p{i:02d}"))) is not None]
+        vsegs = [s for i, seg in enumerate(index.videos)
+                 if (s := _without(seg, purged, build_vid, os.path.join(ddir, f"vseg-{gen:08d}-p{i:02d}"))) is not None]
+        dirty = segs != list(index.segments) or vsegs != list(index.videos)
+        held = [np.asarray(seg.idh) for seg in (*segs, *vsegs)]
+        skip = np.union1d(purged, np.concatenate(held)) if held else purged
+        fps, shards = _tail(root, index.shards, "image", decode, skip)
+        vfps, vshards = _tail(root, index.shards, "video", decode_video, skip)
+        shards |= vshards
+        if not shards and not dirty and index.generation:
+            with _LOCK:
+                _OPEN.setdefault((root, index.generation), index)
+            return MediaSettledRef(root, index.generation, config, video)
+        segs = _fold(segs, fps, build_img, os.path.join(ddir, f"seg-{gen:08d}"), max_segments=max_segments, now=now,
+                     horizon_age_s=horizon_age_s, horizon_count=horizon_images, unit="images")
+        vsegs = _fold(vsegs, vfps, build_vid, os.path.join(ddir, f"vseg-{gen:08d}"), max_segments=max_segments,
+                      now=now, horizon_age_s=video.horizon_age_s, horizon_count=video.horizon_videos, unit="videos")
+        names = [os.path.basename(s.path) for s in vsegs]
+        snap = write_snapshot(ddir, gen, segs, index.shards | shards, now, meta={"video_segments": names},
+                              keep=(*names, PURGED))
     built = MediaSettledIndex(root, config, gen, tuple(segs), frozenset(snap["shards"]), video, tuple(vsegs))
     with _LOCK:
         _OPEN[(root, gen)] = built

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -49,6 +50,7 @@ from apache_beam.transforms.userstate import (
 from beam_jobs.dedup.keyed import admit, hold_probe, register_or_answer, take_due
 
 from .dedup_settled import MediaSettledRef
+from .errors import MediaRejected
 from .image_decode import ImageQA, decode_image
 from .near_dup import (
     FINGERPRINT_META,
@@ -143,7 +145,14 @@ class _MediaFingerprintFn(beam.DoFn):
         c = _coords(coords)
         try:
             text, keys, hit = self._fingerprint(record, c)
-        except Exception:  # noqa: BLE001 - MediaRejected or worse: TokenizeMedia reports it
+        except MediaRejected as e:  # bad input: TokenizeMedia rejects it with its reason
+            Metrics.counter("media_dedup", f"pass_rejected_{e.reason}").inc()
+            yield beam.pvalue.TaggedOutput("passed", element)
+            return
+        except Exception as e:  # an index or code fault: counted and logged, never silent
+            Metrics.counter("media_dedup", "fingerprint_failed").inc()
+            logging.getLogger(__name__).exception("media dedup: fingerprint of %s failed (%s); it passes undeduplicated",
+                                                  record.id, type(e).__name__)
             yield beam.pvalue.TaggedOutput("passed", element)
             return
         Metrics.counter("media_dedup", "in").inc()

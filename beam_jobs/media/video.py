@@ -62,10 +62,14 @@ class VideoDecoder:
     def __init__(self, config: VideoDecoder.Config):
         self.config = config
 
-    def sample(self, data: bytes, *, square: bool = True) -> tuple[np.ndarray, list[np.ndarray], int]:
+    def sample(self, data: bytes, *, square: bool = True,
+               max_kept: int | None = None) -> tuple[np.ndarray, list[np.ndarray], int]:
         """Bounds-checked frames at ``fps`` only (no audio, no cuts): ``(times, frames, dropped)``.
         Frames are ``side``×``side`` (centre crop) or, with ``square=False``, keep their aspect
-        with the short side ``2 * side``."""
+        with the short side ``2 * side`` and the long side at most ``8 * side`` (a 4096×16
+        stream is squeezed, never held at 64×16384). ``max_kept``: whenever more frames are kept,
+        every other one is dropped and the rate halved, so at most ``max_kept`` are ever held
+        whatever duration the container claims."""
         c = self.config
         with open_container(data) as container:
             if not container.streams.video:
@@ -76,7 +80,7 @@ class VideoDecoder:
                 raise MediaRejected("too_many_pixels", f"{w}x{h} frames exceed {c.max_pixels} pixels")
             if container.duration and container.duration / 1e6 > c.max_seconds:
                 raise MediaRejected("too_long", f"{container.duration / 1e6:.0f} s exceeds {c.max_seconds:.0f} s")
-            times, frames, dropped = self._sample(container, stream, square)
+            times, frames, dropped = self._sample(container, stream, square, max_kept)
         if not frames:
             raise MediaRejected("corrupt", "no decodable video frames")
         return np.asarray(times), frames, dropped
@@ -100,7 +104,8 @@ class VideoDecoder:
         return VideoClip(duration, times_a, np.stack(frames), cuts, keyframes[: c.max_keyframes], audio,
                          dropped_frames=dropped, shots=shots)
 
-    def _sample(self, container, stream, square: bool) -> tuple[list[float], list[np.ndarray], int]:
+    def _sample(self, container, stream, square: bool,
+                max_kept: int | None = None) -> tuple[list[float], list[np.ndarray], int]:
         """Decode and keep one frame per 1/fps seconds; returns (times, frames, dropped)."""
         c = self.config
         step = 1.0 / c.fps
@@ -122,10 +127,15 @@ class VideoDecoder:
                 if t + 1e-6 < next_t:
                     continue
                 scale = 2 * c.side / min(frame.width, frame.height)
-                small = frame.to_ndarray(format="rgb24", width=max(c.side, round(frame.width * scale)) // 2 * 2,
-                                         height=max(c.side, round(frame.height * scale)) // 2 * 2)
+                long_cap = 1 << 30 if square else 8 * c.side  # kept long side (aspect squeezed beyond 4:1)
+                small = frame.to_ndarray(format="rgb24",
+                                         width=min(long_cap, max(c.side, round(frame.width * scale))) // 2 * 2,
+                                         height=min(long_cap, max(c.side, round(frame.height * scale))) // 2 * 2)
                 frames.append(square_resize(small, c.side) if square else small)
                 times.append(t)
                 while next_t <= t + 1e-6:
                     next_t += step
+                if max_kept is not None and len(frames) > max_kept:  # halve: memory never follows the length
+                    frames, times, step = frames[::2], times[::2], 2 * step
+                    next_t = times[-1] + step
         return times, frames, dropped
