@@ -24,8 +24,8 @@ class ImageDeduper:
     class Config:
         near: NearDupConfig = field(default_factory=NearDupConfig)
         # Settled index (local runner): beyond either, the oldest whole segments are forgotten
-        # and a later near-dup of them is kept (None: no limit).
-        horizon_images: int | None = None
+        # and a later near-dup of them is kept (None: no limit). 10M images: ~14 GB of segments.
+        horizon_images: int | None = 10_000_000
         horizon_age_s: float | None = None
 
         def build(self) -> ImageDeduper:

@@ -99,8 +99,9 @@ class VideoNearDupConfig:
     min_audio_temporal: float = 0.6  # per-band temporal deviation correlation, best shift
     audio_max_shift: int = 2  # slots of 32 a track may shift by beyond the length difference
     audio_steady_db: float = 0.5  # deviation RMS below which a track is steady (a tone, a drone)
-    # Settled index (local runner): beyond either, the oldest whole segments are forgotten.
-    horizon_videos: int | None = None
+    # Settled index (local runner): beyond either, the oldest whole segments are forgotten
+    # (None: no limit). 1M videos at ~12.5 KB each: ~12.5 GB on disk.
+    horizon_videos: int | None = 1_000_000
     horizon_age_s: float | None = None
     enabled: bool = True  # False: videos pass MediaDedup untouched
 
