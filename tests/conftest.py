@@ -72,3 +72,15 @@ def s3_server(tmp_path_factory):
 def s3_root(s3_server) -> str:
     """A fresh object-store stream root URL in the local S3 server's bucket."""
     return f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:12]}/stream"
+
+
+def stock_ids(root: str) -> list[str]:
+    """Sorted sample ids a stock ``StreamingDataset`` reads from local ``root`` once its journal is
+    folded (what a job's end does; a stock reader sees folded shards only)."""
+    from streaming import StreamingDataset
+
+    from streams.manifest import fold_root
+
+    fold_root(root, force=True)
+    ds = StreamingDataset(local=root, batch_size=1, shuffle=False)
+    return sorted(ds[i]["id"] for i in range(len(ds)))

@@ -22,6 +22,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
+from conftest import stock_ids
 
 from beam_jobs.control import SourceControl
 from beam_jobs.control_stream import (
@@ -85,16 +86,6 @@ def _run(config: IngestConfig, stream: TestStream, baseline: SourceControl | Non
     p.run().wait_until_finish()
 
 
-def _ids(root: str) -> list[str]:
-    from streaming import StreamingDataset
-
-    from streams.manifest import fold_root
-
-    fold_root(root, force=True)  # what a job's end does; a stock reader sees folded shards only
-    ds = StreamingDataset(local=root, batch_size=1, shuffle=False)
-    return sorted(ds[i]["id"] for i in range(len(ds)))
-
-
 def _drops(tmp_path) -> list[tuple[int, str]]:
     folder = tmp_path / "drops"
     return sorted((json.loads(line)["coords"][2], json.loads(line)["reason"])
@@ -144,7 +135,7 @@ def test_a_quarantine_mid_stream_drops_later_records_only_and_forged_controls_ar
     _run(config, _finish(stream))
 
     root = config.sink.stream_root
-    assert _ids(root) == ["d0", "d1", "d2", "d4", "d6"]  # spam before the quarantine kept; web never blocked
+    assert stock_ids(root) == ["d0", "d1", "d2", "d4", "d6"]  # spam before the quarantine kept; web never blocked
     assert _drops(tmp_path) == [(3, "control:source_quarantined"), (5, "control:source_quarantined")]
     assert _settled(root) == [(0, 7)]
 
@@ -162,7 +153,7 @@ def test_a_pause_drops_and_settles_records_as_the_loop_does_and_a_resume_lifts_i
     _run(config, _finish(stream))
 
     root = config.sink.stream_root
-    assert _ids(root) == ["d0", "d1", "d3", "d5"]
+    assert stock_ids(root) == ["d0", "d1", "d3", "d5"]
     assert _drops(tmp_path) == [(2, "control:source_paused"), (4, "control:source_paused")]
     assert _settled(root) == [(0, 6)]  # no holes: nothing waits on the topic's retention
 
@@ -183,7 +174,7 @@ def test_the_launch_state_holds_from_the_first_record_and_controls_in_it_are_not
     config.blocked_sources = dict(baseline.blocked)
     _run(config, _finish(stream), baseline)
 
-    assert _ids(config.sink.stream_root) == ["d1"]
+    assert stock_ids(config.sink.stream_root) == ["d1"]
     assert _drops(tmp_path) == [(0, "control:source_quarantined")]
 
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import stock_ids
 
 from beam_jobs.disk_full import is_disk_full
 from streams.events import OffsetRange
@@ -32,17 +33,6 @@ def _load(name: str):
 tmpfs = _load("tmpfs")
 workload = _load("mds_workload")
 scenarios = _load("fault_scenarios")
-
-
-def _ids(root: str) -> list[str]:
-    """Sample ids a stock StreamingDataset reads once the root's journal is folded."""
-    from streaming import StreamingDataset
-
-    from streams.manifest import fold_root
-
-    fold_root(root, force=True)
-    ds = StreamingDataset(local=root, batch_size=1, shuffle=False)
-    return [ds[i]["id"] for i in range(len(ds))]
 
 
 def _leftovers(root: str) -> list[str]:
@@ -65,7 +55,7 @@ def test_disk_full_writer_publishes_nothing_partial_and_recovers(tmp_path):
         w = LiveStreamWriter(root, writer_id="w0", manifest={"vocab_version": "v-test"})
         w.write_shard(workload.make_samples("w0", 0, 20), domain="web",
                       settled=[OffsetRange(topic="t", partition=0, start=0, end=20)])
-        before = _ids(root)
+        before = stock_ids(root)
         second = workload.make_samples("w0", 1, 60)
         failures = 0
         for pages in range(12):  # leave 0, 1, 2... pages free: fail at each step of a publish
@@ -79,7 +69,7 @@ def test_disk_full_writer_publishes_nothing_partial_and_recovers(tmp_path):
                 with open(os.path.join(root, "index.json")) as f:
                     assert json.load(f)["version"] == 2
                 assert _leftovers(root) == []
-                assert _ids(root) == before
+                assert stock_ids(root) == before
                 os.unlink(ballast)
                 continue
             os.unlink(ballast)
@@ -87,7 +77,7 @@ def test_disk_full_writer_publishes_nothing_partial_and_recovers(tmp_path):
         else:
             pytest.fail("the write never succeeded with 11 pages free")
         assert failures >= 2, "the disk never ran full: the test does not test anything"
-        ids = _ids(root)
+        ids = stock_ids(root)
         assert sorted(ids) == sorted(before + [s["id"] for s in second]) and len(ids) == len(set(ids))
         assert settled_ranges(root) == [OffsetRange(topic="t", partition=0, start=0, end=80)]
 

@@ -24,6 +24,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
+from conftest import stock_ids
 
 from beam_jobs.pipeline import IngestConfig, IngestText
 from beam_jobs.records import KafkaCoords, Outcome
@@ -39,7 +40,6 @@ from beam_jobs.sink import (
 from beam_jobs.synthetic import english_doc, raw_record
 from streams import storage
 from streams.events import DeadLetter, OffsetRange, TokenizedSample
-from streams.manifest import fold_root
 from streams.mds import (
     LiveStreamWriter,
     OverlapError,
@@ -104,14 +104,6 @@ def _run(config: IngestConfig, stream: TestStream, caplog) -> dict[str, int]:
     return seen
 
 
-def _ids(root: str) -> list[str]:
-    from streaming import StreamingDataset
-
-    fold_root(root, force=True)  # what a job's end does; a stock reader sees folded shards only
-    ds = StreamingDataset(local=root, batch_size=1, shuffle=False)
-    return sorted(ds[i]["id"] for i in range(len(ds)))
-
-
 def _dead_letters(tmp_path) -> list[tuple[int, str]]:
     return sorted((d.offset, d.reason) for f in (tmp_path / "dlq").iterdir()
                   for d in map(DeadLetter.from_json, f.read_text().splitlines()))
@@ -149,7 +141,7 @@ def test_empty_late_and_duplicate_panes_settle_every_record_once(tmp_path, caplo
     seen = _run(config, stream, caplog)
 
     root = config.sink.stream_root
-    assert _ids(root) == VALID  # every valid record exactly once
+    assert stock_ids(root) == VALID  # every valid record exactly once
     assert _spans(root) == [(TOPIC, 0, 0, 12)]  # every offset settled
     assert _dead_letters(tmp_path) == sorted(DEAD.items())
     assert _drops(tmp_path) == [(10, "dedup:exact")]
@@ -167,7 +159,7 @@ def test_replay_with_other_pane_boundaries_after_partial_settle_writes_only_the_
          .advance_watermark_to(100).advance_processing_time(2).advance_watermark_to_infinity(), caplog)
     root = config.sink.stream_root
     assert ResumePlan.of_stream(root).count() == len(first)
-    assert _ids(root) == ["d0", "d1", "d2", "d5", "d8"]
+    assert stock_ids(root) == ["d0", "d1", "d2", "d5", "d8"]
 
     # The restored job replays everything from offset 0, cut into other panes, one record twice.
     replay = (TestStream().advance_watermark_to(0)
@@ -179,7 +171,7 @@ def test_replay_with_other_pane_boundaries_after_partial_settle_writes_only_the_
               .advance_watermark_to_infinity())
     seen = _run(config, replay, caplog)
 
-    assert _ids(root) == VALID
+    assert stock_ids(root) == VALID
     assert _spans(root) == [(TOPIC, 0, 0, 12)]
     assert _dead_letters(tmp_path) == sorted(DEAD.items())  # offset 3's was not written again
     assert _drops(tmp_path) == [(10, "dedup:exact")]
@@ -254,7 +246,7 @@ def test_write_shards_streaming_tolerates_empty_late_and_duplicate_panes(tmp_pat
             ("a", 1, ((0, 1),)), ("b", 1, ((1, 2),)), ("settled", 0, ((2, 3),)),
             ("a", 2, ((3, 4), (5, 6))), ("settled", 0, ((4, 5),))]))
     assert _spans(config.stream_root) == [("t", 0, 0, 6)]
-    assert _ids(config.stream_root) == ["s0", "s1", "s3", "s5"]
+    assert stock_ids(config.stream_root) == ["s0", "s1", "s3", "s5"]
 
 
 def test_write_shards_replay_with_other_group_boundaries_is_a_no_op_for_settled_offsets(tmp_path):
@@ -270,7 +262,7 @@ def test_write_shards_replay_with_other_group_boundaries_is_a_no_op_for_settled_
         assert_that(events | beam.Map(lambda e: sorted(o for r in e.settled for o in range(r.start, r.end))),
                     lambda rows: equal_to([3, 6, 7, 8])(sorted(o for row in rows for o in row)))
     assert _spans(root) == [("t", 0, 0, 10)]
-    assert _ids(root) == sorted(f"s{i}" for i in range(10) if i % 3)
+    assert stock_ids(root) == sorted(f"s{i}" for i in range(10) if i % 3)
 
 
 # --- the sink DoFn as a runner drives it: retries, a stale cache, a zombie process ----------
@@ -310,7 +302,7 @@ def test_a_retry_after_a_crash_before_the_settle_only_entry_rewrites_the_same_fi
 
     assert _seal(fn, pane) == [("settled", 0, ((1, 2), (3, 5)))]  # the runner's retry
     assert _spans(config.stream_root) == [("t", 0, 0, 6)]
-    assert _ids(config.stream_root) == ["s0", "s2", "s5"]
+    assert stock_ids(config.stream_root) == ["s0", "s2", "s5"]
     assert sorted(os.listdir(tmp_path / "dlq")) == sorted(os.listdir(tmp_path / "drops")) == ["t-0-0-5.jsonl"]
     assert _dead_letters(tmp_path) == [(1, "malformed_json"), (4, "malformed_json")]
 
@@ -334,7 +326,7 @@ def test_streaming_sink_reads_the_root_once_per_partition_and_again_after_an_ove
         _seal(fn, [_kept(3), _kept(4), _kept(5)])
     assert _seal(fn, [_kept(3), _kept(4), _kept(5)]) == [("a", 1, ((5, 6),))]
     assert len(reads) == 2
-    assert _ids(root) == [f"s{i}" for i in range(6)]
+    assert stock_ids(root) == [f"s{i}" for i in range(6)]
     assert _spans(root) == [("t", 0, 0, 6)]
 
 
