@@ -61,7 +61,7 @@ from typing import Any
 from infra.dedup_purge import PurgeIntent
 from streams import governance as gov
 from streams import manifest as mf
-from streams import storage
+from streams import storage, writer_log
 from streams.events import DeadLetter, EventError
 from streams.mds_rewrite import ForeignEntries, Removed, remove_samples
 from streams.source_names import canonical_source
@@ -206,7 +206,7 @@ def takedown(source: str, stream_root: str, *, run_dirs: list[str] = (), reason:
     remote = storage.is_remote(stream_root)
     root = storage.normalize_root(stream_root)
     if remote:
-        storage.object_root(root).refresh_index()  # a merge a crashed writer or takedown left pending
+        writer_log.merge_index(storage.object_root(root))  # a merge a crashed writer or takedown left pending
     if not mf.read_index(root)["shards"]:
         raise ValueError(f"{root} is not a stream root (no published shard)")
     tid, started = uuid.uuid4().hex, time.time()

@@ -24,7 +24,8 @@ journal) refuses the root instead of settling offsets twice. Every reader here (
 :func:`published_entries`, :func:`settled_ranges`) sees index + journal, i.e. every publish.
 
 Object-store roots (``s3://…``) have no lock and no rename: their per-writer layout and lock-free
-commit live in :mod:`streams.storage`; the readers here accept both kinds of root.
+commit live in :mod:`streams.storage` and :mod:`streams.writer_log`; the readers here accept both
+kinds of root.
 """
 
 from __future__ import annotations
@@ -52,9 +53,11 @@ __all__ = [
     "SIDECAR",
     "OverlapError",
     "RootView",
+    "SettledIndex",
     "StreamManifest",
     "append_journal",
     "atomic_write_json",
+    "check_record",
     "check_sidecar",
     "empty_sidecar",
     "file_lock",
@@ -74,7 +77,6 @@ __all__ = [
     "settled_ranges",
     "shard_name_of",
     "write_root",
-    "writer_published",
 ]
 
 INDEX = "index.json"
@@ -89,7 +91,7 @@ FOLD_FRACTION = 8  # ... or 1/FOLD_FRACTION of the folded entries, whichever is 
 FOLD_EMPTY = 4096  # settled-only lines folded into a root that has no shard yet
 SIDECAR_FORMAT = "headwater-live-mds"
 SIDECAR_VERSION = 2  # 2: the root has a publish journal (a version-1 writer would not read it)
-SIDECAR_READABLE = (1, 2)
+SIDECAR_READABLE = (1, 2, 3)  # 3: an object-store writer base continued by a log (streams/writer_log.py)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -191,7 +193,7 @@ def read_index(root: str) -> dict[str, Any]:
     """The MDS index of ``root``: every published shard in publish order (an empty index if none
     was published yet; for an object-store root, the merged index of all writers)."""
     if storage.is_remote(root):
-        return storage.object_root(storage.normalize_root(root)).root_index()[0]
+        return {"version": 2, "shards": _remote_view(root).infos}
     view = RootView(root)
     view.refresh()
     return {"version": 2, "shards": list(view.infos)}
@@ -232,6 +234,13 @@ def _journal_record(rec: Any) -> dict[str, Any]:
     """A journal line's record, checked before anything is applied (else ValueError/KeyError)."""
     if not isinstance(rec, dict) or rec.get("kind") not in ("shard", "settled", "entry"):
         raise ValueError(f"not a journal record of a known kind: {str(rec)[:80]!r}")
+    return check_record(rec)
+
+
+def check_record(rec: dict[str, Any]) -> dict[str, Any]:
+    """``rec`` if it is a well-formed publish record (name, sidecar entry with settled ranges; a
+    shard's index entry naming it), else ValueError/KeyError/TypeError. Local journals and
+    object-store writer logs (:mod:`streams.writer_log`) share it."""
     if not isinstance(rec["name"], str) or not isinstance(rec["entry"], dict):
         raise TypeError("name must be a string and entry an object")
     merge_ranges(ranges_from_json(rec["entry"]["settled"]))  # well-formed settled ranges
@@ -273,9 +282,7 @@ class RootView:
         self.reloads = 0  # full re-reads (first load, folds, rewrites)
         self._stamp: tuple[int, int, int] | None | bool = False  # False: never loaded
         self._offset = 0
-        self._spans: dict[tuple[str, int], list[tuple[int, int, str]]] = {}  # sorted by start
-        self._overlapping: set[tuple[str, int]] = set()  # partitions whose spans are not disjoint
-        self._by_ranges: dict[frozenset[tuple[str, int, int, int]], str] = {}
+        self.settled = SettledIndex()  # with track_settled: what replay_of checks
 
     # --- reading ----------------------------------------------------------------------------------
     def refresh(self) -> list[tuple[str, dict[str, Any] | None]]:
@@ -329,13 +336,7 @@ class RootView:
         out: list[tuple[str, dict[str, Any] | None]] = [(shard_name_of(i), i) for i in self.infos]
         out += [(n, None) for n in side["settled_only"]]
         if self.track_settled:
-            self._spans, self._by_ranges, self._overlapping = {}, {}, set()
-            for name, entry in self.published().items():
-                self._track(name, entry, sort=False)
-            for part, spans in self._spans.items():
-                spans.sort()
-                if any(a[1] > b[0] for a, b in itertools.pairwise(spans)):
-                    self._overlapping.add(part)  # a legacy root: checked by a scan, not bisection
+            self.settled = SettledIndex(self.published())
         return out + self._read_tail(fresh=True)
 
     def _read_tail(self, *, fresh: bool = False) -> list[tuple[str, dict[str, Any] | None]]:
@@ -385,11 +386,31 @@ class RootView:
         else:
             result = None
         if self.track_settled and (kind == "settled" or name in self.names):
-            self._track(name, entry)
+            self.settled.add(name, entry)
         return result
 
-    # --- the writer's replay / overlap check -------------------------------------------------------
-    def _track(self, name: str, entry: dict[str, Any], *, sort: bool = True) -> None:
+    def replay_of(self, settled: Iterable[OffsetRange]) -> str | None:
+        """:meth:`SettledIndex.replay_of` over everything published (needs ``track_settled``)."""
+        return self.settled.replay_of(settled)
+
+
+class SettledIndex:
+    """The settled Kafka offset ranges of published entries, indexed per partition, for the
+    writer's replay / overlap check before a publish (:meth:`replay_of`)."""
+
+    def __init__(self, entries: dict[str, dict[str, Any]] | None = None):
+        self._spans: dict[tuple[str, int], list[tuple[int, int, str]]] = {}  # sorted by start
+        self._overlapping: set[tuple[str, int]] = set()  # partitions whose spans are not disjoint
+        self._by_ranges: dict[frozenset[tuple[str, int, int, int]], str] = {}
+        for name, entry in (entries or {}).items():
+            self.add(name, entry, sort=False)
+        for part, spans in self._spans.items():
+            spans.sort()
+            if any(a[1] > b[0] for a, b in itertools.pairwise(spans)):
+                self._overlapping.add(part)  # a legacy root: checked by a scan, not bisection
+
+    def add(self, name: str, entry: dict[str, Any], *, sort: bool = True) -> None:
+        """Index the settled ranges of published entry ``name``."""
         ranges = merge_ranges(ranges_from_json(entry["settled"]))
         if not ranges:
             return
@@ -406,7 +427,7 @@ class RootView:
 
     def replay_of(self, settled: Iterable[OffsetRange]) -> str | None:
         """The published entry that settled exactly ``settled`` (an exact replay), if any; raises
-        :class:`OverlapError` if ``settled`` overlaps other published ranges. Needs ``track_settled``;
+        :class:`OverlapError` if ``settled`` overlaps other published ranges.
         O(log n) per range (published ranges of one partition are disjoint: this check keeps them so)."""
         settled = merge_ranges(settled)
         if not settled:
@@ -493,6 +514,7 @@ def write_root(root: str, index: dict[str, Any], side: dict[str, Any], *, durabl
 
 
 _VIEWS: dict[str, RootView] = {}  # fold_root's views, by absolute root
+_REMOTE_VIEWS: dict[str, Any] = {}  # fold_root's views of object-store roots, by URL
 _VIEWS_LOCK = threading.Lock()
 
 
@@ -513,9 +535,10 @@ def fold_root(root: str, *, force: bool = False, interval_s: float = 30.0, durab
     whenever it holds a line and the root a shard, e.g. at the end of a bounded job, so that a stock
     reader of a copy sees everything); cheap when not due (the process keeps one incremental view
     per root). Jobs call it while idle too, so a quiet stream's index.json is at most
-    ``interval_s`` behind. Object-store roots have no journal: False."""
+    ``interval_s`` behind. An object-store root: its merged index is re-derived from every writer's
+    base and log (:func:`streams.writer_log.merge_index`; True if that changed it)."""
     if storage.is_remote(root):
-        return False
+        return _merge_remote(root, force=force, interval_s=interval_s)
     with _VIEWS_LOCK:  # one view per root per process: a call reads only what was appended since
         view = _VIEWS.setdefault(os.path.abspath(root), RootView(os.path.abspath(root)))
     with root_lock(root):
@@ -524,6 +547,19 @@ def fold_root(root: str, *, force: bool = False, interval_s: float = 30.0, durab
             fold(view, durable=durable)
             return True
     return False
+
+
+def _merge_remote(root: str, *, force: bool, interval_s: float) -> bool:
+    from streams.writer_log import RemoteView, merge_index  # it builds on this module
+
+    store = storage.object_root(storage.normalize_root(root))
+    if not force:  # one incremental view per root per process: a HEAD and a LIST per writer
+        with _VIEWS_LOCK:
+            view = _REMOTE_VIEWS.setdefault(store.url, RemoteView(store))
+        view.refresh()
+        if not view.unmerged or time.time() - view.merged_at < interval_s:
+            return False
+    return bool(merge_index(store))
 
 
 def fold(view: RootView, *, durable: bool = True) -> None:
@@ -549,7 +585,7 @@ def read_sidecar(root: str) -> dict[str, Any]:
     """The headwater.json sidecar of ``root`` with every journal entry applied (an empty one if
     missing; for an object-store root, the union of all writers' sidecars)."""
     if storage.is_remote(root):
-        return _merged_sidecar(storage.object_root(storage.normalize_root(root)))
+        return _remote_view(root).side
     view = RootView(root)
     view.refresh()
     return view.side
@@ -561,14 +597,12 @@ def read_writer_sidecar(store: storage.ObjectRoot, writer_id: str) -> tuple[dict
     return check_sidecar(f"{store.url}/{store.writer_dir(writer_id)}/{SIDECAR}", side), version
 
 
-def _merged_sidecar(store: storage.ObjectRoot) -> dict[str, Any]:
-    out = empty_sidecar()
-    for writer_id in store.writers():
-        side = read_writer_sidecar(store, writer_id)[0]
-        out["vocab_version"] = out["vocab_version"] or side["vocab_version"]
-        out["shards"].update(side["shards"])
-        out["settled_only"].update(side["settled_only"])
-    return out
+def _remote_view(root: str) -> Any:
+    from streams.writer_log import RemoteView  # it builds on this module
+
+    view = RemoteView(storage.object_root(storage.normalize_root(root)))
+    view.refresh()
+    return view
 
 
 def shard_name_of(info: dict[str, Any]) -> str:
@@ -600,8 +634,10 @@ def merge_ranges(ranges: Iterable[OffsetRange]) -> list[OffsetRange]:
 def published_entries(root: str) -> dict[str, dict[str, Any]]:
     """Sidecar entries of published shards and settled-only windows, by name."""
     if storage.is_remote(root):
+        from streams.writer_log import read_state  # it builds on this module
+
         store = storage.object_root(storage.normalize_root(root))
-        return {n: e for w in store.writers() for n, e in writer_published(store, w).items()}
+        return {n: e for w in store.writers() for n, e in read_state(store, w).published().items()}
     view = RootView(root)
     view.refresh()
     return view.published()
@@ -611,16 +647,6 @@ def settled_ranges(root: str, *, merge: bool = True) -> list[OffsetRange]:
     """Kafka offset ranges settled by everything published in ``root`` (all writers)."""
     ranges = [r for e in published_entries(root).values() for r in ranges_from_json(e["settled"])]
     return merge_ranges(ranges) if merge else ranges
-
-
-def writer_published(store: storage.ObjectRoot, writer_id: str) -> dict[str, dict[str, Any]]:
-    """Published entries of one writer of an object-store root: its committed index is the truth
-    (the sidecar, put before it, may hold an entry whose index put never happened)."""
-    names = {shard_name_of(info) for info in store.writer_index(writer_id)[0]["shards"]}
-    side = read_writer_sidecar(store, writer_id)[0]
-    out = listed_entries(side, names)
-    out.update(side["settled_only"])
-    return out
 
 
 def listed_entries(side: dict[str, Any], names: set[str]) -> dict[str, dict[str, Any]]:

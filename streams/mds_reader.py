@@ -38,6 +38,7 @@ from streaming.base.hashing import get_hash
 from streams import manifest as mf
 from streams import storage
 from streams.events import ShardPublished
+from streams.writer_log import RemoteView
 
 __all__ = ["CURSOR_VERSION", "CorruptShard", "IndexWatcher", "ShardEntry", "ShardOpener", "TailReader"]
 
@@ -57,10 +58,11 @@ class ShardEntry:
     info: dict[str, Any]  # its index.json entry
     domain: str
     published_at: float  # sidecar publish time (0.0 if unknown)
-    ordinal: int  # position in index.json (publish order; the same for every reader)
+    ordinal: int  # position in this reader's view (a writer's shards keep that writer's order)
     replaces: str = ""  # a takedown rewrote shard ``replaces`` into this one (streams/mds_rewrite.py)
     removed: tuple[int, ...] = ()  # sample indices of ``replaces`` that this shard no longer holds
     rewrites: tuple[tuple[str, tuple[int, ...]], ...] = ()  # every (replaced name, removed) since the original
+    writer: str = ""  # the writer id that published it (its shards' order is the same for every reader)
 
     @property
     def samples(self) -> int:
@@ -109,13 +111,13 @@ def _rewrites_of(meta: dict[str, Any]) -> tuple[tuple[str, tuple[int, ...]], ...
 class IndexWatcher:
     """The published shards of one root: :meth:`poll` never waits. A local root is followed with a
     :class:`streams.manifest.RootView` (a stat, then only the journal bytes appended since the last
-    poll); an object-store root by the merged index's version tag."""
+    poll), an object-store root with a :class:`streams.writer_log.RemoteView` (a HEAD and a few
+    LISTs, then only the log records committed since the last poll)."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = storage.normalize_root(root)
-        self._store = storage.object_root(self.root) if storage.is_remote(self.root) else None
-        self._view = mf.RootView(self.root) if self._store is None else None
-        self._stat: str | None = None
+        self._view: mf.RootView | RemoteView = (RemoteView(storage.object_root(self.root)) if storage.is_remote(self.root)
+                                                else mf.RootView(self.root))
         self.entries: dict[str, ShardEntry] = {}
         self.emptied: set[str] = set()  # shards a takedown removed every sample of (settled-only now)
         self._scanned = 0  # local root: infos already turned into entries
@@ -124,20 +126,11 @@ class IndexWatcher:
     def poll(self) -> list[ShardEntry]:
         """Shards published since the last call, in publish order."""
         try:
-            if self._view is not None:
-                self._view.refresh()
-                if self._view.reloads != self._reloads:  # a fold or rewrite: rescan (names dedupe)
-                    self._reloads, self._scanned = self._view.reloads, 0
-                infos, side = self._view.infos, self._view.side
-                first, self._scanned = self._scanned, len(infos)
-            else:
-                stamp = self._store.version(mf.INDEX)
-                if stamp is None or stamp == self._stat:
-                    return []
-                infos = mf.read_index(self.root)["shards"]
-                side = mf.read_sidecar(self.root)  # read after the index: holds every shard listed there
-                self._stat = stamp
-                first = 0
+            self._view.refresh()
+            if self._view.reloads != self._reloads:  # a fold, merge or rewrite: rescan (names dedupe)
+                self._reloads, self._scanned = self._view.reloads, 0
+            infos, side = self._view.infos, self._view.side
+            first, self._scanned = self._scanned, len(infos)
         except (ValueError, OSError, BotoCoreError) as e:
             # a foreign, half-written file or a network error: try again at the next poll
             log.warning("cannot poll %s, retrying at the next poll: %s", self.root, e)
@@ -155,7 +148,7 @@ class IndexWatcher:
                                published_at=float(meta.get("published_at") or 0.0), ordinal=ordinal,
                                replaces=str(meta.get("replaces") or ""),
                                removed=tuple(int(i) for i in meta.get("removed") or ()),
-                               rewrites=_rewrites_of(meta))
+                               rewrites=_rewrites_of(meta), writer=str(meta.get("writer_id") or ""))
             self.entries[name] = entry
             new.append(entry)
         return new

@@ -13,7 +13,9 @@ either the old or the new set, never a mix.
 * Object-store root (``s3://…``, no lock): per writer prefix, the replacements are uploaded as new
   immutable objects (fresh attempt prefix, ``If-None-Match``), then that writer's sidecar (new
   entries added, replaced ones kept) and index (the commit) are put ``If-Match`` with the writer's
-  ``owner`` token kept, retried from a fresh read when a live writer published in between; then
+  ``owner`` token kept and the writer's log folded in (:mod:`streams.writer_log`; records the live
+  writer commits meanwhile stay in its log after the new base), retried from a fresh read when the
+  writer folded in between; then
   the merged root index is re-derived (:meth:`streams.storage.ObjectRoot.refresh_index`), the
   replaced entries leave the sidecar, and after ``delete_grace_s`` the old objects, which no index
   lists any more, are deleted (also those an interrupted takedown left: every entry keeps the
@@ -39,6 +41,7 @@ from typing import Any
 
 from streams import manifest as mf
 from streams import storage
+from streams import writer_log as wl
 from streams.mds_reader import ShardOpener
 from streams.mds_writer import COLUMNS, seal_rows
 
@@ -223,7 +226,7 @@ def _remove_remote(url: str, drop: Callable[[dict[str, Any]], bool], *, delete_g
     store = storage.object_root(url)
     started = time.time()
     served = {b for i in store.root_index()[0]["shards"] for b in _basenames(i)}  # readers may hold these
-    store.refresh_index()  # a merge a crash left pending first, so replacements keep their positions
+    wl.merge_index(store)  # a merge a crash left pending first, so replacements keep their positions
     foreign = foreign_entries(store)
     if foreign:
         raise ForeignEntries(f"{url}: the merged index lists {len(foreign)} shards outside {storage.WRITERS}/ "
@@ -268,14 +271,17 @@ def _rewrite_writer(store: storage.ObjectRoot, writer_id: str, opener: ShardOpen
     starts with this id claims it (new tokens) and then sweeps unlisted objects older than its
     grace from the prefix, which may take the upload; under new tokens it is uploaded again (the
     sweep's cutoff precedes the claim, so it never takes a re-upload), and the superseded one is
-    deleted (never listed: the commit it was meant for lost its ``If-Match``)."""
+    deleted (never listed: the commit it was meant for lost its ``If-Match``). The live writer's
+    records committed after the base read stay in its log after the new base; up to
+    :data:`LIVE_ROUNDS` more rounds check those too."""
     wdir = store.writer_dir(writer_id)
     done: dict[str, _Rewrite | None] = {}  # old data basename -> its rewrite (None: keeps every sample)
-    uploads: dict[str, tuple[tuple[Any, Any], dict[str, Any]]] = {}  # old data basename -> (owners, entry)
+    uploads: dict[str, tuple[Any, dict[str, Any]]] = {}  # old data basename -> (owner, entry)
+    committed: list[_Rewrite] = []
+    rounds = 0
     for attempt in range(storage.CAS_ATTEMPTS):
-        index, index_v = store.writer_index(writer_id)
-        side, side_v = mf.read_writer_sidecar(store, writer_id)
-        owners = (index.get("owner"), side.get("owner"))
+        state = wl.read_state(store, writer_id)  # base + log: everything the writer committed
+        index, side, owners = state.index, state.side, state.owner
         infos: list[dict[str, Any]] = []
         rewrites: list[_Rewrite] = []
         for info in index["shards"]:
@@ -299,16 +305,18 @@ def _rewrite_writer(store: storage.ObjectRoot, writer_id: str, opener: ShardOpen
             infos.append(uploads[key][1])
         if not rewrites:
             _forget_replaced(store, writer_id)  # what an interrupted takedown left in the sidecar
-            return []
+            return committed
         for rw in rewrites:  # the replaced entries stay: settled ranges never shrink
             if rw.new is None:
                 side["settled_only"][rw.old] = rw.entry
             else:
                 side["shards"][rw.new] = rw.entry
-        try:  # owner token kept (both are copies of what was read): a takedown is not a new owner
-            store.put(f"{wdir}/{mf.SIDECAR}", storage.json_bytes(side), if_version=side_v)
-            store.put(f"{wdir}/{mf.INDEX}", storage.json_bytes({**index, "shards": infos}),
-                      if_version=index_v)  # the commit
+        stamp = _base_stamp(state)
+        try:  # owner token kept: a takedown is not a new owner; the log after state.seq stays
+            store.put(f"{wdir}/{mf.SIDECAR}", storage.json_bytes({**side, **stamp, "version": wl.BASE_SIDECAR_VERSION}),
+                      if_version=state.side_v)
+            store.put(f"{wdir}/{mf.INDEX}", storage.json_bytes({**index, **stamp, "shards": infos}),
+                      if_version=state.index_v)  # the commit
         except storage.PreconditionFailed:  # the live writer published (or started) in between
             storage.backoff(attempt)
             continue
@@ -316,11 +324,24 @@ def _rewrite_writer(store: storage.ObjectRoot, writer_id: str, opener: ShardOpen
         for _, entry in uploads.values():  # uploads of shards another takedown replaced first
             if _data_basename(entry) not in used:
                 _drop_upload(store, wdir, entry)
-        store.refresh_index()
+        wl.merge_index(store)
+        committed += rewrites
+        if rounds < LIVE_ROUNDS and wl.collect_log(store, writer_id, state.seq):
+            rounds += 1  # the live writer committed meanwhile (after the base read): check that too
+            continue
         _forget_replaced(store, writer_id)
-        return rewrites
+        return committed
     raise storage.PreconditionFailed(f"{store.url}/{wdir}: takedown commit lost {storage.CAS_ATTEMPTS} times "
                                      "to the live writer")
+
+
+#: Extra rounds of a writer's takedown for shards its live writer committed during the previous one.
+LIVE_ROUNDS = 3
+
+
+def _base_stamp(state: wl.WriterState) -> dict[str, Any]:
+    """What a base written from ``state`` records: its owner and the last log record it holds."""
+    return {"owner": state.owner, wl.LOG_KEY: state.seq}
 
 
 def _drop_upload(store: storage.ObjectRoot, wdir: str, entry: dict[str, Any]) -> None:
@@ -336,8 +357,8 @@ def _forget_replaced(store: storage.ObjectRoot, writer_id: str) -> None:
     (:func:`streams.manifest.listed_entries`)."""
     wdir = store.writer_dir(writer_id)
     for attempt in range(storage.CAS_ATTEMPTS):
-        names = {mf.shard_name_of(i) for i in store.writer_index(writer_id)[0]["shards"]}
-        side, side_v = mf.read_writer_sidecar(store, writer_id)
+        state = wl.read_state(store, writer_id)
+        names, side = state.names, state.side
         replaced = set().union(*map(_chain, [*side["shards"].values(), *side["settled_only"].values()]))
         stale = [n for n in side["shards"] if n in replaced and n not in names]
         if not stale:
@@ -345,7 +366,9 @@ def _forget_replaced(store: storage.ObjectRoot, writer_id: str) -> None:
         for n in stale:
             del side["shards"][n]
         try:
-            store.put(f"{wdir}/{mf.SIDECAR}", storage.json_bytes(side), if_version=side_v)
+            store.put(f"{wdir}/{mf.SIDECAR}",
+                      storage.json_bytes({**side, **_base_stamp(state), "version": wl.BASE_SIDECAR_VERSION}),
+                      if_version=state.side_v)
             return
         except storage.PreconditionFailed:
             storage.backoff(attempt)
@@ -360,18 +383,19 @@ def _replaced_objects(store: storage.ObjectRoot, *, exact: set[str], before: flo
     sidecar entry's ``rewrites`` chain replaced and older than ``before`` (what an interrupted
     takedown left; a later object with that name would be a new upload). A writer prefix that
     cannot be read is added to ``failed``."""
-    store.refresh_index()
+    wl.merge_index(store)
     merged = {b for i in store.root_index()[0]["shards"] for b in _basenames(i)}
     out: set[str] = set()
     for writer_id in store.writers():
         wdir = store.writer_dir(writer_id)
         try:
-            side = mf.read_writer_sidecar(store, writer_id)[0]
+            state = wl.read_state(store, writer_id)
+            side = state.side
             replaced = set().union(*map(_chain, [*side["shards"].values(), *side["settled_only"].values()]))
             mine = {k for k in exact if k.startswith(f"{wdir}/")}
             if not replaced and not mine:
                 continue
-            listed = {f"{wdir}/{b}" for i in store.writer_index(writer_id)[0]["shards"] for b in _basenames(i)}
+            listed = {f"{wdir}/{b}" for i in state.index["shards"] for b in _basenames(i)}
             for obj in store.find(wdir):
                 key = obj["name"]
                 base = key.rsplit("/", 1)[-1]

@@ -32,10 +32,12 @@ from types import TracebackType
 from typing import Any, Self
 
 import numpy as np
+from botocore.exceptions import BotoCoreError
 from streaming.base.format.mds.writer import MDSWriter
 
 from streams import faultpoints, storage
 from streams import manifest as mf
+from streams import writer_log as wl
 from streams.events import OffsetRange, ShardPublished, TokenizedSample
 from streams.manifest import OverlapError
 
@@ -91,11 +93,6 @@ def seal_rows(stage: str, rows: Sequence[dict[str, Any]], *, compression: str | 
     if w.event.is_set():
         raise RuntimeError(f"MDSWriter failed while sealing a shard in {stage}")
     return w.shards
-
-
-class _Edited(storage.PreconditionFailed):
-    """This writer's own object-store index or sidecar changed under its publish but still carries
-    its owner token: a takedown rewrote it (not a new owner). Re-read the state and redo."""
 
 
 def _check_name(kind: str, value: str) -> str:
@@ -161,10 +158,13 @@ class LiveStreamWriter:
                     self._fold()  # what a crashed writer journaled: a complete index.json for stock readers
         else:
             self._lock = storage.writer_lock(self.root, self.writer_id)
+            self._fold_failures, self._fold_after = 0, 0.0
+            self._states: dict[str, wl.WriterState] = {}
+            self._settled = mf.SettledIndex()
             with self._lock:
                 self._owner = self._claim()  # fences any older process with this writer id
                 self._remove_orphans()
-                self._store.refresh_index()  # merge what a crash after a commit left unmerged
+                wl.merge_index(self._store)  # merge what a crash after a commit left unmerged
             self._staging = tempfile.mkdtemp(prefix=f"headwater-stage-{self.writer_id}-")
         self._clean_own_staging()
 
@@ -176,6 +176,10 @@ class LiveStreamWriter:
         self._clean_own_staging()
         if self._store is not None:  # object-store root: the staging dir is this writer's temp dir
             shutil.rmtree(self._staging, ignore_errors=True)
+            own = self._states.get(self.writer_id)
+            if exc_type is None and own is not None and own.unfolded:
+                with self._lock:
+                    self._fold_remote()
         elif exc_type is None:
             with mf.root_lock(self.root):
                 self._view.refresh()
@@ -301,26 +305,6 @@ class LiveStreamWriter:
             "published_at": time.time(),
         }
 
-    def _check_root(self, side: dict[str, Any], published: dict[str, dict[str, Any]],
-                    settled: list[OffsetRange]) -> str | None:
-        """Object-store roots: vocab agreement and overlap check; returns the name of an exact
-        replay, if any (local roots use the incremental :meth:`streams.manifest.RootView.replay_of`)."""
-        self._check_vocab(side)
-        if not settled:
-            return None
-        mine = {(r.topic, r.partition, r.start, r.end) for r in mf.merge_ranges(settled)}
-        for other, entry in published.items():
-            theirs = mf.merge_ranges(mf.ranges_from_json(entry["settled"]))
-            if {(r.topic, r.partition, r.start, r.end) for r in theirs} == mine:
-                return other
-            for a in settled:
-                for b in theirs:
-                    if (a.topic, a.partition) == (b.topic, b.partition) and a.start < b.end and b.start < a.end:
-                        raise OverlapError(
-                            f"{a.topic}[{a.partition}] offsets [{a.start},{a.end}) overlap [{b.start},{b.end}) "
-                            f"already settled by {other!r}; resume from settled() instead of replaying")
-        return None
-
     def _publish(self, stage: str, info: dict[str, Any], name: str, domain: str,
                  settled: list[OffsetRange]) -> ShardPublished:
         src = os.path.join(stage, self._data_basename(info))
@@ -414,139 +398,135 @@ class LiveStreamWriter:
             self._maybe_fold()
         return self._event(name, entry)
 
-    # --- object-store roots (streams/storage.py) --------------------------------------------------
-    def _remote_state(self) -> tuple[dict[str, Any], str | None, dict[str, Any], str | None,
-                                     dict[str, dict[str, Any]], dict[str, Any]]:
-        """This writer's index and sidecar (with versions), the published entries of every writer
-        (own last) and a sidecar-like view whose vocab_version is the root's."""
+    # --- object-store roots (streams/storage.py, streams/writer_log.py) ---------------------------
+    def _sync(self) -> wl.WriterState:
+        """Bring every writer's state up to date (one LIST of the writers, one LIST per writer's
+        log: O(new records)) and the settled-range index with it; returns this writer's state.
+        :class:`~streams.storage.WriterFenced` once another process claimed this writer id."""
         store = self._store
         assert store is not None
-        index, index_v = store.writer_index(self.writer_id)
-        side, side_v = mf.read_writer_sidecar(store, self.writer_id)
-        for kind, obj in ((mf.INDEX, index), (mf.SIDECAR, side)):
-            if obj.get("owner") != self._owner:
-                raise self._fenced(f"{store.url}/{store.writer_dir(self.writer_id)}/{kind}", obj)
-        published: dict[str, dict[str, Any]] = {}
-        vocab = side["vocab_version"]
-        for other in store.writers():
-            if other != self.writer_id:
-                published.update(mf.writer_published(store, other))
-                vocab = vocab or mf.read_writer_sidecar(store, other)[0]["vocab_version"]
-        names = {mf.shard_name_of(i) for i in index["shards"]}
-        published.update(mf.listed_entries(side, names))
-        published.update(side["settled_only"])
-        return index, index_v, side, side_v, published, {"vocab_version": vocab}
+        rebuild = False
+        for writer_id in store.writers():
+            state = self._states.get(writer_id)
+            if state is None:
+                state = self._states[writer_id] = wl.read_state(store, writer_id)
+                for name, entry in state.published().items():
+                    self._settled.add(name, entry)
+                continue
+            state, records = wl.refresh_state(store, state)
+            self._states[writer_id] = state
+            if records is None:  # fell behind a fold: re-read in full
+                rebuild = True
+            else:
+                for rec in records:
+                    self._settled.add(rec["name"], rec["entry"])
+        if rebuild:
+            self._settled = mf.SettledIndex({n: e for st in self._states.values() for n, e in st.published().items()})
+        own = self._states[self.writer_id]
+        if own.owner != self._owner:
+            raise self._fenced(f"{store.url}/{store.writer_dir(self.writer_id)}", own.owner)
+        return own
 
-    def _fenced(self, where: str, current: dict[str, Any] | None) -> storage.WriterFenced:
-        owner = (current or {}).get("owner")
+    def _root_vocab(self) -> dict[str, Any]:
+        own = self._states[self.writer_id].side["vocab_version"]
+        return {"vocab_version": own or next((s.side["vocab_version"] for s in self._states.values()
+                                              if s.side["vocab_version"]), None)}
+
+    def _published_entry(self, name: str) -> dict[str, Any]:
+        for state in self._states.values():
+            entry = state.published().get(name)
+            if entry is not None:
+                return entry
+        raise KeyError(name)
+
+    def _fenced(self, where: str, owner: str | None) -> storage.WriterFenced:
         return storage.WriterFenced(
             f"{where} changed under this writer: writer id {self.writer_id!r} of {self.root} is now "
             f"owned by {owner!r}, not by this writer ({self._owner!r}); another process started with "
             "this writer id, so this one may not commit (writer ids must be unique per live process)")
 
     def _claim(self) -> str:
-        """Put a fresh owner token into this writer's index and sidecar (both conditional, retried
-        on conflict). Their versions change, so an older process with the same id fails its next
-        conditional put and then sees a foreign owner on every publish."""
+        """Commit a ``claim`` record with a fresh owner token, then fold it into the base (whose
+        versions change, fencing an older-version process too). An older process with this id
+        must read past the claim before it could commit again, and then sees a foreign owner."""
         store = self._store
         assert store is not None
-        wdir = store.writer_dir(self.writer_id)
         token = uuid.uuid4().hex
+        state = wl.read_state(store, self.writer_id)
         for attempt in range(storage.CAS_ATTEMPTS):
-            index, index_v = store.writer_index(self.writer_id)
-            side, side_v = mf.read_writer_sidecar(store, self.writer_id)
-            try:
-                store.put(f"{wdir}/{mf.SIDECAR}", storage.json_bytes({**side, "owner": token}), if_version=side_v)
-                store.put(f"{wdir}/{mf.INDEX}", storage.json_bytes({**index, "owner": token}), if_version=index_v)
+            if wl.append(store, state, {"kind": "claim", "owner": token, "at": time.time()}):
+                wl.fold(store, self.writer_id, token)
                 return token
-            except storage.PreconditionFailed:  # a publish of the previous owner landed: re-read
-                storage.backoff(attempt)
+            state, _ = wl.refresh_state(store, state)  # a publish of the previous owner landed
+            storage.backoff(attempt)
         raise storage.PreconditionFailed(f"{self.root}: could not claim writer id {self.writer_id!r} in "
                                          f"{storage.CAS_ATTEMPTS} attempts")
 
-    def _put_own(self, kind: str, obj: dict[str, Any], version: str | None) -> None:
-        """Conditional put of this writer's own index or sidecar. A lost precondition whose object
-        now holds exactly ``obj`` is our own earlier attempt (its response was lost): success. A
-        409 conflict that left the object unchanged is retried. An object that still carries our
-        owner token was edited by a takedown (streams/mds_rewrite.py keeps the token):
-        :class:`_Edited`, the caller re-reads and redoes its publish. A foreign token: fenced."""
+    def _commit_remote(self, name: str, settled: list[OffsetRange], make: Callable[[], dict[str, Any]]) -> ShardPublished:
+        """Commit the log record ``make()`` builds (called once the root is known to hold no replay)
+        as this writer's next record, re-checking after every seq lost to another process."""
         store = self._store
         assert store is not None
-        rel = f"{store.writer_dir(self.writer_id)}/{kind}"
-        data = storage.json_bytes(obj)
-        for attempt in range(storage.CAS_ATTEMPTS):
-            try:
-                store.put(rel, data, if_version=version)
-                return
-            except storage.PreconditionFailed as e:
-                current, current_v = store.read_json(rel, None)
-                if current is not None and storage.json_bytes(current) == data:
-                    return
-                if isinstance(e, storage.ConditionalConflict) and current_v == version:
-                    storage.backoff(attempt)
-                    continue
-                if current is not None and current.get("owner") == self._owner:
-                    raise _Edited(f"{store.url}/{rel} was edited by a takedown") from e
-                raise self._fenced(f"{store.url}/{rel}", current) from e
-        raise storage.PreconditionFailed(f"{store.url}/{rel}: {storage.CAS_ATTEMPTS} puts lost to 409 conflicts")
+        with self._lock:
+            record: dict[str, Any] | None = None
+            for attempt in range(storage.CAS_ATTEMPTS):
+                own = self._sync()
+                self._check_vocab(self._root_vocab())
+                replay = name if name in own.names or name in own.side["settled_only"] else self._settled.replay_of(settled)
+                if replay is not None:
+                    return self._event(replay, self._published_entry(replay))
+                record = record or make()
+                if wl.append(store, own, {**record, "owner": self._owner, "name": name}):
+                    self._settled.add(name, record["entry"])
+                    faultpoints.reach("remote.after_commit")
+                    self._maybe_fold_remote(own)
+                    return self._event(name, record["entry"])
+                storage.backoff(attempt)  # another process took this seq: re-read and check again
+        raise storage.PreconditionFailed(f"{self.root}: committing {name} lost {storage.CAS_ATTEMPTS} times "
+                                         f"to other processes with writer id {self.writer_id!r}")
 
     def _publish_remote(self, src: str, info: dict[str, Any], name: str, domain: str,
                         settled: list[OffsetRange]) -> ShardPublished:
-        """Upload the shard object under a fresh key, then put this writer's sidecar and (the
-        commit) its index, each conditional on the version read; then merge into the root index.
-        A takedown that edits this writer's files in between costs a re-read and a redo of the
-        metadata puts (the upload is kept). A failed publish deletes nothing: its upload's fate
+        """Upload the shard object under a fresh key, then commit it with one log record
+        (:func:`streams.writer_log.append`). A failed publish deletes nothing: its upload's fate
         may be unknown, the start-up GC takes it."""
         store = self._store
         assert store is not None
-        wdir = store.writer_dir(self.writer_id)
-        with self._lock:
-            uploaded: tuple[dict[str, Any], int] | None = None
-            for attempt in range(storage.CAS_ATTEMPTS):
-                index, index_v, side, side_v, published, view = self._remote_state()
-                names = {mf.shard_name_of(i) for i in index["shards"]}
-                replay = name if name in names else self._check_root(view, published, settled)
-                if replay is not None:
-                    store.refresh_index()  # the original publish may have died before its merge
-                    return self._event(replay, published[replay])
-                if uploaded is None:
-                    uploaded = store.upload_shard(wdir, info, src)
-                    faultpoints.reach("remote.after_upload")
-                obj_info, size = uploaded
-                entry = self._entry(domain, settled, obj_info["samples"], size)
-                side["shards"][name] = entry
-                side["vocab_version"] = self.manifest.vocab_version
-                index["shards"].append(obj_info)
-                try:
-                    self._put_own(mf.SIDECAR, side, side_v)
-                    faultpoints.reach("remote.after_sidecar")
-                    self._put_own(mf.INDEX, index, index_v)  # the commit
-                except _Edited:
-                    storage.backoff(attempt)
-                    continue
-                faultpoints.reach("remote.after_commit")
-                store.refresh_index()
-                return self._event(name, entry)
-        raise storage.PreconditionFailed(f"{self.root}: publish of {name} lost {storage.CAS_ATTEMPTS} times "
-                                         f"to takedown edits of writer {self.writer_id!r}")
+
+        def make() -> dict[str, Any]:
+            obj_info, size = store.upload_shard(store.writer_dir(self.writer_id), info, src)
+            faultpoints.reach("remote.after_upload")
+            return {"kind": "shard", "info": obj_info, "entry": self._entry(domain, settled, obj_info["samples"], size)}
+
+        return self._commit_remote(name, settled, make)
 
     def _settle_only_remote(self, domain: str, settled: list[OffsetRange], name: str) -> ShardPublished:
-        with self._lock:
-            for attempt in range(storage.CAS_ATTEMPTS):
-                _, _, side, side_v, published, view = self._remote_state()
-                replay = name if name in published else self._check_root(view, published, settled)
-                if replay is not None:
-                    return self._event(replay, published[replay])
-                entry = self._entry(domain, settled, 0, 0)
-                side["settled_only"][name] = entry
-                try:
-                    self._put_own(mf.SIDECAR, side, side_v)
-                except _Edited:
-                    storage.backoff(attempt)
-                    continue
-                return self._event(name, entry)
-        raise storage.PreconditionFailed(f"{self.root}: settling {name} lost {storage.CAS_ATTEMPTS} times "
-                                         f"to takedown edits of writer {self.writer_id!r}")
+        return self._commit_remote(name, settled, lambda: {"kind": "settled", "entry": self._entry(domain, settled, 0, 0)})
+
+    def _maybe_fold_remote(self, own: wl.WriterState) -> None:
+        entries = sum(len(s.names) + len(s.side["settled_only"]) for s in self._states.values())
+        if time.monotonic() >= self._fold_after and wl.fold_due(own, self.fold_interval_s, entries):
+            self._fold_remote()
+
+    def _fold_remote(self) -> None:
+        """Fold this writer's log into its base, re-derive the merged index, delete covered records.
+        A failure costs nothing committed (the log stays the truth): logged, backed off; a fence
+        shows at the next publish."""
+        store = self._store
+        assert store is not None
+        try:
+            state = wl.fold(store, self.writer_id, self._owner)
+            wl.merge_index(store)
+            wl.gc_log(store, self.writer_id, state.seq)
+            self._fold_failures = 0
+        except (OSError, ValueError, storage.PreconditionFailed, BotoCoreError) as e:
+            self._fold_failures += 1
+            self._fold_after = time.monotonic() + min(300.0, 2.0 ** self._fold_failures)
+            log.warning("fold of %s/%s failed (%d in a row), its log keeps the records: %s",
+                        self.root, store.writer_dir(self.writer_id), self._fold_failures, e)
+            return
+        own = self._states[self.writer_id]
+        own.folded_at, own.unfolded, own.base_entries = state.folded_at, 0, state.base_entries
 
     def _remove_orphans(self) -> None:
         """Delete shard objects of this writer's prefix that its index does not list and that are
@@ -556,7 +536,7 @@ class LiveStreamWriter:
         assert store is not None
         wdir = store.writer_dir(self.writer_id)
         listed = set()
-        for info in store.writer_index(self.writer_id)[0]["shards"]:
+        for info in wl.read_state(store, self.writer_id).index["shards"]:
             listed.update(f"{wdir}/{info[k]['basename']}" for k in ("raw_data", "zip_data") if info.get(k))
         cutoff = time.time() - self.orphan_grace_s
         for obj in store.find(wdir):

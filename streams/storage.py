@@ -8,24 +8,18 @@ laid out so that no two writers ever write the same object, and every commit is 
   each under a fresh random ``<attempt>`` prefix and with ``If-None-Match: *``, so a committed
   object is never overwritten (the index entry's basename names the object; ``<name>`` stays the
   dedup key);
-* ``writers/<writer_id>/headwater.json``: that writer's sidecar (put second);
-* ``writers/<writer_id>/index.json``: that writer's MDS index, the commit point (put last). Both
-  JSON puts carry ``If-Match`` of the version the writer read (``If-None-Match: *`` for the first).
-  Both also carry an ``owner`` token: a writer that starts claims its id by re-putting both with a
-  fresh token (conditional puts), which changes their versions, so an older process with the same
-  writer id fails its next conditional put and, seeing a foreign token, every later publish
-  (:class:`WriterFenced`). A takedown (:mod:`streams.mds_rewrite`) edits both keeping the token;
-  a writer whose put loses to such an edit re-reads and redoes its publish;
+* ``writers/<writer_id>/index.json`` and ``headwater.json``: that writer's MDS index and sidecar
+  (its *base*), followed by ``writers/<writer_id>/log/<seq>.json``: one immutable record per
+  commit. A commit is one conditional create of the next sequence number; a writer that starts
+  claims its id with a ``claim`` record, which fences an older process with that id
+  (:class:`WriterFenced`). The log, folds and the claim are :mod:`streams.writer_log`;
 * ``index.json``: the merged MDS index of all writers (basenames keep their ``writers/<id>/``
-  prefix, as ``streaming``'s ``merge_index`` writes them). It is derived (:meth:`ObjectRoot.refresh_index`,
-  after each commit and at each writer start, a compare-and-swap put retried on conflict): entries
-  keep their positions, a takedown's replacement takes its predecessor's, entries no writer lists
-  any more are dropped and newly committed ones appended; so it is the same for every reader.
-  ``StreamingDataset(remote=ROOT)`` and :class:`~streams.mds_reader.TailReader` read it;
-  settlement reads the per-writer files, which are the truth (a writer that died between its
-  commit and the merge is merged by the next publish or start of any writer).
+  prefix, as ``streaming``'s ``merge_index`` writes them), derived by a compare-and-swap put
+  (:func:`streams.writer_log.merge_index`) whenever a writer folds, starts or closes. It is the
+  same for every reader: ``StreamingDataset(remote=ROOT)`` reads it (lagging by at most one fold);
+  :class:`streams.writer_log.RemoteView` adds every writer's newer records.
 
-A shard uploaded by a writer that died before its index put is invisible (no index lists it). A
+A shard uploaded by a writer that died before its commit is invisible (no index lists it). A
 writer never deletes an upload whose commit failed (its outcome may be unknown); when it starts
 again, after its claim, it deletes unlisted objects of its own prefix older than a grace period.
 
@@ -45,8 +39,6 @@ import threading
 import time
 import uuid
 from typing import Any
-
-from streams import faultpoints
 
 __all__ = ["CAS_ATTEMPTS", "SINGLE_PUT_LIMIT", "WRITERS", "ConditionalConflict", "ObjectRoot",
            "PreconditionFailed", "StoreUnavailable", "WriterFenced", "backoff", "is_remote", "json_bytes",
@@ -172,13 +164,22 @@ class ObjectRoot:
     def path(self, rel: str) -> str:
         return f"{self.base}/{rel}" if rel else self.base
 
-    def version(self, rel: str) -> str | None:
-        """The object's current version tag (its ETag), ``None`` if it does not exist."""
+    def head(self, rel: str) -> tuple[str, float] | None:
+        """The object's current version tag (its ETag) and modification time; ``None`` if it does
+        not exist (one HEAD request)."""
         try:
             info = self.fs.info(self.path(rel), refresh=True)
         except FileNotFoundError:
             return None
-        return info.get("ETag") if info.get("type") == "file" else None
+        if info.get("type") != "file":
+            return None
+        modified = info.get("LastModified")
+        return info.get("ETag"), modified.timestamp() if modified is not None else 0.0
+
+    def version(self, rel: str) -> str | None:
+        """The object's current version tag (its ETag), ``None`` if it does not exist."""
+        head = self.head(rel)
+        return head[0] if head else None
 
     def read(self, rel: str) -> bytes | None:
         try:
@@ -285,75 +286,6 @@ class ObjectRoot:
         if obj.get("version") != 2 or not isinstance(obj.get("shards"), list):
             raise ValueError(f"{self.url}/{INDEX}: not an MDS version-2 index")
         return obj, version
-
-    def refresh_index(self) -> int:
-        """Derive the merged index from the writers' committed indexes (compare-and-swap, retried on
-        conflict). Every entry its writer still lists keeps its position; an entry that a takedown
-        replaced gives its position to its replacement (the writer's sidecar entry that
-        ``replaces`` it); an entry its writer no longer lists is dropped; every committed entry not
-        yet merged is appended (writers in id order). Entries outside ``writers/`` are kept as they
-        are. Returns how many entries were added or dropped (0: it was current)."""
-        for attempt in range(CAS_ATTEMPTS):
-            merged, version = self.root_index()
-            listed: dict[str, dict[str, Any]] = {}  # root-relative data basename -> prefixed entry
-            for writer_id in self.writers():
-                prefix = f"{self.writer_dir(writer_id)}/"
-                for info in self.writer_index(writer_id)[0]["shards"]:
-                    entry = prefixed(info, prefix)
-                    listed[_basename(entry)] = entry
-            shards = self._derive(merged["shards"], listed)
-            before, after = [_basename(i) for i in merged["shards"]], [_basename(i) for i in shards]
-            if before == after:
-                return 0
-            faultpoints.reach("remote.before_merge")
-            try:
-                self.put(INDEX, json_bytes({**merged, "shards": shards}), if_version=version)
-                return len(set(before) ^ set(after))
-            except PreconditionFailed:  # lost the CAS, or a 409 conflict: re-read and retry
-                backoff(attempt)
-        raise PreconditionFailed(f"{self.url}/{INDEX}: {CAS_ATTEMPTS} merge attempts lost to other writers")
-
-    def _derive(self, merged: list[dict[str, Any]], listed: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-        """The merged shard list from the previous one and every writer's ``listed`` entries."""
-        stale = {_writer_of(b) for b in map(_basename, merged) if _writer_of(b) and b not in listed}
-        successor: dict[tuple[str, str], str] = {}  # (writer, replaced shard name) -> replacement basename
-        if stale:  # a takedown rewrote shards of these writers: their sidecars say what replaces what
-            by_name = {(_writer_of(b), _name(b)): b for b in listed}
-            for writer_id in sorted(stale):
-                for name, entry in self.writer_sidecar(writer_id, {})[0].get("shards", {}).items():
-                    new = by_name.get((writer_id, name))
-                    if new is not None and entry.get("replaces"):
-                        successor[(writer_id, entry["replaces"])] = new
-        out: list[dict[str, Any]] = []
-        placed: set[str] = set()
-        for info in merged:
-            b = _basename(info)
-            if not _writer_of(b):  # not a writer's shard (e.g. a copied local root): left alone
-                out.append(info)
-                continue
-            if b not in listed:
-                b = successor.get((_writer_of(b), _name(b)))
-                if b is None:  # emptied by a takedown, or replaced twice before a merge: dropped
-                    continue
-            if b not in placed:
-                out.append(listed[b])
-                placed.add(b)
-        out += [e for b, e in listed.items() if b not in placed]
-        return out
-
-
-def _basename(info: dict[str, Any]) -> str:
-    return info["raw_data"]["basename"]
-
-
-def _writer_of(basename: str) -> str:
-    """The writer id of a merged-index basename ``writers/<id>/…`` ("" for anything else)."""
-    parts = basename.split("/", 2)
-    return parts[1] if len(parts) == 3 and parts[0] == WRITERS else ""
-
-
-def _name(basename: str) -> str:
-    return basename.rsplit("/", 1)[-1].removesuffix(".mds")
 
 
 def prefixed(info: dict[str, Any], prefix: str) -> dict[str, Any]:

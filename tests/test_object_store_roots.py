@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from streams import storage
+from streams import writer_log as wl
 from streams.events import OffsetRange
 from streams.mds import LiveStreamWriter, TailReader, read_index, read_sidecar, settled_ranges
 from streams.vocab import Vocab
@@ -112,7 +113,7 @@ CRASH = textwrap.dedent("""
     put = storage.ObjectRoot.put
     uploaded = []
     def dying_put(self, rel, data, **kw):
-        if uploaded and rel.endswith("/headwater.json"):  # the shard object is up; die before any metadata put
+        if uploaded and rel.endswith(".json"):  # the shard object is up; die before its log record's put
             os._exit(9)
         uploaded.extend([rel] if ".mds" in rel else [])
         return put(self, rel, data, **kw)
@@ -226,7 +227,7 @@ def test_a_committed_shard_object_is_never_overwritten(s3_root, monkeypatch):
     assert bad == [] and got == [f"a-0-{i}" for i in range(4)]
     assert settled_ranges(s3_root) == [rng(0, 10, topic="raw.w0")]
     store = storage.object_root(s3_root)
-    (info,) = store.writer_index("w0")[0]["shards"]
+    (info,) = wl.read_state(store, "w0").index["shards"]
     key = f"writers/w0/{info['zip_data']['basename']}"
     assert info["zip_data"]["basename"].count("/") == 1  # <attempt>/<name>.mds.zstd
     with pytest.raises(storage.PreconditionFailed):
@@ -237,7 +238,7 @@ def test_a_second_process_with_the_same_writer_id_fences_the_first(s3_root, monk
     """C1: B starts as w0 while A's shard is uploaded but not committed. B's claim fences A (its
     commit and every later one fail, clearly); B's sweep may then drop A's upload safely."""
     with writer(s3_root, "w0") as a:
-        racing(monkeypatch, lambda rel: rel.endswith("w0/headwater.json"), lambda: other_process(s3_root, "start"))
+        racing(monkeypatch, lambda rel: "w0/log/" in rel, lambda: other_process(s3_root, "start"))  # before A's commit
         with pytest.raises(storage.WriterFenced, match="another process started with this writer id"):
             a.write_shard(workload.make_samples("w0", 0, 4), domain="web", settled=[rng(0, 10, topic="raw.w0")])
         monkeypatch.undo()
@@ -255,13 +256,13 @@ def test_unknown_put_outcomes_neither_delete_nor_misreport(s3_root, monkeypatch)
     put, delayed = storage.ObjectRoot.put, []
 
     def timing_out_put(self, rel, data, **kw):
-        if rel.endswith("w0/index.json") and not delayed:
+        if "w0/log/" in rel and not delayed:  # the commit: this writer's next log record
             delayed.append(lambda: put(self, rel, data, **kw))
             raise TimeoutError("read timeout")
         return put(self, rel, data, **kw)
 
     def lost_response_put(self, rel, data, **kw):
-        if rel.endswith("w0/index.json"):
+        if "w0/log/" in rel:
             put(self, rel, data, **kw)  # lands; the response is lost and the client retries
         return put(self, rel, data, **kw)
 

@@ -19,6 +19,7 @@ import pytest
 from infra.cli import main as cli
 from infra.takedown import takedown
 from streams import faultpoints, storage
+from streams import writer_log as wl
 from streams.events import OffsetRange
 from streams.governance import TAKEDOWN_REASON, denylist
 from streams.mds import LiveStreamWriter, TailReader, read_index, read_sidecar, settled_ranges
@@ -193,16 +194,22 @@ def drop_gone(s: dict) -> bool:
 
 
 def test_a_live_writer_edited_by_a_takedown_is_not_fenced(s3_root, monkeypatch):
-    """The takedown commits w0's rewrite between the live writer's state read and its sidecar put:
-    same owner token, changed content, so the writer re-reads and redoes its publish."""
+    """The takedown commits w0's rewrite between the live writer's state read and its commit (its
+    next log record), and again during the writer's fold: same owner, so the writer is not fenced;
+    its record stays after the takedown's base and its fold re-reads and redoes."""
     with writer(s3_root, "w0") as w:
         rows = publish(w, 0, "gkgk")
         main = threading.current_thread()
-        racing(monkeypatch, lambda rel: rel.endswith("w0/headwater.json") and threading.current_thread() is main,
+        racing(monkeypatch, lambda rel: "w0/log/" in rel and threading.current_thread() is main,
                lambda: remove_samples(s3_root, drop_gone, delete_grace_s=0))
         rows += publish(w, 1, "kk")
         monkeypatch.undo()
-        rows += publish(w, 2, "k")
+        rows += publish(w, 2, "gk")
+        racing(monkeypatch, lambda rel: rel.endswith("w0/headwater.json") and threading.current_thread() is main,
+               lambda: remove_samples(s3_root, drop_gone, delete_grace_s=0))
+        w._fold_remote()  # what close or the fold policy runs
+        monkeypatch.undo()
+        assert storage.object_root(s3_root).writer_index("w0")[0][wl.LOG_KEY] > 0
     ids = [s["id"] for s in TailReader(s3_root).samples(timeout_s=0)]
     assert ids == [r["id"] for r in rows if r["source"] == KEPT]
     assert len(settled_ranges(s3_root)) == 1 and settled_ranges(s3_root)[0].end == 30
@@ -210,7 +217,8 @@ def test_a_live_writer_edited_by_a_takedown_is_not_fenced(s3_root, monkeypatch):
 
 def test_a_takedown_that_loses_to_a_live_publish_retries_it(s3_root, monkeypatch):
     """A live publish (of another sample of the source, too) lands between the takedown's sidecar
-    put and its index put: the takedown's commit fails its If-Match, re-reads and includes it. The
+    put and its index put: it stays in the writer's log after the takedown's base, and the
+    takedown's next round (it sees a newer record) rewrites it too. The
     publish's object is newer than the takedown's start (S3's LastModified has 1 s resolution: the
     sleep makes that certain), and is still deleted: this run unlisted it."""
     with writer(s3_root, "w0") as w:
@@ -277,10 +285,13 @@ def test_a_crash_between_the_writer_commit_and_the_merge_is_repaired(s3_root, mo
     monkeypatch.undo()
     store = storage.object_root(s3_root)
     # w0 committed its rewrite; the merged index still lists w0's old shards, their objects are kept
-    assert [i["raw_data"]["basename"] for i in read_index(s3_root)["shards"]] == before
+    assert [i["raw_data"]["basename"] for i in store.root_index()[0]["shards"]] == before
     names = objects(s3_root)
     assert all(any(n.startswith(b) for n in names) for b in before)  # raw basename + ".zstd"
     assert len(store.writer_index("w0")[0]["shards"]) == 2
+    # a log-reading view derives what the merge will write: the replacements at their positions
+    derived = [i["raw_data"]["basename"] for i in read_index(s3_root)["shards"]]
+    assert len(derived) == 4 and derived[1] == before[2] and before[1] not in derived
     # the next refresh (any writer's start or publish, or a takedown) repairs it
     with writer(s3_root, "w1"):
         pass

@@ -42,7 +42,7 @@ WORKER_ARGS = ["--min-doc-words", "50", "--window-s", "1", "--until-caught-up", 
 #: Fault points per root kind (None: a kill at a random moment); a plan cycles through them.
 LOCAL_POINTS: list[str | None] = [None, "local.after_rename", "local.after_journal", "local.fold_between",
                                   "sink.after_dlq", "control.poll", "group.revoke", "group.assign"]
-S3_POINTS: list[str | None] = [None, "remote.after_upload", "remote.after_sidecar", "remote.after_commit",
+S3_POINTS: list[str | None] = [None, "remote.after_upload", "remote.fold_between", "remote.after_commit",
                                "remote.before_merge", "sink.after_dlq", "control.poll", "group.revoke"]
 BAD_RECORDS = (b'{"id": "x"', b"\xff\xfe\xfd", b'{"id":"m","modality":"smell","source":"s","license":"l","text":"t"}')
 

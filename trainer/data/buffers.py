@@ -2,8 +2,9 @@
 
 Each root has a thread that polls its index.json (a stat; the index is re-read only when it
 changed), so an idle or slow root never delays another. Data-parallel sharding is by shard:
-the k-th shard of a domain in a root's publish order (the same for every rank) belongs to
-rank ``k % dp_world``; a rank reads and decodes only its own shards. Quarantine removes whole
+the k-th shard of a domain published by one writer of a root (each writer's publish order is
+the same for every rank, on local and object-store roots; the interleaving of writers is not)
+belongs to rank ``k % dp_world``; a rank reads and decodes only its own shards. Quarantine removes whole
 shards, or samples by source, from every rank's view alike and never changes the assignment,
 so no sample goes to two ranks or is lost to a reassignment.
 
@@ -76,7 +77,7 @@ class StreamBuffers:
         self.watchers = [IndexWatcher(r) for r in self.roots]
         self.openers = [ShardOpener(r) for r in self.roots]
         self._poll_locks = [threading.Lock() for _ in self.roots]
-        self._assigned: dict[tuple[int, str], int] = {}  # (root, domain) -> shards seen (rank assignment)
+        self._assigned: dict[tuple[int, str, str], int] = {}  # (root, domain, writer) -> shards seen
         self._mine: dict[tuple[int, str], bool] = {}  # (root, shard) -> assigned to this rank
         self.feeds: dict[str, DomainFeed] = {}
         self._caps: dict[str, int] | None = None  # per-domain read-ahead caps (None: domain_buffer_bytes)
@@ -155,8 +156,8 @@ class StreamBuffers:
             for entry in new:
                 mine = next((self._mine[(i, a)] for a in reversed(entry.ancestors) if (i, a) in self._mine), None)
                 if mine is None:  # a takedown's replacement keeps its shard's rank (same position)
-                    k = self._assigned.get((i, entry.domain), 0)
-                    self._assigned[(i, entry.domain)] = k + 1
+                    k = self._assigned.get((i, entry.domain, entry.writer), 0)
+                    self._assigned[(i, entry.domain, entry.writer)] = k + 1
                     mine = k % self.dp_world == self.dp_rank
                 self._mine[(i, entry.name)] = mine
                 if mine:
