@@ -45,7 +45,7 @@ from apache_beam.transforms import trigger, window
 from beam_jobs.records import KafkaCoords, Outcome
 from beam_jobs.settlement import ResumePlan
 from beam_jobs.validate import SAFE_NAME
-from streams import faultpoints
+from streams import faultpoints, storage
 from streams.events import DeadLetter, OffsetRange, TokenizedSample
 
 __all__ = ["SETTLE_DOMAIN", "DeadLetterLost", "SealShardsFn", "SinkConfig", "Unsettled", "WriteShards",
@@ -328,7 +328,6 @@ class SealShardsFn(beam.DoFn):
         faultpoints.reach("sink.after_dlq")
 
     def process(self, element):
-        from streams import storage
         from streams.mds import OverlapError
 
         (topic, partition, *_), outcomes = element
@@ -359,7 +358,7 @@ class SealShardsFn(beam.DoFn):
 
         try:
             fold_root(self.config.stream_root)
-        except OSError as e:  # e.g. disk full: the journal stays the truth; a later call folds
+        except (OSError, ValueError, storage.PreconditionFailed) as e:  # e.g. disk full: the journal stays the truth; a later call folds
             log.warning("fold of %s failed: %s", self.config.stream_root, e)
 
     def _seal(self, key: tuple, writer, topic: str, partition: int, outcomes: list[Outcome]):

@@ -6,7 +6,7 @@ test (``plan(N, seed)``: root kinds alternate, each cycles through its fault poi
 line per trial and a table per (root kind, fault point): trials, kills that fired, lost,
 duplicated, DLQ copies beyond one, recovery time (kill -> every offset settled) p50/max.
 ``--budget-s`` stops starting trials after that many seconds (the count run is printed).
-Usage: .venv/bin/python bench/bench_fault_trials.py [--trials 50] [--seed 1] [--out results.json]
+Usage: .venv/bin/python bench/bench_fault_trials.py [--trials 50] [--seed 1] [--kinds local,s3] [--out results.json]
        .venv/bin/python bench/bench_fault_trials.py --table results.json
 """
 
@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--budget-s", type=float, default=None, help="start no trial after this many seconds")
+    ap.add_argument("--kinds", default="local,s3", help="root kinds to alternate (comma-separated: local, s3)")
     ap.add_argument("--out", help="write every trial's result as JSON here")
     ap.add_argument("--table", metavar="JSON", help="only print the table of results written by --out")
     a = ap.parse_args()
@@ -94,7 +95,7 @@ def main() -> None:
             s3, env = start_local_s3(BUCKET, log=log)
         os.environ.update(env)
         try:
-            for trial in plan(a.trials, seed=a.seed):
+            for trial in plan(a.trials, seed=a.seed, kinds=tuple(a.kinds.split(","))):
                 if a.budget_s is not None and time.monotonic() - t0 > a.budget_s:
                     print(f"budget of {a.budget_s:.0f}s spent: stopping after {len(results)} trials", flush=True)
                     break

@@ -504,20 +504,24 @@ class LiveStreamWriter:
         return self._commit_remote(name, settled, lambda: {"kind": "settled", "entry": self._entry(domain, settled, 0, 0)})
 
     def _maybe_fold_remote(self, own: wl.WriterState) -> None:
+        """The fold policy; a fold due by size also merges, one due by time merges only when the
+        merged index is ``fold_interval_s`` old (so W writers do not merge W times per interval)."""
         entries = sum(len(s.names) + len(s.side["settled_only"]) for s in self._states.values())
         if time.monotonic() >= self._fold_after and wl.fold_due(own, self.fold_interval_s, entries):
-            self._fold_remote()
+            self._fold_remote(merge=wl.fold_due(own, float("inf"), entries))
 
-    def _fold_remote(self) -> None:
-        """Fold this writer's log into its base, re-derive the merged index, delete covered records.
-        A failure costs nothing committed (the log stays the truth): logged, backed off; a fence
-        shows at the next publish."""
+    def _fold_remote(self, *, merge: bool = True) -> None:
+        """Fold this writer's log into its base, re-derive the merged index (with ``merge``, or when
+        it is ``fold_interval_s`` old), delete covered records. A failure costs nothing committed
+        (the log stays the truth): logged, backed off; a fence shows at the next publish."""
         store = self._store
         assert store is not None
         try:
             state = wl.fold(store, self.writer_id, self._owner)
-            wl.merge_index(store)
-            wl.gc_log(store, self.writer_id, state.seq)
+            head = None if merge else store.head(mf.INDEX)
+            if merge or head is None or time.time() - head[1] >= self.fold_interval_s:
+                wl.merge_index(store)
+                wl.gc_log(store, self.writer_id, state.seq)
             self._fold_failures = 0
         except (OSError, ValueError, storage.PreconditionFailed, BotoCoreError) as e:
             self._fold_failures += 1
