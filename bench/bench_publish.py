@@ -4,10 +4,11 @@
 
 Publish cost: wall time of one ``LiveStreamWriter.write_shard`` (8 samples x 512 tokens, zstd,
 durable) into a root that already holds N shards, N = --small and --large; the median of
---publishes, and the mean over enough publishes to include at least one fold of a local root's
-journal into index.json (N/8 + 1 publishes), i.e. the amortized cost. A root with N shards is seeded by cloning one real publish N times (distinct names
+--publishes, and the mean over enough publishes to include at least one fold (N/8 + 1 publishes: a
+local root's journal into index.json, an S3 writer's log into its base plus a merge), i.e. the
+amortized cost. A root with N shards is seeded by cloning one real publish N times (distinct names
 and settled ranges; local: index.json, sidecar and hard-linked shard files; S3: a ``seed``
-writer's index and sidecar plus the merged index), i.e. the metadata N real publishes leave,
+writer's base index and sidecar plus the merged index), i.e. the metadata N real publishes leave,
 without the O(N^2) cost of making them.
 
 Publish -> visible: a thread polls ``IndexWatcher(root)`` every 1 ms; latency = the first poll
