@@ -154,6 +154,12 @@ class IndexWatcher:
         return new
 
 
+def _inside(basename: Any) -> bool:
+    """A basename that stays inside its root and the cache: relative, no ``..`` component."""
+    return (isinstance(basename, str) and bool(basename) and not basename.startswith("/") and "\\" not in basename
+            and ".." not in basename.split("/"))
+
+
 class ShardOpener:
     """Opens the shards of one root for reading: hash check, decompression into a cache directory,
     mosaicml-streaming's ``MDSReader``; an ``OSError`` is retried (``read_attempts`` in all, backoff
@@ -178,6 +184,9 @@ class ShardOpener:
     def open(self, name: str, info: dict[str, Any]) -> Reader:
         """A reader of shard ``name`` (its index entry ``info``); raises :class:`CorruptShard`."""
         raw, zipped = info["raw_data"], info.get("zip_data")
+        for part in (raw, zipped):
+            if part is not None and not _inside(part.get("basename")):
+                raise CorruptShard(f"shard {name}: basename {str(part.get('basename'))[:120]!r} leaves the root")
         data = self._load(zipped or raw)
         dirname = self.root
         if zipped:

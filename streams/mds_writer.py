@@ -159,12 +159,15 @@ class LiveStreamWriter:
         else:
             self._lock = storage.writer_lock(self.root, self.writer_id)
             self._fold_failures, self._fold_after = 0, 0.0
-            self._states: dict[str, wl.WriterState] = {}
-            self._settled = mf.SettledIndex()
+            self._root = wl.root_states(self._store)
+            self._unacked: dict[str, int] = {}  # shard name -> log seq, its event not yet delivered
             with self._lock:
-                self._owner = self._claim()  # fences any older process with this writer id
+                self._owner, claimed = self._claim()  # fences any older process with this writer id
                 self._remove_orphans()
-                wl.merge_index(self._store)  # merge what a crash after a commit left unmerged
+                self._resend_unacked(claimed)
+                with self._root.lock:
+                    self._sync()
+                self._fold_remote()  # the outbox watermark; a merge of what a crash left unmerged; log GC
             self._staging = tempfile.mkdtemp(prefix=f"headwater-stage-{self.writer_id}-")
         self._clean_own_staging()
 
@@ -176,7 +179,7 @@ class LiveStreamWriter:
         self._clean_own_staging()
         if self._store is not None:  # object-store root: the staging dir is this writer's temp dir
             shutil.rmtree(self._staging, ignore_errors=True)
-            own = self._states.get(self.writer_id)
+            own = self._root.states.get(self.writer_id)
             if exc_type is None and own is not None and own.unfolded:
                 with self._lock:
                     self._fold_remote()
@@ -314,7 +317,9 @@ class LiveStreamWriter:
         if self._store is not None:
             event = self._publish_remote(src, info, name, domain, settled)
             if self.publisher is not None:
-                self.publisher(event)
+                self.publisher(event)  # raises: the bundle is retried, its replay sends it again
+                with self._lock:
+                    self._unacked.pop(event.shard, None)
             return event
         if self.durable:
             with open(src, "rb+") as f:
@@ -400,44 +405,14 @@ class LiveStreamWriter:
 
     # --- object-store roots (streams/storage.py, streams/writer_log.py) ---------------------------
     def _sync(self) -> wl.WriterState:
-        """Bring every writer's state up to date (one LIST of the writers, one LIST per writer's
-        log: O(new records)) and the settled-range index with it; returns this writer's state.
-        :class:`~streams.storage.WriterFenced` once another process claimed this writer id."""
-        store = self._store
-        assert store is not None
-        rebuild = False
-        for writer_id in store.writers():
-            state = self._states.get(writer_id)
-            if state is None:
-                state = self._states[writer_id] = wl.read_state(store, writer_id)
-                for name, entry in state.published().items():
-                    self._settled.add(name, entry)
-                continue
-            state, records = wl.refresh_state(store, state)
-            self._states[writer_id] = state
-            if records is None:  # fell behind a fold: re-read in full
-                rebuild = True
-            else:
-                for rec in records:
-                    self._settled.add(rec["name"], rec["entry"])
-        if rebuild:
-            self._settled = mf.SettledIndex({n: e for st in self._states.values() for n, e in st.published().items()})
-        own = self._states[self.writer_id]
+        """Bring every writer's state of the root up to date (:meth:`streams.writer_log.RootStates.sync`,
+        caller holds its lock); returns this writer's. :class:`~streams.storage.WriterFenced` once
+        another process claimed this writer id."""
+        own = self._root.sync(self.writer_id)
         if own.owner != self._owner:
+            store = self._root.store
             raise self._fenced(f"{store.url}/{store.writer_dir(self.writer_id)}", own.owner)
         return own
-
-    def _root_vocab(self) -> dict[str, Any]:
-        own = self._states[self.writer_id].side["vocab_version"]
-        return {"vocab_version": own or next((s.side["vocab_version"] for s in self._states.values()
-                                              if s.side["vocab_version"]), None)}
-
-    def _published_entry(self, name: str) -> dict[str, Any]:
-        for state in self._states.values():
-            entry = state.published().get(name)
-            if entry is not None:
-                return entry
-        raise KeyError(name)
 
     def _fenced(self, where: str, owner: str | None) -> storage.WriterFenced:
         return storage.WriterFenced(
@@ -445,10 +420,11 @@ class LiveStreamWriter:
             f"owned by {owner!r}, not by this writer ({self._owner!r}); another process started with "
             "this writer id, so this one may not commit (writer ids must be unique per live process)")
 
-    def _claim(self) -> str:
+    def _claim(self) -> tuple[str, wl.WriterState]:
         """Commit a ``claim`` record with a fresh owner token, then fold it into the base (whose
         versions change, fencing an older-version process too). An older process with this id
-        must read past the claim before it could commit again, and then sees a foreign owner."""
+        must read past the claim before it could commit again, and then sees a foreign owner.
+        Returns the token and the state the claim was committed on."""
         store = self._store
         assert store is not None
         token = uuid.uuid4().hex
@@ -456,34 +432,82 @@ class LiveStreamWriter:
         for attempt in range(storage.CAS_ATTEMPTS):
             if wl.append(store, state, {"kind": "claim", "owner": token, "at": time.time()}):
                 wl.fold(store, self.writer_id, token)
-                return token
+                return token, state
             state, _ = wl.refresh_state(store, state)  # a publish of the previous owner landed
             storage.backoff(attempt)
         raise storage.PreconditionFailed(f"{self.root}: could not claim writer id {self.writer_id!r} in "
                                          f"{storage.CAS_ATTEMPTS} attempts")
 
+    def _resend_unacked(self, claimed: wl.WriterState) -> None:
+        """The outbox of an object-store root: re-send the ShardPublished events of this writer id's
+        shard records after the base's acknowledged seq and before our claim (a previous process
+        died between a commit and its event's delivery, or its send failed). At least once."""
+        store = self._store
+        assert store is not None
+        if self.publisher is None or claimed.acked >= claimed.seq - 1:
+            return
+        try:
+            records = wl.read_log(store, self.writer_id, claimed.acked)
+        except wl.LogGap:  # an older-version writer's log: nothing tracked
+            return
+        for rec in records:
+            if rec["kind"] != "shard" or rec["seq"] >= claimed.seq:
+                continue
+            try:
+                self.publisher(self._event(rec["name"], rec["entry"]))
+            except Exception as e:  # noqa: BLE001 - stays unacknowledged: the next start re-sends it
+                log.warning("re-sending ShardPublished %s failed: %s", rec["name"], e)
+                self._unacked[rec["name"]] = rec["seq"]
+
+    def _acked_seq(self, own: wl.WriterState) -> int:
+        """The outbox watermark: every shard record up to it had its event delivered."""
+        return min(self._unacked.values()) - 1 if self._unacked else own.seq
+
     def _commit_remote(self, name: str, settled: list[OffsetRange], make: Callable[[], dict[str, Any]]) -> ShardPublished:
         """Commit the log record ``make()`` builds (called once the root is known to hold no replay)
         as this writer's next record, re-checking after every seq lost to another process."""
-        store = self._store
+        store, root = self._store, self._root
         assert store is not None
         with self._lock:
             record: dict[str, Any] | None = None
             for attempt in range(storage.CAS_ATTEMPTS):
-                own = self._sync()
-                self._check_vocab(self._root_vocab())
-                replay = name if name in own.names or name in own.side["settled_only"] else self._settled.replay_of(settled)
-                if replay is not None:
-                    return self._event(replay, self._published_entry(replay))
-                record = record or make()
-                if wl.append(store, own, {**record, "owner": self._owner, "name": name}):
-                    self._settled.add(name, record["entry"])
-                    faultpoints.reach("remote.after_commit")
-                    self._maybe_fold_remote(own)
-                    return self._event(name, record["entry"])
-                storage.backoff(attempt)  # another process took this seq: re-read and check again
+                with root.lock:
+                    own = self._sync()
+                    self._check_vocab({"vocab_version": root.vocab_version(self.writer_id)})
+                    replay = name if name in own.names or name in own.side["settled_only"] else root.settled.replay_of(settled)
+                    if replay is not None:
+                        return self._event(replay, root.published_entry(replay))
+                record = record or make()  # the upload: outside the root's lock
+                with root.lock:
+                    own = root.states[self.writer_id]
+                    if not wl.append(store, own, {**record, "owner": self._owner, "name": name}):
+                        storage.backoff(attempt)  # another process took this seq: re-read and check again
+                        continue
+                    self._check_slot(own, name)
+                    root.settled.add(name, record["entry"])
+                    if record["kind"] == "shard" and self.publisher is not None:
+                        self._unacked[name] = own.seq
+                faultpoints.reach("remote.after_commit")
+                self._maybe_fold_remote(own)
+                return self._event(name, record["entry"])
         raise storage.PreconditionFailed(f"{self.root}: committing {name} lost {storage.CAS_ATTEMPTS} times "
                                          f"to other processes with writer id {self.writer_id!r}")
+
+    def _check_slot(self, own: wl.WriterState, name: str) -> None:
+        """After a won create at seq s: the record before it still exists (one HEAD), or else the
+        record must be in this writer's effective state. It is not when this process was stalled
+        past a claim, fold and log GC of another process with this id, and created a seq that had
+        been committed and deleted already: that record is void, deleted, and this process fenced."""
+        store = self._store
+        assert store is not None
+        if own.seq <= 1 or store.head(wl.log_key(self.writer_id, own.seq - 1)) is not None:
+            return
+        current = wl.read_state(store, self.writer_id)
+        if name in current.names or name in current.side["settled_only"]:
+            return
+        store.delete(wl.log_key(self.writer_id, own.seq))
+        self._root.states.pop(self.writer_id, None)  # re-read in full by the next sync
+        raise self._fenced(f"{store.url}/{wl.log_key(self.writer_id, own.seq)}", current.owner)
 
     def _publish_remote(self, src: str, info: dict[str, Any], name: str, domain: str,
                         settled: list[OffsetRange]) -> ShardPublished:
@@ -506,22 +530,25 @@ class LiveStreamWriter:
     def _maybe_fold_remote(self, own: wl.WriterState) -> None:
         """The fold policy; a fold due by size also merges, one due by time merges only when the
         merged index is ``fold_interval_s`` old (so W writers do not merge W times per interval)."""
-        entries = sum(len(s.names) + len(s.side["settled_only"]) for s in self._states.values())
+        with self._root.lock:
+            entries = self._root.entries()
         if time.monotonic() >= self._fold_after and wl.fold_due(own, self.fold_interval_s, entries):
             self._fold_remote(merge=wl.fold_due(own, float("inf"), entries))
 
     def _fold_remote(self, *, merge: bool = True) -> None:
-        """Fold this writer's log into its base, re-derive the merged index (with ``merge``, or when
-        it is ``fold_interval_s`` old), delete covered records. A failure costs nothing committed
-        (the log stays the truth): logged, backed off; a fence shows at the next publish."""
+        """Fold this writer's log into its base (with the outbox watermark), re-derive the merged
+        index (with ``merge``, or when it is ``fold_interval_s`` old), delete records both cover
+        and the outbox acknowledged. A failure costs nothing committed (the log stays the truth):
+        logged, backed off; a fence shows at the next publish."""
         store = self._store
         assert store is not None
+        own = self._root.states[self.writer_id]
         try:
-            state = wl.fold(store, self.writer_id, self._owner)
+            state = wl.fold(store, self.writer_id, self._owner, acked=self._acked_seq(own))
             head = None if merge else store.head(mf.INDEX)
             if merge or head is None or time.time() - head[1] >= self.fold_interval_s:
                 wl.merge_index(store)
-                wl.gc_log(store, self.writer_id, state.seq)
+                wl.gc_log(store, self.writer_id, min(state.seq, state.acked))
             self._fold_failures = 0
         except (OSError, ValueError, storage.PreconditionFailed, BotoCoreError) as e:
             self._fold_failures += 1
@@ -529,7 +556,6 @@ class LiveStreamWriter:
             log.warning("fold of %s/%s failed (%d in a row), its log keeps the records: %s",
                         self.root, store.writer_dir(self.writer_id), self._fold_failures, e)
             return
-        own = self._states[self.writer_id]
         own.folded_at, own.unfolded, own.base_entries = state.folded_at, 0, state.base_entries
 
     def _remove_orphans(self) -> None:

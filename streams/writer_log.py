@@ -30,25 +30,62 @@ writer's entries in its order); the interleaving of different writers is not glo
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+import threading
 import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from streams import faultpoints, storage
 from streams import manifest as mf
 
-__all__ = ["LOG_GRACE_S", "LOG_KEY", "MERGED_KEY", "LogGap", "RemoteView", "WriterState", "append", "collect_log",
-           "fold", "fold_due", "gc_log", "log_key", "merge_index", "read_log", "read_state", "refresh_state"]
+__all__ = [
+    "LOG_GRACE_S",
+    "LOG_KEY",
+    "MERGED_KEY",
+    "LogGap",
+    "RemoteView",
+    "RootStates",
+    "WriterState",
+    "append",
+    "collect_log",
+    "fan_out",
+    "fold",
+    "fold_due",
+    "gc_log",
+    "log_key",
+    "merge_index",
+    "read_log",
+    "read_state",
+    "read_states",
+    "refresh_state",
+    "root_states",
+]
 
+log = logging.getLogger(__name__)
 LOG = "log"
 LOG_KEY = "headwater_log_seq"  # base index.json / headwater.json: the last log record folded into it
 MERGED_KEY = "headwater_writers"  # merged index.json: per writer, the last log record it covers
 FOLDED_AT = "headwater_folded_at"
+ACKED_KEY = "headwater_acked_seq"  # base index.json: every shard record up to it had its event delivered
 #: Folded records stay this long (a reader that lags more re-reads the base).
 LOG_GRACE_S = 120.0
 #: Sidecar version of a writer base continued by a log (older versions would not read the log).
 BASE_SIDECAR_VERSION = 3
 _KINDS = ("shard", "settled", "claim")
+_RECORD_KEY = re.compile(r"([0-9]{12})\.json")
+#: A record's data basename: ``<16 hex attempt>/<name>.mds[.<compression ext>]`` (never a path out).
+_BASENAME = re.compile(r"[0-9a-f]{16}/([A-Za-z0-9_.-]+)\.mds(\.[a-z0-9]+)?")
+_ENTRY_TYPES = {"domain": str, "writer_id": str, "samples": int, "bytes": int, "published_at": (int, float)}
+#: Concurrent requests of one view or writer (the per-writer LISTs and state reads).
+FANOUT = 16
+#: A reader lists a writer idle for k polls only every min(2^k, IDLE_SKIP_MAX)-th poll.
+IDLE_SKIP_MAX = 16
+RELOAD_ATTEMPTS = 5
 
 
 class LogGap(Exception):
@@ -65,7 +102,9 @@ def log_key(writer_id: str, seq: int) -> str:
 
 
 def _record(writer_id: str, seq: int, data: bytes) -> dict[str, Any]:
-    """A parsed, checked log record (``ValueError`` on anything else: a root holds no such object)."""
+    """A parsed, checked log record (``ValueError`` on anything else: a root holds no such object).
+    Basenames must be ``<attempt>/<name>.mds[.ext]`` and entries name this writer, so a record
+    cannot point a reader's cache path outside its directory or at another writer's shards."""
     try:
         rec = json.loads(data)
         if not isinstance(rec, dict) or rec.get("seq") != seq or rec.get("kind") not in _KINDS:
@@ -74,9 +113,33 @@ def _record(writer_id: str, seq: int, data: bytes) -> dict[str, Any]:
             raise TypeError("owner must be a string")
         if rec["kind"] != "claim":
             mf.check_record(rec)
+            entry = rec["entry"]
+            for key, kind in _ENTRY_TYPES.items():
+                if not isinstance(entry.get(key), kind) or isinstance(entry.get(key), bool):
+                    raise TypeError(f"entry field {key!r} must be {kind}")
+            if entry["writer_id"] != writer_id:
+                raise ValueError(f"entry of writer {entry['writer_id']!r} in the log of {writer_id!r}")
+        if rec["kind"] == "shard":
+            for key in ("raw_data", "zip_data"):
+                part = rec["info"].get(key)
+                if part is None and key == "zip_data":
+                    continue
+                match = _BASENAME.fullmatch(part["basename"]) if isinstance(part, dict) else None
+                if match is None or match[1] != rec["name"]:
+                    raise ValueError(f"{key} basename {str(part)[:80]!r} is not <attempt>/{rec['name']}.mds[.ext]")
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise ValueError(f"{log_key(writer_id, seq)}: corrupt log record: {type(e).__name__}: {e}") from None
     return rec
+
+
+def fan_out(fn: Callable[[str], Any], items: Iterable[str]) -> dict[str, Any]:
+    """``{item: fn(item)}``, up to :data:`FANOUT` requests at a time (per-writer reads are
+    independent; one after another they would cost W round trips)."""
+    items = list(items)
+    if len(items) <= 1:
+        return {i: fn(i) for i in items}
+    with ThreadPoolExecutor(min(FANOUT, len(items))) as pool:
+        return dict(zip(items, pool.map(fn, items), strict=True))
 
 
 def collect_log(store: storage.ObjectRoot, writer_id: str, after: int) -> list[tuple[int, dict[str, Any]]]:
@@ -88,17 +151,20 @@ def collect_log(store: storage.ObjectRoot, writer_id: str, after: int) -> list[t
     while True:
         page = store.fs.call_s3("list_objects_v2", **kwargs)
         for obj in page.get("Contents", []):
-            stem = obj["Key"].rsplit("/", 1)[-1].removesuffix(".json")
-            if stem.isdigit() and int(stem) > after:
-                out.append((int(stem), obj))
+            match = _RECORD_KEY.fullmatch(obj["Key"].rsplit("/", 1)[-1])
+            if match and int(match[1]) > after:  # anything else under log/ is not a record
+                out.append((int(match[1]), obj))
         if not page.get("IsTruncated"):
-            return out
+            return sorted(out, key=lambda item: item[0])
         kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
 
-def read_log(store: storage.ObjectRoot, writer_id: str, after: int) -> list[dict[str, Any]]:
+def read_log(store: storage.ObjectRoot, writer_id: str, after: int,
+             on_corrupt: Callable[[ValueError], None] | None = None) -> list[dict[str, Any]]:
     """The records of ``writer_id``'s log after seq ``after``, in order, up to the first missing
-    seq; :class:`LogGap` if the first one (``after + 1``) is gone (folded and deleted)."""
+    seq; :class:`LogGap` if the first one (``after + 1``) is gone (folded and deleted). A corrupt
+    record raises ``ValueError``; with ``on_corrupt``, it is passed there and the valid records
+    before it are returned (a reader keeps every other writer, and this one up to there)."""
     listed = collect_log(store, writer_id, after)
     seqs = []
     for seq, _ in listed:
@@ -114,7 +180,31 @@ def read_log(store: storage.ObjectRoot, writer_id: str, after: int) -> list[dict
         blobs = store.fs.cat(paths) if len(paths) > 1 else {paths[0]: store.fs.cat_file(paths[0])}
     except FileNotFoundError as e:  # deleted between the listing and the read
         raise LogGap(str(e)) from None
-    return [_record(writer_id, s, blobs[p]) for s, p in zip(seqs, paths, strict=True)]
+    out = []
+    for seq, path in zip(seqs, paths, strict=True):
+        try:
+            out.append(_record(writer_id, seq, blobs[path]))
+        except ValueError as e:
+            if on_corrupt is None:
+                raise
+            on_corrupt(e)
+            break
+    return out
+
+
+def read_states(store: storage.ObjectRoot, writers: Iterable[str]) -> tuple[dict[str, WriterState], dict[str, str]]:
+    """:func:`read_state` of each writer (concurrently); writers whose state cannot be read (a
+    corrupt record or base) are returned apart with their error, so one cannot stop the root."""
+    def one(writer_id: str) -> WriterState | str:
+        try:
+            return read_state(store, writer_id)
+        except ValueError as e:
+            log.error("%s: writer %s is unreadable, its shards stay as last merged: %s", store.url, writer_id, e)
+            return str(e)
+
+    got = fan_out(one, writers)
+    return ({w: s for w, s in got.items() if isinstance(s, WriterState)},
+            {w: s for w, s in got.items() if isinstance(s, str)})
 
 
 @dataclass(slots=True)
@@ -135,6 +225,7 @@ class WriterState:
     folded_at: float = 0.0
     base_entries: int = 0  # sidecar entries of the base (the fold policy's measure)
     unfolded: int = 0  # records after the older of the two bases
+    acked: int = 0  # ShardPublished delivered for every shard record up to this seq (outbox)
     names: set[str] = field(default_factory=set)
     _index_seq: int = 0
     _side_seq: int = 0
@@ -180,7 +271,7 @@ def read_state(store: storage.ObjectRoot, writer_id: str) -> WriterState:
                             folded_at=float(min(index.get(FOLDED_AT, 0), side.get(FOLDED_AT, 0))),
                             base_entries=len(side["shards"]) + len(side["settled_only"]),
                             names={mf.shard_name_of(i) for i in index["shards"]}, _index_seq=i_seq,
-                            _side_seq=s_seq, _owner_seq=owner_seq)
+                            _side_seq=s_seq, _owner_seq=owner_seq, acked=int(index.get(ACKED_KEY, i_seq)))
         try:
             records = read_log(store, writer_id, state.seq)
         except LogGap:
@@ -202,6 +293,83 @@ def refresh_state(store: storage.ObjectRoot, state: WriterState) -> tuple[Writer
     except LogGap:
         return read_state(store, state.writer_id), None
     return state, [r for r in map(state.apply, records) if r is not None]
+
+
+class RootStates:
+    """Every writer's effective state of one object-store root and the settled-range index over
+    them (what a writer checks replays and overlaps against), kept current incrementally. One per
+    root per process (:func:`root_states`), shared by its writers: ``lock`` guards every use."""
+
+    def __init__(self, store: storage.ObjectRoot):
+        self.store = store
+        self.lock = threading.Lock()
+        self.states: dict[str, WriterState] = {}
+        self.settled = mf.SettledIndex()
+        self._warned: set[str] = set()
+
+    def sync(self, own: str) -> WriterState:
+        """Read what every writer committed since the last sync (one LIST of the writer prefixes,
+        one LIST per writer log, concurrently; a writer seen first or fallen behind a fold is read
+        in full); returns writer ``own``'s state. Another writer whose log is corrupt keeps its
+        last good state (logged); ``own``'s raises ``ValueError``."""
+        store = self.store
+
+        def one(writer_id: str) -> tuple[WriterState | None, list[dict[str, Any]] | None]:
+            state = self.states.get(writer_id)
+            try:
+                return (read_state(store, writer_id), None) if state is None else refresh_state(store, state)
+            except ValueError as e:
+                if writer_id == own:
+                    raise
+                if str(e) not in self._warned:
+                    self._warned.add(str(e))
+                    log.error("%s: writer %s is unreadable, checked as last read: %s", store.url, writer_id, e)
+                return state, []
+
+        rebuild = False
+        for writer_id, (state, records) in fan_out(one, store.writers()).items():
+            if state is None:
+                continue
+            first = writer_id not in self.states
+            self.states[writer_id] = state
+            if first:
+                for name, entry in state.published().items():
+                    self.settled.add(name, entry)
+            elif records is None:
+                rebuild = True
+            else:
+                for rec in records:
+                    self.settled.add(rec["name"], rec["entry"])
+        if rebuild:
+            self.settled = mf.SettledIndex({n: e for st in self.states.values() for n, e in st.published().items()})
+        return self.states[own]
+
+    def entries(self) -> int:
+        """Shards and settled-only windows of the whole root (the fold policy's measure)."""
+        return sum(len(s.names) + len(s.side["settled_only"]) for s in self.states.values())
+
+    def published_entry(self, name: str) -> dict[str, Any]:
+        """The sidecar entry of published shard or settled-only window ``name`` (any writer)."""
+        for state in self.states.values():
+            entry = state.published().get(name)
+            if entry is not None:
+                return entry
+        raise KeyError(name)
+
+    def vocab_version(self, own: str) -> str | None:
+        """The vocab of writer ``own``, else of any writer of the root."""
+        ordered = [self.states[own], *self.states.values()] if own in self.states else list(self.states.values())
+        return next((s.side["vocab_version"] for s in ordered if s.side["vocab_version"]), None)
+
+
+_ROOTS: dict[tuple[str, int], RootStates] = {}
+_ROOTS_LOCK = threading.Lock()
+
+
+def root_states(store: storage.ObjectRoot) -> RootStates:
+    """The process's :class:`RootStates` of ``store`` (per pid: a forked child starts its own)."""
+    with _ROOTS_LOCK:
+        return _ROOTS.setdefault((store.url, os.getpid()), RootStates(store))
 
 
 def append(store: storage.ObjectRoot, state: WriterState, record: dict[str, Any]) -> bool:
@@ -230,9 +398,10 @@ def fold_due(state: WriterState, interval_s: float, root_entries: int) -> bool:
     return state.unfolded >= due or time.time() - state.folded_at >= interval_s
 
 
-def fold(store: storage.ObjectRoot, writer_id: str, owner: str, edited: type[Exception] | None = None) -> WriterState:
+def fold(store: storage.ObjectRoot, writer_id: str, owner: str, acked: int | None = None) -> WriterState:
     """Fold ``writer_id``'s log into its base (sidecar first, then index; each ``If-Match`` the
-    version read, retried from a fresh read when a takedown edited it) as owner ``owner``;
+    version read, retried from a fresh read when a takedown edited it) as owner ``owner``,
+    recording ``acked`` (the outbox watermark; ``None``: keep the base's);
     :class:`~streams.storage.WriterFenced` if another process claimed the id. Returns the state."""
     wdir = store.writer_dir(writer_id)
     for attempt in range(storage.CAS_ATTEMPTS):
@@ -243,11 +412,13 @@ def fold(store: storage.ObjectRoot, writer_id: str, owner: str, edited: type[Exc
                 f"writer ({owner!r}); another process started with this writer id, so this one may not commit "
                 "(writer ids must be unique per live process)")
         stamp = {"owner": owner, LOG_KEY: state.seq, FOLDED_AT: time.time()}
+        state.acked = state.acked if acked is None else acked
         try:
             store.put(f"{wdir}/{mf.SIDECAR}", storage.json_bytes({**state.side, **stamp, "version": BASE_SIDECAR_VERSION}),
                       if_version=state.side_v)
             faultpoints.reach("remote.fold_between")
-            store.put(f"{wdir}/{mf.INDEX}", storage.json_bytes({**state.index, **stamp}), if_version=state.index_v)
+            store.put(f"{wdir}/{mf.INDEX}", storage.json_bytes({**state.index, **stamp, ACKED_KEY: state.acked}),
+                      if_version=state.index_v)
         except storage.PreconditionFailed:  # a takedown (or a claim) changed the base: read again
             storage.backoff(attempt)
             continue
@@ -260,12 +431,15 @@ def fold(store: storage.ObjectRoot, writer_id: str, owner: str, edited: type[Exc
 
 def gc_log(store: storage.ObjectRoot, writer_id: str, upto: int) -> int:
     """Delete ``writer_id``'s records up to seq ``upto`` (what its base and the merged index
-    cover) that are :data:`LOG_GRACE_S` old, never the newest one. Returns how many."""
+    cover) created :data:`LOG_GRACE_S` before its newest one (the store's clock), never the
+    newest. Returns how many."""
     listed = collect_log(store, writer_id, 0)
     if not listed:
         return 0
-    newest, cutoff = listed[-1][0], time.time() - LOG_GRACE_S
-    doomed = [store.path(log_key(writer_id, seq)) for seq, obj in listed if seq <= upto and seq != newest and obj["LastModified"].timestamp() <= cutoff]
+    newest = listed[-1]  # its LastModified is the clock: the store's, never this host's
+    cutoff = newest[1]["LastModified"].timestamp() - LOG_GRACE_S
+    doomed = [store.path(log_key(writer_id, seq)) for seq, obj in listed[:-1]
+              if seq <= upto and obj["LastModified"].timestamp() <= cutoff]
     if doomed:
         store.fs.rm(doomed)
     return len(doomed)
@@ -278,13 +452,15 @@ def merge_index(store: storage.ObjectRoot) -> int:
     takedown replaced gives its position to its replacement (the writer's sidecar entry that
     ``replaces`` it); an entry its writer no longer lists is dropped; every entry not yet merged is
     appended (writers in id order, each in its own order). Entries outside ``writers/`` are kept
-    as they are. Records per writer the log seq covered. Returns how many entries were added or
-    dropped (0: the shard list was current)."""
+    as they are, and so are those of a writer whose state cannot be read (:func:`read_states`).
+    Records per writer the log seq covered. Returns how many entries were added or dropped (0: the
+    shard list was current)."""
     for attempt in range(storage.CAS_ATTEMPTS):
         merged, version = store.root_index()
-        states = {w: read_state(store, w) for w in store.writers()}
-        shards = _derive(states, merged["shards"], _listed(store, states))
+        states, broken = read_states(store, store.writers())
+        shards = _derive(states, merged["shards"], _listed(store, states, merged["shards"], broken))
         covered = {w: s.seq for w, s in states.items()}
+        covered.update({w: (merged.get(MERGED_KEY) or {}).get(w, 0) for w in broken})
         before, after = [_basename(i) for i in merged["shards"]], [_basename(i) for i in shards]
         if before == after and merged.get(MERGED_KEY) == covered:
             return 0
@@ -300,10 +476,14 @@ def merge_index(store: storage.ObjectRoot) -> int:
     raise storage.PreconditionFailed(f"{store.url}/{mf.INDEX}: {storage.CAS_ATTEMPTS} merge attempts lost to other writers")
 
 
-def _listed(store: storage.ObjectRoot, states: dict[str, WriterState]) -> dict[str, dict[str, Any]]:
-    """Every writer's index entries with root-relative basenames, by basename (writers in id order)."""
-    return {_basename(e): e for w, st in states.items()
-            for e in (storage.prefixed(i, f"{store.writer_dir(w)}/") for i in st.index["shards"])}
+def _listed(store: storage.ObjectRoot, states: dict[str, WriterState], merged: list[dict[str, Any]],
+            broken: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Every writer's index entries with root-relative basenames, by basename (writers in id
+    order); an unreadable writer's entries as ``merged`` lists them."""
+    out = {_basename(e): e for w, st in states.items()
+           for e in (storage.prefixed(i, f"{store.writer_dir(w)}/") for i in st.index["shards"])}
+    out.update({_basename(e): e for e in merged if _writer_of(_basename(e)) in broken})
+    return out
 
 
 def _derive(states: dict[str, WriterState], merged: list[dict[str, Any]],
@@ -351,9 +531,14 @@ def _name(basename: str) -> str:
 # --- readers -------------------------------------------------------------------------------------
 class RemoteView:
     """What an object-store root has published, kept current by :meth:`refresh`: the merged
-    index as a merge would derive it now (:func:`merge_index`), then each writer's newer records. A poll costs a HEAD of the merged
-    index, a LIST of the writer prefixes and one LIST per writer; the whole root is re-read only
-    when the merged index changed (after a writer's fold, or a takedown).
+    index as a merge would derive it now (:func:`merge_index`), then each writer's newer records.
+
+    A poll is a HEAD of the merged index, a LIST of the writer prefixes and one LIST per writer
+    log (concurrently); a writer whose log was idle for k polls in a row is listed only every
+    min(2^k, :data:`IDLE_SKIP_MAX`)-th poll, so a root of many quiet writers costs few requests
+    (a quiet writer's next record shows up that many polls later at most). The whole root is
+    re-read only when the merged index changed (after a merge or a takedown). A writer whose log
+    holds a corrupt record is logged and kept up to that record; the others go on.
 
     ``infos`` (merged-index entries, root-relative basenames) and ``side`` (the union of the
     writers' sidecars) are read-only to callers; ``reloads`` counts full re-reads, ``unmerged``
@@ -368,6 +553,9 @@ class RemoteView:
         self.merged_at = 0.0
         self._version: str | None | bool = False  # False: never loaded
         self._seen: dict[str, int] = {}  # writer -> last log seq applied
+        self._idle: dict[str, int] = {}  # writer -> polls in a row that found nothing new
+        self._polls = 0
+        self._warned: set[str] = set()
 
     def refresh(self) -> None:
         """Bring the view up to date."""
@@ -375,12 +563,14 @@ class RemoteView:
         if (head[0] if head else None) != self._version:
             self._reload()
             return
-        for writer_id in self.store.writers():
-            try:
-                records = read_log(self.store, writer_id, self._seen.get(writer_id, 0))
-            except LogGap:  # fell behind a fold: the merged index moved too
-                self._reload()
-                return
+        self._polls += 1
+        due = [w for w in self.store.writers() if self._polls % min(2 ** self._idle.get(w, 0), IDLE_SKIP_MAX) == 0]
+        got = fan_out(self._new_records, due)
+        if any(records is None for records in got.values()):  # fell behind a fold: the merged index moved too
+            self._reload()
+            return
+        for writer_id, records in got.items():
+            self._idle[writer_id] = 0 if records else min(self._idle.get(writer_id, 0) + 1, 8)
             prefix = f"{self.store.writer_dir(writer_id)}/"
             for rec in records:
                 self._seen[writer_id] = rec["seq"]
@@ -392,22 +582,36 @@ class RemoteView:
                 elif rec["kind"] == "settled":
                     self.side["settled_only"][rec["name"]] = rec["entry"]
 
+    def _new_records(self, writer_id: str) -> list[dict[str, Any]] | None:
+        def corrupt(e: ValueError) -> None:
+            if str(e) not in self._warned:
+                self._warned.add(str(e))
+                log.error("%s: %s; this writer's later records are not read until it is repaired", self.store.url, e)
+
+        try:
+            return read_log(self.store, writer_id, self._seen.get(writer_id, 0), on_corrupt=corrupt)
+        except LogGap:
+            return None
+
     def _reload(self) -> None:
-        for _ in range(storage.CAS_ATTEMPTS):
+        for attempt in range(RELOAD_ATTEMPTS):  # the merged index moving meanwhile: read again
             head = self.store.head(mf.INDEX)
             merged = self.store.root_index()[0]
-            states = {w: read_state(self.store, w) for w in self.store.writers()}
+            states, broken = read_states(self.store, self.store.writers())
             if self.store.head(mf.INDEX) == head:
                 break
+            storage.backoff(attempt + 3)
         version, self.merged_at = head or (None, 0.0)
-        infos = _derive(states, merged["shards"], _listed(self.store, states))  # what a merge would write now
+        infos = _derive(states, merged["shards"], _listed(self.store, states, merged["shards"], broken))
         side = mf.empty_sidecar()
         for state in states.values():
             side["vocab_version"] = side["vocab_version"] or state.side["vocab_version"]
             side["shards"].update(mf.listed_entries(state.side, state.names))
             side["settled_only"].update(state.side["settled_only"])
         self.infos, self.side, self._version = infos, side, version
-        self._seen = {w: s.seq for w, s in states.items()}
         covered = merged.get(MERGED_KEY) or {}
+        self._seen = {w: s.seq for w, s in states.items()}
+        self._seen.update({w: int(covered.get(w, 0)) for w in broken})
+        self._idle = {}
         self.unmerged = sum(1 for w, s in states.items() if s.seq > int(covered.get(w, 0)))  # at least
         self.reloads += 1

@@ -252,6 +252,25 @@ def test_corrupt_and_missing_shards_are_reported_and_skipped(tmp_path):
     assert r.state_dict()["corrupt"] == sorted(names[1:3])
 
 
+def test_a_shard_whose_basename_leaves_the_root_is_corrupt_not_read(tmp_path):
+    """Index entries name files by basename; one with ``..`` (or absolute) is reported as corrupt
+    and never read or written outside the root and the reader's cache."""
+    from streams.manifest import fold_root, write_root
+
+    expected = fill(tmp_path / "root", shards=2, per=3)
+    root = tmp_path / "root"
+    fold_root(str(root), force=True)
+    index, side = read_index(root), read_sidecar(root)
+    evil = json.loads(json.dumps(index["shards"][1]))
+    (tmp_path / "outside.mds.zstd").write_bytes((root / evil["zip_data"]["basename"]).read_bytes())
+    evil["zip_data"]["basename"] = "../outside.mds.zstd"
+    write_root(str(root), {"shards": [index["shards"][0], evil]}, side)
+    reported: list[tuple[str, str]] = []
+    got = [s["id"] for s in TailReader(root, on_corrupt=lambda n, why: reported.append((n, why))).samples(timeout_s=0)]
+    assert got == expected[:3]
+    assert len(reported) == 1 and "leaves the root" in reported[0][1]
+
+
 def test_two_writer_threads_share_a_root(tmp_path):
     threads = [threading.Thread(target=fill, args=(tmp_path,), kwargs={"shards": 8, "per": 2, "writer_id": f"t{i}"})
                for i in range(2)]

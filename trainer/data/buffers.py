@@ -2,9 +2,10 @@
 
 Each root has a thread that polls its index.json (a stat; the index is re-read only when it
 changed), so an idle or slow root never delays another. Data-parallel sharding is by shard:
-the k-th shard of a domain published by one writer of a root (each writer's publish order is
-the same for every rank, on local and object-store roots; the interleaving of writers is not)
-belongs to rank ``k % dp_world``; a rank reads and decodes only its own shards. Quarantine removes whole
+the k-th shard of a domain in a local root's publish order (the same for every rank) belongs to
+rank ``k % dp_world``; on an object-store root, where only each writer's order is the same for
+every rank, the k-th shard of a domain published by writer w belongs to rank
+``(k + crc32(w)) % dp_world``. A rank reads and decodes only its own shards. Quarantine removes whole
 shards, or samples by source, from every rank's view alike and never changes the assignment,
 so no sample goes to two ranks or is lost to a reassignment.
 
@@ -19,11 +20,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from streams import storage
 from streams.mds_reader import IndexWatcher, ShardEntry, ShardOpener
 from streams.source_names import canonical_source
 from trainer.data.feed import DOC_OVERHEAD_BYTES, DomainFeed, ShardKey
@@ -77,7 +80,9 @@ class StreamBuffers:
         self.watchers = [IndexWatcher(r) for r in self.roots]
         self.openers = [ShardOpener(r) for r in self.roots]
         self._poll_locks = [threading.Lock() for _ in self.roots]
-        self._assigned: dict[tuple[int, str, str], int] = {}  # (root, domain, writer) -> shards seen
+        self._assigned: dict[tuple[int, str, str], int] = {}  # (root, domain, writer or "") -> shards seen
+        # object-store roots: only each writer's order is the same for every rank (streams/writer_log.py)
+        self._per_writer = [storage.is_remote(r) for r in self.roots]
         self._mine: dict[tuple[int, str], bool] = {}  # (root, shard) -> assigned to this rank
         self.feeds: dict[str, DomainFeed] = {}
         self._caps: dict[str, int] | None = None  # per-domain read-ahead caps (None: domain_buffer_bytes)
@@ -156,9 +161,11 @@ class StreamBuffers:
             for entry in new:
                 mine = next((self._mine[(i, a)] for a in reversed(entry.ancestors) if (i, a) in self._mine), None)
                 if mine is None:  # a takedown's replacement keeps its shard's rank (same position)
-                    k = self._assigned.get((i, entry.domain, entry.writer), 0)
-                    self._assigned[(i, entry.domain, entry.writer)] = k + 1
-                    mine = k % self.dp_world == self.dp_rank
+                    key = (i, entry.domain, entry.writer if self._per_writer[i] else "")
+                    k = self._assigned.get(key, 0)
+                    self._assigned[key] = k + 1
+                    offset = zlib.crc32(entry.writer.encode()) if self._per_writer[i] else 0  # spread writers' starts
+                    mine = (k + offset) % self.dp_world == self.dp_rank
                 self._mine[(i, entry.name)] = mine
                 if mine:
                     with self._cond:
