@@ -326,8 +326,9 @@ def _rewrite_writer(store: storage.ObjectRoot, writer_id: str, opener: ShardOpen
                 _drop_upload(store, wdir, entry)
         wl.merge_index(store)
         committed += rewrites
-        if rounds < LIVE_ROUNDS and wl.collect_log(store, writer_id, state.seq):
-            rounds += 1  # the live writer committed meanwhile (after the base read): check that too
+        done.update({_data_basename(entry): None for _, entry in uploads.values()})  # replacements: already clean
+        if rounds < LIVE_ROUNDS and _shards_after(store, writer_id, state.seq):
+            rounds += 1  # the live writer committed shards meanwhile (after the base read): check those too
             continue
         _forget_replaced(store, writer_id)
         return committed
@@ -337,6 +338,14 @@ def _rewrite_writer(store: storage.ObjectRoot, writer_id: str, opener: ShardOpen
 
 #: Extra rounds of a writer's takedown for shards its live writer committed during the previous one.
 LIVE_ROUNDS = 3
+
+
+def _shards_after(store: storage.ObjectRoot, writer_id: str, seq: int) -> bool:
+    """Whether ``writer_id`` committed a shard record after ``seq`` (a gap counts: it folded)."""
+    try:
+        return any(rec["kind"] == "shard" for rec in wl.read_log(store, writer_id, seq))
+    except wl.LogGap:
+        return True
 
 
 def _base_stamp(state: wl.WriterState) -> dict[str, Any]:
