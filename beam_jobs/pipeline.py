@@ -20,6 +20,7 @@ from beam_jobs.tokenize import PIPELINE_VERSION, TOKENIZER_VERSION, DomainMap, T
 from beam_jobs.validate import ValidateConfig, ValidateDecode
 from streams.governance import dead_letter_source
 from streams.source_names import canonical_source
+from streams.storage import is_remote
 
 __all__ = ["IngestConfig", "IngestText"]
 
@@ -75,18 +76,26 @@ class IngestText(beam.PTransform):
         super().__init__()
         self.config, self.streaming, self.controls = config, streaming, controls
 
+    def _settled_here(self) -> bool:
+        """Whether this pipeline dedups against the settled indexes kept on this machine: always
+        for a local root; for an object-store root in bounded and micro-batch runs (the indexes
+        live in this machine's cache, folded from every writer's published shards), not in the
+        streaming graph, whose runner workers (Dataflow, Flink) would not see this machine's
+        cache: there Beam state is the index."""
+        return not (self.streaming and is_remote(self.config.sink.stream_root))
+
     def _media_settled(self):
-        """The media (image, video) near-dup index's settlement point, like the text one's (local roots only)."""
-        root = self.config.sink.stream_root
-        if "://" in root:
+        """The media (image, video) near-dup index's settlement point, like the text one's."""
+        if not self._settled_here():
             return None
         from beam_jobs.media import MediaConfig
         from beam_jobs.media.dedup_settled import sync as sync_media
 
         media = self.config.media_config or MediaConfig()
         dedup = media.dedup
-        return sync_media(root, dedup.near, horizon_images=dedup.horizon_images, horizon_age_s=dedup.horizon_age_s,
-                          video=media.video_dedup)
+        return sync_media(self.config.sink.stream_root, dedup.near, horizon_images=dedup.horizon_images,
+                          horizon_age_s=dedup.horizon_age_s, video=media.video_dedup,
+                          cache_dir=self.config.dedup.cache_dir)
 
     def expand(self, records):
         c = self.config
@@ -108,9 +117,8 @@ class IngestText(beam.PTransform):
             docs = docs | FilterStep(text_filter)
         # A settlement point: fold what was published since the last snapshot into the next one,
         # and pin this pipeline to it (retries of its bundles see the same settled index).
-        # On a remote stream root (Dataflow, Flink) Beam state is the index: no local snapshot.
-        settled = None if "://" in c.sink.stream_root else sync_settled(
-            c.sink.stream_root, horizon_docs=c.dedup.horizon_docs, horizon_age_s=c.dedup.horizon_age_s)
+        settled = sync_settled(c.sink.stream_root, horizon_docs=c.dedup.horizon_docs, horizon_age_s=c.dedup.horizon_age_s,
+                               cache_dir=c.dedup.cache_dir) if self._settled_here() else None
         docs = docs | "Dedup" >> Dedup(c.dedup, settled=settled)
         text = docs | "Tokenize" >> TokenizeText(c.domains)
         branches = [text, dead]

@@ -90,7 +90,8 @@ class WriterLock:
 def settlement_lock(stream_root: str) -> Iterator[None]:
     """Exclusive across the processes sharing a local ``stream_root`` while one builds a micro-batch
     (its settlement point folds the published tail into the root's dedup snapshots, which two
-    writers must not do at once). Object-store roots keep no local snapshot: no lock."""
+    writers must not do at once). Object-store roots: no lock here; their indexes live in each
+    machine's cache folder, which every sync locks itself (beam_jobs/dedup/snapshot.py)."""
     if "://" in stream_root:
         yield
         return

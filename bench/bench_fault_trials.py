@@ -6,7 +6,8 @@ test (``plan(N, seed)``: root kinds alternate, each cycles through its fault poi
 line per trial and a table per (root kind, fault point): trials, kills that fired, lost,
 duplicated, DLQ copies beyond one, recovery time (kill -> every offset settled) p50/max.
 ``--budget-s`` stops starting trials after that many seconds (the count run is printed).
-Usage: .venv/bin/python bench/bench_fault_trials.py [--trials 50] [--seed 1] [--kinds local,s3] [--out results.json]
+Usage: .venv/bin/python bench/bench_fault_trials.py [--trials 50] [--seed 1] [--kinds local,s3] [--points P,...]
+       [--out results.json]
        .venv/bin/python bench/bench_fault_trials.py --table results.json
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT / "tests" / "helpers"))
+import fault_trials
 from fault_trials import Trial, TrialResult, plan, run_trial
 
 BUCKET = "headwater-bench-faults"
@@ -79,6 +81,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--budget-s", type=float, default=None, help="start no trial after this many seconds")
     ap.add_argument("--kinds", default="local,s3", help="root kinds to alternate (comma-separated: local, s3)")
+    ap.add_argument("--points", help="only these fault points (comma-separated; 'random' for a random moment)")
     ap.add_argument("--out", help="write every trial's result as JSON here")
     ap.add_argument("--table", metavar="JSON", help="only print the table of results written by --out")
     a = ap.parse_args()
@@ -86,6 +89,10 @@ def main() -> None:
         print(table(load(a.table)))
         return
     os.environ.setdefault("HEADWATER_INSECURE_CONTROLS", "1")  # no control is sent in these trials
+    if a.points:
+        wanted = [None if p == "random" else p for p in a.points.split(",")]
+        for points in (fault_trials.LOCAL_POINTS, fault_trials.S3_POINTS):
+            points[:] = [p for p in points if p in wanted] or points
     results: list[TrialResult] = []
     t0 = time.monotonic()
     tmp = tempfile.mkdtemp(prefix="fault-trials-")  # kept when a trial fails: its worker logs are evidence

@@ -1,4 +1,4 @@
-"""Takedown purges of a local stream root's dedup indexes, made idempotent by an intent file.
+"""Takedown purges of a stream root's dedup indexes; on a local root made idempotent by an intent file.
 
 The takedown's sample predicate (:meth:`PurgeIntent.recording`) appends the id of every matching
 sample to ``<root>/_governance/dedup_purge.pending`` (flushed before the shard rewrite commits),
@@ -21,13 +21,16 @@ PENDING = "dedup_purge.pending"  # one JSON id per line, under <root>/_governanc
 
 def purge_dedup(root: str, ids: list[str]) -> dict[str, int]:
     """Put ``ids`` on the purge lists of the root's text, semantic and media (image/video) dedup
-    indexes (those it has); the ids newly purged from each."""
+    indexes (a local root: those it has; an object-store root: all three, since the machines
+    whose caches read them are not known here); the ids newly purged from each, in that order."""
     from beam_jobs.dedup import semantic_settled, settled
     from beam_jobs.media import dedup_settled
+    from streams.storage import is_remote
 
     indexes = {"text": settled, "semantic": semantic_settled, "media": dedup_settled}
-    return {name: index.purge(root, ids) if ids and os.path.isdir(os.path.join(root, index.DIRNAME)) else 0
-            for name, index in indexes.items()}
+    every = is_remote(root)
+    return {name: index.purge(root, ids) if ids and (every or os.path.isdir(os.path.join(root, index.DIRNAME)))
+            else 0 for name, index in indexes.items()}
 
 
 class PurgeIntent:

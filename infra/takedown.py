@@ -38,9 +38,11 @@ zero-width variants are taken down too.
 An object-store root (``s3://…``) is rewritten per writer prefix without a lock (the protocol is
 in streams/mds_rewrite.py and docs/ARCHITECTURE.md); live writers keep publishing. The denylist,
 audit records and report are objects under ``<root>/_governance/``; the replaced shard objects are
-deleted ``--delete-grace-s`` after the indexes stopped listing them. Such a root has no dedup
-snapshot (dedup state is Beam state on the runner) and no ``_ingest`` folder: DLQ and drop logs
-are scrubbed only where ``--dlq``/``--drops`` name the ingest host's local folders.
+deleted ``--delete-grace-s`` after the indexes stopped listing them. The dedup purge lists of
+such a root are the objects ``<root>/_dedup/purged.npy``, ``_semantic_dedup/purged.npy`` and
+``_media_dedup/purged.npy`` (conditional puts): every machine's settled-index cache reads them
+at its next settlement point (beam_jobs/dedup/snapshot.py). It has no ``_ingest`` folder: DLQ
+and drop logs are scrubbed only where ``--dlq``/``--drops`` name the ingest host's local folders.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
-from infra.dedup_purge import PurgeIntent
+from infra.dedup_purge import PurgeIntent, purge_dedup
 from streams import governance as gov
 from streams import manifest as mf
 from streams import storage, writer_log
@@ -190,11 +192,12 @@ def _quarantine(bootstrap: str, source: str, reason: str) -> int:
                              "--reason", f"takedown: {reason or 'no reason given'}"])
 
 
-def _purge_dedup(intent: PurgeIntent, ids: list[str]) -> tuple[int, int, int]:
-    """Put the removed samples' ids, and those a failed earlier takedown recorded, on the purge
-    lists of the root's text, semantic and media dedup indexes (those it has): they leave the
-    snapshots at the next settlement point. The ids newly purged from each."""
-    counts = intent.purge(ids)
+def _purge_dedup(intent: PurgeIntent, ids: list[str], *, remote: bool) -> tuple[int, int, int]:
+    """Put the removed samples' ids, and (local root) those a failed earlier takedown recorded,
+    on the purge lists of the root's text, semantic and media dedup indexes (a local root: those
+    it has; an object-store root: its purge-list objects, read by every machine's index cache):
+    they leave the snapshots at the next settlement point. The ids newly purged from each."""
+    counts = purge_dedup(intent.root, ids) if remote else intent.purge(ids)
     return counts["text"], counts["semantic"], counts["media"]
 
 
@@ -233,8 +236,7 @@ def takedown(source: str, stream_root: str, *, run_dirs: list[str] = (), reason:
             failed = result.failed
             if not result.removed:
                 break
-        # an object-store root has no dedup snapshot (Beam state on the runner) and no _ingest folder
-        text, semantic, media = (None, None, None) if remote else _purge_dedup(intent, [r.id for r in removed])
+        text, semantic, media = _purge_dedup(intent, [r.id for r in removed], remote=remote)
         ingest = None if remote else os.path.join(root, "_ingest")
         dlq_dir = dlq_dir or (ingest and os.path.join(ingest, "dlq"))
         drops_dir = drops_dir or (ingest and os.path.join(ingest, "drops"))

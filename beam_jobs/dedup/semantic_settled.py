@@ -9,8 +9,11 @@ pending rows of exactly the documents they hold (matched by id hash) into one im
 segment; a drop in batch k is therefore caused only by a document published earlier. It then
 atomically rewrites ``snapshot.json`` (fsynced after its segments) and trims the side files:
 folded rows leave, rows never published (dropped downstream, or a crashed batch) leave after
-``grace_s``. A restart maps the segments and reads only the tail. Object-store roots keep no
-snapshot (Beam state is the index) and write no side files.
+``grace_s``. A restart maps the segments and reads only the tail. For an object-store root the
+``_semantic_dedup`` folder, side files included, lives in this machine's cache
+(:func:`~beam_jobs.dedup.snapshot.index_home`) and the purge list in the root, as for the text
+index; since embeddings are not in the stream, such a cache holds only the documents this
+machine's pipelines kept (another machine's are not compared semantically).
 
 ``snapshot.json`` records the embedding model id and dimension: a snapshot of another model,
 or one that cannot be read, is set aside with a logged error and rebuilt (empty, plus whatever
@@ -59,10 +62,11 @@ from beam_jobs.dedup.snapshot import (
     SNAPSHOT,
     ColumnSegment,
     SegmentSet,
-    add_purged,
+    add_purged_to,
     fsync_dir,
+    index_home,
     open_generation,
-    read_purged,
+    read_purged_of,
     read_segment,
     read_snapshot,
     read_tail,
@@ -131,13 +135,14 @@ def _read_npz(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     return meta, cols
 
 
-def write_pending(root: str, *, model: str, keys: list[str], ids: list[str], coordh: list[int],
+def write_pending(home: str, *, model: str, keys: list[str], ids: list[str], coordh: list[int],
                   vecs: np.ndarray, now: float | None = None) -> str:
     """Write the embeddings of kept documents (their shard keys, ids, coords hashes) as one side
-    file under ``<root>/_semantic_dedup/pending/`` and return its path. Call before the
+    file under ``<home>/_semantic_dedup/pending/`` (``home``: a local stream root, or the
+    :attr:`SemanticSettledRef.home` of an object-store one) and return its path. Call before the
     documents can reach the sink: :func:`sync` folds a row only once its document is published."""
     vecs = np.atleast_2d(np.asarray(vecs, dtype=np.float32))
-    pdir = os.path.join(root, DIRNAME, PENDING)
+    pdir = os.path.join(home, DIRNAME, PENDING)
     os.makedirs(pdir, exist_ok=True)
     scale, codes = quantize(vecs)
     cols = {"names": np.array(keys, dtype=object), "idh": np.array([id_hash(i) for i in ids], dtype=np.uint64),
@@ -151,14 +156,12 @@ def write_pending(root: str, *, model: str, keys: list[str], ids: list[str], coo
 
 def purge(root: str, ids: list[str], *, lock_wait_s: float = LOCK_WAIT_S) -> int:
     """Forget the embeddings of the documents ``ids`` (a takedown): their id hashes join
-    ``<root>/_semantic_dedup/purged.npy`` (atomic, fsynced, under the sync lock), so no side
-    file row of theirs is ever folded, and the next :func:`sync` rewrites the snapshot (and drops
-    the persisted ANN indexes) without them (even with no new shard). Until then a pipeline
-    pinned to an older generation may still drop a near-duplicate as ``dup_of`` one of them.
-    Returns the number added."""
-    ddir = os.path.join(root, DIRNAME)
-    with snapshot_lock(ddir, lock_wait_s):
-        return add_purged(ddir, (id_hash(i) for i in ids))
+    ``<root>/_semantic_dedup/purged.npy`` (atomic, fsynced, under the sync lock; for an
+    object-store root that object), so no side file row of theirs is ever folded, and the next
+    :func:`sync` rewrites the snapshot (and drops the persisted ANN indexes) without them (even
+    with no new shard). Until then a pipeline pinned to an older generation may still drop a
+    near-duplicate as ``dup_of`` one of them. Returns the number added."""
+    return add_purged_to(root, DIRNAME, (id_hash(i) for i in ids), lock_wait_s=lock_wait_s)
 
 
 class SemanticSegment(ColumnSegment):
@@ -313,9 +316,10 @@ class _KeyIndex:
 class SemanticSettledIndex(SegmentSet):
     """Segments of one snapshot generation, oldest first; read-only once built. The ANN index of
     a shard key is opened on its first lookup (once per process and generation): the persisted
-    one plus the rows after it, else built and persisted."""
+    one plus the rows after it, else built and persisted. ``home``: the folder holding
+    ``_semantic_dedup`` (a local stream root, or an object-store root's cache folder)."""
 
-    root: str
+    home: str
     kind: str = "hnsw"
     generation: int = 0
     segments: tuple[SemanticSegment, ...] = ()
@@ -327,23 +331,23 @@ class SemanticSettledIndex(SegmentSet):
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def load(cls, root: str, kind: str = "hnsw", *, model: tuple[str, int] | None = None) -> SemanticSettledIndex:
-        """The snapshot as last written (empty if none). ``model``: the ``(id, dimension)`` the
+    def load(cls, home: str, kind: str = "hnsw", *, model: tuple[str, int] | None = None) -> SemanticSettledIndex:
+        """The snapshot under ``home`` as last written (empty if none). ``model``: the ``(id, dimension)`` the
         caller embeds with; a snapshot of another model is not used (empty, ``reset``, covered
         shards kept: their embeddings are of the old space). A snapshot that cannot be read is
         moved aside and logged as an error; the index is empty with no covered shard, so the
         next :func:`sync` refolds every pending row the published shards still match."""
-        ddir = os.path.join(root, DIRNAME)
+        ddir = os.path.join(home, DIRNAME)
         try:
             snap = read_snapshot(ddir)
             if snap is None:
-                return cls(root, kind, model=model)
+                return cls(home, kind, model=model)
             gen, shards = int(snap["generation"]), frozenset(snap["shards"])
             if model is not None and (snap.get("model"), snap.get("dim")) != tuple(model):
                 log.warning("semantic dedup snapshot of %s was built with model %s (dim %s), this run embeds with "
                             "%s (dim %d): starting an empty semantic index (earlier documents are not compared)",
-                            root, snap.get("model"), snap.get("dim"), model[0], model[1])
-                return cls(root, kind, gen, (), shards, reset=True, model=model, space=tuple(model))
+                            home, snap.get("model"), snap.get("dim"), model[0], model[1])
+                return cls(home, kind, gen, (), shards, reset=True, model=model, space=tuple(model))
             segs = tuple(SemanticSegment.open(os.path.join(ddir, name)) for name in snap["segments"])
         except (OSError, ValueError, KeyError, TypeError, EOFError) as e:  # json errors are ValueErrors
             aside = os.path.join(ddir, f"{SNAPSHOT}.bad-{time.time_ns()}")
@@ -351,10 +355,10 @@ class SemanticSettledIndex(SegmentSet):
                 os.replace(os.path.join(ddir, SNAPSHOT), aside)
             log.error("ALERT semantic dedup snapshot of %s is unreadable (%s: %s); moved to %s and rebuilt from "
                       "the pending embeddings of published shards (near-duplicates of older documents are kept)",
-                      root, type(e).__name__, e, aside)
-            return cls(root, kind, reset=True, model=model)
+                      home, type(e).__name__, e, aside)
+            return cls(home, kind, reset=True, model=model)
         space = (snap["model"], int(snap["dim"])) if snap.get("model") is not None else None
-        return cls(root, kind, gen, segs, shards, model=model, space=space)
+        return cls(home, kind, gen, segs, shards, model=model, space=space)
 
     def count_by_key(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -372,7 +376,7 @@ class SemanticSettledIndex(SegmentSet):
     def _open_key(self, key: str) -> _KeyIndex:
         """``key``'s ANN index: the persisted one extended with the segments after it, else built;
         persisted again when it grew."""
-        ddir = os.path.join(self.root, DIRNAME)
+        ddir = os.path.join(self.home, DIRNAME)
         stored = None if self.kind == "flat" or self.space is None else _KeyIndex.restore(
             ddir, key, self.kind, self.segments, self.space)
         if stored is None:
@@ -391,16 +395,18 @@ class SemanticSettledIndex(SegmentSet):
 
 @dataclass(frozen=True, slots=True)
 class SemanticSettledRef:
-    """A pinned generation of a stream root's settled semantic index (picklable)."""
+    """A pinned generation of a stream root's settled semantic index (picklable); ``home`` holds
+    its ``_semantic_dedup`` (the root itself, or an object-store root's cache folder)."""
 
     root: str
     generation: int
+    home: str
     kind: str = "hnsw"
 
     def open(self) -> SemanticSettledIndex:
         """This generation's index: the in-process one when this process built it, else loaded."""
-        return open_generation(_OPEN, _LOCK, self.root, self.generation,
-                               lambda: SemanticSettledIndex.load(self.root, self.kind), "semantic dedup")
+        return open_generation(_OPEN, _LOCK, self.home, self.generation,
+                               lambda: SemanticSettledIndex.load(self.home, self.kind), "semantic dedup")
 
 
 def _published_ids(root: str, covered: frozenset[str]) -> tuple[np.ndarray, set[str]]:
@@ -417,13 +423,13 @@ def _concat(parts: list[dict[str, np.ndarray]], dim: int) -> dict[str, np.ndarra
     return {f: np.concatenate([p[f] for p in parts]) for f in parts[0]} if parts else _empty_cols(dim)
 
 
-def _scan_pending(root: str, published: np.ndarray, settled: np.ndarray, model: tuple[str, int], now: float,
+def _scan_pending(home: str, published: np.ndarray, settled: np.ndarray, model: tuple[str, int], now: float,
                   grace_s: float) -> tuple[dict[str, np.ndarray], list[tuple[str, dict | None, dict | None]]]:
     """The pending rows whose documents are in ``published`` and not ``settled`` (already held,
     or taken down: such rows are dropped), oldest first, one per id hash and coords hash; and
     what to do with each side file once they are in a snapshot: ``(path, meta, rest)``:
     rewrite with ``rest``, or delete when ``rest`` is ``None``."""
-    pdir = os.path.join(root, DIRNAME, PENDING)
+    pdir = os.path.join(home, DIRNAME, PENDING)
     parts, actions = [], []
     for name in sorted(os.listdir(pdir)) if os.path.isdir(pdir) else ():
         path = os.path.join(pdir, name)
@@ -496,7 +502,7 @@ def _newest_per_key(names: np.ndarray, horizon: int) -> np.ndarray:
 
 def sync(root: str, *, horizon: int, kind: str = "hnsw", model: str | None = None, max_segments: int = 16,
          low_water: float = 0.8, grace_s: float = 3600.0, now: float | None = None,
-         lock_wait_s: float = LOCK_WAIT_S) -> SemanticSettledRef:
+         lock_wait_s: float = LOCK_WAIT_S, cache_dir: str | None = None) -> SemanticSettledRef:
     """Fold the pending rows of the documents published since the last snapshot into a new
     segment, apply the per-key horizon, write the next generation, trim the side files.
 
@@ -507,38 +513,41 @@ def sync(root: str, *, horizon: int, kind: str = "hnsw", model: str | None = Non
     of each key, so compaction (and the ANN rebuild it causes) is amortised over many
     micro-batches. Between compactions the ANN indexes this process already built are copied,
     extended with the new rows only and persisted. Call at a settlement point (before a
-    micro-batch, after the previous one published); processes syncing one root take turns
-    (waiting up to ``lock_wait_s``, else :class:`~beam_jobs.dedup.snapshot.SnapshotBusy`).
-    Returns the pinned reference the pipeline's semantic dedup uses."""
+    micro-batch, after the previous one published); processes syncing one index folder take
+    turns (waiting up to ``lock_wait_s``, else :class:`~beam_jobs.dedup.snapshot.SnapshotBusy`).
+    ``cache_dir``: where an object-store root's index is kept
+    (:func:`~beam_jobs.dedup.snapshot.index_home`). Returns the pinned reference the pipeline's
+    semantic dedup uses."""
     from beam_jobs.dedup.semantic import model_identity
 
     now = time.time() if now is None else now
     ident = model_identity(model)
-    with snapshot_lock(os.path.join(root, DIRNAME), lock_wait_s):
-        return _sync(root, horizon=horizon, kind=kind, ident=ident, max_segments=max_segments,
+    home = index_home(root, cache_dir)
+    with snapshot_lock(os.path.join(home, DIRNAME), lock_wait_s):
+        return _sync(root, home, horizon=horizon, kind=kind, ident=ident, max_segments=max_segments,
                      low_water=low_water, grace_s=grace_s, now=now)
 
 
-def _sync(root: str, *, horizon: int, kind: str, ident: tuple[str, int], max_segments: int, low_water: float,
+def _sync(root: str, home: str, *, horizon: int, kind: str, ident: tuple[str, int], max_segments: int, low_water: float,
           grace_s: float, now: float) -> SemanticSettledRef:
-    """:func:`sync`'s fold, under the root's lock."""
+    """:func:`sync`'s fold, under the index folder's lock."""
     with _LOCK:
-        index = _OPEN.get((root, read_generation(root)))
+        index = _OPEN.get((home, read_generation(home)))
     if index is None or index.kind != kind or index.model != ident:
-        index = SemanticSettledIndex.load(root, kind, model=ident)
+        index = SemanticSettledIndex.load(home, kind, model=ident)
     published, shards = _published_ids(root, index.shards)
-    purged = read_purged(os.path.join(root, DIRNAME))
+    purged = read_purged_of(root, home, DIRNAME)
     held = np.concatenate([np.asarray(seg.idh) for seg in index.segments]) if index.segments else np.zeros(0, np.uint64)
     dirty = bool(len(purged)) and bool(np.isin(held, purged).any())  # a takedown since the last snapshot
     # A document already held (a rewritten shard's survivor, a replay) is not folded twice.
-    cols, actions = _scan_pending(root, published, np.union1d(purged, held), ident, now, grace_s)
+    cols, actions = _scan_pending(home, published, np.union1d(purged, held), ident, now, grace_s)
     if not shards and index.generation and not index.reset and not dirty:
         _apply(actions)  # side files past their grace, rows already held or taken down
         with _LOCK:
-            _OPEN.setdefault((root, index.generation), index)
-        return SemanticSettledRef(root, index.generation, kind)
+            _OPEN.setdefault((home, index.generation), index)
+        return SemanticSettledRef(root, index.generation, home, kind)
     gen = index.generation + 1
-    ddir = os.path.join(root, DIRNAME)
+    ddir = os.path.join(home, DIRNAME)
     os.makedirs(ddir, exist_ok=True)
     segs = list(index.segments)
     new = []
@@ -567,7 +576,7 @@ def _sync(root: str, *, horizon: int, kind: str, ident: tuple[str, int], max_seg
                           meta={"model": ident[0], "dim": ident[1]}, keep=(PENDING, PURGED, ANN))
     _apply(actions)  # after the snapshot holds the folded rows: a crash in between refolds nothing twice
     _prune_ann(ddir, snap["segments"], now, grace_s)
-    built = SemanticSettledIndex(root, kind, gen, tuple(segs), frozenset(snap["shards"]), model=ident, space=ident)
+    built = SemanticSettledIndex(home, kind, gen, tuple(segs), frozenset(snap["shards"]), model=ident, space=ident)
     if not compact and not index.reset:  # the previous generation stays pinned and read-only: extend copies
         with index._lock:
             carried = dict(index._built)
@@ -576,10 +585,10 @@ def _sync(root: str, *, horizon: int, kind: str, ident: tuple[str, int], max_seg
             if len(grown.idh) > len(ki.idh):
                 grown.save(ddir, k, ident)
     with _LOCK:
-        _OPEN[(root, gen)] = built
-        for key in [k for k in _OPEN if k[0] == root and k[1] < gen - 1]:
+        _OPEN[(home, gen)] = built
+        for key in [k for k in _OPEN if k[0] == home and k[1] < gen - 1]:
             del _OPEN[key]
-    return SemanticSettledRef(root, gen, kind)
+    return SemanticSettledRef(root, gen, home, kind)
 
 
 def _prune_ann(ddir: str, segments: list[str], now: float, grace_s: float) -> None:
@@ -604,10 +613,10 @@ def _prune_ann(ddir: str, segments: list[str], now: float, grace_s: float) -> No
                 pass
 
 
-def read_generation(root: str) -> int:
-    """The generation of the snapshot last written under ``root`` (0: none, -1: unreadable)."""
+def read_generation(home: str) -> int:
+    """The generation of the snapshot last written under ``home`` (0: none, -1: unreadable)."""
     try:
-        snap = read_snapshot(os.path.join(root, DIRNAME))
+        snap = read_snapshot(os.path.join(home, DIRNAME))
         return 0 if snap is None else int(snap["generation"])
     except (OSError, ValueError, KeyError, TypeError):
         return -1

@@ -12,6 +12,10 @@ Each segment keeps, per document: the sketch (id hash, coords hash, filter) and 
 Horizon: when more than ``horizon_docs`` documents or segments older than ``horizon_age_s``
 are held, the oldest whole segments are forgotten (a later near-dup of them is kept).
 
+Object-store roots (``s3://...``): the index folder lives in this machine's cache instead
+(:func:`~beam_jobs.dedup.snapshot.index_home`), folded from every writer's published shards, and
+the purge list is the object ``ROOT/_dedup/purged.npy`` that every cache's sync reads.
+
 Takedown: :func:`purge` puts the removed documents' id hashes on ``_dedup/purged.npy``; the next
 :func:`sync` rewrites the segments holding any of them without them (even with no new shard)
 and never folds one again, so a later near-duplicate of a taken-down document is kept. Syncs and
@@ -34,10 +38,11 @@ from beam_jobs.dedup.snapshot import (
     PURGED,
     ColumnSegment,
     SegmentSet,
-    add_purged,
+    add_purged_to,
     apply_horizon,
+    index_home,
     open_generation,
-    read_purged,
+    read_purged_of,
     read_segment,
     read_snapshot,
     read_tail,
@@ -53,20 +58,22 @@ DIRNAME = "_dedup"
 LOCK_WAIT_S = 300.0  # how long a sync or purge waits for another process folding the same root
 ID_BYTES = 16  # ids are kept (for ``dup_of``) truncated to this many bytes
 _LOCK = threading.Lock()
-_OPEN: dict[tuple[str, int], SettledIndex] = {}  # (stream root, generation) -> index, set when complete
+_OPEN: dict[tuple[str, int], SettledIndex] = {}  # (index home, generation) -> index, set when complete
 
 
 @dataclass(frozen=True, slots=True)
 class SettledRef:
-    """A pinned generation of a stream root's settled index (picklable; what a pipeline holds)."""
+    """A pinned generation of a stream root's settled index (picklable; what a pipeline holds).
+    ``home``: the local folder holding its ``_dedup`` (the root itself, or its cache folder)."""
 
     root: str
     generation: int
+    home: str
 
     def open(self) -> SettledIndex:
         """The index of this generation: the in-process one when this process built it, else
         loaded (memory-mapped) from the snapshot; never a half-built one."""
-        return open_generation(_OPEN, _LOCK, self.root, self.generation, lambda: SettledIndex.load(self.root),
+        return open_generation(_OPEN, _LOCK, self.home, self.generation, lambda: SettledIndex.load(self.home),
                                "dedup")
 
 
@@ -126,21 +133,22 @@ class Segment(ColumnSegment):
 
 @dataclass(slots=True)
 class SettledIndex(SegmentSet):
-    """Segments of one snapshot generation, newest last; read-only once built."""
+    """Segments of one snapshot generation, newest last; read-only once built. ``home``: the
+    folder holding ``_dedup`` (a local stream root, or an object-store root's cache folder)."""
 
-    root: str
+    home: str
     generation: int = 0
     segments: tuple[Segment, ...] = ()
     shards: frozenset[str] = frozenset()
 
     @classmethod
-    def load(cls, root: str) -> SettledIndex:
-        """The snapshot as last written (empty if none)."""
-        snap = read_snapshot(os.path.join(root, DIRNAME))
+    def load(cls, home: str) -> SettledIndex:
+        """The snapshot under ``home`` as last written (empty if none)."""
+        snap = read_snapshot(os.path.join(home, DIRNAME))
         if snap is None:
-            return cls(root)
-        segs = tuple(Segment.open(os.path.join(root, DIRNAME, name)) for name in snap["segments"])
-        return cls(root, snap["generation"], segs, frozenset(snap["shards"]))
+            return cls(home)
+        segs = tuple(Segment.open(os.path.join(home, DIRNAME, name)) for name in snap["segments"])
+        return cls(home, snap["generation"], segs, frozenset(snap["shards"]))
 
     def lookup(self, *, idh: int, coordh: int, exact: int | None, bands: list[int] | None,
                shingles: np.ndarray | None, threshold: float) -> tuple[str, str, int] | None:
@@ -169,36 +177,37 @@ def _tail(root: str, covered: frozenset[str]) -> tuple[list[tuple[str, DedupReco
 
 
 def purge(root: str, ids: list[str], *, lock_wait_s: float = LOCK_WAIT_S) -> int:
-    """Forget the documents ``ids`` (a takedown): their id hashes join ``<root>/_dedup/purged.npy``,
-    so the next :func:`sync` rewrites the snapshot without their sketches (even with no new shard)
-    and never folds them again. Until then a pipeline pinned to an older generation may still drop
-    a near-duplicate as ``dup_of`` one of them. Returns the number added."""
-    ddir = os.path.join(root, DIRNAME)
-    with snapshot_lock(ddir, lock_wait_s):
-        return add_purged(ddir, (id_hash(i) for i in ids))
+    """Forget the documents ``ids`` (a takedown): their id hashes join ``<root>/_dedup/purged.npy``
+    (for an object-store root that object, read by every machine's cache), so the next
+    :func:`sync` rewrites the snapshot without their sketches (even with no new shard) and never
+    folds them again. Until then a pipeline pinned to an older generation may still drop a
+    near-duplicate as ``dup_of`` one of them. Returns the number added."""
+    return add_purged_to(root, DIRNAME, (id_hash(i) for i in ids), lock_wait_s=lock_wait_s)
 
 
 def sync(root: str, *, horizon_docs: int | None = None, horizon_age_s: float | None = None,
-         max_segments: int = 16, now: float | None = None, lock_wait_s: float = LOCK_WAIT_S) -> SettledRef:
+         max_segments: int = 16, now: float | None = None, lock_wait_s: float = LOCK_WAIT_S,
+         cache_dir: str | None = None) -> SettledRef:
     """Fold the tail into a new segment, apply the horizon, write the next snapshot generation.
 
     Call at a settlement point (before a micro-batch, after the previous one published).
-    Processes syncing one root take turns (waiting up to ``lock_wait_s``, else
-    :class:`~beam_jobs.dedup.snapshot.SnapshotBusy`). Returns the pinned reference a pipeline's
-    dedup uses."""
+    Processes syncing one index folder take turns (waiting up to ``lock_wait_s``, else
+    :class:`~beam_jobs.dedup.snapshot.SnapshotBusy`). ``cache_dir``: where an object-store
+    root's index is kept (:func:`~beam_jobs.dedup.snapshot.index_home`). Returns the pinned
+    reference a pipeline's dedup uses."""
     now = time.time() if now is None else now
-    ddir = os.path.join(root, DIRNAME)
+    home = index_home(root, cache_dir)
+    ddir = os.path.join(home, DIRNAME)
     with snapshot_lock(ddir, lock_wait_s):
-        index = SettledIndex.load(root)
+        index = SettledIndex.load(home)
         records, shards = _tail(root, index.shards)
-        purged = read_purged(ddir)
+        purged = read_purged_of(root, home, DIRNAME)
         held = [np.asarray(seg.idh) for seg in index.segments]
         dirty = [bool(len(purged)) and bool(np.isin(h, purged).any()) for h in held]  # a takedown since
         if not shards and index.generation and not any(dirty):
-            ref = SettledRef(root, index.generation)
             with _LOCK:
-                _OPEN.setdefault((root, index.generation), index)
-            return ref
+                _OPEN.setdefault((home, index.generation), index)
+            return SettledRef(root, index.generation, home)
         gen = index.generation + 1
         segs = [_without(seg, purged, os.path.join(ddir, f"seg-{gen:08d}-p{i:02d}")) if d else seg
                 for i, (seg, d) in enumerate(zip(index.segments, dirty))]
@@ -217,12 +226,12 @@ def sync(root: str, *, horizon_docs: int | None = None, horizon_age_s: float | N
         apply_horizon(segs, now=now, horizon_age_s=horizon_age_s, horizon_count=horizon_docs,
                       log=log, what="dedup", unit="documents")
         snap = write_snapshot(ddir, gen, segs, index.shards | shards, now, keep=(PURGED,))
-    built = SettledIndex(root, gen, tuple(segs), frozenset(snap["shards"]))
+    built = SettledIndex(home, gen, tuple(segs), frozenset(snap["shards"]))
     with _LOCK:
-        _OPEN[(root, gen)] = built
-        for key in [k for k in _OPEN if k[0] == root and k[1] < gen - 1]:
+        _OPEN[(home, gen)] = built
+        for key in [k for k in _OPEN if k[0] == home and k[1] < gen - 1]:
             del _OPEN[key]
-    return SettledRef(root, gen)
+    return SettledRef(root, gen, home)
 
 
 def _without(seg: Segment, purged: np.ndarray, path: str) -> Segment | None:

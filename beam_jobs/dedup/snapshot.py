@@ -2,14 +2,25 @@
 :mod:`beam_jobs.media.dedup_settled`, embeddings :mod:`beam_jobs.dedup.semantic_settled`):
 segment folders of ``.npy`` columns, the horizon, the atomically rewritten ``snapshot.json``,
 the purge list of taken-down documents, the lock that serialises the processes folding one
-index, and reading a stream root's unindexed tail."""
+index, and reading a stream root's unindexed tail.
+
+Where an index lives (:func:`index_home`): under a local stream root itself; for an object-store
+root (``s3://...``) in a local cache folder of the machine, ``<cache>/<sha256(root)[:16]>/``
+(``<cache>`` defaults to ``$HEADWATER_STATE_DIR/dedup``, else ``~/.cache/headwater/dedup``). The
+stream is the truth and such a cache only a copy of it: a fresh machine's first sync folds every
+published shard of every writer (O(history), once), later ones the tail. The purge list of an
+object-store root is the one object ``ROOT/<index folder>/purged.npy`` (:func:`add_purged_to`),
+which every machine's sync reads (:func:`read_purged_of`), so a takedown reaches every cache."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
 import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,19 +28,59 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from streams import storage
 from streams.manifest import INDEX, JOURNAL_DIR, flock_within, fsync_dir
 
-__all__ = ["LOCK", "PURGED", "SNAPSHOT", "ColumnSegment", "SegmentSet", "SnapshotBusy", "add_purged", "apply_horizon",
-           "fsync_dir", "open_generation", "read_purged", "read_segment", "read_snapshot", "read_tail",
-           "snapshot_lock", "write_segment", "write_snapshot"]
+__all__ = ["LOCK", "PURGED", "SNAPSHOT", "STATE_DIR_ENV", "ColumnSegment", "DedupCacheError", "SegmentSet",
+           "SnapshotBusy", "add_purged", "add_purged_to", "apply_horizon", "default_cache_dir", "fsync_dir",
+           "index_home", "open_generation", "read_purged", "read_purged_of", "read_segment", "read_snapshot",
+           "read_tail", "read_tails", "snapshot_lock", "write_segment", "write_snapshot"]
 
 SNAPSHOT = "snapshot.json"
 LOCK = ".lock"  # flock of the processes folding or purging one index folder (a file: never cleaned up)
 PURGED = "purged.npy"  # id hashes of documents taken down: never folded, dropped from the snapshot
+STATE_DIR_ENV = "HEADWATER_STATE_DIR"  # a machine's local state folder (default ~/.cache/headwater)
+ROOT_NAME = "root.url"  # in an object-store root's cache folder: the root it caches (for operators)
+_log = logging.getLogger(__name__)
 
 
 class SnapshotBusy(RuntimeError):
     """Another process held an index folder's lock for longer than the caller would wait."""
+
+
+class DedupCacheError(OSError):
+    """The local cache folder of an object-store root's dedup indexes cannot be created or written."""
+
+
+def default_cache_dir() -> str:
+    """``$HEADWATER_STATE_DIR/dedup``, else ``~/.cache/headwater/dedup``."""
+    state = os.environ.get(STATE_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "headwater")
+    return os.path.join(state, "dedup")
+
+
+def index_home(root: str, cache_dir: str | None = None) -> str:
+    """The local folder holding ``root``'s index folders (``_dedup``, ``_media_dedup``, ...):
+    a local root itself; for an object-store root its folder in the cache ``cache_dir``
+    (``None``: :func:`default_cache_dir`), ``<cache_dir>/<sha256(root)[:16]>``, created and
+    checked writable (else :class:`DedupCacheError`)."""
+    if not storage.is_remote(root):
+        return root
+    url = storage.normalize_root(root)
+    home = os.path.join(os.path.abspath(cache_dir or default_cache_dir()),
+                        hashlib.sha256(url.encode()).hexdigest()[:16])
+    try:
+        os.makedirs(home, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=home, prefix=".probe-"):
+            pass
+        if not os.path.exists(os.path.join(home, ROOT_NAME)):
+            _log.info("new dedup cache %s for %s: its first settlement point folds every published shard "
+                      "(every writer's) once, later ones only the tail", home, url)
+            with open(os.path.join(home, ROOT_NAME), "w") as f:
+                f.write(url + "\n")
+    except OSError as e:
+        raise DedupCacheError(f"dedup cache {home} of {url} is not writable ({e}); set "
+                              f"--dedup-cache-dir or ${STATE_DIR_ENV} to a writable folder") from e
+    return home
 
 
 @contextmanager
@@ -70,6 +121,48 @@ def add_purged(ddir: str, hashes: Iterable[int]) -> int:
     os.replace(tmp, os.path.join(ddir, PURGED))
     fsync_dir(ddir)
     return len(new)
+
+
+def _npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def read_purged_of(root: str, home: str, dirname: str) -> np.ndarray:
+    """The purge list of ``root``'s index ``dirname``: ``home/dirname/purged.npy`` for a local
+    root, the object ``ROOT/dirname/purged.npy`` for an object-store root (one GET: every
+    machine's cache reads the same list)."""
+    if not storage.is_remote(root):
+        return read_purged(os.path.join(home, dirname))
+    data = storage.object_root(root).read(f"{dirname}/{PURGED}")
+    return np.zeros(0, np.uint64) if data is None else _npy(data)
+
+
+def add_purged_to(root: str, dirname: str, hashes: Iterable[int], *, lock_wait_s: float) -> int:
+    """Add id ``hashes`` to the purge list of ``root``'s index ``dirname`` (see
+    :func:`read_purged_of`); the number new to it. A local root's list is rewritten under the
+    index's :func:`snapshot_lock`; an object-store root's object by a conditional put (If-Match
+    the version read, retried on a conflict), so concurrent takedowns lose no id."""
+    hashes = np.fromiter(hashes, dtype=np.uint64)
+    if not storage.is_remote(root):
+        ddir = os.path.join(root, dirname)
+        with snapshot_lock(ddir, lock_wait_s):
+            return add_purged(ddir, hashes.tolist())
+    store, rel = storage.object_root(root), f"{dirname}/{PURGED}"
+    for attempt in range(storage.CAS_ATTEMPTS):
+        version = store.version(rel)
+        data = store.read(rel) if version is not None else None
+        old = np.zeros(0, np.uint64) if data is None else _npy(data)
+        new = np.setdiff1d(hashes, old)
+        if not len(new):
+            return 0
+        buf = io.BytesIO()
+        np.save(buf, np.union1d(old, new))
+        try:
+            store.put(rel, buf.getvalue(), if_version=version if data is not None else None)
+            return len(new)
+        except storage.PreconditionFailed:  # another takedown wrote it in between: read again
+            storage.backoff(attempt)
+    raise storage.PreconditionFailed(f"{root}/{rel}: lost {storage.CAS_ATTEMPTS} conditional-put rounds")
 
 
 class _Aged(Protocol):
@@ -201,24 +294,34 @@ def read_tail(root: str, covered: frozenset[str], modality: str,
     """``(sample id, lineage[key])`` of the ``modality`` samples carrying ``key`` in the shards
     of ``root`` published but not in ``covered``, and those shards; ``key`` ``None``: every
     ``modality`` sample, as ``(sample id, None)``."""
+    found, shards = read_tails(root, covered, (modality,), key)
+    return found[modality], shards
+
+
+def read_tails(root: str, covered: frozenset[str], modalities: Sequence[str],
+               key: str | None) -> tuple[dict[str, list[tuple[str, Any]]], set[str]]:
+    """:func:`read_tail` of several ``modalities`` in one pass over the tail (each shard is read,
+    for an object-store root downloaded, once): per modality its ``(sample id, value)`` list."""
     from streams.mds import TailReader
 
-    found: list[tuple[str, Any]] = []
+    found: dict[str, list[tuple[str, Any]]] = {m: [] for m in modalities}
     shards: set[str] = set()
-    if not any(os.path.exists(os.path.join(root, name)) for name in (INDEX, JOURNAL_DIR)):  # nothing published
+    if not storage.is_remote(root) and not any(os.path.exists(os.path.join(root, name))
+                                                for name in (INDEX, JOURNAL_DIR)):  # nothing published
         return found, shards
     with TailReader(root, exclude_shards=covered) as reader:
         shards.update(reader.poll())
         for s in reader.samples(timeout_s=0):
             shards.add(s["_shard"])
-            if s.get("modality") != modality:
+            out = found.get(s.get("modality"))
+            if out is None:
                 continue
             if key is None:
-                found.append((s["id"], None))
+                out.append((s["id"], None))
                 continue
             lineage = s.get("lineage") or {}
             if isinstance(lineage, str):
                 lineage = json.loads(lineage)
             if key in lineage:
-                found.append((s["id"], lineage[key]))
+                out.append((s["id"], lineage[key]))
     return found, shards

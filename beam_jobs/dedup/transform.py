@@ -318,7 +318,7 @@ class _SemanticFn(beam.DoFn):
     def finish_bundle(self):
         if self.settled is not None and self._pending:
             keys, ids, coordh, vecs = zip(*self._pending)
-            write_pending(self.settled.root, model=self.model_id, keys=list(keys), ids=list(ids),
+            write_pending(self.settled.home, model=self.model_id, keys=list(keys), ids=list(ids),
                           coordh=list(coordh), vecs=np.stack(vecs))
         self._pending = []
 
@@ -378,7 +378,8 @@ class Dedup(beam.PTransform):
         self.config = c = config or DedupConfig()
         self.settled = settled
         self.semantic_settled = None if settled is None or not c.semantic else sync_semantic(
-            settled.root, horizon=c.semantic_horizon, kind=c.semantic_index, model=c.semantic_model)
+            settled.root, horizon=c.semantic_horizon, kind=c.semantic_index, model=c.semantic_model,
+            cache_dir=c.cache_dir)
 
     def expand(self, docs):
         c = self.config

@@ -16,6 +16,9 @@ beyond ``horizon_images`` images (``VideoNearDupConfig.horizon_videos`` videos) 
 older than ``horizon_age_s``, the oldest whole segments are forgotten (a later near-dup of them
 is kept).
 
+Object-store roots keep the folder in this machine's cache and the purge list in the root, as
+the text index does (:mod:`beam_jobs.dedup.settled`).
+
 Takedown: :func:`purge` puts the removed samples' id hashes on ``_media_dedup/purged.npy``; the
 next :func:`sync` rewrites the segments holding any of them without them (even with no new
 shard) and never folds them again, nor an id the index already holds (a takedown's rewritten
@@ -38,13 +41,14 @@ from beam_jobs.dedup.snapshot import (
     PURGED,
     ColumnSegment,
     SegmentSet,
-    add_purged,
+    add_purged_to,
     apply_horizon,
+    index_home,
     open_generation,
-    read_purged,
+    read_purged_of,
     read_segment,
     read_snapshot,
-    read_tail,
+    read_tails,
     snapshot_lock,
     write_segment,
     write_snapshot,
@@ -79,17 +83,19 @@ _OPEN: dict[tuple[str, int], MediaSettledIndex] = {}
 
 @dataclass(frozen=True, slots=True)
 class MediaSettledRef:
-    """A pinned generation of a stream root's settled media index (picklable)."""
+    """A pinned generation of a stream root's settled media index (picklable); ``home`` holds
+    its ``_media_dedup`` (the root itself, or an object-store root's cache folder)."""
 
     root: str
     generation: int
+    home: str
     config: NearDupConfig
     video: VideoNearDupConfig = field(default_factory=VideoNearDupConfig)
 
     def open(self) -> MediaSettledIndex:
         """This generation's index: the in-process one when this process built it, else loaded."""
-        return open_generation(_OPEN, _LOCK, self.root, self.generation,
-                               lambda: MediaSettledIndex.load(self.root, self.config, self.video), "media dedup")
+        return open_generation(_OPEN, _LOCK, self.home, self.generation,
+                               lambda: MediaSettledIndex.load(self.home, self.config, self.video), "media dedup")
 
 
 class MediaSegment(ColumnSegment):
@@ -144,9 +150,10 @@ class MediaSegment(ColumnSegment):
 @dataclass(slots=True)
 class MediaSettledIndex(SegmentSet):
     """Segments of one snapshot generation, newest last; read-only once built. ``len`` and
-    ``nbytes`` count images; ``videos`` are the video segments."""
+    ``nbytes`` count images; ``videos`` are the video segments. ``home``: the folder holding
+    ``_media_dedup``."""
 
-    root: str
+    home: str
     config: NearDupConfig
     generation: int = 0
     segments: tuple[MediaSegment, ...] = ()
@@ -155,14 +162,15 @@ class MediaSettledIndex(SegmentSet):
     videos: tuple[VideoSegment, ...] = ()
 
     @classmethod
-    def load(cls, root: str, config: NearDupConfig, video: VideoNearDupConfig | None = None) -> MediaSettledIndex:
+    def load(cls, home: str, config: NearDupConfig, video: VideoNearDupConfig | None = None) -> MediaSettledIndex:
+        """The snapshot under ``home`` as last written (empty if none)."""
         video = video or VideoNearDupConfig()
-        snap = read_snapshot(os.path.join(root, DIRNAME))
+        snap = read_snapshot(os.path.join(home, DIRNAME))
         if snap is None:
-            return cls(root, config, video=video)
-        segs = tuple(MediaSegment.open(os.path.join(root, DIRNAME, name)) for name in snap["segments"])
-        vsegs = tuple(VideoSegment.open(os.path.join(root, DIRNAME, name)) for name in snap.get("video_segments", ()))
-        return cls(root, config, snap["generation"], segs, frozenset(snap["shards"]), video, vsegs)
+            return cls(home, config, video=video)
+        segs = tuple(MediaSegment.open(os.path.join(home, DIRNAME, name)) for name in snap["segments"])
+        vsegs = tuple(VideoSegment.open(os.path.join(home, DIRNAME, name)) for name in snap.get("video_segments", ()))
+        return cls(home, config, snap["generation"], segs, frozenset(snap["shards"]), video, vsegs)
 
     def candidates(self, fp: MediaFingerprint) -> list[MediaFingerprint]:
         """Settled images sharing a bucket with ``fp``."""
@@ -192,12 +200,10 @@ class MediaSettledIndex(SegmentSet):
         return best_video_match(fp, out, self.video)
 
 
-def _tail(root: str, covered: frozenset[str], modality: str, decoder, skip: np.ndarray) -> tuple[list, set[str]]:
-    """Fingerprints of kept ``modality`` samples in published shards not yet covered (but not
-    those whose id hash is in ``skip``: purged or already held), and those shards."""
-    found, shards = read_tail(root, covered, modality, "media_dedup")
-    keep = [(sid, text) for sid, text in found if not np.isin(np.uint64(id_hash(sid)), skip)]
-    return [decoder(text) for _, text in keep], shards
+def _decoded(found: list[tuple[str, str]], decoder, skip: np.ndarray) -> list:
+    """The fingerprints ``found`` in the tail, but not those whose id hash is in ``skip``
+    (purged or already held)."""
+    return [decoder(text) for sid, text in found if not np.isin(np.uint64(id_hash(sid)), skip)]
 
 
 def _without(seg, purged: np.ndarray, build, path: str):
@@ -214,12 +220,11 @@ def _without(seg, purged: np.ndarray, build, path: str):
 
 def purge(root: str, ids: list[str], *, lock_wait_s: float = LOCK_WAIT_S) -> int:
     """Forget the images and videos ``ids`` (a takedown): their id hashes join
-    ``<root>/_media_dedup/purged.npy`` (atomic, fsynced, under the sync lock); the next
-    :func:`sync` rewrites the snapshot without them. Until then a pipeline pinned to an older
-    generation may still drop a near-copy as ``dup_of`` one of them. Returns the number added."""
-    ddir = os.path.join(root, DIRNAME)
-    with snapshot_lock(ddir, lock_wait_s):
-        return add_purged(ddir, (id_hash(i) for i in ids))
+    ``<root>/_media_dedup/purged.npy`` (atomic, fsynced, under the sync lock; for an object-store
+    root that object); the next :func:`sync` rewrites the snapshot without them. Until then a
+    pipeline pinned to an older generation may still drop a near-copy as ``dup_of`` one of them.
+    Returns the number added."""
+    return add_purged_to(root, DIRNAME, (id_hash(i) for i in ids), lock_wait_s=lock_wait_s)
 
 
 def _fold(segs: list, fps: list, build, path: str, *, max_segments: int, now: float, horizon_age_s: float | None,
@@ -240,17 +245,19 @@ def _fold(segs: list, fps: list, build, path: str, *, max_segments: int, now: fl
 
 def sync(root: str, config: NearDupConfig, *, horizon_images: int | None = None, horizon_age_s: float | None = None,
          video: VideoNearDupConfig | None = None, max_segments: int = 16, now: float | None = None,
-         lock_wait_s: float = LOCK_WAIT_S) -> MediaSettledRef:
+         lock_wait_s: float = LOCK_WAIT_S, cache_dir: str | None = None) -> MediaSettledRef:
     """Fold the tail into new segments (images, videos), drop purged ids, apply the horizons,
-    write the next snapshot generation (under the root's snapshot lock). ``video`` also sets the
-    video horizon (``horizon_videos``, ``horizon_age_s``)."""
+    write the next snapshot generation (under the index folder's snapshot lock). ``video`` also
+    sets the video horizon (``horizon_videos``, ``horizon_age_s``); ``cache_dir``: where an
+    object-store root's index is kept (:func:`~beam_jobs.dedup.snapshot.index_home`)."""
     now = time.time() if now is None else now
     video = video or VideoNearDupConfig()
-    ddir = os.path.join(root, DIRNAME)
+    home = index_home(root, cache_dir)
+    ddir = os.path.join(home, DIRNAME)
     os.makedirs(ddir, exist_ok=True)
     with snapshot_lock(ddir, lock_wait_s):
-        index = MediaSettledIndex.load(root, config, video)
-        purged = read_purged(ddir)
+        index = MediaSettledIndex.load(home, config, video)
+        purged = read_purged_of(root, home, DIRNAME)
         gen = index.generation + 1
         build_img = lambda p, f, t: MediaSegment.build(p, f, config, t)
         build_vid = lambda p, f, t: VideoSegment.build(p, f, video, t)
@@ -261,13 +268,12 @@ def sync(root: str, config: NearDupConfig, *, horizon_images: int | None = None,
         dirty = segs != list(index.segments) or vsegs != list(index.videos)
         held = [np.asarray(seg.idh) for seg in (*segs, *vsegs)]
         skip = np.union1d(purged, np.concatenate(held)) if held else purged
-        fps, shards = _tail(root, index.shards, "image", decode, skip)
-        vfps, vshards = _tail(root, index.shards, "video", decode_video, skip)
-        shards |= vshards
+        tail, shards = read_tails(root, index.shards, ("image", "video"), "media_dedup")
+        fps, vfps = _decoded(tail["image"], decode, skip), _decoded(tail["video"], decode_video, skip)
         if not shards and not dirty and index.generation:
             with _LOCK:
-                _OPEN.setdefault((root, index.generation), index)
-            return MediaSettledRef(root, index.generation, config, video)
+                _OPEN.setdefault((home, index.generation), index)
+            return MediaSettledRef(root, index.generation, home, config, video)
         segs = _fold(segs, fps, build_img, os.path.join(ddir, f"seg-{gen:08d}"), max_segments=max_segments, now=now,
                      horizon_age_s=horizon_age_s, horizon_count=horizon_images, unit="images")
         vsegs = _fold(vsegs, vfps, build_vid, os.path.join(ddir, f"vseg-{gen:08d}"), max_segments=max_segments,
@@ -275,9 +281,9 @@ def sync(root: str, config: NearDupConfig, *, horizon_images: int | None = None,
         names = [os.path.basename(s.path) for s in vsegs]
         snap = write_snapshot(ddir, gen, segs, index.shards | shards, now, meta={"video_segments": names},
                               keep=(*names, PURGED))
-    built = MediaSettledIndex(root, config, gen, tuple(segs), frozenset(snap["shards"]), video, tuple(vsegs))
+    built = MediaSettledIndex(home, config, gen, tuple(segs), frozenset(snap["shards"]), video, tuple(vsegs))
     with _LOCK:
-        _OPEN[(root, gen)] = built
-        for key in [k for k in _OPEN if k[0] == root and k[1] < gen - 1]:
+        _OPEN[(home, gen)] = built
+        for key in [k for k in _OPEN if k[0] == home and k[1] < gen - 1]:
             del _OPEN[key]
-    return MediaSettledRef(root, gen, config, video)
+    return MediaSettledRef(root, gen, home, config, video)

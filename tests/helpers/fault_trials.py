@@ -83,11 +83,10 @@ class TrialResult:
 
     @property
     def ok(self) -> bool:
-        """Exactly-once held (and, on a local root, exact dedup: an object-store root has no dedup
-        state across micro-batches yet, so its leaks are counted but do not fail a trial)."""
+        """Exactly-once held, and exact dedup across micro-batches and workers (on an object-store
+        root each worker folds the root into its own dedup cache, as on separate machines)."""
         t = self
-        leaks = t.dup_leaks if t.trial.root_kind == "local" else 0
-        return (not t.error and not t.hung and t.lost == t.duplicated == leaks == t.overlaps == t.dlq_missing == 0
+        return (not t.error and not t.hung and t.lost == t.duplicated == t.dup_leaks == t.overlaps == t.dlq_missing == 0
                 and t.settled == t.records and t.readable)
 
     def to_dict(self) -> dict:
@@ -160,7 +159,8 @@ class Worker:
         self.log = workdir / f"{writer_id}.{time.monotonic_ns()}.log"
         cmd = [sys.executable, "-m", "infra.cli", "ingest", *WORKER_ARGS, "--bootstrap", bootstrap, "--topics", topic,
                "--stream-root", root, "--group", f"g-{topic}", "--writer-id", writer_id,
-               "--run-dir", str(workdir / f"run-{writer_id}")]
+               "--run-dir", str(workdir / f"run-{writer_id}"),
+               "--dedup-cache-dir", str(workdir / f"dedup-cache-{writer_id}")]  # one per worker: two machines
         if not control:
             cmd.append("--no-control")
         with open(self.log, "wb") as f:
