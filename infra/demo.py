@@ -311,6 +311,8 @@ def run_demo(cfg: DemoConfig, console: Console) -> int:
                         "train", "--config", "debug_cpu", "--stream-root", str(run / "stream"), "--run-dir", str(run),
                         "--nproc", str(cfg.nproc), "--steps", str(cfg.steps), "--checkpoint-every", str(cfg.checkpoint_every),
                         "--bootstrap", broker.bootstrap, "--mixing", "learnability", "--dataloader.mixing.learn_min_obs", "6",
+                        # ingest publishes a round every 19-42 s; at 30 s p95 age is borderline vs 60 s (issue #17)
+                        "--dataloader.max_lag_s", "20",
                         "--checkpoint.keep_latest_k", "0"), env=own_key["trainer"])
                     trainer_started = True
                 if trainer_started and not producer.join.is_set() and len(_checkpoints(run)) >= cfg.join_after_checkpoints:

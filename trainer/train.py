@@ -339,7 +339,7 @@ class HeadwaterTrainer(Trainer):
             "data_stall": min(1.0, facts["wait_s"] / step_s) if step_s > 0 else 0.0,
             "data_wait_s": facts["wait_s"],
             **freshness(facts["produced_at"], now),  # freshness_s (median age), freshness_p95_s
-            "skipped_stale": self.dataloader.buffers.skipped(),  # rank 0's shards skipped by the backlog bound
+            "skipped_stale": self.dataloader.buffers.skipped(),  # rank 0's shards/samples skipped (backlog, max_lag_s)
             "grad_norm": r.grad_norm if math.isfinite(r.grad_norm) else None,
             "lr": float(next(iter(self._lr.values()))) if self._lr else None,
             "skipped": reason is not None,

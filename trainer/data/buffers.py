@@ -10,7 +10,8 @@ shards, or samples by source, from every rank's view alike and never changes the
 so no sample goes to two ranks or is lost to a reassignment.
 
 Each domain's shards of this rank are read by a :class:`~trainer.data.feed.DomainFeed`
-(its own thread, newest shard first, a byte cap with backpressure, a bounded backlog). A
+(its own thread, newest shard first, a byte cap with backpressure, a bounded backlog, stale data
+skipped against this rank's newest shard: :attr:`StreamBuffers.newest_published`). A
 snapshot (:meth:`state_dict`) holds per domain the consumer's cursor (shards done, the next
 sample of the shard being consumed), never buffered samples; restoring it re-reads from there.
 """
@@ -87,6 +88,7 @@ class StreamBuffers:
         self.feeds: dict[str, DomainFeed] = {}
         self._caps: dict[str, int] | None = None  # per-domain read-ahead caps (None: domain_buffer_bytes)
         self.available: dict[str, int] = {}  # samples of each domain this rank has read
+        self.newest_published = 0.0  # newest publish time of this rank's shards (any domain and root)
         self.bad_samples: list[tuple[str, str]] = []
         self.excluded_shards: set[str] = set()
         self.excluded_sources: set[str] = set()
@@ -172,6 +174,9 @@ class StreamBuffers:
                         if self.excluded_shards.intersection(entry.ancestors):
                             self.excluded_shards.add(entry.name)
                         self._feed(entry.domain).add(i, entry)
+                        self.newest_published = max(self.newest_published, entry.published_at)
+            if new and self.max_lag_s > 0:
+                self._expire()
             emptied = {name for name in self.watchers[i].emptied if self._mine.pop((i, name), False)}
             if emptied:  # a takedown removed every sample of these: never train what is buffered
                 self.drop_shards(emptied)
@@ -184,7 +189,7 @@ class StreamBuffers:
             feed = self.feeds[domain] = DomainFeed(
                 domain, openers=self.openers, lock=self._lock, cond=self._cond, cap_bytes=self._cap(domain),
                 backlog_shards=self.backlog_shards, max_lag_s=self.max_lag_s, accept=self._accept,
-                excluded=self._excluded,
+                newest=lambda: self.newest_published, excluded=self._excluded,
                 on_corrupt=self._corrupt, on_error=self._fail)
             if self._pollers:
                 feed.start()
@@ -207,6 +212,21 @@ class StreamBuffers:
             self._caps = caps
             for d, f in self.feeds.items():
                 f.set_cap(self._cap(d))
+
+    def _expire(self) -> None:
+        """Mark buffered documents that became stale (a newer shard came): they no longer count as
+        data this rank has, and their readers may refill."""
+        with self._cond:
+            for f in self.feeds.values():
+                if f.expire():
+                    f.wake()
+
+    def drop_if_stale(self, doc: Doc) -> bool:
+        """True if ``doc`` (e.g. the packer's carried rest of a split document) comes from a stale
+        shard (trainer/data/feed.py); it is then counted as a skipped sample of its domain."""
+        with self._cond:
+            feed = self.feeds.get(doc.domain)
+            return feed is not None and feed.skip_stale((doc.root, doc.shard))
 
     def _fail(self, e: BaseException) -> None:
         with self._cond:
@@ -351,7 +371,7 @@ class StreamBuffers:
             return {name for d, f in self.feeds.items() if d not in except_domains for name in f.unfinished_shards()}
 
     def skipped(self) -> dict[str, dict[str, int]]:
-        """Per domain: shards and samples skipped by the backlog bound (the freshness policy)."""
+        """Per domain: shards (wholly or in part) and samples skipped by the freshness policy."""
         with self._cond:
             return {d: {"shards": f.skipped_shards, "samples": f.skipped_samples}
                     for d, f in sorted(self.feeds.items()) if f.skipped_shards}

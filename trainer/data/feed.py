@@ -5,8 +5,13 @@ sidecar publish time, then root, then index position), its samples in order. The
 bounded twice, and what falls outside it is skipped: marked done in the cursor, counted in
 ``skipped_shards``/``skipped_samples``, never read:
 - shards beyond the newest ``backlog_shards`` pending ones (0: no bound);
-- shards published more than ``max_lag_s`` before the newest pending one, and the unread rest
-  of the shard being read once a shard that much newer is pending (0: no bound).
+- *stale* data (0: no bound): from a shard published more than ``max_lag_s`` before the
+  reference, the newest shard published on this rank in any domain and root (or, if newer, the
+  newest pending shard of this domain). Stale pending shards and the unread rest of a stale shard
+  being read are never read; stale documents already buffered are consumed unreturned when taken
+  (:meth:`DomainFeed.pop`), counted like the rest. The reference is the newest publish, not the
+  clock: a paused stream keeps training what it has, and a rank's newest shard is never stale, so
+  a rank always has data to train while its shards last.
 So a trainer slower than ingest, or a domain drawn rarely, trains recent data and lets a
 bounded backlog go instead of falling ever further behind. To replay a finished stream in
 full, set both bounds to 0.
@@ -54,10 +59,11 @@ READ_BATCH = 16
 
 @dataclass(slots=True)
 class _Entry:
-    doc: Doc | None  # None: a sample read but not trained (filtered), or a skipped rest's end
+    doc: Doc | None  # None: a sample read but not trained (filtered, stale), or a skipped rest's end
     key: ShardKey
     index: int  # sample index in the shard
     last: bool  # the shard's last sample (or its end)
+    stale: bool = False  # a document dropped as stale (:meth:`DomainFeed.expire`), counted when popped
 
     @property
     def nbytes(self) -> int:
@@ -70,6 +76,7 @@ class DomainFeed:
     def __init__(self, domain: str, *, openers: list[ShardOpener], lock: threading.RLock,
                  cond: threading.Condition, cap_bytes: int, backlog_shards: int, max_lag_s: float,
                  accept: Callable[[int, ShardEntry, dict[str, Any]], Doc | None],
+                 newest: Callable[[], float],
                  excluded: Callable[[ShardKey], bool], on_corrupt: Callable[[int, str, str], None],
                  on_error: Callable[[BaseException], None]):
         self.domain = domain
@@ -78,6 +85,7 @@ class DomainFeed:
         self._room = threading.Condition(lock)  # same lock; wakes only this feed's reader
         self.cap_bytes, self.backlog_shards, self.max_lag_s = cap_bytes, backlog_shards, max_lag_s
         self._accept, self._excluded = accept, excluded
+        self._rank_newest = newest  # newest publish time among this rank's shards (lock held to call)
         self._on_corrupt, self._on_error = on_corrupt, on_error
         self.entries: dict[ShardKey, ShardEntry] = {}
         self._pending: list[tuple[tuple[float, int, int], ShardKey]] = []  # sorted, oldest first
@@ -85,6 +93,7 @@ class DomainFeed:
         self.done: set[ShardKey] = set()
         self.current: tuple[ShardKey, int] | None = None
         self.skipped_shards = self.skipped_samples = 0
+        self._skipped_in: set[ShardKey] = set()  # shards counted in skipped_shards (each once)
         # buffer (guarded by cond)
         self.buf: deque[_Entry] = deque()
         self.bytes = 0
@@ -194,13 +203,12 @@ class DomainFeed:
         """The shard to read next (lock held): the newest pending; those past the backlog skipped."""
         cut = len(self._pending) - self.backlog_shards if self.backlog_shards > 0 else 0
         if self.max_lag_s > 0 and self._pending:
-            cut = max(cut, bisect.bisect_left(self._pending, ((self._newest() - self.max_lag_s,),)))
+            cut = max(cut, bisect.bisect_left(self._pending, ((self._reference() - self.max_lag_s,),)))
         if cut > 0:
             old, self._pending = self._pending[:cut], self._pending[cut:]
             for _, key in old:
                 self.done.add(key)
-                self.skipped_shards += 1
-                self.skipped_samples += self.entries[key].samples
+                self._count_skip(key, self.entries[key].samples)
             log.warning("domain %s: skipped %d shards beyond the backlog (%d shards, %.0fs; "
                         "freshness policy)",
                         self.domain, len(old), self.backlog_shards, self.max_lag_s)
@@ -234,8 +242,7 @@ class DomainFeed:
                 entry, generation = self.entries[key], self._generation
                 room = self.cap_bytes - self.bytes
                 if index > 0 and self._lagging(entry):  # leave this shard's rest for a newer one
-                    self.skipped_shards += 1
-                    self.skipped_samples += entry.samples - index
+                    self._count_skip(key, entry.samples - index)
                     self._push(_Entry(None, key, entry.samples - 1, True))
                     self._reading = None
                     self._openers[key[0]].release(key[1])
@@ -261,13 +268,22 @@ class DomainFeed:
                     self._openers[key[0]].release(key[1])
                     reader, reader_key = None, None
 
-    def _newest(self) -> float:
-        return self._pending[-1][0][0]
+    def _reference(self) -> float:
+        """Publish time that staleness is measured from (lock held): this rank's newest shard, or
+        this domain's newest pending one if newer (not listed on this rank yet)."""
+        return max(self._rank_newest(), self._pending[-1][0][0] if self._pending else 0.0)
+
+    def stale_before(self) -> float:
+        """Documents of shards published before this are stale (lock held; 0.0: none are)."""
+        return self._reference() - self.max_lag_s if self.max_lag_s > 0 else 0.0
+
+    def _stale(self, key: ShardKey, before: float) -> bool:
+        entry = self.entries.get(key)
+        return entry is not None and 0 < entry.published_at < before
 
     def _lagging(self, entry: ShardEntry) -> bool:
-        """A newer shard was published ``max_lag_s`` after the one being read (lock held)."""
-        return (self.max_lag_s > 0 and bool(self._pending) and entry.published_at > 0
-                and self._newest() - entry.published_at > self.max_lag_s)
+        """The shard being read is stale (lock held)."""
+        return 0 < entry.published_at < self.stale_before()
 
     @property
     def settled(self) -> bool:
@@ -308,6 +324,8 @@ class DomainFeed:
 
     # -- buffer (cond held by the caller) ------------------------------------------------------
     def _push(self, item: _Entry) -> None:
+        if item.doc is not None and self._stale(item.key, self.stale_before()):  # went stale while read
+            item.doc, item.stale = None, True
         self.buf.append(item)
         self.bytes += item.nbytes
         if item.doc is not None:
@@ -315,7 +333,9 @@ class DomainFeed:
             self.tokens += len(item.doc.tokens)
 
     def pop(self) -> Doc | None:
-        """The next trainable document (markers before it are consumed), advancing the cursor."""
+        """The next trainable document, advancing the cursor past it: markers and stale documents
+        before it are consumed (stale ones counted as skipped)."""
+        before = self.stale_before()
         while self.buf:
             item = self.buf.popleft()
             self.bytes -= item.nbytes
@@ -327,8 +347,42 @@ class DomainFeed:
             if item.doc is not None:
                 self.docs -= 1
                 self.tokens -= len(item.doc.tokens)
-                return item.doc
+                if not self._stale(item.key, before):
+                    return item.doc
+                self._count_skip(item.key, 1)
+            elif item.stale:
+                self._count_skip(item.key, 1)
         return None
+
+    def _count_skip(self, key: ShardKey, samples: int) -> None:
+        """Count ``samples`` of shard ``key`` as skipped; the shard counts once, wholly skipped or not."""
+        self.skipped_samples += samples
+        if key not in self._skipped_in:
+            self._skipped_in.add(key)
+            self.skipped_shards += 1
+
+    def skip_stale(self, key: ShardKey) -> bool:
+        """Count a document of shard ``key`` held elsewhere (a split document's rest) as skipped if
+        it is stale (lock held); True if so."""
+        if not self._stale(key, self.stale_before()):
+            return False
+        self._count_skip(key, 1)
+        return True
+
+    def expire(self) -> int:
+        """Turn buffered stale documents into markers now (lock held), so that the buffer's counts
+        hold only trainable data; they are counted as skipped when popped. Returns how many."""
+        before, expired = self.stale_before(), 0
+        if before <= 0:
+            return 0
+        for item in self.buf:
+            if item.doc is not None and self._stale(item.key, before):
+                self.bytes -= item.doc.tokens.nbytes
+                self.docs -= 1
+                self.tokens -= len(item.doc.tokens)
+                item.doc, item.stale = None, True
+                expired += 1
+        return expired
 
     def wake(self, *, if_low: bool = True) -> None:
         """Let the reader refill (lock held by the caller): if a quarter or less of the cap is left,
@@ -365,6 +419,7 @@ class DomainFeed:
         self.current = None if cur is None else ((int(cur[0]), str(cur[1])), int(cur[2]))
         self.skipped_shards = int(state["skipped_shards"])
         self.skipped_samples = int(state["skipped_samples"])
+        self._skipped_in = set()
         self.buf.clear()
         self.bytes = self.docs = self.tokens = 0
         self._follow_replacements()

@@ -110,8 +110,9 @@ class LiveStreamDataLoader(BaseDataLoader):
         """unread shards kept per domain and rank, newest first; older ones are skipped and counted
         (the freshness policy, trainer/data/feed.py; 0: no bound)"""
         max_lag_s: float = 30.0
-        """skip shards (and the unread rest of one) published this long before the newest pending
-        shard of the domain (0: no bound; set both to 0 to replay a finished stream in full)"""
+        """never train data (unread, buffered, or the carried rest of a split document) of a shard
+        published this long before this rank's newest shard: it is skipped and counted; a paused
+        stream still trains (0: no bound; set both to 0 to replay a finished stream in full)"""
         poll_interval_s: float = 0.2
         starve_timeout_s: float = 30.0
         """longest a batch waits in all for drawn domains with no data (then they starve)"""
@@ -192,8 +193,8 @@ class LiveStreamDataLoader(BaseDataLoader):
 
     # -- iteration -------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
-        self._last_batch_at = None
         self._set_read_ahead()
+        self._last_batch_at = None  # the first rate is measured over a whole step, not over start()
         self.buffers.start()
         while True:
             yield self.next_batch()
@@ -202,6 +203,8 @@ class LiveStreamDataLoader(BaseDataLoader):
         t0 = time.monotonic()
         self._set_read_ahead()
         self._await_data()
+        if self.packer.carry is not None and self.buffers.drop_if_stale(self.packer.carry):
+            self.packer.carry = None  # the rest of a split document from a stale shard (a rollback's too)
         self._wait_deadline = time.monotonic() + self.config.starve_timeout_s
         starved: list[str] = []
         self._draw = None
