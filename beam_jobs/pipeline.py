@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,11 @@ from beam_jobs.validate import ValidateConfig, ValidateDecode
 from streams.governance import dead_letter_source
 from streams.source_names import canonical_source
 from streams.storage import is_remote
+
+log = logging.getLogger(__name__)
+#: Runners that run the pipeline in this process or on this machine (they can read its dedup cache).
+IN_PROCESS_RUNNERS = frozenset({"DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner", "FnApiRunner",
+                                "PrismRunner", "TestDirectRunner", "InteractiveRunner"})
 
 __all__ = ["IngestConfig", "IngestText"]
 
@@ -76,17 +82,28 @@ class IngestText(beam.PTransform):
         super().__init__()
         self.config, self.streaming, self.controls = config, streaming, controls
 
-    def _settled_here(self) -> bool:
+    def _settled_here(self, pipeline: beam.Pipeline) -> bool:
         """Whether this pipeline dedups against the settled indexes kept on this machine: always
-        for a local root; for an object-store root in bounded and micro-batch runs (the indexes
-        live in this machine's cache, folded from every writer's published shards), not in the
-        streaming graph, whose runner workers (Dataflow, Flink) would not see this machine's
-        cache: there Beam state is the index."""
-        return not (self.streaming and is_remote(self.config.sink.stream_root))
+        for a local root; for an object-store root in bounded and micro-batch runs on an
+        in-process runner (the indexes live in this machine's cache, folded from every writer's
+        published shards); not in the streaming graph, nor on a remote runner (Dataflow, Flink,
+        a portable job server), whose workers would not see this machine's cache: there Beam
+        state is the index."""
+        if not is_remote(self.config.sink.stream_root):
+            return True
+        if self.streaming:
+            return False
+        runner = type(pipeline.runner).__name__
+        if runner not in IN_PROCESS_RUNNERS:
+            log.warning("bounded run on %s with object-store root %s: the settled dedup indexes live in this "
+                        "machine's cache, which its workers cannot read; deduplicating within the run only",
+                        runner, self.config.sink.stream_root)
+            return False
+        return True
 
-    def _media_settled(self):
+    def _media_settled(self, pipeline: beam.Pipeline):
         """The media (image, video) near-dup index's settlement point, like the text one's."""
-        if not self._settled_here():
+        if not self._settled_here(pipeline):
             return None
         from beam_jobs.media import MediaConfig
         from beam_jobs.media.dedup_settled import sync as sync_media
@@ -118,7 +135,7 @@ class IngestText(beam.PTransform):
         # A settlement point: fold what was published since the last snapshot into the next one,
         # and pin this pipeline to it (retries of its bundles see the same settled index).
         settled = sync_settled(c.sink.stream_root, horizon_docs=c.dedup.horizon_docs, horizon_age_s=c.dedup.horizon_age_s,
-                               cache_dir=c.dedup.cache_dir) if self._settled_here() else None
+                               cache_dir=c.dedup.cache_dir) if self._settled_here(records.pipeline) else None
         docs = docs | "Dedup" >> Dedup(c.dedup, settled=settled)
         text = docs | "Tokenize" >> TokenizeText(c.domains)
         branches = [text, dead]
@@ -126,6 +143,6 @@ class IngestText(beam.PTransform):
             if media_blocked is not None:
                 branches.append(media_blocked)
             branches.append(media_active | "Media" >> RouteMedia(c.media_config, health=c.health, streaming=self.streaming,
-                                                                 settled=self._media_settled()))
+                                                                 settled=self._media_settled(records.pipeline)))
         outcomes = tuple(branches) | "AllOutcomes" >> beam.Flatten()
         return outcomes | "Sink" >> WriteShards(c.sink, c.manifest(), streaming=self.streaming)

@@ -163,6 +163,8 @@ class LiveStreamWriter:
             self._unacked: dict[str, int] = {}  # shard name -> log seq, its event not yet delivered
             with self._lock:
                 self._owner, claimed = self._claim()  # fences any older process with this writer id
+                with self._root.lock:  # what this process knew of the id predates the claim: read it again
+                    self._root.states.pop(self.writer_id, None)
                 self._remove_orphans()
                 self._resend_unacked(claimed)
                 with self._root.lock:

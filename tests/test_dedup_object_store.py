@@ -99,7 +99,8 @@ def test_a_second_worker_with_its_own_cache_sees_the_first_workers_documents(s3_
     settled.sync(s3_root, cache_dir=cache_b)
     assert held(index_home(s3_root, cache_a)) == held(index_home(s3_root, cache_b)) == ["x", "z"]
     assert index_home(s3_root, cache_a) != index_home(s3_root, cache_b)
-    assert not storage.object_root(s3_root).find("_dedup")  # the root holds no index, only a purge list
+    # the root holds no index: only its epoch (and purge lists after a takedown)
+    assert [o["name"].rsplit("/", 1)[-1] for o in storage.object_root(s3_root).find("_dedup")] == ["epoch"]
 
 
 def test_a_takedown_on_an_s3_root_reaches_a_cache_built_before_it(s3_root, tmp_path):
@@ -183,3 +184,45 @@ def test_an_unwritable_dedup_cache_fails_the_start(s3_root, tmp_path):
                "--run-dir", str(tmp_path / "run"))
     assert index_home(str(tmp_path / "local"), str(blocker)) == str(tmp_path / "local")  # a local root: itself
     assert not os.path.exists(blocker / "cache")
+
+
+def test_a_sync_with_nothing_new_keeps_its_generation(s3_root, tmp_path):
+    """A settlement point with no new shard and no purge reuses the pinned generation (no snapshot
+    rewrite per micro-batch): the tail's covered shards are not counted as new."""
+    rng = random.Random(13)
+    cache = str(tmp_path / "cache")
+    ingest(s3_root, tmp_path, [raw_record("x", english_doc(rng))], "--dedup-cache-dir", cache)
+    first = settled.sync(s3_root, cache_dir=cache).generation
+    assert settled.sync(s3_root, cache_dir=cache).generation == first
+    assert settled.sync(s3_root, cache_dir=cache).generation == first
+
+
+def test_a_bounded_run_on_a_remote_runner_does_not_use_this_machines_cache(s3_root):
+    """The workers of a remote runner (Dataflow, Flink, a job server) cannot read this machine's
+    dedup cache, so such a run dedups within itself only (and says so), as before the cache."""
+    import apache_beam as beam
+    from apache_beam.runners.portability.portable_runner import PortableRunner
+
+    from beam_jobs.pipeline import IngestConfig, IngestText
+    from beam_jobs.sink import SinkConfig
+
+    ingest_text = IngestText(IngestConfig(sink=SinkConfig(stream_root=s3_root)), streaming=False)
+    assert not ingest_text._settled_here(beam.Pipeline(runner=PortableRunner()))
+    assert ingest_text._settled_here(beam.Pipeline(runner="DirectRunner"))
+
+
+def test_a_cache_of_a_deleted_and_recreated_root_is_emptied_not_trusted(s3_root, tmp_path):
+    """Same URL, new incarnation (the root deleted and ingested again): the cache must not drop the
+    re-ingested document as a copy of one that no longer exists."""
+    rng = random.Random(14)
+    x = english_doc(rng)
+    cache = str(tmp_path / "cache")
+    ingest(s3_root, tmp_path, [raw_record("x", x)], "--dedup-cache-dir", cache, "--run-dir", str(tmp_path / "r1"))
+    assert published(s3_root) == {"x"}
+    store = storage.object_root(s3_root)
+    for obj in store.find(""):  # the root is deleted ...
+        store.delete(obj["name"])
+    run_2 = tmp_path / "r2"
+    ingest(s3_root, tmp_path, [raw_record("x2", x)], "--dedup-cache-dir", cache, "--run-dir", str(run_2),
+           "--writer-id", "w2")  # a new job (this process's writer of the old incarnation is not reused)
+    assert published(s3_root) == {"x2"} and dup_drops(run_2) == []  # ... and its new incarnation keeps it

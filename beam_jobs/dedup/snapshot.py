@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
@@ -40,7 +41,8 @@ SNAPSHOT = "snapshot.json"
 LOCK = ".lock"  # flock of the processes folding or purging one index folder (a file: never cleaned up)
 PURGED = "purged.npy"  # id hashes of documents taken down: never folded, dropped from the snapshot
 STATE_DIR_ENV = "HEADWATER_STATE_DIR"  # a machine's local state folder (default ~/.cache/headwater)
-ROOT_NAME = "root.url"  # in an object-store root's cache folder: the root it caches (for operators)
+ROOT_NAME = "root.url"  # in an object-store root's cache folder: the root, endpoint and epoch it caches
+EPOCH = "_dedup/epoch"  # in an object-store root: the id of this incarnation of the root
 _log = logging.getLogger(__name__)
 
 
@@ -58,25 +60,58 @@ def default_cache_dir() -> str:
     return os.path.join(state, "dedup")
 
 
+def root_epoch(root: str) -> str:
+    """The identity of an object-store root's incarnation: the object ``ROOT/_dedup/epoch`` (a
+    random id created with ``If-None-Match`` at first use), so a cache can tell a root deleted and
+    re-created at the same URL from the one it folded."""
+    store, rel = storage.object_root(root), EPOCH
+    for attempt in range(storage.CAS_ATTEMPTS):
+        data = store.read(rel)
+        if data is not None:
+            return data.decode(errors="replace").strip()
+        try:
+            store.put(rel, uuid.uuid4().hex.encode(), if_version=None)
+        except storage.PreconditionFailed:  # another process created it first: read theirs
+            storage.backoff(attempt)
+    raise storage.PreconditionFailed(f"{root}/{rel}: cannot be read or created")
+
+
 def index_home(root: str, cache_dir: str | None = None) -> str:
     """The local folder holding ``root``'s index folders (``_dedup``, ``_media_dedup``, ...):
     a local root itself; for an object-store root its folder in the cache ``cache_dir``
-    (``None``: :func:`default_cache_dir`), ``<cache_dir>/<sha256(root)[:16]>``, created and
-    checked writable (else :class:`DedupCacheError`)."""
+    (``None``: :func:`default_cache_dir`), ``<cache_dir>/<sha256(endpoint, root)[:16]>``, created
+    and checked writable (else :class:`DedupCacheError`). A cache of another incarnation of the
+    root (:func:`root_epoch` differs: deleted and re-created) is emptied first: it would drop new
+    documents as copies of ones that no longer exist and skip re-used shard names."""
     if not storage.is_remote(root):
         return root
     url = storage.normalize_root(root)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
     home = os.path.join(os.path.abspath(cache_dir or default_cache_dir()),
-                        hashlib.sha256(url.encode()).hexdigest()[:16])
+                        hashlib.sha256(f"{endpoint}\n{url}".encode()).hexdigest()[:16])
+    identity = f"{url}\n{endpoint}\n{root_epoch(root)}\n"
     try:
         os.makedirs(home, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=home, prefix=".probe-"):
             pass
-        if not os.path.exists(os.path.join(home, ROOT_NAME)):
+        name = os.path.join(home, ROOT_NAME)
+        try:
+            with open(name) as f:
+                known = f.read()
+        except FileNotFoundError:
+            known = None
+        if known != identity:
+            if known is not None:
+                _log.warning("dedup cache %s held another incarnation of %s (epoch changed): emptied", home, url)
+                for entry in os.listdir(home):
+                    if os.path.isdir(os.path.join(home, entry)):
+                        shutil.rmtree(os.path.join(home, entry), ignore_errors=True)
             _log.info("new dedup cache %s for %s: its first settlement point folds every published shard "
                       "(every writer's) once, later ones only the tail", home, url)
-            with open(os.path.join(home, ROOT_NAME), "w") as f:
-                f.write(url + "\n")
+            tmp = f"{name}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(identity)
+            os.replace(tmp, name)
     except OSError as e:
         raise DedupCacheError(f"dedup cache {home} of {url} is not writable ({e}); set "
                               f"--dedup-cache-dir or ${STATE_DIR_ENV} to a writable folder") from e
@@ -129,12 +164,31 @@ def _npy(data: bytes) -> np.ndarray:
 
 def read_purged_of(root: str, home: str, dirname: str) -> np.ndarray:
     """The purge list of ``root``'s index ``dirname``: ``home/dirname/purged.npy`` for a local
-    root, the object ``ROOT/dirname/purged.npy`` for an object-store root (one GET: every
-    machine's cache reads the same list)."""
+    root, the object ``ROOT/dirname/purged.npy`` for an object-store root (every machine's cache
+    reads the same list; a HEAD per sync, a GET only when its version changed)."""
     if not storage.is_remote(root):
         return read_purged(os.path.join(home, dirname))
-    data = storage.object_root(root).read(f"{dirname}/{PURGED}")
-    return np.zeros(0, np.uint64) if data is None else _npy(data)
+    store, rel = storage.object_root(root), f"{dirname}/{PURGED}"
+    version = store.version(rel)
+    if version is None:
+        return np.zeros(0, np.uint64)
+    copy = os.path.join(home, f"{dirname}.{PURGED}")  # the last list read, named by its version
+    try:
+        with open(f"{copy}.version") as f:
+            if f.read() == version:
+                with open(copy, "rb") as g:
+                    return _npy(g.read())
+    except (FileNotFoundError, ValueError):
+        pass
+    data = store.read(rel)
+    if data is None:
+        return np.zeros(0, np.uint64)
+    purged = _npy(data)
+    with open(copy, "wb") as f:  # cached for the next sync (a HEAD instead of a GET of the list)
+        f.write(data)
+    with open(f"{copy}.version", "w") as f:
+        f.write(version)
+    return purged
 
 
 def add_purged_to(root: str, dirname: str, hashes: Iterable[int], *, lock_wait_s: float) -> int:
@@ -310,7 +364,7 @@ def read_tails(root: str, covered: frozenset[str], modalities: Sequence[str],
                                                 for name in (INDEX, JOURNAL_DIR)):  # nothing published
         return found, shards
     with TailReader(root, exclude_shards=covered) as reader:
-        shards.update(reader.poll())
+        shards.update(set(reader.poll()) - covered)  # nothing new: no new generation
         for s in reader.samples(timeout_s=0):
             shards.add(s["_shard"])
             out = found.get(s.get("modality"))
